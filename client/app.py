@@ -1,0 +1,121 @@
+"""fedseg ClientApp: query / train / evaluate handlers; wiring only (work is in trainer.py)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedseg.client.audit import outbox_audit_mod
+from fedseg.client.site import SiteLocation, resolve_site
+from fedseg.client.state import SiteState
+from fedseg.client.trainer import evaluate_local, train_local
+from fedseg.common.config import ConfigError, RunConfig
+from fedseg.common.data import (DataError, case_seed, check_site, eval_transforms, read_site,
+                               split_training, to_dicts)
+from fedseg.common.models import ModelSpec, build_model, local_keys, split_state
+from fedseg.common.records import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PrivacyBoundaryError,
+                                   scalar_metrics, shared_record, to_state)
+
+log = logging.getLogger(__name__)
+SITE_ERROR = 3100  # Flower error code for a site that refuses a message with a clear reason
+
+app = ClientApp(mods=[outbox_audit_mod])
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Report the site's data-contract status and dataset shape (metadata only, no file names)."""
+    return _guarded(msg, context, _describe_site)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the global shared weights + this site's local layers on its training split."""
+    return _guarded(msg, context, _train)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the model this site would use (global shared + own local layers) on its validation split."""
+    return _guarded(msg, context, _evaluate)
+
+
+def _guarded(msg: Message, context: Context,
+             handler: Callable[[Message, SiteLocation, dict], RecordDict]) -> Message:
+    config = dict(msg.content[CONFIG]) if CONFIG in msg.content.config_records else {}
+    try:
+        site = resolve_site(dict(context.node_config), config)
+        return Message(handler(msg, site, config), reply_to=msg)
+    except (DataError, ConfigError, PrivacyBoundaryError, FloatingPointError, RuntimeError) as err:
+        log.error("%s", err)
+        return Message(Error(code=SITE_ERROR, reason=str(err).splitlines()[0]), reply_to=msg)
+
+
+def _describe_site(msg: Message, site: SiteLocation, config: dict) -> RecordDict:
+    problems = check_site(site.ref.site_dir)
+    if problems:
+        for problem in problems:  # full detail stays in the site's own log
+            log.error("site %s: %s", site.ref.name, problem)
+        return RecordDict({CONFIG: ConfigRecord({"site": site.ref.name, "problems": len(problems)})})
+    spec = read_site(site.ref, seed=int(config.get("seed", 0)))
+    train, val = split_training(spec, float(config.get("val-fraction", 0.25)), int(config.get("seed", 0)))
+    first = to_dicts([(spec.training or spec.test)[0]])[0]
+    in_channels = int(eval_transforms(spec)(first)["image"].shape[0])
+    return RecordDict({CONFIG: ConfigRecord({
+        "site": site.ref.name, "problems": 0, "spatial-dims": spec.spatial_dims,
+        "in-channels": in_channels, "num-classes": spec.num_classes, "task": spec.task,
+        "label-names": [spec.labels.get(i, str(i)) for i in range(spec.num_classes)],
+        "num-train": len(train) if spec.training else 0, "num-val": len(val),
+    })})
+
+
+def _prepare(msg: Message, site: SiteLocation, config: dict):
+    cfg = RunConfig.from_dict({k: v for k, v in config.items() if not k.startswith(("sim-", "model-", "server-round"))})
+    mspec = ModelSpec(int(config["model-spatial-dims"]), int(config["model-in-channels"]),
+                      int(config["model-out-channels"]), cfg.channels, cfg.norm)
+    spec = read_site(site.ref, seed=cfg.seed)
+    if spec.spatial_dims != mspec.spatial_dims:
+        raise DataError(f"site {spec.name} has spatial_dims={spec.spatial_dims}, the run trains "
+                        f"a {mspec.spatial_dims}D model")
+    model = build_model(mspec)
+    local = local_keys(model, cfg.local_layers)
+    state = SiteState(site.state_dir)
+    saved = state.load_local_layers()
+    if saved:
+        model.load_state_dict(saved, strict=False)
+    shared = to_state(msg.content[ARRAYS], keep=set(model.state_dict()) - local)
+    model.load_state_dict(shared, strict=False)
+    return cfg, spec, model, local, state, shared
+
+
+def _train(msg: Message, site: SiteLocation, config: dict) -> RecordDict:
+    cfg, spec, model, local, state, shared = _prepare(msg, site, config)
+    server_round = int(config["server-round"])
+    train_cases, _ = split_training(spec, cfg.val_fraction, cfg.seed)
+    if not train_cases:
+        raise DataError(f"site {spec.name} has no training cases (held-out sites only evaluate)")
+    result = train_local(
+        model, spec, train_cases, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        patch_size=cfg.patch_size, seed=case_seed(cfg.seed, spec.name, server_round),
+        proximal_mu=float(config.get("proximal-mu", 0.0)) if cfg.strategy == "fedprox" else 0.0,
+        global_params=shared, device=site.device,
+    )
+    new_shared, new_local = split_state(model, local)
+    state.save_local_layers(new_local, server_round)
+    log.info("site %s round %d: loss %.4f over %d cases, %d steps", spec.name, server_round,
+             result.loss, result.num_examples, result.steps)
+    return RecordDict({
+        ARRAYS: shared_record(new_shared, local),
+        METRICS: scalar_metrics({"train-loss": result.loss, NUM_EXAMPLES: result.num_examples,
+                                 "steps": result.steps}),
+    })
+
+
+def _evaluate(msg: Message, site: SiteLocation, config: dict) -> RecordDict:
+    cfg, spec, model, _, _, _ = _prepare(msg, site, config)
+    _, val_cases = split_training(spec, cfg.val_fraction, cfg.seed)
+    scores = evaluate_local(model, spec, val_cases, patch_size=cfg.patch_size, device=site.device)
+    return RecordDict({METRICS: scalar_metrics({**scores, NUM_EXAMPLES: len(val_cases)})})

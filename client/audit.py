@@ -1,0 +1,49 @@
+"""Outbox audit: a Flower client mod that logs, at the site, everything a reply carries off-site."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable
+
+from fedseg.client.site import resolve_site
+from fedseg.common.data import DataError
+from fedseg.common.records import CONFIG
+
+OUTBOX_FILE = "outbox.jsonl"
+
+
+def outbox_audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Append to ``state-dir/outbox.jsonl`` the inventory of the reply that is about to leave.
+
+    One line per reply: message type, server round, and for every record its kind and contents
+    (array names, shapes, dtypes and bytes; metric and config names with their values). Hospital
+    IT can read exactly what crossed the wire; tests use it to prove the privacy boundary.
+    """
+    reply = call_next(msg, context)
+    config = dict(msg.content[CONFIG]) if CONFIG in msg.content.config_records else {}
+    try:
+        state_dir = resolve_site(dict(context.node_config), config).state_dir
+    except DataError:
+        return reply
+    entry: dict[str, Any] = {"type": msg.metadata.message_type,
+                             "round": config.get("server-round"), "error": None, "records": {}}
+    if reply.has_error():
+        entry["error"] = reply.error.reason
+    else:
+        for name, record in reply.content.array_records.items():
+            entry["records"][name] = {"kind": "arrays", "items": {
+                k: {"shape": list(a.shape), "dtype": a.dtype, "bytes": len(a.data)} for k, a in record.items()}}
+        for name, record in reply.content.metric_records.items():
+            entry["records"][name] = {"kind": "metrics", "items": dict(record)}
+        for name, record in reply.content.config_records.items():
+            entry["records"][name] = {"kind": "config", "items": dict(record)}
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / OUTBOX_FILE, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry, default=str) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return reply

@@ -1,0 +1,48 @@
+"""One resolver for "which site am I": node config in deployment, partition-id in simulation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedseg.common.data import DataError, SiteRef, study_sites
+
+
+@dataclass(frozen=True)
+class SiteLocation:
+    """A site's data and its private state folder, plus the compute device it asked for."""
+
+    ref: SiteRef
+    state_dir: Path
+    device: str = "cpu"
+
+
+def resolve_site(node_config: dict[str, Any], config: dict[str, Any]) -> SiteLocation:
+    """Find this node's site.
+
+    Deployment: the hospital's node config names ``site-dir`` and ``state-dir``; paths sent by
+    the server are never used. Simulation: nodes only get ``partition-id``, mapped to the sorted
+    sites of the server's ``study-dir`` (``split-site`` virtual sites included), with state under
+    the run's ``sim-state-root``.
+
+    Raises:
+        DataError: neither form of site identity is available, or the partition is out of range.
+    """
+    device = str(node_config.get("device", "cpu"))
+    if "site-dir" in node_config:
+        site_dir = Path(str(node_config["site-dir"]))
+        if "state-dir" not in node_config:
+            raise DataError("node config names 'site-dir' but no 'state-dir' (where local layers are kept)")
+        name = str(node_config.get("site-name", site_dir.name))
+        return SiteLocation(SiteRef(name, site_dir), Path(str(node_config["state-dir"])), device)
+    if "partition-id" not in node_config or not config.get("study-dir"):
+        raise DataError("this node has no 'site-dir' in its node config (deployment) and no "
+                        "partition-id/study-dir (simulation): cannot tell which site it is")
+    sites = study_sites(str(config["study-dir"]), int(config.get("split-site", 0)))
+    pid = int(node_config["partition-id"])
+    if pid >= len(sites):
+        raise DataError(f"partition-id {pid} but the study has only {len(sites)} site(s)")
+    ref = sites[pid]
+    state_root = Path(str(config.get("sim-state-root", "site-state")))
+    return SiteLocation(ref, state_root / ref.name.replace("#", "-part"), device)

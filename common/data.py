@@ -1,0 +1,360 @@
+"""Site data contract (ARCHITECTURE §2): read dataset.json, validate a site, MONAI transforms."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import ImageReader, NibabelReader, PILReader
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImage,
+    LoadImaged,
+    NormalizeIntensityd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    SpatialPadd,
+)
+
+PNG_SUFFIXES = (".png", ".jpg", ".jpeg")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+TASKS = ("semantic", "instance")
+
+
+class DataError(ValueError):
+    """A site's data breaks the contract; the message lists every problem with its file."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One image/label pair with absolute paths."""
+
+    image: Path
+    label: Path
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """A site folder's dataset.json, parsed.
+
+    Args:
+        name: site name (the folder name, plus ``#k`` for virtual sites).
+        root: the site folder.
+        spatial_dims: 2 or 3.
+        task: ``semantic`` or ``instance`` (instance masks train as foreground).
+        labels: label value -> name; instance sites train on {0: background, 1: foreground}.
+        training: cases the site may train and validate on.
+        test: cases never trained on.
+        modality: free text from dataset.json.
+    """
+
+    name: str
+    root: Path
+    spatial_dims: int
+    task: str
+    labels: dict[int, str]
+    training: tuple[Case, ...]
+    test: tuple[Case, ...]
+    modality: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels of a semantic model: background + foreground labels."""
+        return 2 if self.task == "instance" else max(self.labels) + 1
+
+
+@dataclass(frozen=True)
+class SiteRef:
+    """Where a (possibly virtual) site's data lives: ``part`` of ``num_parts`` of a folder."""
+
+    name: str
+    site_dir: Path
+    part: int = 0
+    num_parts: int = 1
+
+
+def study_sites(study_dir: str | Path, split_site: int = 0) -> list[SiteRef]:
+    """Sorted sites of a study folder; with ``split_site=K`` one site becomes K virtual sites.
+
+    Raises:
+        DataError: no site folder, or ``split_site`` on a study with several sites.
+    """
+    study = Path(study_dir)
+    if not study.is_dir():
+        raise DataError(f"{study}: study folder not found")
+    folders = sorted(p for p in study.iterdir() if (p / "dataset.json").is_file())
+    if not folders:
+        raise DataError(f"{study}: no site folder with a dataset.json inside")
+    if split_site > 1:
+        if len(folders) != 1:
+            raise DataError(
+                f"{study}: split-site={split_site} needs a study with one site, found {len(folders)}"
+            )
+        return [SiteRef(f"{folders[0].name}#{k}", folders[0], k, split_site) for k in range(split_site)]
+    return [SiteRef(p.name, p) for p in folders]
+
+
+def read_site(ref: SiteRef | str | Path, seed: int = 0) -> SiteSpec:
+    """Parse a site's dataset.json (no image is opened; see ``check_site`` for that).
+
+    For a virtual site, its training cases are a seeded, disjoint share of the folder's.
+
+    Raises:
+        DataError: dataset.json missing, not JSON, or without the required keys.
+    """
+    ref = ref if isinstance(ref, SiteRef) else SiteRef(Path(ref).name, Path(ref))
+    spec, problems = _parse_dataset_json(ref.site_dir)
+    if problems:
+        raise DataError("\n".join(problems))
+    assert spec is not None
+    if ref.num_parts > 1:
+        order = np.random.RandomState(seed).permutation(len(spec.training))
+        share = tuple(spec.training[i] for i in sorted(order[ref.part :: ref.num_parts]))
+        spec = SiteSpec(ref.name, spec.root, spec.spatial_dims, spec.task, spec.labels, share,
+                        (), spec.modality)
+    return spec
+
+
+def check_site(site_dir: str | Path) -> list[str]:
+    """Validate a site folder against the contract; every problem names its file.
+
+    Checks: dataset.json keys, missing/unreadable/corrupt files, paths escaping the site folder,
+    duplicate entries, wrong spatial_dims, image/label shape mismatch, undeclared label values,
+    NaN/inf, empty dataset. Returns an empty list when the site is clean.
+    """
+    spec, problems = _parse_dataset_json(Path(site_dir))
+    if spec is None:
+        return problems
+    for case in spec.training + spec.test:
+        problems.extend(_check_case(spec, case))
+    return problems
+
+
+def require_clean(site_dir: str | Path) -> None:
+    """Raise ``DataError`` listing every problem when ``check_site`` finds any."""
+    problems = check_site(site_dir)
+    if problems:
+        raise DataError(
+            f"site {site_dir} fails the data check ({len(problems)} problem(s)):\n  "
+            + "\n  ".join(problems)
+        )
+
+
+def split_training(spec: SiteSpec, val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
+    """Deterministic (train, validation) split of a site's training cases.
+
+    A site with one training case validates on it; a site with none (held-out) validates on
+    its ``test`` cases and trains on nothing.
+    """
+    cases = list(spec.training)
+    if not cases:
+        return [], list(spec.test)
+    if len(cases) == 1:
+        return cases, cases
+    rng = np.random.RandomState(seed + zlib.crc32(spec.name.encode()) % 100_000)
+    order = rng.permutation(len(cases))
+    n_val = min(len(cases) - 1, max(1, round(len(cases) * val_fraction)))
+    val = [cases[i] for i in sorted(order[:n_val])]
+    train = [cases[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def image_reader(path: Path) -> ImageReader:
+    """MONAI reader for a file: PIL in numpy (row, column) order for 2D, nibabel for NIfTI."""
+    if path.name.lower().endswith(PNG_SUFFIXES):
+        return PILReader(reverse_indexing=False)
+    return NibabelReader()
+
+
+def base_transforms(spec: SiteSpec) -> list[Any]:
+    """Deterministic loading: channel-first image (z-scored per channel) and integer label."""
+    reader = image_reader(spec.training[0].image if spec.training else spec.test[0].image)
+    return [
+        LoadImaged(keys=("image", "label"), reader=reader, image_only=True),
+        EnsureChannelFirstd(keys=("image", "label")),
+        NormalizeIntensityd(keys="image", channel_wise=True),
+        _LabelToClasses(instance=spec.task == "instance"),
+        EnsureTyped(keys="image", dtype=torch.float32),
+    ]
+
+
+def train_transforms(spec: SiteSpec, patch_size: int) -> Compose:
+    """Loading plus a foreground-balanced random patch per case and random flips."""
+    roi = (patch_size,) * spec.spatial_dims
+    aug = [
+        SpatialPadd(keys=("image", "label"), spatial_size=roi),
+        RandCropByPosNegLabeld(keys=("image", "label"), label_key="label", spatial_size=roi,
+                               pos=1, neg=1, num_samples=1),
+    ] + [RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=a) for a in range(spec.spatial_dims)]
+    return Compose(base_transforms(spec) + aug)
+
+
+def eval_transforms(spec: SiteSpec) -> Compose:
+    """Loading only: whole images, scored by sliding-window inference."""
+    return Compose(base_transforms(spec))
+
+
+def to_dicts(cases: list[Case]) -> list[dict[str, str]]:
+    """MONAI dataset items for cases."""
+    return [{"image": str(c.image), "label": str(c.label)} for c in cases]
+
+
+class _LabelToClasses:
+    """Cast labels to int64 class maps; instance masks become foreground (label > 0)."""
+
+    def __init__(self, instance: bool) -> None:
+        self.instance = instance
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        label = torch.as_tensor(data["label"])
+        label = (label > 0) if self.instance else torch.round(label)
+        out = dict(data)
+        out["label"] = label.to(torch.int64)
+        return out
+
+
+def _parse_dataset_json(site_dir: Path) -> tuple[SiteSpec | None, list[str]]:
+    path = site_dir / "dataset.json"
+    if not path.is_file():
+        return None, [f"{path}: missing (every site folder needs a dataset.json)"]
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return None, [f"{path}: not valid JSON ({err})"]
+    if not isinstance(meta, dict):
+        return None, [f"{path}: must hold a JSON object"]
+    problems = []
+    dims = meta.get("spatial_dims")
+    if dims not in (2, 3):
+        problems.append(f"{path}: 'spatial_dims' must be 2 or 3, got {dims!r}")
+    task = meta.get("task", "semantic")
+    if task not in TASKS:
+        problems.append(f"{path}: 'task' must be one of {TASKS}, got {task!r}")
+    labels: dict[int, str] = {}
+    raw_labels = meta.get("labels")
+    if not isinstance(raw_labels, dict) or not raw_labels:
+        problems.append(f"{path}: 'labels' must be an object like {{\"0\": \"background\", ...}}")
+    else:
+        for key, name in raw_labels.items():
+            if not str(key).isdigit():
+                problems.append(f"{path}: label key {key!r} is not a non-negative integer")
+            else:
+                labels[int(key)] = str(name)
+        if labels and 0 not in labels:
+            problems.append(f"{path}: 'labels' must declare 0 (background)")
+    entries: dict[str, tuple[Case, ...]] = {}
+    seen: dict[str, str] = {}
+    for split in ("training", "test"):
+        raw = meta.get(split, [])
+        if not isinstance(raw, list):
+            problems.append(f"{path}: '{split}' must be a list")
+            raw = []
+        cases = []
+        for i, item in enumerate(raw):
+            where = f"{path}: {split}[{i}]"
+            if not isinstance(item, dict) or not {"image", "label"} <= set(item):
+                problems.append(f"{where}: needs 'image' and 'label'")
+                continue
+            paths = []
+            for key in ("image", "label"):
+                resolved, problem = _inside(site_dir, item[key])
+                if problem:
+                    problems.append(f"{where}: {key} {item[key]!r} {problem}")
+                paths.append(resolved)
+            if None in paths:
+                continue
+            if item["image"] in seen:
+                problems.append(f"{where}: duplicate entry, image {item['image']!r} is also {seen[item['image']]}")
+                continue
+            seen[item["image"]] = f"{split}[{i}]"
+            cases.append(Case(paths[0], paths[1]))
+        entries[split] = tuple(cases)
+    if not meta.get("training") and not meta.get("test"):
+        problems.append(f"{path}: empty dataset: no 'training' and no 'test' entries")
+    if problems:
+        return None, problems
+    spec = SiteSpec(site_dir.name, site_dir, dims, task, labels, entries["training"],
+                    entries["test"], str(meta.get("modality", "")))
+    return spec, []
+
+
+def _inside(site_dir: Path, rel: Any) -> tuple[Path | None, str]:
+    if not isinstance(rel, str) or not rel:
+        return None, "is not a path"
+    if Path(rel).is_absolute():
+        return None, "must be relative to the site folder"
+    root = site_dir.resolve()
+    resolved = (root / rel).resolve()
+    if root != resolved and root not in resolved.parents:
+        return None, "escapes the site folder"
+    return resolved, ""
+
+
+def _load(path: Path) -> tuple[np.ndarray | None, str]:
+    if not path.is_file():
+        return None, f"{path}: missing file"
+    if not path.name.lower().endswith(PNG_SUFFIXES + NIFTI_SUFFIXES):
+        return None, f"{path}: unsupported format (use .png, .jpg or .nii.gz)"
+    try:
+        array = LoadImage(reader=image_reader(path), image_only=True)(str(path))
+        return np.asarray(array), ""
+    except Exception as err:  # noqa: BLE001 - any reader failure means an unreadable file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return None, f"{path}: unreadable or corrupt ({reason[:200]})"
+
+
+def _spatial_shape(array: np.ndarray, dims: int, path: Path) -> tuple[tuple[int, ...] | None, str]:
+    if array.ndim == dims:
+        return array.shape, ""
+    if array.ndim == dims + 1:  # channel-last (RGB PNG, 4D multi-modal NIfTI)
+        return array.shape[:dims], ""
+    return None, f"{path}: has {array.ndim} dimensions {array.shape}, dataset.json says spatial_dims={dims}"
+
+
+def _check_case(spec: SiteSpec, case: Case) -> list[str]:
+    problems = []
+    image, err = _load(case.image)
+    if err:
+        problems.append(err)
+    label, err = _load(case.label)
+    if err:
+        problems.append(err)
+    if image is None or label is None:
+        return problems
+    if not np.isfinite(image).all():
+        problems.append(f"{case.image}: contains NaN or infinite values")
+    image_shape, err = _spatial_shape(image, spec.spatial_dims, case.image)
+    if err:
+        problems.append(err)
+    if label.ndim != spec.spatial_dims:
+        problems.append(f"{case.label}: label has shape {label.shape}, expected {spec.spatial_dims} "
+                        "spatial dimensions and one channel")
+        return problems
+    if image_shape is not None and tuple(image_shape) != tuple(label.shape):
+        problems.append(f"{case.label}: shape {tuple(label.shape)} does not match image "
+                        f"{case.image.name} shape {tuple(image_shape)}")
+    if not np.isfinite(label).all():
+        problems.append(f"{case.label}: contains NaN or infinite values")
+        return problems
+    values = np.unique(label)
+    if np.any(values != np.round(values)) or (values.size and values.min() < 0):
+        problems.append(f"{case.label}: label values must be non-negative integers")
+    elif spec.task == "semantic":
+        undeclared = sorted(int(v) for v in values if int(v) not in spec.labels)
+        if undeclared:
+            problems.append(f"{case.label}: label value(s) {undeclared} not declared in dataset.json "
+                            f"labels {sorted(spec.labels)}")
+    return problems
+
+
+def case_seed(seed: int, site: str, round_: int) -> int:
+    """Seed for one site's work in one round, stable across processes."""
+    return (seed * 1_000_003 + round_ * 7919 + zlib.crc32(site.encode())) % (2**31 - 1)
+

@@ -1,0 +1,59 @@
+"""Per-label Dice and HD95 over MONAI's metrics, accumulated case by case."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
+from monai.networks.utils import one_hot
+
+
+class SegmentationScores:
+    """Accumulates Dice and HD95 (physical units) per foreground label over cases.
+
+    Args:
+        num_classes: classes including background (label 0 is never scored).
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+        self.hd95 = HausdorffDistanceMetric(include_background=False, percentile=95,
+                                            reduction="mean_batch")
+        self.cases = 0
+
+    def add(self, pred: torch.Tensor, label: torch.Tensor, spacing: tuple[float, ...]) -> None:
+        """Score one case.
+
+        Args:
+            pred: predicted class map, shape (1, 1, *spatial), int.
+            label: ground-truth class map, same shape.
+            spacing: voxel size per spatial axis (mm or px).
+        """
+        y_pred, y = one_hot(pred, self.num_classes), one_hot(label, self.num_classes)
+        self.dice(y_pred=y_pred, y=y)
+        with warnings.catch_warnings():  # empty structures give NaN distances, skipped below
+            warnings.simplefilter("ignore")
+            self.hd95(y_pred=y_pred, y=y, spacing=list(spacing))
+        self.cases += 1
+
+    def result(self) -> dict[str, float]:
+        """``dice-<label>``/``hd95-<label>`` per foreground label and their means (NaN if unscored)."""
+        out: dict[str, float] = {}
+        if self.cases == 0:
+            return out
+        dice = self.dice.aggregate().flatten().tolist()
+        hd95 = self.hd95.aggregate().flatten().tolist()
+        for label, (d, h) in enumerate(zip(dice, hd95), start=1):
+            out[f"dice-{label}"] = float(d)
+            out[f"hd95-{label}"] = float(h)
+        out["dice"] = _nanmean(dice)
+        out["hd95"] = _nanmean(hd95)
+        return out
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")

@@ -1,0 +1,85 @@
+"""Per-site round records and the final per-site / held-out summary (mean, worst site, gap)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+from flwr.app import Message, RecordDict
+
+from fedseg.common.records import ARRAYS, METRICS, record_bytes
+
+
+class RoundRecorder:
+    """Collects what each site reported in a round: scalars, payload bytes, errors."""
+
+    def __init__(self) -> None:
+        self._rounds: dict[int, dict[str, Any]] = defaultdict(
+            lambda: {"train": {}, "eval": {}, "errors": {}, "bytes-down": {}})
+
+    def sent(self, server_round: int, site: str, content: RecordDict) -> None:
+        """Record the shared-weights payload sent to a site."""
+        if ARRAYS in content.array_records:
+            self._rounds[server_round]["bytes-down"][site] = record_bytes(content[ARRAYS])
+
+    def trained(self, server_round: int, replies: list[tuple[str, Message]]) -> None:
+        """Record training replies: loss, cases, steps and bytes sent up, or the site's error."""
+        for site, msg in replies:
+            if msg.has_error():
+                self._rounds[server_round]["errors"][site] = msg.error.reason
+                continue
+            entry = dict(msg.content[METRICS])
+            entry["bytes-up"] = record_bytes(msg.content[ARRAYS])
+            self._rounds[server_round]["train"][site] = entry
+
+    def evaluated(self, server_round: int, replies: list[tuple[str, Message]]) -> None:
+        """Record each site's validation scores (or its error)."""
+        for site, msg in replies:
+            if msg.has_error():
+                self._rounds[server_round]["errors"][f"{site}/eval"] = msg.error.reason
+            else:
+                self._rounds[server_round]["eval"][site] = dict(msg.content[METRICS])
+
+    def pop(self, server_round: int) -> dict[str, Any]:
+        """The finished round's record (removed from the recorder)."""
+        return {"round": server_round, **self._rounds.pop(server_round, {
+            "train": {}, "eval": {}, "errors": {}, "bytes-down": {}})}
+
+
+def summarize(rounds: list[dict[str, Any]], training_sites: list[str],
+              heldout_sites: list[str]) -> dict[str, Any]:
+    """Final per-site and held-out metrics, mean, worst site, max-min gap and best round.
+
+    Args:
+        rounds: rounds.jsonl records, in order.
+        training_sites: sites that trained.
+        heldout_sites: sites that only evaluated.
+    """
+    if not rounds:
+        return {"rounds": 0}
+    last = rounds[-1]
+    summary: dict[str, Any] = {"rounds": last["round"]}
+    summary["sites"] = {s: last["eval"].get(s, {}) for s in training_sites}
+    summary["in_federation"] = _spread({s: m.get("dice") for s, m in summary["sites"].items()})
+    if heldout_sites:
+        summary["heldout"] = {s: last["eval"].get(s, {}) for s in heldout_sites}
+        summary["heldout_summary"] = _spread({s: m.get("dice") for s, m in summary["heldout"].items()})
+    means = [(r["round"], _spread({s: r["eval"].get(s, {}).get("dice") for s in training_sites})["mean"])
+             for r in rounds]
+    scored = [(rnd, m) for rnd, m in means if m is not None]
+    if scored:
+        best = max(scored, key=lambda x: x[1])
+        summary["best_round"] = {"round": best[0], "mean_dice": best[1]}
+    return summary
+
+
+def _spread(dice: dict[str, float | None]) -> dict[str, Any]:
+    values = {s: d for s, d in dice.items() if d is not None and math.isfinite(d)}
+    if not values:
+        return {"mean": None, "worst_site": None, "worst_dice": None, "gap": None, "std": None}
+    mean = sum(values.values()) / len(values)
+    worst = min(values, key=values.get)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values.values()) / len(values))
+    return {"mean": mean, "worst_site": worst, "worst_dice": values[worst],
+            "gap": max(values.values()) - values[worst], "std": std}

@@ -1,0 +1,126 @@
+"""Flower's own strategies, extended by hook: site-aware ordering, held-out sites, round logging."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
+
+from fedseg.common.config import RunConfig
+from fedseg.server.evaluation import RoundRecorder
+
+log = logging.getLogger(__name__)
+
+BASES: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedmedian": FedMedian,
+    "trimmed-mean": FedTrimmedAvg,
+}
+
+
+class TooFewSitesError(RuntimeError):
+    """A round ended with fewer successful training sites than ``min-train-sites``."""
+
+
+class _TrainingSites:
+    """View of a Grid that lists only the sites allowed to train (held-out sites hidden)."""
+
+    def __init__(self, grid: Grid, heldout: set[int]) -> None:
+        self._grid, self._heldout = grid, heldout
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self._grid.get_node_ids() if n not in self._heldout]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+class SiteHooks:
+    """Mixin over a Flower strategy: the round loop stays Flower's (``Strategy.start``).
+
+    - replies are aggregated in a fixed site order, so a seeded run is bit-for-bit repeatable;
+    - held-out sites are never sampled for training, but evaluate every round;
+    - every reply's scalars and payload size go to the ``RoundRecorder``;
+    - a resumed run numbers its rounds from the checkpoint (``round_offset``).
+    """
+
+    site_of: dict[int, str]
+    heldout_nodes: set[int]
+    recorder: RoundRecorder
+    round_offset: int
+    min_sites: int
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(  # type: ignore[misc]
+            server_round + self.round_offset, arrays, config, _TrainingSites(grid, self.heldout_nodes)))
+        for m in messages:
+            self.recorder.sent(server_round + self.round_offset, self.site_of[m.metadata.dst_node_id],
+                               m.content)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = self._ordered(replies)
+        rnd = server_round + self.round_offset
+        self.recorder.trained(rnd, [(self.site_of[m.metadata.src_node_id], m) for m in replies])
+        ok = [m for m in replies if not m.has_error()]
+        if len(ok) < self.min_sites:
+            failures = "; ".join(f"{self.site_of[m.metadata.src_node_id]}: {m.error.reason}"
+                                 for m in replies if m.has_error())
+            raise TooFewSitesError(
+                f"round {rnd}: {len(ok)} site(s) trained, min-train-sites is {self.min_sites}"
+                + (f" (failed: {failures})" if failures else ""))
+        return super().aggregate_train(rnd, replies)  # type: ignore[misc]
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return super().configure_evaluate(  # type: ignore[misc]
+            server_round + self.round_offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = self._ordered(replies)
+        rnd = server_round + self.round_offset
+        self.recorder.evaluated(rnd, [(self.site_of[m.metadata.src_node_id], m) for m in replies])
+        training = [m for m in replies if m.metadata.src_node_id not in self.heldout_nodes]
+        return super().aggregate_evaluate(rnd, training)  # type: ignore[misc]
+
+    def _ordered(self, replies: Iterable[Message]) -> list[Message]:
+        return sorted(replies, key=lambda m: self.site_of.get(m.metadata.src_node_id, ""))
+
+
+def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[int],
+                   recorder: RoundRecorder, round_offset: int = 0) -> FedAvg:
+    """The configured Flower strategy with fedseg's hooks.
+
+    Args:
+        cfg: run config (``strategy``, ``fraction-train``, ``min-train-sites``, ...).
+        site_of: node id -> site name, from the discovery query.
+        heldout_nodes: node ids that only evaluate.
+        recorder: collects per-site scalars for rounds.jsonl.
+        round_offset: rounds already done (resume).
+    """
+    base = BASES[cfg.strategy]
+    kwargs: dict[str, Any] = dict(
+        fraction_train=cfg.fraction_train, fraction_evaluate=1.0,
+        min_train_nodes=cfg.min_train_sites, min_evaluate_nodes=cfg.min_train_sites,
+        min_available_nodes=cfg.min_train_sites,
+    )
+    if base is FedProx:
+        kwargs["proximal_mu"] = cfg.proximal_mu
+    if base is FedAdam:
+        kwargs["eta"] = cfg.server_lr
+    strategy_cls = type(f"Site{base.__name__}", (SiteHooks, base), {})
+    strategy = strategy_cls(**kwargs)
+    strategy.site_of = site_of
+    strategy.heldout_nodes = heldout_nodes
+    strategy.recorder = recorder
+    strategy.round_offset = round_offset
+    strategy.min_sites = cfg.min_train_sites
+    return strategy
