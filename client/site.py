@@ -44,5 +44,7 @@ def resolve_site(node_config: dict[str, Any], config: dict[str, Any]) -> SiteLoc
     if pid >= len(sites):
         raise DataError(f"partition-id {pid} but the study has only {len(sites)} site(s)")
     ref = sites[pid]
-    state_root = Path(str(config.get("sim-state-root", "site-state")))
+    if not config.get("sim-state-root"):
+        raise DataError("simulation message without 'sim-state-root': nowhere to keep site state")
+    state_root = Path(str(config["sim-state-root"]))
     return SiteLocation(ref, state_root / ref.name.replace("#", "-part"), device)

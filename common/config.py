@@ -57,7 +57,7 @@ class RunConfig:
     lr: float = 0.01
     seed: int = 0
     model: str = "unet"
-    spatial_dims: int = 2
+    spatial_dims: int = 0
     patch_size: int = 64
     channels: tuple[int, ...] = (8, 16, 32)
     norm: str = "instance"

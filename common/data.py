@@ -313,9 +313,11 @@ def _load(path: Path) -> tuple[np.ndarray | None, str]:
 def _spatial_shape(array: np.ndarray, dims: int, path: Path) -> tuple[tuple[int, ...] | None, str]:
     if array.ndim == dims:
         return array.shape, ""
-    if array.ndim == dims + 1:  # channel-last (RGB PNG, 4D multi-modal NIfTI)
+    is_png = path.name.lower().endswith(PNG_SUFFIXES)
+    if (is_png and dims == 2 and array.ndim == 3 and array.shape[-1] in (3, 4)) or (
+            not is_png and dims == 3 and array.ndim == 4):  # channel-last RGB(A) / multi-modal
         return array.shape[:dims], ""
-    return None, f"{path}: has {array.ndim} dimensions {array.shape}, dataset.json says spatial_dims={dims}"
+    return None, f"{path}: has shape {array.shape}, dataset.json says spatial_dims={dims}"
 
 
 def _check_case(spec: SiteSpec, case: Case) -> list[str]:
@@ -334,8 +336,8 @@ def _check_case(spec: SiteSpec, case: Case) -> list[str]:
     if err:
         problems.append(err)
     if label.ndim != spec.spatial_dims:
-        problems.append(f"{case.label}: label has shape {label.shape}, expected {spec.spatial_dims} "
-                        "spatial dimensions and one channel")
+        problems.append(f"{case.label}: label has shape {label.shape}, dataset.json says "
+                        f"spatial_dims={spec.spatial_dims} (labels have one channel)")
         return problems
     if image_shape is not None and tuple(image_shape) != tuple(label.shape):
         problems.append(f"{case.label}: shape {tuple(label.shape)} does not match image "

@@ -44,7 +44,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     """
     folder, cfg, done, start_state = _open_run(cfg)
     random.seed(cfg.seed)  # Flower samples nodes with `random`
-    sites = discover_sites(grid, cfg)
+    sites = discover_sites(grid, cfg, folder.dir)
     mspec = _model_spec(cfg, sites)
     torch.manual_seed(cfg.seed)
     model = build_model(mspec)
@@ -103,7 +103,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     return folder.dir
 
 
-def discover_sites(grid: Grid, cfg: RunConfig) -> dict[int, dict[str, Any]]:
+def discover_sites(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[int, dict[str, Any]]:
     """Ask every connected site for its data shape and data-check status (metadata only).
 
     Raises:
@@ -116,7 +116,7 @@ def discover_sites(grid: Grid, cfg: RunConfig) -> dict[int, dict[str, Any]]:
         time.sleep(0.5)
     if len(nodes) < expected:
         raise SiteDiscoveryError(f"{len(nodes)} site(s) connected, {expected} expected")
-    content = RecordDict({CONFIG: ConfigRecord(_discovery_config(cfg))})
+    content = RecordDict({CONFIG: ConfigRecord(_discovery_config(cfg, run_dir))})
     messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     sites: dict[int, dict[str, Any]] = {}
@@ -178,11 +178,16 @@ def _model_spec(cfg: RunConfig, sites: dict[int, dict[str, Any]]) -> ModelSpec:
     return ModelSpec(dims, int(info["in-channels"]), int(info["num-classes"]), cfg.channels, cfg.norm)
 
 
-def _discovery_config(cfg: RunConfig) -> dict[str, Any]:
-    out = {"seed": cfg.seed, "val-fraction": cfg.val_fraction}
+def _discovery_config(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {"seed": cfg.seed, "val-fraction": cfg.val_fraction}
     if cfg.study_dir:
-        out |= {"study-dir": cfg.study_dir, "split-site": cfg.split_site}
+        out |= {"study-dir": cfg.study_dir, "split-site": cfg.split_site, **_sim_state(run_dir)}
     return out
+
+
+def _sim_state(run_dir: Path) -> dict[str, str]:
+    """Simulation only: where each virtual site keeps its private state on this machine."""
+    return {"sim-state-root": str((run_dir / "site-state").resolve())}
 
 
 def _wire_config(cfg: RunConfig, mspec: ModelSpec, run_dir: Path) -> dict[str, Any]:
@@ -192,8 +197,8 @@ def _wire_config(cfg: RunConfig, mspec: ModelSpec, run_dir: Path) -> dict[str, A
         out[key] = ",".join(str(v) for v in value) if isinstance(value, list) else value
     out |= {"model-spatial-dims": mspec.spatial_dims, "model-in-channels": mspec.in_channels,
             "model-out-channels": mspec.out_channels}
-    if cfg.study_dir:  # simulation: all virtual sites share this machine
-        out["sim-state-root"] = str((run_dir / "site-state").resolve())
+    if cfg.study_dir:
+        out |= _sim_state(run_dir)
     return out
 
 

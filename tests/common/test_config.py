@@ -1,0 +1,50 @@
+"""Run-config schema: defaults match pyproject, bad keys and values are named before round 1."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedseg.common.config import ConfigError, RunConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def test_pyproject_defaults_are_the_schema_defaults():
+    raw = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    assert RunConfig.from_dict(raw) == RunConfig()
+    assert set(raw) == set(RunConfig().to_dict())
+
+
+def test_round_trip_through_kebab_dict():
+    cfg = RunConfig(channels=(4, 8, 16), heldout_sites=("site-c",), strategy="fedprox")
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"strategy": "fedsgd"}, "strategy"),
+    ({"lr": -0.1}, "lr"),
+    ({"local-layers": "all"}, "local-layers"),
+    ({"patch-size": 30, "channels": "8,16,32"}, "patch-size"),  # 30 is not divisible by 4
+    ({"num-server-rounds": "three"}, "num-server-rounds"),
+    ({"fraction-train": 0}, "fraction-train"),
+    ({"dp": "sample"}, "dp"),
+])
+def test_bad_value_names_the_key(raw, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        RunConfig.from_dict(raw)
+
+
+def test_unknown_key_is_rejected_with_its_name():
+    with pytest.raises(ConfigError, match="unknown run-config key 'learning-rate'"):
+        RunConfig.from_dict({"learning-rate": 0.1})
+
+
+def test_strings_from_the_command_line_are_coerced():
+    cfg = RunConfig.from_dict({"lr": "0.5", "resume": "false", "channels": "4,8", "heldout-sites": "a,b"})
+    assert (cfg.lr, cfg.resume, cfg.channels, cfg.heldout_sites) == (0.5, False, (4, 8), ("a", "b"))

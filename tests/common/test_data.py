@@ -1,0 +1,166 @@
+"""Site data contract: every kind of bad input is reported with its file; clean sites pass."""
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedseg.common.data import (DataError, check_site, eval_transforms, read_site, split_training,
+                                study_sites, to_dicts)
+from fedseg.simulations.cli import main
+from fedseg.simulations.synth import write_study
+
+
+@pytest.fixture()
+def site2d(tmp_path: Path) -> Path:
+    return write_study(tmp_path / "s2", sites=1, dims=2, cases=3, size=32, seed=5)[0]
+
+
+@pytest.fixture()
+def site3d(tmp_path: Path) -> Path:
+    return write_study(tmp_path / "s3", sites=1, dims=3, cases=2, size=16, seed=6)[0]
+
+
+def _meta(site: Path) -> dict:
+    return json.loads((site / "dataset.json").read_text())
+
+
+def _write_meta(site: Path, meta: dict) -> None:
+    (site / "dataset.json").write_text(json.dumps(meta))
+
+
+def _one(problems: list[str], *needles: str) -> str:
+    hits = [p for p in problems if all(n in p for n in needles)]
+    assert hits, f"no problem mentions {needles}: {problems}"
+    return hits[0]
+
+
+@pytest.mark.parametrize("dims, task", [(2, "semantic"), (3, "semantic"), (2, "instance")])
+def test_synthetic_sites_pass_the_check(tmp_path, dims, task):
+    for site in write_study(tmp_path, sites=2, dims=dims, cases=2, size=16, task=task, seed=1):
+        assert check_site(site) == []
+
+
+def test_missing_file(site2d):
+    (site2d / "images" / "case001.png").unlink()
+    _one(check_site(site2d), "case001.png", "missing file")
+
+
+def test_corrupt_png_and_corrupt_nifti(site2d, site3d):
+    (site2d / "labels" / "case000.png").write_bytes(b"\x89PNG\r\n garbage")
+    _one(check_site(site2d), "labels/case000.png", "corrupt")
+    with open(site3d / "images" / "case001.nii.gz", "r+b") as handle:  # truncate the gzip stream
+        handle.truncate(200)
+    _one(check_site(site3d), "images/case001.nii.gz", "corrupt")
+
+
+def test_shape_mismatch(site2d):
+    Image.fromarray(np.zeros((20, 32), np.uint8)).save(site2d / "labels" / "case002.png")
+    _one(check_site(site2d), "case002.png", "does not match")
+
+
+def test_undeclared_label_value(site2d):
+    label = np.zeros((32, 32), np.uint8)
+    label[3:6, 3:6] = 7
+    Image.fromarray(label).save(site2d / "labels" / "case000.png")
+    _one(check_site(site2d), "case000.png", "[7]", "not declared")
+
+
+def test_nan_in_image(site3d):
+    path = site3d / "images" / "case000.nii.gz"
+    img = nib.load(path)
+    data = img.get_fdata().astype(np.float32)
+    data[1, 2, 3] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), path)
+    _one(check_site(site3d), "case000.nii.gz", "NaN")
+
+
+def test_wrong_spatial_dims(site3d):
+    meta = _meta(site3d)
+    meta["spatial_dims"] = 2
+    _write_meta(site3d, meta)
+    _one(check_site(site3d), "case000.nii.gz", "spatial_dims=2")
+
+
+def test_duplicate_entries_and_escaping_paths(site2d):
+    meta = _meta(site2d)
+    meta["training"].append(dict(meta["training"][0]))
+    meta["test"] = [{"image": "../../etc/passwd", "label": "labels/case000.png"},
+                    {"image": "/abs/img.png", "label": "labels/case000.png"}]
+    _write_meta(site2d, meta)
+    problems = check_site(site2d)
+    _one(problems, "training[3]", "duplicate")
+    _one(problems, "test[0]", "escapes the site folder")
+    _one(problems, "test[1]", "must be relative")
+
+
+def test_empty_dataset_and_missing_or_broken_json(site2d):
+    meta = _meta(site2d)
+    meta["training"], meta["test"] = [], []
+    _write_meta(site2d, meta)
+    _one(check_site(site2d), "dataset.json", "empty dataset")
+    (site2d / "dataset.json").write_text("{not json")
+    _one(check_site(site2d), "dataset.json", "not valid JSON")
+    (site2d / "dataset.json").unlink()
+    _one(check_site(site2d), "dataset.json", "missing")
+
+
+def test_check_command_exit_codes(site2d, capsys):
+    assert main(["check", str(site2d)]) == 0
+    assert "OK" in capsys.readouterr().out
+    (site2d / "images" / "case000.png").unlink()
+    assert main(["check", str(site2d)]) == 1
+    out = capsys.readouterr().out
+    assert "1 problem(s)" in out and "case000.png" in out
+
+
+def test_png_loads_in_row_column_order_for_image_and_label(tmp_path):
+    site = write_study(tmp_path, sites=1, dims=2, cases=1, size=16, seed=0)[0]
+    image = np.zeros((20, 36), np.uint8)
+    image[0, :] = 255  # first row bright
+    label = np.zeros((20, 36), np.uint8)
+    label[0, :] = 1
+    Image.fromarray(image).save(site / "images" / "case000.png")
+    Image.fromarray(label).save(site / "labels" / "case000.png")
+    spec = read_site(site)
+    data = eval_transforms(spec)(to_dicts([spec.training[0]])[0])
+    assert data["image"].shape == (1, 20, 36) and data["label"].shape == (1, 20, 36)
+    assert data["label"][0, 0].all() and data["image"][0, 0].min() > data["image"][0, 1:].max()
+
+
+def test_split_is_deterministic_and_disjoint(study_2d):
+    spec = read_site(study_sites(study_2d)[0])
+    train, val = split_training(spec, 0.34, seed=4)
+    assert (train, val) == split_training(spec, 0.34, seed=4)
+    assert not set(train) & set(val) and len(train) + len(val) == len(spec.training) and len(val) == 2
+
+
+def test_virtual_sites_partition_one_site(tmp_path):
+    study = tmp_path / "one"
+    write_study(study, sites=1, dims=2, cases=7, size=16, seed=0)
+    refs = study_sites(study, split_site=3)
+    parts = [set(read_site(r, seed=1).training) for r in refs]
+    assert [r.name for r in refs] == ["site-a#0", "site-a#1", "site-a#2"]
+    assert sum(map(len, parts)) == 7 and not (parts[0] & parts[1] or parts[1] & parts[2] or parts[0] & parts[2])
+    with pytest.raises(DataError, match="one site"):
+        study_sites(write_study(tmp_path / "two", sites=2, cases=1, size=16)[0].parent, split_site=2)
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[3] / "shared" / "data" / "monuseg").is_dir(),
+                    reason="../shared/data not beside the checkout")
+def test_real_monuseg_and_hippocampus_sites_pass_the_check(tmp_path):
+    data = Path(__file__).resolve().parents[3] / "shared" / "data"
+    assert check_site(data / "monuseg" / "site2-kidney") == []
+    hippo = tmp_path / "hippo"
+    shutil.copytree(data / "hippocampus" / "site-msd", hippo, ignore=shutil.ignore_patterns("*.nii.gz"))
+    meta = _meta(hippo)
+    meta["training"] = meta["training"][:3]
+    _write_meta(hippo, meta)
+    for entry in meta["training"]:  # three real volumes are enough
+        for key in ("image", "label"):
+            shutil.copy(data / "hippocampus" / "site-msd" / entry[key], hippo / entry[key])
+    assert check_site(hippo) == []

@@ -1,0 +1,143 @@
+"""End to end in Flower's real simulation engine: outputs, privacy boundary, determinism, resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedseg.client.audit import OUTBOX_FILE
+from fedseg.common.data import DataError, read_site, split_training, study_sites
+from fedseg.common.models import ModelSpec, build_model, local_keys
+from fedseg.simulations.cli import main
+from fedseg.simulations.simulate import simulate
+from tests.conftest import tiny_config
+
+
+def _rounds(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+
+
+def _outbox(run_dir: Path, site: str) -> list[dict]:
+    path = run_dir / "site-state" / site / OUTBOX_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def fedbn_run(study_2d, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return simulate(tiny_config(study_2d, out, run_name="fedbn"), num_cpus=2)
+
+
+def test_run_folder_holds_the_output_contract(fedbn_run, study_2d):
+    for name in ("run.json", "rounds.jsonl", "summary.json", "model/global.pt",
+                 "checkpoints/round-1.pt", "checkpoints/round-2.pt"):
+        assert (fedbn_run / name).is_file(), name
+    rounds = _rounds(fedbn_run)
+    sites = ["site-a", "site-b", "site-c"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for record in rounds:
+        assert sorted(record["train"]) == sites and sorted(record["eval"]) == sites
+        for site in sites:
+            n_train = len(split_training(read_site(study_2d / site, seed=3), 0.25, 3)[0])
+            assert record["train"][site]["num-examples"] == n_train  # cases, not batches
+            assert 0.0 <= record["eval"][site]["dice"] <= 1.0
+            assert {"dice-1", "dice-2", "hd95-1", "hd95-2"} <= set(record["eval"][site])
+    summary = json.loads((fedbn_run / "summary.json").read_text())
+    final = {s: rounds[-1]["eval"][s]["dice"] for s in sites}
+    assert summary["in_federation"]["mean"] == pytest.approx(sum(final.values()) / 3)
+    assert summary["in_federation"]["worst_site"] == min(final, key=final.get)
+    assert summary["in_federation"]["gap"] == pytest.approx(max(final.values()) - min(final.values()))
+    info = json.loads((fedbn_run / "run.json").read_text())
+    assert info["config"]["local-layers"] == "norm" and info["ended"] and info["versions"]["flwr"]
+
+
+def test_fedbn_norm_layers_never_leave_a_site(fedbn_run):
+    model = build_model(ModelSpec(2, 1, 3, (8, 16), "instance"))
+    local = local_keys(model, "norm")
+    shared_keys = set(model.state_dict()) - local
+    float32_bytes = sum(v.numel() * 4 for k, v in model.state_dict().items() if k in shared_keys)
+    image_shapes = {(32, 32), (1, 32, 32)}
+    for site in ("site-a", "site-b", "site-c"):
+        replies = _outbox(fedbn_run, site)
+        trains = [r for r in replies if r["type"] == "train"]
+        assert len(trains) == 2 and {r["type"] for r in replies} == {"query", "train", "evaluate"}
+        for reply in replies:
+            for record in reply["records"].values():
+                if record["kind"] == "arrays":
+                    keys = set(record["items"])
+                    assert keys == shared_keys and not keys & local
+                    assert all(tuple(i["shape"]) not in image_shapes for i in record["items"].values())
+                    sent = sum(i["bytes"] for i in record["items"].values())
+                    # float32 payload plus one .npy header (128 bytes) per tensor, nothing else
+                    assert float32_bytes <= sent <= float32_bytes + 128 * len(keys)
+                else:  # metrics and config: scalars or short lists of label names only
+                    for value in record["items"].values():
+                        assert isinstance(value, (int, float, str)) or (
+                            isinstance(value, list) and len(value) <= 3), value
+        saved = torch.load(fedbn_run / "site-state" / site / "local_layers.pt", weights_only=True)
+        assert set(saved["tensors"]) == local and saved["round"] == 2
+    a, b = (torch.load(fedbn_run / "site-state" / s / "local_layers.pt", weights_only=True)["tensors"]
+            for s in ("site-a", "site-b"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # each site learned its own norms
+    global_model = torch.load(fedbn_run / "model" / "global.pt", weights_only=True)
+    assert set(global_model["state_dict"]) == shared_keys
+    assert set(global_model["local_keys"]) == local
+
+
+def test_same_seed_same_metrics_and_resume_continues_exactly(fedbn_run, study_2d, tmp_path):
+    again = simulate(tiny_config(study_2d, tmp_path, run_name="again"), num_cpus=2)
+    first, second = _rounds(fedbn_run), _rounds(again)
+    for r1, r2 in zip(first, second, strict=True):
+        assert r1["train"] == r2["train"] and r1["eval"] == r2["eval"]
+    # stop after round 1, then resume to round 2 from the checkpoint and the sites' state
+    half = simulate(tiny_config(study_2d, tmp_path, run_name="half", num_server_rounds=1), num_cpus=2)
+    assert [r["round"] for r in _rounds(half)] == [1]
+    assert main(["simulate", "--resume-run", str(half), "--rounds", "2", "--num-cpus", "2"]) == 0
+    resumed = _rounds(half)
+    assert [r["round"] for r in resumed] == [1, 2]
+    assert resumed[1]["train"] == first[1]["train"] and resumed[1]["eval"] == first[1]["eval"]
+    assert json.loads((half / "run.json").read_text())["resumed_from_round"] == 1
+
+
+def test_3d_nifti_study_with_fedprox(study_3d, tmp_path):
+    cfg = tiny_config(study_3d, tmp_path, num_server_rounds=1, patch_size=16, channels=(4, 8),
+                      strategy="fedprox", proximal_mu=0.1, local_layers="none")
+    run_dir = simulate(cfg, num_cpus=2)
+    (record,) = _rounds(run_dir)
+    assert sorted(record["eval"]) == ["site-a", "site-b"]
+    assert all(r["hd95"] is None or r["hd95"] >= 0 for r in record["eval"].values())
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["model"]["spatial_dims"] == 3
+
+
+def test_fedadam_with_a_heldout_site(study_2d, tmp_path):
+    cfg = tiny_config(study_2d, tmp_path, num_server_rounds=1, strategy="fedadam",
+                      heldout_sites=("site-c",))
+    run_dir = simulate(cfg, num_cpus=2)
+    (record,) = _rounds(run_dir)
+    assert sorted(record["train"]) == ["site-a", "site-b"]  # the held-out site never trains
+    assert sorted(record["eval"]) == ["site-a", "site-b", "site-c"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["heldout"]) == {"site-c"} and set(summary["sites"]) == {"site-a", "site-b"}
+
+
+def test_a_broken_site_is_refused_before_training(study_2d, tmp_path, capsys):
+    import shutil
+
+    study = tmp_path / "broken"
+    shutil.copytree(study_2d, study)
+    (study / "site-b" / "labels" / "case001.png").unlink()
+    with pytest.raises(DataError, match="site-b/labels/case001.png: missing file"):
+        simulate(tiny_config(study, tmp_path / "out"), num_cpus=2)
+    assert main(["simulate", str(study), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "case001.png: missing file" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_run_config_key_is_a_simulate_flag(study_2d, tmp_path, capsys):
+    assert main(["simulate", str(study_2d), "--strategy", "fedsgd"]) == 2
+    assert "'strategy'" in capsys.readouterr().err
+    sites = study_sites(study_2d)
+    assert len(sites) == 3
