@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = sub.add_parser("demo", help="synthesize a 3-site 2D study and run FedAvg+FedBN on it")
     demo.add_argument("--output-dir", default="runs")
-    demo.add_argument("--rounds", type=int, default=5)
+    demo.add_argument("--rounds", type=int, default=15)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_site_commands(sub)
     args = parser.parse_args(argv)
-    _setup_logging()
+    setup_logging()
     try:
         return args.func(args)
     except (ConfigError, DataError) as err:
@@ -98,10 +98,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     study = Path(args.output_dir) / "demo-study"
     if not (study / "site-a" / "dataset.json").is_file():
-        write_study(study, sites=3, dims=2, cases=12, size=64, num_labels=2, shift=0.6, seed=args.seed)
+        write_study(study, sites=3, dims=2, cases=16, size=64, num_labels=2, shift=0.6, seed=args.seed)
         print(f"wrote synthetic 3-site study to {study} (sites differ in contrast, noise, blur, bias field)")
-    cfg = RunConfig(study_dir=str(study), num_server_rounds=args.rounds, local_epochs=3, batch_size=4,
-                    lr=0.05, patch_size=48, channels=(8, 16, 32), strategy="fedavg", local_layers="norm",
+    cfg = RunConfig(study_dir=str(study), num_server_rounds=args.rounds, local_epochs=5, batch_size=4,
+                    lr=0.05, patch_size=48, channels=(16, 32, 64), strategy="fedavg", local_layers="norm",
                     output_dir=args.output_dir, seed=args.seed,
                     run_name=f"demo-fedbn-{time.strftime('%Y%m%d-%H%M%S')}")
     return _run_and_report(cfg, None)
@@ -119,7 +119,7 @@ def _run_and_report(cfg: RunConfig, num_cpus: int | None) -> int:
     return 0
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
     """fedseg's progress on stdout; Flower's and Ray's chatter only from warnings up."""
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("FLWR_LOG_LEVEL", "WARNING")
