@@ -121,5 +121,5 @@ def _proximal_anchors(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if mu <= 0 or not global_params:
         return []
-    return [(p, global_params[name].to(device)) for name, p in model.named_parameters()
+    return [(p, global_params[name].detach().to(device)) for name, p in model.named_parameters()
             if name in global_params]

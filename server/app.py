@@ -59,13 +59,14 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         raise ConfigError(f"run-config 'heldout-sites' names unknown site(s) {sorted(unknown)}; "
                           f"sites are {sorted(site_of.values())}")
     training_sites = sorted(n for node, n in site_of.items() if node not in heldout)
-    info = {"config": cfg.to_dict(), "model": mspec.to_dict(), "versions": versions(),
-            "sites": {name: _public(i) for i, name in ((i, i["site"]) for i in sites.values())},
-            "training_sites": training_sites, "heldout_sites": sorted(cfg.heldout_sites),
-            "seed": cfg.seed, "started": now(), "ended": None, "resumed_from_round": done or None}
     if done:
-        info = {**folder.read_run_info(), "resumed": now(), "resumed_from_round": done,
-                "config": cfg.to_dict()}
+        info = {**folder.read_run_info(), "config": cfg.to_dict(), "resumed": now(),
+                "resumed_from_round": done}
+    else:
+        info = {"config": cfg.to_dict(), "model": mspec.to_dict(), "versions": versions(),
+                "sites": {i["site"]: _public(i) for i in sites.values()},
+                "training_sites": training_sites, "heldout_sites": sorted(cfg.heldout_sites),
+                "seed": cfg.seed, "started": now(), "ended": None}
     folder.write_run_info(info)
 
     recorder = RoundRecorder()

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fedseg.client.audit import OUTBOX_FILE
-from fedseg.common.data import DataError, read_site, split_training, study_sites
+from fedseg.common.config import keys
+from fedseg.common.data import DataError, read_site, split_training
 from fedseg.common.models import ModelSpec, build_model, local_keys
 from fedseg.simulations.cli import main
 from fedseg.simulations.simulate import simulate
@@ -136,8 +137,12 @@ def test_a_broken_site_is_refused_before_training(study_2d, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_every_run_config_key_is_a_simulate_flag(study_2d, tmp_path, capsys):
+def test_every_run_config_key_is_a_simulate_flag(study_2d, capsys):
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    help_text = capsys.readouterr().out
+    for key in keys():
+        if key not in ("study-dir", "resume"):  # positional STUDY_DIR and --resume-run instead
+            assert f"--{key}" in help_text, key
     assert main(["simulate", str(study_2d), "--strategy", "fedsgd"]) == 2
     assert "'strategy'" in capsys.readouterr().err
-    sites = study_sites(study_2d)
-    assert len(sites) == 3
