@@ -9,10 +9,12 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedseg.client.audit import outbox_audit_mod
+from fedseg.client.privacy import (PrivacyLedger, admit, check_dp_compatible, client_level_clipping_mod,
+                                   plan_round)
 from fedseg.client.site import SiteLocation, resolve_site
 from fedseg.client.state import SiteState
 from fedseg.client.trainer import evaluate_local, train_local
-from fedseg.common.config import ConfigError, RunConfig
+from fedseg.common.config import RunConfig
 from fedseg.common.data import (DataError, case_seed, check_site, eval_transforms, read_site,
                                split_training, to_dicts)
 from fedseg.common.models import ModelSpec, build_model, local_keys, split_state
@@ -22,7 +24,7 @@ from fedseg.common.records import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, Privac
 log = logging.getLogger(__name__)
 SITE_ERROR = 3100  # Flower error code for a site that refuses a message with a clear reason
 
-app = ClientApp(mods=[outbox_audit_mod])
+app = ClientApp(mods=[outbox_audit_mod, client_level_clipping_mod])  # audit sees the final reply
 
 
 @app.query()
@@ -49,7 +51,7 @@ def _guarded(msg: Message, context: Context,
     try:
         site = resolve_site(dict(context.node_config), config)
         return Message(handler(msg, site, config), reply_to=msg)
-    except (DataError, ConfigError, PrivacyBoundaryError, FloatingPointError, RuntimeError) as err:
+    except (ValueError, PrivacyBoundaryError, FloatingPointError, RuntimeError) as err:
         log.error("%s", err)
         return Message(Error(code=SITE_ERROR, reason=str(err).splitlines()[0]), reply_to=msg)
 
@@ -97,21 +99,28 @@ def _train(msg: Message, site: SiteLocation, config: dict) -> RecordDict:
     train_cases, _ = split_training(spec, cfg.val_fraction, cfg.seed)
     if not train_cases:
         raise DataError(f"site {spec.name} has no training cases (held-out sites only evaluate)")
+    plan, ledger = None, None
+    if cfg.dp == "sample":
+        check_dp_compatible(model)
+        ledger = PrivacyLedger(site.state_dir)
+        plan = plan_round(cfg, len(train_cases), ledger)
+    admit(site.policy, cfg.dp, plan, ledger, spec.name)  # before any training
     result = train_local(
         model, spec, train_cases, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
         patch_size=cfg.patch_size, seed=case_seed(cfg.seed, spec.name, server_round),
         proximal_mu=float(config.get("proximal-mu", 0.0)) if cfg.strategy == "fedprox" else 0.0,
         global_params=shared, device=site.device,
+        dp=(plan, ledger, server_round) if plan else None,
     )
     new_shared, new_local = split_state(model, local)
     state.save_local_layers(new_local, server_round)
     log.info("site %s round %d: loss %.4f over %d cases, %d steps", spec.name, server_round,
              result.loss, result.num_examples, result.steps)
-    return RecordDict({
-        ARRAYS: shared_record(new_shared, local),
-        METRICS: scalar_metrics({"train-loss": result.loss, NUM_EXAMPLES: result.num_examples,
-                                 "steps": result.steps}),
-    })
+    metrics = {"train-loss": result.loss, NUM_EXAMPLES: result.num_examples, "steps": result.steps}
+    if plan is not None:
+        metrics |= {"epsilon": result.epsilon, "delta": plan.delta,
+                    "noise-multiplier": plan.noise_multiplier}
+    return RecordDict({ARRAYS: shared_record(new_shared, local), METRICS: scalar_metrics(metrics)})
 
 
 def _evaluate(msg: Message, site: SiteLocation, config: dict) -> RecordDict:

@@ -1,10 +1,12 @@
-"""Site tools that run inside a hospital with no server: ``fedseg check``."""
+"""Site tools that run inside a hospital with no server: ``fedseg check``, ``fedseg privacy``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from fedseg.client.privacy import LEDGER_FILE, PrivacyLedger
 from fedseg.common.data import check_site
 
 
@@ -13,6 +15,11 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
     check = sub.add_parser("check", help="validate site folders against the data contract")
     check.add_argument("site_dirs", nargs="+", metavar="SITE_DIR")
     check.set_defaults(func=run_check)
+    privacy = sub.add_parser("privacy", help="print a site's privacy ledger in plain words")
+    privacy.add_argument("state_dir", metavar="STATE_DIR")
+    privacy.add_argument("--max-epsilon", type=float, default=None,
+                         help="the site's budget, to show what is left")
+    privacy.set_defaults(func=run_privacy)
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -29,3 +36,31 @@ def run_check(args: argparse.Namespace) -> int:
             print(f"{site_dir}: OK")
     sys.stdout.flush()
     return 1 if failed else 0
+
+
+def run_privacy(args: argparse.Namespace) -> int:
+    """Explain the ledger: epsilon and delta spent, rounds, steps, noise, budget left."""
+    path = Path(args.state_dir) / LEDGER_FILE
+    if not path.is_file():
+        print(f"{path}: no privacy ledger (this site has not trained with dp=sample)")
+        return 1
+    ledger = PrivacyLedger(args.state_dir)
+    rounds = ledger.data["rounds"]
+    if not rounds:
+        print(f"{path}: ledger is empty: no DP training yet, epsilon 0")
+        return 0
+    delta = rounds[-1]["delta"]
+    epsilon = ledger.epsilon(delta)
+    steps = sum(r["steps"] for r in rounds)
+    print(f"privacy ledger {path}")
+    print(f"  spent: epsilon = {epsilon:.4f} at delta = {delta:g}  (Opacus RDP accountant, "
+          f"record-level: one case = one patient)")
+    print(f"  {len(rounds)} training round(s), {steps} DP-SGD steps")
+    for r in rounds:
+        print(f"    round {r['round']}: {r['steps']} steps, sample rate {r['sample_rate']:.3g}, "
+              f"noise x{r['noise_multiplier']:.3g}, clip {r['max_grad_norm']:g} -> epsilon {r['epsilon']:.4f}")
+    if args.max_epsilon is not None:
+        left = args.max_epsilon - epsilon
+        print(f"  budget: max-epsilon {args.max_epsilon:g}, left {max(left, 0):.4f}"
+              + ("  (EXHAUSTED)" if left <= 0 else ""))
+    return 0

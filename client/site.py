@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedseg.client.privacy import SitePolicy
 from fedseg.common.data import DataError, SiteRef, study_sites
+
+SIM_POLICIES_FILE = "site_policies.json"
 
 
 @dataclass(frozen=True)
@@ -16,6 +20,7 @@ class SiteLocation:
     ref: SiteRef
     state_dir: Path
     device: str = "cpu"
+    policy: SitePolicy = SitePolicy()
 
 
 def resolve_site(node_config: dict[str, Any], config: dict[str, Any]) -> SiteLocation:
@@ -26,6 +31,9 @@ def resolve_site(node_config: dict[str, Any], config: dict[str, Any]) -> SiteLoc
     sites of the server's ``study-dir`` (``split-site`` virtual sites included), with state under
     the run's ``sim-state-root``.
 
+    The site's privacy policy comes from its node config (deployment) or, in simulation, where
+    no node has its own config, from ``STUDY_DIR/site_policies.json`` (``{"site-a": {...}}``).
+
     Raises:
         DataError: neither form of site identity is available, or the partition is out of range.
     """
@@ -35,7 +43,8 @@ def resolve_site(node_config: dict[str, Any], config: dict[str, Any]) -> SiteLoc
         if "state-dir" not in node_config:
             raise DataError("node config names 'site-dir' but no 'state-dir' (where local layers are kept)")
         name = str(node_config.get("site-name", site_dir.name))
-        return SiteLocation(SiteRef(name, site_dir), Path(str(node_config["state-dir"])), device)
+        policy = _policy(node_config, "node config")
+        return SiteLocation(SiteRef(name, site_dir), Path(str(node_config["state-dir"])), device, policy)
     if "partition-id" not in node_config or not config.get("study-dir"):
         raise DataError("this node has no 'site-dir' in its node config (deployment) and no "
                         "partition-id/study-dir (simulation): cannot tell which site it is")
@@ -47,4 +56,19 @@ def resolve_site(node_config: dict[str, Any], config: dict[str, Any]) -> SiteLoc
     if not config.get("sim-state-root"):
         raise DataError("simulation message without 'sim-state-root': nowhere to keep site state")
     state_root = Path(str(config["sim-state-root"]))
-    return SiteLocation(ref, state_root / ref.name.replace("#", "-part"), device)
+    policies_file = Path(str(config["study-dir"])) / SIM_POLICIES_FILE
+    policy = SitePolicy()
+    if policies_file.is_file():
+        try:
+            policies = json.loads(policies_file.read_text())
+        except json.JSONDecodeError as err:
+            raise DataError(f"{policies_file}: not valid JSON ({err})") from None
+        policy = _policy(policies.get(ref.name, {}), f"{policies_file} [{ref.name}]")
+    return SiteLocation(ref, state_root / ref.name.replace("#", "-part"), device, policy)
+
+
+def _policy(raw: dict[str, Any], source: str) -> SitePolicy:
+    try:
+        return SitePolicy.from_config(raw, source)
+    except ValueError as err:
+        raise DataError(str(err)) from None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from monai.data import CacheDataset, DataLoader
@@ -12,6 +14,7 @@ from monai.losses import DiceCELoss
 from monai.utils import set_determinism
 from torch import nn
 
+from fedseg.client.privacy import DPRound, PrivacyLedger, make_private
 from fedseg.common.data import Case, SiteSpec, eval_transforms, to_dicts, train_transforms
 from fedseg.common.metrics import SegmentationScores
 
@@ -25,6 +28,7 @@ class TrainResult:
     loss: float
     num_examples: int
     steps: int
+    epsilon: float | None = None
 
 
 def train_local(
@@ -40,6 +44,7 @@ def train_local(
     proximal_mu: float = 0.0,
     global_params: dict[str, torch.Tensor] | None = None,
     device: str = "cpu",
+    dp: tuple[DPRound, PrivacyLedger, int] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``cases``: one random patch per case per epoch.
 
@@ -55,9 +60,12 @@ def train_local(
         proximal_mu: FedProx weight; > 0 adds ``mu/2 * ||w - w_global||^2``.
         global_params: parameter name -> global value, needed when ``proximal_mu > 0``.
         device: torch device.
+        dp: (plan, ledger, server round) for record-level DP-SGD; the ledger is updated after
+            the last step, before anything is returned.
 
     Returns:
-        Mean training loss, number of cases (FedAvg's weight) and optimizer steps.
+        Mean training loss, number of cases (FedAvg's weight), optimizer steps, and the
+        site's cumulative epsilon when ``dp`` is set.
     """
     set_determinism(seed=seed)
     transform = train_transforms(spec, patch_size)
@@ -70,24 +78,49 @@ def train_local(
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     anchors = _proximal_anchors(model, proximal_mu, global_params, device)
     model.to(device).train()
+    net, engine = model, None
+    if dp is not None:
+        net, optimizer, loader, engine = make_private(model, optimizer, loader, dp[0], dp[1])
+    with warnings.catch_warnings():
+        # Opacus' hooks on the first layer, whose input needs no gradient: harmless
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        total, steps = _run_epochs(net, loader, optimizer, loss_fn, epochs, anchors, proximal_mu,
+                                   spec.name, device)
+    epsilon = None
+    if engine is not None:
+        net.remove_hooks()
+        epsilon = dp[1].record(dp[2], dp[0], engine.accountant)
+    model.cpu()
+    return TrainResult(loss=total / max(steps, 1), num_examples=len(cases), steps=steps,
+                       epsilon=epsilon)
+
+
+def _run_epochs(net: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+                epochs: int, anchors: list[tuple[torch.Tensor, torch.Tensor]], proximal_mu: float,
+                site: str, device: str) -> tuple[float, int]:
+    """The one training loop: plain SGD, FedProx and DP-SGD (Opacus-wrapped) all run here."""
     total, steps = 0.0, 0
     for _ in range(epochs):
         for batch in loader:
             image, label = batch["image"].to(device), batch["label"].to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(image), label)
+            if image.shape[0] == 0:  # Poisson drew no case: a noise-only DP-SGD step
+                for p in net.parameters():
+                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
+                optimizer.step()
+                steps += 1
+                continue
+            loss = loss_fn(net(image), label)
             if anchors:
-                loss = loss + proximal_mu / 2 * sum(
-                    (p - a).pow(2).sum() for p, a in anchors)
+                loss = loss + proximal_mu / 2 * sum((p - a).pow(2).sum() for p, a in anchors)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"site {spec.name}: training loss became {loss.item()} "
+                raise FloatingPointError(f"site {site}: training loss became {loss.item()} "
                                          f"at step {steps}; lower 'lr' or check the images")
             loss.backward()
             optimizer.step()
             total += loss.item()
             steps += 1
-    model.cpu()
-    return TrainResult(loss=total / max(steps, 1), num_examples=len(cases), steps=steps)
+    return total, steps
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean")
 LOCAL_LAYERS = ("none", "norm", "norm+head")
 MODELS = ("unet",)
 NORMS = ("instance", "batch", "group")
-DP_MODES = ("off",)
+DP_MODES = ("off", "sample", "client")
 
 
 class ConfigError(ValueError):
@@ -42,7 +42,12 @@ class RunConfig:
         min_train_sites: fewest training sites a round needs, >= 1.
         round_timeout: seconds to wait for site replies per round, > 0.
         val_fraction: share of a site's training cases held out for its validation, in (0, 1).
-        dp: differential privacy mode (``off`` in this version).
+        dp: ``off``; ``sample``: record-level DP-SGD at every site (Opacus, one case = one unit);
+            ``client``: site-level DP, Flower's client-side clipping + server-side noise.
+        dp_noise_multiplier: Gaussian noise / clipping norm, >= 0 (> 0 for ``client``).
+        dp_max_grad_norm: per-case (``sample``) or per-update (``client``) clipping norm, > 0.
+        dp_delta: delta that epsilon is reported at, in (0, 1).
+        dp_target_epsilon: > 0 lets each site derive its noise for all planned rounds (``sample``).
         heldout_sites: sites that only ever evaluate.
         output_dir: parent folder of run folders.
         run_name: run folder name; empty picks ``<study>-<strategy>-<timestamp>``.
@@ -73,6 +78,7 @@ class RunConfig:
     dp_noise_multiplier: float = 1.0
     dp_max_grad_norm: float = 1.0
     dp_delta: float = 1e-5
+    dp_target_epsilon: float = 0.0
     heldout_sites: tuple[str, ...] = field(default_factory=tuple)
     output_dir: str = "runs"
     run_name: str = ""
@@ -99,11 +105,21 @@ class RunConfig:
             ("min-train-sites", self.min_train_sites >= 1, "must be >= 1"),
             ("round-timeout", self.round_timeout > 0, "must be > 0"),
             ("val-fraction", 0 < self.val_fraction < 1, "must be in (0, 1)"),
-            ("dp", self.dp in DP_MODES,
-             f"must be one of {DP_MODES} (record-level DP is not available in this version)"),
+            ("dp", self.dp in DP_MODES, f"must be one of {DP_MODES}"),
             ("dp-noise-multiplier", self.dp_noise_multiplier >= 0, "must be >= 0"),
             ("dp-max-grad-norm", self.dp_max_grad_norm > 0, "must be > 0"),
             ("dp-delta", 0 < self.dp_delta < 1, "must be in (0, 1)"),
+            ("dp-target-epsilon", self.dp_target_epsilon >= 0, "must be >= 0 (0: use dp-noise-multiplier)"),
+            ("norm", not (self.dp == "sample" and self.norm == "batch"),
+             "BatchNorm cannot train under DP-SGD (a case's output depends on its batch-mates); "
+             "use norm=instance or norm=group with dp=sample"),
+            ("strategy", not (self.dp == "sample" and self.strategy == "fedprox"),
+             "fedprox with dp=sample is not supported: Opacus' per-case gradients do not carry "
+             "the proximal term"),
+            ("strategy", not (self.dp == "client" and self.strategy != "fedavg"),
+             "dp=client needs strategy=fedavg (Flower's client-level accountant requires it)"),
+            ("dp-noise-multiplier", not (self.dp == "client" and self.dp_noise_multiplier <= 0),
+             "must be > 0 with dp=client"),
         ]
         for key, ok, why in checks:
             if not ok:

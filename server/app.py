@@ -19,7 +19,7 @@ from fedseg.common.records import CONFIG, shared_record
 from fedseg.server.checkpoints import latest_checkpoint, save_checkpoint, save_global_model
 from fedseg.server.evaluation import RoundRecorder, summarize
 from fedseg.server.outputs import RunFolder, now, versions
-from fedseg.server.strategies import build_strategy
+from fedseg.server.strategies import build_strategy, client_level_privacy
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         rnd = server_round + done
         record = recorder.pop(rnd)
         record["seconds"] = round(time.monotonic() - round_started[0], 3)
+        if (spent := client_level_privacy(strategy)) is not None:
+            record["client-level-dp"] = spent
         round_started[0] = time.monotonic()
         save_checkpoint(folder.dir, rnd, arrays, mspec.to_dict(), sorted(local))
         folder.append_round(record)
@@ -210,7 +212,8 @@ def _public(info: dict[str, Any]) -> dict[str, Any]:
 def _log_round(record: dict[str, Any], total: int) -> None:
     loss = ", ".join(f"{s} {m['train-loss']:.3f}" for s, m in record["train"].items())
     dice = ", ".join(f"{s} {m.get('dice', float('nan')):.3f}" for s, m in record["eval"].items())
-    log.info("round %d/%d done in %.1fs | train loss: %s | val dice: %s", record["round"], total,
-             record["seconds"], loss or "-", dice or "-")
+    eps = ", ".join(f"{s} {m['epsilon']:.2f}" for s, m in record["train"].items() if "epsilon" in m)
+    log.info("round %d/%d done in %.1fs | train loss: %s | val dice: %s%s", record["round"], total,
+             record["seconds"], loss or "-", dice or "-", f" | epsilon: {eps}" if eps else "")
     for site, reason in record["errors"].items():
         log.warning("round %d: site %s: %s", record["round"], site, reason)

@@ -65,6 +65,13 @@ def summarize(rounds: list[dict[str, Any]], training_sites: list[str],
     if heldout_sites:
         summary["heldout"] = {s: last["eval"].get(s, {}) for s in heldout_sites}
         summary["heldout_summary"] = _spread({s: m.get("dice") for s, m in summary["heldout"].items()})
+    epsilon = {s: e for s in training_sites
+               if (e := _latest(rounds, s, "epsilon")) is not None}
+    if epsilon:
+        summary["record_level_dp"] = {"epsilon": epsilon, "delta": _latest(rounds, training_sites[0], "delta"),
+                                      "max_epsilon": max(epsilon.values())}
+    if "client-level-dp" in last:
+        summary["client_level_dp"] = last["client-level-dp"]
     means = [(r["round"], _spread({s: r["eval"].get(s, {}).get("dice") for s in training_sites})["mean"])
              for r in rounds]
     scored = [(rnd, m) for rnd, m in means if m is not None]
@@ -72,6 +79,14 @@ def summarize(rounds: list[dict[str, Any]], training_sites: list[str],
         best = max(scored, key=lambda x: x[1])
         summary["best_round"] = {"round": best[0], "mean_dice": best[1]}
     return summary
+
+
+def _latest(rounds: list[dict[str, Any]], site: str, key: str) -> Any:
+    """A site's most recent training value of ``key`` (a site may have refused later rounds)."""
+    for record in reversed(rounds):
+        if key in record["train"].get(site, {}):
+            return record["train"][site][key]
+    return None
 
 
 def _spread(dice: dict[str, float | None]) -> dict[str, Any]:

@@ -7,8 +7,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
+from flwr.serverapp import Grid, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg,
+                                     FedMedian, FedProx, FedTrimmedAvg, Strategy)
 
 from fedseg.common.config import RunConfig
 from fedseg.server.evaluation import RoundRecorder
@@ -96,11 +97,11 @@ class SiteHooks:
 
 
 def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[int],
-                   recorder: RoundRecorder, round_offset: int = 0) -> FedAvg:
-    """The configured Flower strategy with fedseg's hooks.
+                   recorder: RoundRecorder, round_offset: int = 0) -> Strategy:
+    """The configured Flower strategy with fedseg's hooks outermost.
 
     Args:
-        cfg: run config (``strategy``, ``fraction-train``, ``min-train-sites``, ...).
+        cfg: run config (``strategy``, ``fraction-train``, ``min-train-sites``, ``dp``, ...).
         site_of: node id -> site name, from the discovery query.
         heldout_nodes: node ids that only evaluate.
         recorder: collects per-site scalars for rounds.jsonl.
@@ -116,11 +117,31 @@ def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[i
         kwargs["proximal_mu"] = cfg.proximal_mu
     if base is FedAdam:
         kwargs["eta"] = cfg.server_lr
-    strategy_cls = type(f"Site{base.__name__}", (SiteHooks, base), {})
-    strategy = strategy_cls(**kwargs)
+    if cfg.dp == "client":
+        # Flower's site-level DP: sites clip their update (client mod), the server adds noise
+        # and accounts epsilon over rounds; the wrapper needs the stock FedAvg aggregation inside.
+        n_train = len(site_of) - len(heldout_nodes)
+        sampled = max(int(n_train * cfg.fraction_train), cfg.min_train_sites)
+        accountant = RdpAccountant(PrivacyConfig(
+            target_delta=cfg.dp_delta, population_size=n_train,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION))
+        strategy_cls = type("SiteClientLevelDP", (SiteHooks, DifferentialPrivacyClientSideFixedClipping), {})
+        strategy = strategy_cls(base(**kwargs), noise_multiplier=cfg.dp_noise_multiplier,
+                                clipping_norm=cfg.dp_max_grad_norm, num_sampled_clients=sampled,
+                                accountant=accountant)
+    else:
+        strategy = type(f"Site{base.__name__}", (SiteHooks, base), {})(**kwargs)
     strategy.site_of = site_of
     strategy.heldout_nodes = heldout_nodes
     strategy.recorder = recorder
     strategy.round_offset = round_offset
     strategy.min_sites = cfg.min_train_sites
     return strategy
+
+
+def client_level_privacy(strategy: Strategy) -> dict[str, float] | None:
+    """Epsilon/delta spent so far by Flower's client-level accountant (``dp=client``), else None."""
+    spent = strategy.privacy_spent() if hasattr(strategy, "privacy_spent") else None
+    return None if spent is None else {"epsilon": spent.epsilon, "delta": spent.delta,
+                                       "releases": spent.num_releases}

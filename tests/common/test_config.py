@@ -33,7 +33,10 @@ def test_round_trip_through_kebab_dict():
     ({"patch-size": 30, "channels": "8,16,32"}, "patch-size"),  # 30 is not divisible by 4
     ({"num-server-rounds": "three"}, "num-server-rounds"),
     ({"fraction-train": 0}, "fraction-train"),
-    ({"dp": "sample"}, "dp"),
+    ({"dp": "laplace"}, "dp"),
+    ({"dp": "sample", "norm": "batch"}, "norm"),
+    ({"dp": "sample", "strategy": "fedprox"}, "strategy"),
+    ({"dp": "client", "strategy": "fedadam"}, "strategy"),
 ])
 def test_bad_value_names_the_key(raw, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
