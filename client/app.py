@@ -14,7 +14,7 @@ from fedseg.client.privacy import (PrivacyLedger, admit, check_dp_compatible, cl
 from fedseg.client.site import SiteLocation, resolve_site
 from fedseg.client.state import SiteState
 from fedseg.client.trainer import evaluate_local, train_local
-from fedseg.common.config import RunConfig
+from fedseg.common.config import RunConfig, keys
 from fedseg.common.data import (DataError, case_seed, check_site, eval_transforms, read_site,
                                split_training, to_dicts)
 from fedseg.common.models import ModelSpec, build_model, local_keys, split_state
@@ -75,7 +75,8 @@ def _describe_site(msg: Message, site: SiteLocation, config: dict) -> RecordDict
 
 
 def _prepare(msg: Message, site: SiteLocation, config: dict):
-    cfg = RunConfig.from_dict({k: v for k, v in config.items() if not k.startswith(("sim-", "model-", "server-round"))})
+    run_keys = set(keys())  # Flower adds its own keys (server-round, clipping_norm): read ours only
+    cfg = RunConfig.from_dict({k: v for k, v in config.items() if k in run_keys})
     mspec = ModelSpec(int(config["model-spatial-dims"]), int(config["model-in-channels"]),
                       int(config["model-out-channels"]), cfg.channels, cfg.norm)
     spec = read_site(site.ref, seed=cfg.seed)
