@@ -70,29 +70,32 @@ def main() -> None:
     setup_logging()
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--local-epochs", type=int, default=3)
+    parser.add_argument("--local-epochs", default="3,15", help="one workload per value")
     parser.add_argument("--sites", type=int, default=3)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedseg-overhead-"))
     write_study(work / "study", sites=args.sites, dims=2, cases=16, size=64, shift=0.6, seed=0)
-    cfg = RunConfig(study_dir=str(work / "study"), output_dir=str(work / "runs"), run_name="sim",
-                    num_server_rounds=args.rounds, local_epochs=args.local_epochs, batch_size=4,
-                    lr=0.05, patch_size=48, channels=(16, 32, 64), local_layers="none", seed=0)
     torch.set_num_threads(1)
-    plain_s, plain_steps = plain_monai_loop(cfg, ModelSpec(2, 1, 3, cfg.channels, cfg.norm))
-    start = time.perf_counter()
-    run_dir = simulate(cfg, num_cpus=1)
-    sim_s = time.perf_counter() - start
-    rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
-    rounds_s = sum(r["seconds"] for r in rounds)
-    sim_steps = sum(m["steps"] for r in rounds for m in r["train"].values())
-    rows = [{"what": "plain MONAI loop", "seconds": plain_s, "optimizer steps": plain_steps, "ratio": 1.0},
-            {"what": "fedseg rounds (Flower sim)", "seconds": rounds_s, "optimizer steps": sim_steps,
-             "ratio": rounds_s / plain_s},
-            {"what": "fedseg whole run (+Ray start, discovery)", "seconds": sim_s,
-             "optimizer steps": sim_steps, "ratio": sim_s / plain_s}]
-    report("sim_overhead", rows, {"rounds": args.rounds, "local_epochs": args.local_epochs,
-                                  "sites": args.sites, "target_ratio": 1.15})
+    rows = []
+    for epochs in (int(e) for e in args.local_epochs.split(",")):
+        cfg = RunConfig(study_dir=str(work / "study"), output_dir=str(work / "runs"), run_name=f"sim-e{epochs}",
+                        num_server_rounds=args.rounds, local_epochs=epochs, batch_size=4,
+                        lr=0.05, patch_size=48, channels=(16, 32, 64), local_layers="none", seed=0)
+        plain_s, plain_steps = plain_monai_loop(cfg, ModelSpec(2, 1, 3, cfg.channels, cfg.norm))
+        start = time.perf_counter()
+        run_dir = simulate(cfg, num_cpus=1)
+        sim_s = time.perf_counter() - start
+        rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+        rounds_s = sum(r["seconds"] for r in rounds)
+        sim_steps = sum(m["steps"] for r in rounds for m in r["train"].values())
+        assert sim_steps == plain_steps, (sim_steps, plain_steps)
+        rows += [{"local epochs": epochs, "what": "plain MONAI loop", "seconds": plain_s,
+                  "optimizer steps": plain_steps, "ratio": 1.0},
+                 {"local epochs": epochs, "what": "fedseg rounds (Flower sim)", "seconds": rounds_s,
+                  "optimizer steps": sim_steps, "ratio": rounds_s / plain_s},
+                 {"local epochs": epochs, "what": "fedseg whole run (+Ray start, discovery)",
+                  "seconds": sim_s, "optimizer steps": sim_steps, "ratio": sim_s / plain_s}]
+    report("sim_overhead", rows, {"rounds": args.rounds, "sites": args.sites, "target_ratio": 1.15})
 
 
 if __name__ == "__main__":

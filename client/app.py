@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from torch import nn
 
 from fedseg.client.audit import outbox_audit_mod
 from fedseg.client.privacy import (PrivacyLedger, admit, check_dp_compatible, client_level_clipping_mod,
@@ -15,7 +19,7 @@ from fedseg.client.site import SiteLocation, resolve_site
 from fedseg.client.state import SiteState
 from fedseg.client.trainer import evaluate_local, train_local
 from fedseg.common.config import RunConfig, keys
-from fedseg.common.data import (DataError, case_seed, check_site, eval_transforms, read_site,
+from fedseg.common.data import (DataError, SiteSpec, case_seed, check_site, eval_transforms, read_site,
                                split_training, to_dicts)
 from fedseg.common.models import ModelSpec, build_model, local_keys, split_state
 from fedseg.common.records import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PrivacyBoundaryError,
@@ -74,7 +78,19 @@ def _describe_site(msg: Message, site: SiteLocation, config: dict) -> RecordDict
     })})
 
 
-def _prepare(msg: Message, site: SiteLocation, config: dict):
+@dataclass
+class _Round:
+    """A site's model for this round: global shared weights + its own local layers."""
+
+    cfg: RunConfig
+    spec: SiteSpec
+    model: nn.Module
+    local: set[str]
+    state: SiteState
+    shared: dict[str, torch.Tensor]
+
+
+def _prepare(msg: Message, site: SiteLocation, config: dict) -> _Round:
     run_keys = set(keys())  # Flower adds its own keys (server-round, clipping_norm): read ours only
     cfg = RunConfig.from_dict({k: v for k, v in config.items() if k in run_keys})
     mspec = ModelSpec(int(config["model-spatial-dims"]), int(config["model-in-channels"]),
@@ -91,11 +107,12 @@ def _prepare(msg: Message, site: SiteLocation, config: dict):
         model.load_state_dict(saved, strict=False)
     shared = to_state(msg.content[ARRAYS], keep=set(model.state_dict()) - local)
     model.load_state_dict(shared, strict=False)
-    return cfg, spec, model, local, state, shared
+    return _Round(cfg, spec, model, local, state, shared)
 
 
 def _train(msg: Message, site: SiteLocation, config: dict) -> RecordDict:
-    cfg, spec, model, local, state, shared = _prepare(msg, site, config)
+    r = _prepare(msg, site, config)
+    cfg, spec, model = r.cfg, r.spec, r.model
     server_round = int(config["server-round"])
     train_cases, _ = split_training(spec, cfg.val_fraction, cfg.seed)
     if not train_cases:
@@ -110,22 +127,22 @@ def _train(msg: Message, site: SiteLocation, config: dict) -> RecordDict:
         model, spec, train_cases, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
         patch_size=cfg.patch_size, seed=case_seed(cfg.seed, spec.name, server_round),
         proximal_mu=float(config.get("proximal-mu", 0.0)) if cfg.strategy == "fedprox" else 0.0,
-        global_params=shared, device=site.device,
+        global_params=r.shared, device=site.device,
         dp=(plan, ledger, server_round) if plan else None,
     )
-    new_shared, new_local = split_state(model, local)
-    state.save_local_layers(new_local, server_round)
+    new_shared, new_local = split_state(model, r.local)
+    r.state.save_local_layers(new_local, server_round)
     log.info("site %s round %d: loss %.4f over %d cases, %d steps", spec.name, server_round,
              result.loss, result.num_examples, result.steps)
     metrics = {"train-loss": result.loss, NUM_EXAMPLES: result.num_examples, "steps": result.steps}
     if plan is not None:
         metrics |= {"epsilon": result.epsilon, "delta": plan.delta,
                     "noise-multiplier": plan.noise_multiplier}
-    return RecordDict({ARRAYS: shared_record(new_shared, local), METRICS: scalar_metrics(metrics)})
+    return RecordDict({ARRAYS: shared_record(new_shared, r.local), METRICS: scalar_metrics(metrics)})
 
 
 def _evaluate(msg: Message, site: SiteLocation, config: dict) -> RecordDict:
-    cfg, spec, model, _, _, _ = _prepare(msg, site, config)
-    _, val_cases = split_training(spec, cfg.val_fraction, cfg.seed)
-    scores = evaluate_local(model, spec, val_cases, patch_size=cfg.patch_size, device=site.device)
+    r = _prepare(msg, site, config)
+    _, val_cases = split_training(r.spec, r.cfg.val_fraction, r.cfg.seed)
+    scores = evaluate_local(r.model, r.spec, val_cases, patch_size=r.cfg.patch_size, device=site.device)
     return RecordDict({METRICS: scalar_metrics({**scores, NUM_EXAMPLES: len(val_cases)})})

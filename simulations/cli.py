@@ -120,9 +120,8 @@ def _run_and_report(cfg: RunConfig, num_cpus: int | None) -> int:
 
 
 def setup_logging() -> None:
-    """fedseg's progress on stdout; Flower's and Ray's chatter only from warnings up."""
+    """fedseg's progress on stdout; Flower's own log only from warnings up."""
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    os.environ.setdefault("FLWR_LOG_LEVEL", "WARNING")
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s fedseg %(message)s", "%H:%M:%S"))
     root = logging.getLogger("fedseg")
@@ -131,12 +130,13 @@ def setup_logging() -> None:
     root.propagate = False
     flwr_log = logging.getLogger("flwr")
     flwr_log.propagate = False
-    flwr_log.addFilter(_drop_deprecation_notice)
+    flwr_log.filters[:] = [_quiet_flower]
 
 
-def _drop_deprecation_notice(record: logging.LogRecord) -> bool:
-    # fedseg simulate is the supported entry point; Flower's notice about run_simulation is noise here
-    return "DEPRECATED FEATURE" not in str(record.msg)
+def _quiet_flower(record: logging.LogRecord) -> bool:
+    # fedseg prints its own per-round progress; `fedseg simulate` is the supported entry point,
+    # so Flower's notice about run_simulation being deprecated is noise here
+    return record.levelno >= logging.WARNING and "DEPRECATED FEATURE" not in str(record.msg)
 
 
 if __name__ == "__main__":
