@@ -1,6 +1,8 @@
-"""Dice with record-level DP vs without, on the four MoNuSeg client sites, same rounds and seed.
+"""Dice with record-level DP vs without, on real data, same rounds and seed.
 
-Usage: python benchmarks/dp_utility.py [--rounds 5 --targets 8,4,2]
+Usage: python -m benchmarks.dp_utility [--dataset monuseg|hippocampus --rounds 5 --targets 8,4,2]
+monuseg: the four 2D client sites (6 training tiles each). hippocampus: the 3D MSD set split into
+two virtual sites (~97 training volumes each).
 Each DP run lets every site derive its noise multiplier for a total epsilon target (delta 1e-5,
 Opacus RDP); the table gives the final epsilon actually spent and the mean validation Dice.
 """
@@ -24,15 +26,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-epochs", type=int, default=4)
     parser.add_argument("--targets", default="8,4,2")
+    parser.add_argument("--dataset", choices=("monuseg", "hippocampus"), default="monuseg")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedseg-dputil-"))
-    study = work / "monuseg"
-    study.mkdir()
-    for site in ("site1-breast-bladder", "site2-kidney", "site3-prostate-stomach", "site4-liver-colon"):
-        (study / site).symlink_to(SHARED_DATA / "monuseg" / site)
-    base = RunConfig(study_dir=str(study), output_dir=str(work / "runs"), num_server_rounds=args.rounds,
-                     local_epochs=args.local_epochs, batch_size=2, lr=0.05, patch_size=128,
-                     channels=(16, 32, 64), local_layers="norm", seed=0)
+    if args.dataset == "monuseg":
+        study = work / "monuseg"
+        study.mkdir()
+        for site in ("site1-breast-bladder", "site2-kidney", "site3-prostate-stomach", "site4-liver-colon"):
+            (study / site).symlink_to(SHARED_DATA / "monuseg" / site)
+        shape = dict(study_dir=str(study), batch_size=2, patch_size=128)
+    else:
+        shape = dict(study_dir=str(SHARED_DATA / "hippocampus"), split_site=2, batch_size=8, patch_size=32)
+    base = RunConfig(output_dir=str(work / "runs"), num_server_rounds=args.rounds,
+                     local_epochs=args.local_epochs, lr=0.05, channels=(16, 32, 64),
+                     local_layers="norm", seed=0, **shape)
     rows = []
     runs = [("no DP", base.replace(run_name="nodp"))] + [
         (f"DP target eps {t}", base.replace(run_name=f"dp{t}", dp="sample", dp_target_epsilon=float(t),
@@ -46,7 +53,7 @@ def main() -> None:
                      "worst site dice": summary["in_federation"]["worst_dice"]})
     for row in rows:
         row["dice vs no DP"] = row["mean dice"] / rows[0]["mean dice"]
-    report("dp_utility", rows, {"rounds": args.rounds, "local_epochs": args.local_epochs,
+    report(f"dp_utility_{args.dataset}", rows, {"rounds": args.rounds, "local_epochs": args.local_epochs,
                                 "delta": base.dp_delta, "batch_size": base.batch_size, "goal": 0.90})
 
 

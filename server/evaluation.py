@@ -32,6 +32,9 @@ class RoundRecorder:
             entry = dict(msg.content[METRICS])
             entry["bytes-up"] = record_bytes(msg.content[ARRAYS])
             self._rounds[server_round]["train"][site] = entry
+        record = self._rounds[server_round]
+        for site in set(record["bytes-down"]) - set(record["train"]) - set(record["errors"]):
+            record["errors"][site] = "no reply within round-timeout (site dropped out?)"
 
     def evaluated(self, server_round: int, replies: list[tuple[str, Message]]) -> None:
         """Record each site's validation scores (or its error)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,14 +30,17 @@ class TooFewSitesError(RuntimeError):
     """A round ended with fewer successful training sites than ``min-train-sites``."""
 
 
-class _TrainingSites:
-    """View of a Grid that lists only the sites allowed to train (held-out sites hidden)."""
+class _SiteView:
+    """View of a Grid that lists only nodes checked at discovery, minus ``hidden`` ones.
 
-    def __init__(self, grid: Grid, heldout: set[int]) -> None:
-        self._grid, self._heldout = grid, heldout
+    A node that connects later (not data-checked, shape unknown) is never sampled.
+    """
+
+    def __init__(self, grid: Grid, known: dict[int, str], hidden: set[int]) -> None:
+        self._grid, self._known, self._hidden = grid, known, hidden
 
     def get_node_ids(self) -> list[int]:
-        return [n for n in self._grid.get_node_ids() if n not in self._heldout]
+        return [n for n in self._grid.get_node_ids() if n in self._known and n not in self._hidden]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -56,11 +60,14 @@ class SiteHooks:
     recorder: RoundRecorder
     round_offset: int
     min_sites: int
+    round_timeout: float
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        view = _SiteView(grid, self.site_of, self.heldout_nodes)
+        self._wait_for_sites(view, server_round + self.round_offset)
         messages = list(super().configure_train(  # type: ignore[misc]
-            server_round + self.round_offset, arrays, config, _TrainingSites(grid, self.heldout_nodes)))
+            server_round + self.round_offset, arrays, config, view))
         for m in messages:
             self.recorder.sent(server_round + self.round_offset, self.site_of[m.metadata.dst_node_id],
                                m.content)
@@ -70,11 +77,11 @@ class SiteHooks:
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = self._ordered(replies)
         rnd = server_round + self.round_offset
-        self.recorder.trained(rnd, [(self.site_of[m.metadata.src_node_id], m) for m in replies])
+        self.recorder.trained(rnd, self._named(replies))
         ok = [m for m in replies if not m.has_error()]
         if len(ok) < self.min_sites:
-            failures = "; ".join(f"{self.site_of[m.metadata.src_node_id]}: {m.error.reason}"
-                                 for m in replies if m.has_error())
+            failures = "; ".join(f"{site}: {m.error.reason}" for site, m in self._named(replies)
+                                 if m.has_error())
             raise TooFewSitesError(
                 f"round {rnd}: {len(ok)} site(s) trained, min-train-sites is {self.min_sites}"
                 + (f" (failed: {failures})" if failures else ""))
@@ -83,14 +90,30 @@ class SiteHooks:
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         return super().configure_evaluate(  # type: ignore[misc]
-            server_round + self.round_offset, arrays, config, grid)
+            server_round + self.round_offset, arrays, config, _SiteView(grid, self.site_of, set()))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = self._ordered(replies)
         rnd = server_round + self.round_offset
-        self.recorder.evaluated(rnd, [(self.site_of[m.metadata.src_node_id], m) for m in replies])
+        self.recorder.evaluated(rnd, self._named(replies))
         training = [m for m in replies if m.metadata.src_node_id not in self.heldout_nodes]
         return super().aggregate_evaluate(rnd, training)  # type: ignore[misc]
+
+    def _wait_for_sites(self, view: _SiteView, rnd: int) -> None:
+        """Wait up to ``round-timeout`` for ``min-train-sites`` to be connected, else stop clearly."""
+        deadline = time.monotonic() + self.round_timeout
+        while len(view.get_node_ids()) < self.min_sites:
+            if time.monotonic() > deadline:
+                online = sorted(self.site_of[n] for n in view.get_node_ids())
+                raise TooFewSitesError(
+                    f"round {rnd}: {len(online)} training site(s) connected {online}, "
+                    f"min-train-sites is {self.min_sites}; waited {self.round_timeout:.0f}s")
+            time.sleep(1.0)
+
+    def _named(self, replies: list[Message]) -> list[tuple[str, Message]]:
+        """(site, reply); the SuperLink itself answers for a node that went away."""
+        return [(self.site_of.get(m.metadata.src_node_id, f"superlink-{m.metadata.src_node_id}"), m)
+                for m in replies]
 
     def _ordered(self, replies: Iterable[Message]) -> list[Message]:
         return sorted(replies, key=lambda m: self.site_of.get(m.metadata.src_node_id, ""))
@@ -137,6 +160,7 @@ def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[i
     strategy.recorder = recorder
     strategy.round_offset = round_offset
     strategy.min_sites = cfg.min_train_sites
+    strategy.round_timeout = cfg.round_timeout
     return strategy
 
 

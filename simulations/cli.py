@@ -49,6 +49,18 @@ def main(argv: list[str] | None = None) -> int:
             simulate.add_argument(f"--{key}", *ALIASES.get(key, []), dest=key, default=None)
     simulate.set_defaults(func=_simulate)
 
+    certs = sub.add_parser("certs", help="make TLS certificates (coordinator) or a node key (hospital)")
+    certs_sub = certs.add_subparsers(dest="kind", required=True)
+    server = certs_sub.add_parser("server", help="CA + SuperLink certificate")
+    server.add_argument("out")
+    server.add_argument("--host", action="append", required=True,
+                        help="IP or DNS name the SuperLink is reached at (repeatable)")
+    server.add_argument("--days", type=int, default=365)
+    node = certs_sub.add_parser("node", help="a hospital SuperNode's authentication key pair")
+    node.add_argument("out")
+    node.add_argument("--name", required=True)
+    certs.set_defaults(func=_certs)
+
     add_site_commands(sub)
     args = parser.parse_args(argv)
     setup_logging()
@@ -60,6 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         print(f"fedseg {args.command}: {err}", file=sys.stderr)
         return 1
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from fedseg.common.credentials import write_node_key, write_server_certificates
+
+    if args.kind == "server":
+        files = write_server_certificates(args.out, args.host, args.days)
+        print("wrote " + ", ".join(str(p) for p in files.values()))
+        print("keep ca.key and server.key on the coordinator; give ca.crt to every hospital")
+    else:
+        private, public = write_node_key(args.out, args.name)
+        print(f"wrote {private} (stays at the hospital) and {public} (send to the coordinator)")
+    return 0
 
 
 def _synth(args: argparse.Namespace) -> int:

@@ -1,0 +1,17 @@
+# Hospital SuperNode: Flower's official SuperNode image + fedseg (ClientApp dependencies).
+# Site data, site state and credentials are mounted at run time; none is baked into the image.
+# Build from the repository root: docker build -f docker/client.Dockerfile -t fedseg-client .
+FROM flwr/supernode:1.42.0
+
+WORKDIR /app
+COPY --chown=app:app pyproject.toml README.md ./
+COPY --chown=app:app common ./common
+COPY --chown=app:app client ./client
+COPY --chown=app:app server ./server
+COPY --chown=app:app simulations ./simulations
+RUN python -m pip install --no-cache-dir .
+
+# Flower's images run as the non-root user `app`; state and data are volumes it owns or reads.
+USER app
+VOLUME ["/data", "/state"]
+ENTRYPOINT ["flower-supernode"]

@@ -1,0 +1,16 @@
+# Coordinator: Flower's official SuperLink image + fedseg (the ServerApp runs in a subprocess of
+# the SuperLink, so its dependencies live here). Certificates are mounted, never baked in.
+# Build from the repository root: docker build -f docker/server.Dockerfile -t fedseg-server .
+FROM flwr/superlink:1.42.0
+
+WORKDIR /app
+COPY --chown=app:app pyproject.toml README.md ./
+COPY --chown=app:app common ./common
+COPY --chown=app:app client ./client
+COPY --chown=app:app server ./server
+COPY --chown=app:app simulations ./simulations
+RUN python -m pip install --no-cache-dir .
+
+USER app
+VOLUME ["/runs"]
+ENTRYPOINT ["flower-superlink"]
