@@ -1,4 +1,4 @@
-"""Site tools that run inside a hospital with no server: ``fedseg check``, ``fedseg privacy``."""
+"""Site tools that run inside a hospital with no server: ``fedseg check``, ``predict``, ``privacy``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from fedseg.client.predict import predict_folder
 from fedseg.client.privacy import LEDGER_FILE, PrivacyLedger
 from fedseg.common.data import check_site
 
@@ -15,6 +16,14 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
     check = sub.add_parser("check", help="validate site folders against the data contract")
     check.add_argument("site_dirs", nargs="+", metavar="SITE_DIR")
     check.set_defaults(func=run_check)
+    predict = sub.add_parser("predict", help="segment a folder of images with the global model "
+                             "and this site's local layers")
+    predict.add_argument("images_dir", metavar="IMAGES_DIR")
+    predict.add_argument("out_dir", metavar="OUT_DIR")
+    predict.add_argument("--model", required=True, help="model/global.pt of a run")
+    predict.add_argument("--state-dir", default=None, help="this site's state dir (local layers)")
+    predict.add_argument("--device", default="cpu")
+    predict.set_defaults(func=run_predict)
     privacy = sub.add_parser("privacy", help="print a site's privacy ledger in plain words")
     privacy.add_argument("state_dir", metavar="STATE_DIR")
     privacy.add_argument("--max-epsilon", type=float, default=None,
@@ -63,4 +72,14 @@ def run_privacy(args: argparse.Namespace) -> int:
         left = args.max_epsilon - epsilon
         print(f"  budget: max-epsilon {args.max_epsilon:g}, left {max(left, 0):.4f}"
               + ("  (EXHAUSTED)" if left <= 0 else ""))
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Segment every image in IMAGES_DIR; print seconds per case."""
+    done = predict_folder(args.model, args.state_dir, args.images_dir, args.out_dir, args.device)
+    for target, seconds in done:
+        print(f"{target}  {seconds:.2f}s")
+    total = sum(s for _, s in done)
+    print(f"{len(done)} case(s), {total / len(done):.2f}s per case")
     return 0

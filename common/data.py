@@ -13,10 +13,13 @@ import torch
 from monai.data import ImageReader, NibabelReader, PILReader
 from monai.transforms import (
     Compose,
+    EnsureChannelFirst,
     EnsureChannelFirstd,
+    EnsureType,
     EnsureTyped,
     LoadImage,
     LoadImaged,
+    NormalizeIntensity,
     NormalizeIntensityd,
     RandCropByPosNegLabeld,
     RandFlipd,
@@ -183,6 +186,12 @@ def base_transforms(spec: SiteSpec) -> list[Any]:
         _LabelToClasses(instance=spec.task == "instance"),
         EnsureTyped(keys="image", dtype=torch.float32),
     ]
+
+
+def image_transforms(path: Path) -> Compose:
+    """Loading for inference on an unlabeled image, identical to training's image path."""
+    return Compose([LoadImage(reader=image_reader(path), image_only=True), EnsureChannelFirst(),
+                    NormalizeIntensity(channel_wise=True), EnsureType(dtype=torch.float32)])
 
 
 def train_transforms(spec: SiteSpec, patch_size: int) -> Compose:

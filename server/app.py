@@ -83,7 +83,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         if (spent := client_level_privacy(strategy)) is not None:
             record["client-level-dp"] = spent
         round_started[0] = time.monotonic()
-        save_checkpoint(folder.dir, rnd, arrays, mspec.to_dict(), sorted(local))
+        save_checkpoint(folder.dir, rnd, arrays, mspec.to_dict(), sorted(local), cfg.patch_size)
         folder.append_round(record)
         _log_round(record, cfg.num_server_rounds)
         return None
@@ -98,7 +98,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
                                 num_rounds=remaining, timeout=cfg.round_timeout, train_config=wire,
                                 evaluate_config=wire, evaluate_fn=on_round_end)
         final = result.arrays if len(result.arrays) else final
-    save_global_model(folder.dir, cfg.num_server_rounds, final, mspec.to_dict(), sorted(local))
+    save_global_model(folder.dir, cfg.num_server_rounds, final, mspec.to_dict(), sorted(local),
+                      cfg.patch_size)
     summary = summarize(folder.read_rounds(), training_sites, sorted(cfg.heldout_sites))
     summary["strategy"], summary["local_layers"] = cfg.strategy, cfg.local_layers
     folder.write_summary(summary)

@@ -15,18 +15,18 @@ _ROUND_FILE = re.compile(r"round-(\d+)\.pt$")
 
 
 def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, model: dict[str, Any],
-                    local_keys: list[str]) -> Path:
+                    local_keys: list[str], patch_size: int) -> Path:
     """Atomically write ``checkpoints/round-N.pt``: shared weights + what rebuilds the model."""
     path = run_dir / "checkpoints" / f"round-{server_round}.pt"
-    atomic_torch_save(path, _payload(server_round, arrays, model, local_keys))
+    atomic_torch_save(path, _payload(server_round, arrays, model, local_keys, patch_size))
     return path
 
 
 def save_global_model(run_dir: Path, server_round: int, arrays: ArrayRecord, model: dict[str, Any],
-                      local_keys: list[str]) -> Path:
-    """Atomically write ``model/global.pt`` (same content as the last checkpoint)."""
+                      local_keys: list[str], patch_size: int) -> Path:
+    """Atomically write ``model/global.pt`` (what ``fedseg predict`` loads at a site)."""
     path = run_dir / "model" / "global.pt"
-    atomic_torch_save(path, _payload(server_round, arrays, model, local_keys))
+    atomic_torch_save(path, _payload(server_round, arrays, model, local_keys, patch_size))
     return path
 
 
@@ -46,6 +46,6 @@ def latest_checkpoint(run_dir: Path) -> tuple[int, dict[str, Any]] | None:
 
 
 def _payload(server_round: int, arrays: ArrayRecord, model: dict[str, Any],
-             local_keys: list[str]) -> dict[str, Any]:
+             local_keys: list[str], patch_size: int) -> dict[str, Any]:
     return {"round": server_round, "state_dict": arrays.to_torch_state_dict(), "model": model,
-            "local_keys": sorted(local_keys)}
+            "local_keys": sorted(local_keys), "patch_size": patch_size}

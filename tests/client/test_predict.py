@@ -1,0 +1,60 @@
+"""`fedseg predict`: global model + site local layers, NIfTI keeps the input's affine, PNG for 2D."""
+
+import nibabel as nib
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from PIL import Image
+
+from fedseg.client.predict import load_site_model
+from fedseg.client.state import SiteState
+from fedseg.common.models import ModelSpec, build_model, local_keys, split_state
+from fedseg.server.checkpoints import save_global_model
+from fedseg.simulations.cli import main
+from fedseg.simulations.synth import write_study
+
+
+def _run_dir(tmp_path, spec: ModelSpec):
+    torch.manual_seed(0)
+    model = build_model(spec)
+    local = local_keys(model, "norm")
+    shared, kept = split_state(model, local)
+    save_global_model(tmp_path / "run", 1, ArrayRecord(shared), spec.to_dict(), sorted(local), 16)
+    kept = {k: (v + 0.5 if v.is_floating_point() else v) for k, v in kept.items()}  # the site's own
+    SiteState(tmp_path / "state").save_local_layers(kept, 1)
+    return tmp_path / "run" / "model" / "global.pt"
+
+
+def test_3d_predictions_keep_the_input_affine(tmp_path, capsys):
+    (site,) = write_study(tmp_path / "study", sites=1, dims=3, cases=2, size=20, seed=0)
+    model = _run_dir(tmp_path, ModelSpec(3, 1, 3, (4, 8), "instance"))
+    assert main(["predict", str(site / "images"), str(tmp_path / "out"), "--model", str(model),
+                 "--state-dir", str(tmp_path / "state")]) == 0
+    assert "2 case(s)" in capsys.readouterr().out
+    for src in sorted((site / "images").glob("*.nii.gz")):
+        out, inp = nib.load(tmp_path / "out" / src.name), nib.load(src)
+        assert out.shape == inp.shape and np.allclose(out.affine, inp.affine)
+        assert not np.allclose(inp.affine, np.eye(4))
+        assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1, 2}
+
+
+def test_2d_predictions_are_pngs_of_the_image_shape_and_use_local_layers(tmp_path):
+    (site,) = write_study(tmp_path / "study", sites=1, dims=2, cases=1, size=24, seed=0)
+    Image.fromarray(np.zeros((24, 40), np.uint8)).save(site / "images" / "wide.png")
+    model = _run_dir(tmp_path, ModelSpec(2, 1, 2, (4, 8), "instance"))
+    with_local, _ = load_site_model(model, tmp_path / "state")
+    without, _ = load_site_model(model, None)
+    norm_key = next(iter(SiteState(tmp_path / "state").load_local_layers()))
+    assert not torch.equal(with_local.state_dict()[norm_key], without.state_dict()[norm_key])
+    assert main(["predict", str(site / "images"), str(tmp_path / "out"), "--model", str(model),
+                 "--state-dir", str(tmp_path / "state")]) == 0
+    assert np.asarray(Image.open(tmp_path / "out" / "wide.png")).shape == (24, 40)
+    assert np.asarray(Image.open(tmp_path / "out" / "case000.png")).shape == (24, 24)
+
+
+def test_a_file_that_is_not_a_model_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "bad.pt").write_bytes(b"nope")
+    (tmp_path / "imgs").mkdir()
+    assert main(["predict", str(tmp_path / "imgs"), str(tmp_path / "out"), "--model",
+                 str(tmp_path / "bad.pt")]) == 2
+    assert "not a fedseg global model" in capsys.readouterr().err
