@@ -17,7 +17,7 @@ from fedseg.client.privacy import (PrivacyLedger, admit, check_dp_compatible, cl
                                    plan_round)
 from fedseg.client.site import SiteLocation, resolve_site
 from fedseg.client.state import SiteState
-from fedseg.client.trainer import evaluate_local, train_local
+from fedseg.client.trainer import adapt_norm_statistics, evaluate_local, train_local
 from fedseg.common.config import RunConfig, keys
 from fedseg.common.data import (DataError, SiteSpec, case_seed, check_site, eval_transforms, read_site,
                                split_training, to_dicts)
@@ -144,5 +144,12 @@ def _train(msg: Message, site: SiteLocation, config: dict) -> RecordDict:
 def _evaluate(msg: Message, site: SiteLocation, config: dict) -> RecordDict:
     r = _prepare(msg, site, config)
     _, val_cases = split_training(r.spec, r.cfg.val_fraction, r.cfg.seed)
-    scores = evaluate_local(r.model, r.spec, val_cases, patch_size=r.cfg.patch_size, device=site.device)
+    scores = evaluate_local(r.model, r.spec, val_cases, patch_size=r.cfg.patch_size,
+                            device=site.device, min_group_cases=r.cfg.min_group_cases)
+    if r.spec.name in r.cfg.heldout_sites:  # an unseen hospital: also score after adapting norms
+        adapt_norm_statistics(r.model, r.spec, val_cases, patch_size=r.cfg.patch_size,
+                              seed=r.cfg.seed, device=site.device)
+        adapted = evaluate_local(r.model, r.spec, val_cases, patch_size=r.cfg.patch_size,
+                                 device=site.device, min_group_cases=r.cfg.min_group_cases)
+        scores |= {f"tta-{k}": v for k, v in adapted.items() if not k.startswith("group-")}
     return RecordDict({METRICS: scalar_metrics({**scores, NUM_EXAMPLES: len(val_cases)})})

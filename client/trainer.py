@@ -11,6 +11,7 @@ import torch
 from monai.data import CacheDataset, DataLoader
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
+from monai.transforms import RandSpatialCrop, SpatialPad
 from monai.utils import set_determinism
 from torch import nn
 
@@ -131,22 +132,53 @@ def evaluate_local(
     *,
     patch_size: int,
     device: str = "cpu",
+    min_group_cases: int = 5,
 ) -> dict[str, float]:
-    """Score whole cases by sliding-window inference: per-label Dice and HD95 (physical units)."""
+    """Score whole cases by sliding-window inference: per-label Dice and HD95 (physical units),
+    and Dice per fairness group with at least ``min_group_cases`` cases."""
     model.to(device).eval()
-    scores = SegmentationScores(spec.num_classes)
+    scores = SegmentationScores(spec.num_classes, min_group_cases)
     roi = (patch_size,) * spec.spatial_dims
     transform = eval_transforms(spec)
-    for item in to_dicts(cases):
+    for case, item in zip(cases, to_dicts(cases)):
         data = transform(item)
         image = data["image"].unsqueeze(0).to(device)
         logits = sliding_window_inference(image, roi_size=roi, sw_batch_size=4, predictor=model,
                                           overlap=0.25)
         pred = logits.argmax(dim=1, keepdim=True).cpu()
         spacing = tuple(float(s) for s in data["image"].pixdim)[: spec.spatial_dims]
-        scores.add(pred, data["label"].unsqueeze(0), spacing)
+        scores.add(pred, data["label"].unsqueeze(0), spacing, case.group)
     model.cpu()
     return scores.result()
+
+
+@torch.no_grad()
+def adapt_norm_statistics(model: nn.Module, spec: SiteSpec, cases: list[Case], *, patch_size: int,
+                          seed: int, patches_per_case: int = 4, device: str = "cpu") -> int:
+    """Test-time adaptation: recompute BatchNorm running statistics on a site's own images.
+
+    Labels are not used. Only running means/variances (and their counters) change; no weight
+    does. Instance/group norm already normalizes with each image's own statistics, so models
+    without BatchNorm are returned unchanged.
+
+    Returns:
+        The number of BatchNorm layers adapted.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over every patch seen
+    crop = RandSpatialCrop((patch_size,) * spec.spatial_dims, random_size=False)
+    crop.set_random_state(seed=seed)
+    transform = eval_transforms(spec)
+    model.to(device).train()
+    for item in to_dicts(cases):
+        image = SpatialPad((patch_size,) * spec.spatial_dims)(transform(item)["image"])
+        model(torch.stack([crop(image) for _ in range(patches_per_case)]).to(device))
+    model.cpu().eval()
+    return len(bns)
 
 
 def _proximal_anchors(

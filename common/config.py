@@ -48,7 +48,9 @@ class RunConfig:
         dp_max_grad_norm: per-case (``sample``) or per-update (``client``) clipping norm, > 0.
         dp_delta: delta that epsilon is reported at, in (0, 1).
         dp_target_epsilon: > 0 lets each site derive its noise for all planned rounds (``sample``).
-        heldout_sites: sites that only ever evaluate.
+        heldout_sites: sites that only ever evaluate (scored plain and after test-time
+            adaptation of BatchNorm statistics on their own unlabeled images).
+        min_group_cases: fewest cases a fairness group needs before its Dice is reported, >= 1.
         output_dir: parent folder of run folders.
         run_name: run folder name; empty picks ``<study>-<strategy>-<timestamp>``.
         resume: continue ``output_dir/run_name`` from its last checkpoint.
@@ -80,6 +82,7 @@ class RunConfig:
     dp_delta: float = 1e-5
     dp_target_epsilon: float = 0.0
     heldout_sites: tuple[str, ...] = field(default_factory=tuple)
+    min_group_cases: int = 5
     output_dir: str = "runs"
     run_name: str = ""
     resume: bool = False
@@ -109,6 +112,7 @@ class RunConfig:
             ("dp-noise-multiplier", self.dp_noise_multiplier >= 0, "must be >= 0"),
             ("dp-max-grad-norm", self.dp_max_grad_norm > 0, "must be > 0"),
             ("dp-delta", 0 < self.dp_delta < 1, "must be in (0, 1)"),
+            ("min-group-cases", self.min_group_cases >= 1, "must be >= 1"),
             ("dp-target-epsilon", self.dp_target_epsilon >= 0, "must be >= 0 (0: use dp-noise-multiplier)"),
             ("norm", not (self.dp == "sample" and self.norm == "batch"),
              "BatchNorm cannot train under DP-SGD (a case's output depends on its batch-mates); "

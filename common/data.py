@@ -37,10 +37,11 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Case:
-    """One image/label pair with absolute paths."""
+    """One image/label pair with absolute paths, and its optional fairness group (e.g. organ)."""
 
     image: Path
     label: Path
+    group: str = ""
 
 
 @dataclass(frozen=True)
@@ -283,7 +284,11 @@ def _parse_dataset_json(site_dir: Path) -> tuple[SiteSpec | None, list[str]]:
                 problems.append(f"{where}: duplicate entry, image {item['image']!r} is also {seen[item['image']]}")
                 continue
             seen[item["image"]] = f"{split}[{i}]"
-            cases.append(Case(paths[0], paths[1]))
+            group = item.get("group", "")
+            if not isinstance(group, str):
+                problems.append(f"{where}: 'group' must be a string, got {group!r}")
+                continue
+            cases.append(Case(paths[0], paths[1], group))
         entries[split] = tuple(cases)
     if not meta.get("training") and not meta.get("test"):
         problems.append(f"{path}: empty dataset: no 'training' and no 'test' entries")

@@ -15,25 +15,33 @@ class SegmentationScores:
 
     Args:
         num_classes: classes including background (label 0 is never scored).
+        min_group_cases: a fairness group's Dice is reported only when it has at least this many
+            cases, so no single patient's score can be read off an aggregate.
     """
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, min_group_cases: int = 5) -> None:
         self.num_classes = num_classes
+        self.min_group_cases = min_group_cases
+        self.groups: dict[str, list[float]] = {}
         self.dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
         self.hd95 = HausdorffDistanceMetric(include_background=False, percentile=95,
                                             reduction="mean_batch")
         self.cases = 0
 
-    def add(self, pred: torch.Tensor, label: torch.Tensor, spacing: tuple[float, ...]) -> None:
+    def add(self, pred: torch.Tensor, label: torch.Tensor, spacing: tuple[float, ...],
+            group: str = "") -> None:
         """Score one case.
 
         Args:
             pred: predicted class map, shape (1, 1, *spatial), int.
             label: ground-truth class map, same shape.
             spacing: voxel size per spatial axis (mm or px).
+            group: the case's fairness group ("" for none).
         """
         y_pred, y = one_hot(pred, self.num_classes), one_hot(label, self.num_classes)
-        self.dice(y_pred=y_pred, y=y)
+        case_dice = self.dice(y_pred=y_pred, y=y)
+        if group:
+            self.groups.setdefault(group, []).append(_nanmean(case_dice.flatten().tolist()))
         with warnings.catch_warnings():  # empty structures give NaN distances, skipped below
             warnings.simplefilter("ignore")
             self.hd95(y_pred=y_pred, y=y, spacing=list(spacing))
@@ -51,6 +59,10 @@ class SegmentationScores:
             out[f"hd95-{label}"] = float(h)
         out["dice"] = _nanmean(dice)
         out["hd95"] = _nanmean(hd95)
+        for group, values in sorted(self.groups.items()):
+            if len(values) >= self.min_group_cases:
+                out[f"group-dice:{group}"] = _nanmean(values)
+                out[f"group-cases:{group}"] = float(len(values))
         return out
 
 

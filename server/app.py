@@ -19,6 +19,7 @@ from fedseg.common.records import CONFIG, shared_record
 from fedseg.server.checkpoints import latest_checkpoint, save_checkpoint, save_global_model
 from fedseg.server.evaluation import RoundRecorder, summarize
 from fedseg.server.outputs import RunFolder, now, versions
+from fedseg.server.report import write_report
 from fedseg.server.strategies import build_strategy, client_level_privacy
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,10 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     summary["strategy"], summary["local_layers"] = cfg.strategy, cfg.local_layers
     folder.write_summary(summary)
     folder.write_run_info({**folder.read_run_info(), "ended": now()})
+    try:
+        write_report(folder.dir)
+    except Exception as err:  # noqa: BLE001 - a failed report must not fail a finished run
+        log.warning("report.html not written: %s (run `fedseg report %s` to retry)", err, folder.dir)
     return folder.dir
 
 

@@ -1,11 +1,24 @@
-"""Human-readable views of a run folder: the per-site table printed at the end of a run."""
+"""Human-readable views of a run folder: the printed per-site table and report.html + plots/*.png."""
 
 from __future__ import annotations
 
+import base64
+import html
 import json
+import logging
 from pathlib import Path
+from typing import Any
 
-from fedseg.server.outputs import RunFolder
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from fedseg.common.atomic import atomic_write_bytes  # noqa: E402
+from fedseg.server.outputs import RunFolder  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 def site_table(run_dir: str | Path) -> str:
@@ -40,5 +53,180 @@ def site_table(run_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def write_report(run_dir: str | Path, gallery: list[dict[str, Any]] | None = None) -> Path:
+    """Write ``report.html`` (self-contained, plots embedded) and ``plots/*.png`` for a run.
+
+    Args:
+        run_dir: the run folder.
+        gallery: optional overlays (simulation only, see ``simulations.gallery``): dicts with
+            ``title``, ``caption`` and ``png`` bytes.
+    """
+    folder = RunFolder(run_dir)
+    info, rounds = folder.read_run_info(), folder.read_rounds()
+    summary = json.loads((folder.dir / "summary.json").read_text())
+    training, heldout = info["training_sites"], info["heldout_sites"]
+    plots = folder.dir / "plots"
+    figures = {
+        "dice.png": _curves(rounds, training + heldout, "eval", "dice", "validation Dice"),
+        "loss.png": _curves(rounds, training, "train", "train-loss", "training loss"),
+    }
+    if summary.get("record_level_dp"):
+        figures["epsilon.png"] = _curves(rounds, training, "train", "epsilon", "epsilon (record-level)")
+    for name, png in figures.items():
+        atomic_write_bytes(plots / name, png)
+
+    cfg = info["config"]
+    body = [f"<h1>fedseg run {html.escape(str(cfg.get('run-name', folder.dir.name)))}</h1>",
+            _para(f"strategy {cfg['strategy']}, local layers {cfg['local-layers']}, "
+                  f"{summary.get('rounds', 0)} round(s), dp {cfg['dp']}, seed {cfg['seed']}; "
+                  f"started {info.get('started')}, ended {info.get('ended')}")]
+    fed = summary.get("in_federation", {})
+    body.append("<h2>Summary</h2>")
+    body.append(_table(["", "mean Dice", "worst site", "worst Dice", "max-min gap", "spread (std)"],
+                       [["in federation", fed.get("mean"), fed.get("worst_site"), fed.get("worst_dice"),
+                         fed.get("gap"), fed.get("std")]]
+                       + ([["held-out", *(summary["heldout_summary"].get(k) for k in
+                                          ("mean", "worst_site", "worst_dice", "gap", "std"))]]
+                          if heldout else [])))
+    body.append(_para("Every site scores the model it would use (global shared weights + its own "
+                      "local layers) on its own validation split; only these scalars left the sites."))
+    body.append("<h2>Training curves</h2>")
+    body += [_img(png, name) for name, png in figures.items()]
+    body.append("<h2>Per-site results (final round)</h2>")
+    final = rounds[-1]["eval"] if rounds else {}
+    labels = sorted({k for m in final.values() for k in m if k.startswith("dice-")})
+    body.append(_table(["site", "Dice", "HD95"] + labels,
+                       [[s, final.get(s, {}).get("dice"), final.get(s, {}).get("hd95")]
+                        + [final.get(s, {}).get(k) for k in labels] for s in training]))
+    if heldout:
+        body.append("<h2>Held-out sites (never trained)</h2>")
+        body.append(_para("Scored twice: plain, and after test-time adaptation of normalization "
+                          "statistics on the site's own unlabeled images (a no-op for instance norm)."))
+        body.append(_table(["site", "Dice", "Dice after norm adaptation", "HD95"],
+                           [[s, final.get(s, {}).get("dice"), final.get(s, {}).get("tta-dice"),
+                             final.get(s, {}).get("hd95")] for s in heldout]))
+    groups = [(s, k.split(":", 1)[1], v) for s, m in final.items() for k, v in m.items()
+              if k.startswith("group-dice:")]
+    if groups:
+        worst = min(groups, key=lambda g: g[2] if g[2] is not None else 2.0)
+        body.append("<h2>Fairness groups</h2>")
+        body.append(_para(f"Dice per group (only groups with at least {cfg.get('min-group-cases', 5)} "
+                          f"cases are reported by a site). Worst group: {html.escape(worst[1])} at "
+                          f"{html.escape(worst[0])} ({_fmt(worst[2])})."))
+        body.append(_table(["site", "group", "Dice", "cases"],
+                           [[s, g, v, final[s].get(f"group-cases:{g}")] for s, g, v in groups]))
+    if summary.get("record_level_dp"):
+        dp = summary["record_level_dp"]
+        body.append("<h2>Privacy</h2>")
+        body.append(_para(f"Record-level DP (one case = one patient), Opacus RDP accountant, "
+                          f"delta = {dp['delta']:g}. Each site's ledger stays in its state folder."))
+        body.append(_table(["site", "epsilon spent"], [[s, e] for s, e in dp["epsilon"].items()]))
+    if summary.get("client_level_dp"):
+        spent = summary["client_level_dp"]
+        body.append(_para(f"Client-level DP (Flower): epsilon {spent['epsilon']:.3f} at delta "
+                          f"{spent['delta']:g}."))
+    if gallery:
+        body.append("<h2>Gallery (simulation only)</h2>")
+        body.append(_para("Best and worst validation case per site: image, ground truth, prediction, "
+                          "and MONAI occlusion sensitivity (how much hiding each region lowers the "
+                          "predicted foreground). Shown only in simulation, where images may be seen."))
+        for item in gallery:
+            body.append(f"<h3>{html.escape(item['title'])}</h3>{_para(item['caption'])}"
+                        f"{_img(item['png'], item['title'])}")
+    path = folder.dir / "report.html"
+    atomic_write_bytes(path, _page(f"fedseg {folder.dir.name}", body).encode())
+    return path
+
+
+def write_study_report(out_dir: Path, comparison: list[dict[str, Any]],
+                       matrix: dict[str, Any] | None) -> Path:
+    """``study.html`` for ``fedseg study``: baseline comparison, ranking, cross-site heatmap."""
+    cols = list(comparison[0]) if comparison else []
+    body = ["<h1>fedseg study</h1>",
+            _para("Every baseline had the same optimizer-step budget and seed. In-federation Dice is "
+                  "each site's validation split; held-out sites never trained."),
+            "<h2>Baselines, ranked by mean in-federation Dice</h2>",
+            _table(cols, [[row[c] for c in cols] for row in comparison])]
+    if matrix:
+        heat = _heatmap(matrix)
+        atomic_write_bytes(out_dir / "plots" / "cross_site.png", heat)
+        body += ["<h2>Cross-site matrix (local-only models)</h2>",
+                 _para("Row: the site a model was trained at, alone. Column: the site it was scored at."),
+                 _img(heat, "cross-site matrix")]
+    path = out_dir / "study.html"
+    atomic_write_bytes(path, _page("fedseg study", body).encode())
+    return path
+
+
+def _curves(rounds: list[dict[str, Any]], sites: list[str], part: str, key: str, title: str) -> bytes:
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    for site in sites:
+        points = [(r["round"], r[part][site][key]) for r in rounds
+                  if site in r[part] and r[part][site].get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=site)
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _heatmap(matrix: dict[str, Any]) -> bytes:
+    rows, cols, values = matrix["trained_at"], matrix["scored_at"], matrix["dice"]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(cols), 1.0 + 0.6 * len(rows)), dpi=100)
+    grid = [[v if v is not None else float("nan") for v in row] for row in values]
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            ax.text(j, i, _fmt(v, 2), ha="center", va="center", color="w", fontsize=7)
+    fig.colorbar(image, ax=ax, fraction=0.05)
+    ax.set_xlabel("scored at")
+    ax.set_ylabel("trained at")
+    return _png(fig)
+
+
+def _png(fig: Any) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> str:
+    cells = "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
+                   for row in rows)
+    return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _para(text: str) -> str:
+    return f"<p>{html.escape(text)}</p>"
+
+
+def _page(title: str, body: list[str]) -> str:
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
+             "th{background:#f0f0f0}img{max-width:100%;display:block;margin:0.5em 0}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)

@@ -61,6 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     node.add_argument("--name", required=True)
     certs.set_defaults(func=_certs)
 
+    report = sub.add_parser("report", help="(re)write report.html and plots/ for a run folder")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.set_defaults(func=_report)
+
+    study = sub.add_parser("study", help="baselines side by side: local, pooled, fedavg, fedprox, fedbn")
+    study.add_argument("study_dir")
+    study.add_argument("--baselines", default="local,pooled,fedavg,fedprox,fedbn")
+    study.add_argument("--num-cpus", type=int, default=None)
+    for key in keys():
+        if key not in ("study-dir", "resume", "strategy", "local-layers"):
+            study.add_argument(f"--{key}", *ALIASES.get(key, []), dest=key, default=None)
+    study.set_defaults(func=_study)
+
     add_site_commands(sub)
     args = parser.parse_args(argv)
     setup_logging()
@@ -84,6 +97,31 @@ def _certs(args: argparse.Namespace) -> int:
     else:
         private, public = write_node_key(args.out, args.name)
         print(f"wrote {private} (stays at the hospital) and {public} (send to the coordinator)")
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from fedseg.simulations.study import run_study
+
+    given = {k: v for k, v in vars(args).items() if k in keys() and v is not None}
+    cfg = RunConfig.from_dict({**given, "study-dir": args.study_dir})
+    try:
+        out = run_study(cfg, [b.strip() for b in args.baselines.split(",") if b.strip()], args.num_cpus)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    print((out / "comparison.csv").read_text())
+    print(f"study folder: {out}  (study.html, comparison.csv/json, cross_site.csv/json)")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fedseg.server.report import write_report
+    from fedseg.simulations.gallery import make_gallery
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "summary.json").is_file():
+        raise ConfigError(f"{run_dir}: not a finished run folder (no summary.json)")
+    print(f"wrote {write_report(run_dir, gallery=make_gallery(run_dir))}")
     return 0
 
 
@@ -141,6 +179,7 @@ def _run_and_report(cfg: RunConfig, num_cpus: int | None) -> int:
     print()
     print(site_table(run_dir))
     print(f"\nrun folder: {run_dir}  ({time.monotonic() - started:.0f}s)")
+    print(f"report: {run_dir / 'report.html'}")
     return 0
 
 

@@ -14,6 +14,8 @@ from fedseg.client.app import app as client_app
 from fedseg.common.config import RunConfig
 from fedseg.common.data import DataError, check_site, study_sites
 from fedseg.server.app import run_federation
+from fedseg.server.report import write_report
+from fedseg.simulations.gallery import make_gallery
 
 log = logging.getLogger(__name__)
 
@@ -57,4 +59,5 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None) -> Path:
     )
     if "run_dir" not in result:
         raise RuntimeError("the simulation ended without finishing the run; see the log above")
+    write_report(result["run_dir"], gallery=make_gallery(result["run_dir"]))
     return result["run_dir"]

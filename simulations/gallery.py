@@ -1,0 +1,108 @@
+"""Simulation only: best/worst validation cases per site as overlays with explanation maps.
+
+In a real federation images never leave a site, so the report has no gallery; in a simulation
+the researcher holds every site's data, and seeing where the model fails is the point.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from monai.inferers import sliding_window_inference  # noqa: E402
+from monai.visualize import OcclusionSensitivity  # noqa: E402
+
+from fedseg.client.predict import load_site_model  # noqa: E402
+from fedseg.common.data import eval_transforms, read_site, split_training, study_sites, to_dicts  # noqa: E402
+from fedseg.common.metrics import SegmentationScores  # noqa: E402
+
+
+class _ForegroundScore(torch.nn.Module):
+    """Segmentation net -> mean foreground probability per class, so that MONAI's occlusion
+    sensitivity (made for classifiers) shows which regions drive the predicted foreground."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.net(x).softmax(1)[:, 1:]
+        return probs.flatten(2).mean(-1)
+
+
+@torch.no_grad()
+def make_gallery(run_dir: str | Path, max_sites: int = 4) -> list[dict[str, Any]]:
+    """Best and worst validation case of up to ``max_sites`` sites (empty outside simulation)."""
+    run_dir = Path(run_dir)
+    info = json.loads((run_dir / "run.json").read_text())
+    cfg = info["config"]
+    if not cfg.get("study-dir") or not Path(cfg["study-dir"]).is_dir():
+        return []
+    items = []
+    refs = {r.name: r for r in study_sites(cfg["study-dir"], cfg.get("split-site", 0))}
+    for site in (info["training_sites"] + info["heldout_sites"])[:max_sites]:
+        state = run_dir / "site-state" / site.replace("#", "-part")
+        model, patch = load_site_model(run_dir / "model" / "global.pt", state if state.is_dir() else None)
+        spec = read_site(refs[site], seed=cfg["seed"])
+        _, val = split_training(spec, cfg["val-fraction"], cfg["seed"])
+        transform = eval_transforms(spec)
+        scored = []
+        for item in to_dicts(val):
+            data = transform(item)
+            image = data["image"][None]
+            pred = sliding_window_inference(image, (patch,) * spec.spatial_dims, 4, model, 0.25).argmax(1, keepdim=True)
+            scores = SegmentationScores(spec.num_classes)
+            scores.add(pred, data["label"][None], (1.0,) * spec.spatial_dims)
+            scored.append((scores.result().get("dice", float("nan")), image, data["label"][None], pred))
+        scored = [s for s in scored if np.isfinite(s[0])]
+        if not scored:
+            continue
+        scored.sort(key=lambda s: s[0])
+        for tag, (dice, image, label, pred) in (("worst", scored[0]), ("best", scored[-1])):
+            items.append({"title": f"{site}: {tag} validation case (Dice {dice:.3f})",
+                          "caption": "image | ground truth | prediction | occlusion sensitivity",
+                          "png": _figure(model, image, label, pred, patch, spec.spatial_dims)})
+            if len(scored) == 1:
+                break
+    return items
+
+
+def _figure(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor,
+            patch: int, dims: int) -> bytes:
+    if dims == 3:  # show the middle slice along the last axis
+        mid = image.shape[-1] // 2
+        image, label, pred = image[..., mid], label[..., mid], pred[..., mid]
+        occlusion = None
+    else:
+        crop = tuple(slice(0, min(s, 2 * patch)) for s in image.shape[2:])
+        image, label, pred = (t[(slice(None), slice(None), *crop)] for t in (image, label, pred))
+        sens = OcclusionSensitivity(_ForegroundScore(model), mask_size=max(4, patch // 8), n_batch=16,
+                                    verbose=False, overlap=0.5)
+        with warnings.catch_warnings():  # MONAI's own indexing deprecation notices
+            warnings.simplefilter("ignore", UserWarning)
+            occlusion = sens(image.float())[0][0, 0].numpy() if image.shape[2] >= patch else None
+    shown = image[0].permute(1, 2, 0).numpy() if image.shape[1] == 3 else image[0, 0].numpy()
+    shown = (shown - shown.min()) / (np.ptp(shown) + 1e-6)
+    classes = max(int(label.max()), int(pred.max()), 1)
+    panels = [(shown, "gray"), (label[0, 0].numpy(), "viridis"), (pred[0, 0].numpy(), "viridis")]
+    if occlusion is not None:
+        panels.append((occlusion, "coolwarm"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.6), dpi=90)
+    for i, (ax, (data, cmap)) in enumerate(zip(axes, panels)):
+        limits = {"vmin": 0, "vmax": classes} if i in (1, 2) else {}
+        ax.imshow(data, cmap=None if data.ndim == 3 else cmap, **limits)
+        ax.axis("off")
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()

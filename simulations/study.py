@@ -1,0 +1,132 @@
+"""`fedseg study`: baselines side by side on one study with the same step budget and seed.
+
+local (each site alone), pooled (all training data in one place: allowed only in simulation),
+fedavg, fedprox, fedbn (FedAvg with site-local norm layers). Every model is scored on every
+site's validation split and on the held-out sites; local models give the cross-site matrix.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedseg.client.trainer import evaluate_local, train_local
+from fedseg.common.atomic import atomic_write_bytes, atomic_write_json
+from fedseg.common.config import RunConfig
+from fedseg.common.data import SiteSpec, case_seed, read_site, split_training, study_sites
+from fedseg.common.models import ModelSpec, build_model
+from fedseg.server.evaluation import _spread
+from fedseg.server.report import write_study_report
+from fedseg.simulations.simulate import simulate
+
+log = logging.getLogger(__name__)
+BASELINES = ("local", "pooled", "fedavg", "fedprox", "fedbn")
+FEDERATED = {"fedavg": dict(strategy="fedavg", local_layers="none"),
+             "fedprox": dict(strategy="fedprox", local_layers="none"),
+             "fedbn": dict(strategy="fedavg", local_layers="norm")}
+
+
+def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None) -> Path:
+    """Train and score every baseline; write comparison.{json,csv}, cross_site.{json,csv}, study.html.
+
+    Returns:
+        The study output folder.
+    """
+    unknown = set(baselines) - set(BASELINES)
+    if unknown or not baselines:
+        raise ValueError(f"baselines must be among {BASELINES}, got {baselines}")
+    refs = study_sites(cfg.study_dir, cfg.split_site)
+    specs = {r.name: read_site(r, seed=cfg.seed) for r in refs}
+    training = [n for n in specs if n not in cfg.heldout_sites]
+    heldout = [n for n in specs if n in cfg.heldout_sites]
+    name = cfg.run_name or f"{Path(cfg.study_dir).name}-study-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(cfg.output_dir) / name
+    out.mkdir(parents=True, exist_ok=True)
+    scores: dict[str, dict[str, float | None]] = {}
+    matrix: list[list[float | None]] = []
+    started = time.monotonic()
+    for index, baseline in enumerate(baselines):
+        elapsed = time.monotonic() - started
+        eta = f", about {elapsed / index * (len(baselines) - index):.0f}s left" if index else ""
+        log.info("study: baseline %d/%d %s%s", index + 1, len(baselines), baseline, eta)
+        if baseline in FEDERATED:
+            run = simulate(cfg.replace(output_dir=str(out / "runs"), run_name=baseline, resume=False,
+                                       **FEDERATED[baseline]), num_cpus=num_cpus)
+            final = json.loads((run / "rounds.jsonl").read_text().splitlines()[-1])["eval"]
+            scores[baseline] = {s: final.get(s, {}).get("dice") for s in specs}
+        elif baseline == "pooled":
+            scores[baseline] = _train_and_score(cfg, specs, training, seed_site="pooled")
+        else:
+            matrix = [list(_train_and_score(cfg, specs, [site], seed_site=site).values())
+                      for site in training]
+            scores[baseline] = {s: row[list(specs).index(s)] for s, row in zip(training, matrix)}
+            scores[baseline] |= {s: None for s in heldout}  # no local model exists for them
+    comparison = _rank(scores, training, heldout)
+    atomic_write_json(out / "comparison.json", {"baselines": comparison, "training_sites": training,
+                                                "heldout_sites": heldout, "config": cfg.to_dict()})
+    _write_csv(out / "comparison.csv", comparison)
+    cross = {"trained_at": training, "scored_at": list(specs), "dice": matrix}
+    if matrix:
+        atomic_write_json(out / "cross_site.json", cross)
+        _write_csv(out / "cross_site.csv", [{"trained_at": t, **dict(zip(specs, row))}
+                                            for t, row in zip(training, matrix)])
+    write_study_report(out, comparison, cross if matrix else None)
+    log.info("study done in %.0fs: %s", time.monotonic() - started, out)
+    return out
+
+
+def _train_and_score(cfg: RunConfig, specs: dict[str, SiteSpec], train_at: list[str],
+                     seed_site: str) -> dict[str, float | None]:
+    """One model trained in-process on the training splits of ``train_at`` with the step budget a
+    federated run gives them (rounds x local epochs passes), scored at every site."""
+    cases = [c for s in train_at for c in split_training(specs[s], cfg.val_fraction, cfg.seed)[0]]
+    first = specs[train_at[0]]
+    mspec = ModelSpec(first.spatial_dims, _in_channels(first), first.num_classes, cfg.channels, cfg.norm)
+    torch.manual_seed(cfg.seed)
+    model = build_model(mspec)
+    train_local(model, first, cases, epochs=cfg.num_server_rounds * cfg.local_epochs,
+                batch_size=cfg.batch_size, lr=cfg.lr, patch_size=cfg.patch_size,
+                seed=case_seed(cfg.seed, seed_site, 0))
+    out = {}
+    for site, spec in specs.items():
+        val = split_training(spec, cfg.val_fraction, cfg.seed)[1]
+        out[site] = evaluate_local(model, spec, val, patch_size=cfg.patch_size).get("dice")
+    return out
+
+
+def _in_channels(spec: SiteSpec) -> int:
+    from fedseg.common.data import eval_transforms, to_dicts
+
+    return int(eval_transforms(spec)(to_dicts([(spec.training or spec.test)[0]])[0])["image"].shape[0])
+
+
+def _rank(scores: dict[str, dict[str, float | None]], training: list[str],
+          heldout: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for baseline, per_site in scores.items():
+        fed = _spread({s: per_site.get(s) for s in training})
+        held = _spread({s: per_site.get(s) for s in heldout}) if heldout else {}
+        rows.append({"baseline": baseline, "mean_dice": fed["mean"], "worst_site": fed["worst_site"],
+                     "worst_dice": fed["worst_dice"], "gap": fed["gap"],
+                     "heldout_mean_dice": held.get("mean"),
+                     **{f"dice:{s}": per_site.get(s) for s in training + heldout}})
+    rows.sort(key=lambda r: -(r["mean_dice"] if r["mean_dice"] is not None else -1))
+    for rank, row in enumerate(rows, start=1):
+        row["rank"] = rank
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buffer.getvalue().encode())
