@@ -64,10 +64,10 @@ def summarize(rounds: list[dict[str, Any]], training_sites: list[str],
     last = rounds[-1]
     summary: dict[str, Any] = {"rounds": last["round"]}
     summary["sites"] = {s: last["eval"].get(s, {}) for s in training_sites}
-    summary["in_federation"] = _spread({s: m.get("dice") for s, m in summary["sites"].items()})
+    summary["in_federation"] = site_spread({s: m.get("dice") for s, m in summary["sites"].items()})
     if heldout_sites:
         summary["heldout"] = {s: last["eval"].get(s, {}) for s in heldout_sites}
-        summary["heldout_summary"] = _spread({s: m.get("dice") for s, m in summary["heldout"].items()})
+        summary["heldout_summary"] = site_spread({s: m.get("dice") for s, m in summary["heldout"].items()})
     epsilon = {s: e for s in training_sites
                if (e := _latest(rounds, s, "epsilon")) is not None}
     if epsilon:
@@ -75,7 +75,7 @@ def summarize(rounds: list[dict[str, Any]], training_sites: list[str],
                                       "max_epsilon": max(epsilon.values())}
     if "client-level-dp" in last:
         summary["client_level_dp"] = last["client-level-dp"]
-    means = [(r["round"], _spread({s: r["eval"].get(s, {}).get("dice") for s in training_sites})["mean"])
+    means = [(r["round"], site_spread({s: r["eval"].get(s, {}).get("dice") for s in training_sites})["mean"])
              for r in rounds]
     scored = [(rnd, m) for rnd, m in means if m is not None]
     if scored:
@@ -92,7 +92,8 @@ def _latest(rounds: list[dict[str, Any]], site: str, key: str) -> Any:
     return None
 
 
-def _spread(dice: dict[str, float | None]) -> dict[str, Any]:
+def site_spread(dice: dict[str, float | None]) -> dict[str, Any]:
+    """Mean, worst site, max-min gap and standard deviation of per-site Dice (None/NaN skipped)."""
     values = {s: d for s, d in dice.items() if d is not None and math.isfinite(d)}
     if not values:
         return {"mean": None, "worst_site": None, "worst_dice": None, "gap": None, "std": None}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import logging
 from pathlib import Path
@@ -191,8 +192,6 @@ def _heatmap(matrix: dict[str, Any]) -> bytes:
 
 
 def _png(fig: Any) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png")

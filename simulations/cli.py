@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -145,8 +146,6 @@ def _simulate(args: argparse.Namespace) -> int:
         given |= {"output-dir": str(run_dir.parent), "run-name": run_dir.name, "resume": True}
         if not (run_dir / "run.json").is_file():
             raise ConfigError(f"cannot resume: {run_dir / 'run.json'} not found")
-        import json
-
         stored = json.loads((run_dir / "run.json").read_text())["config"]
         given = {**stored, **given}
     elif args.study_dir:

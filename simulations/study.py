@@ -8,6 +8,7 @@ site's validation split and on the held-out sites; local models give the cross-s
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import time
@@ -19,9 +20,10 @@ import torch
 from fedseg.client.trainer import evaluate_local, train_local
 from fedseg.common.atomic import atomic_write_bytes, atomic_write_json
 from fedseg.common.config import RunConfig
-from fedseg.common.data import SiteSpec, case_seed, read_site, split_training, study_sites
+from fedseg.common.data import (SiteSpec, case_seed, eval_transforms, read_site, split_training,
+                               study_sites, to_dicts)
 from fedseg.common.models import ModelSpec, build_model
-from fedseg.server.evaluation import _spread
+from fedseg.server.evaluation import site_spread
 from fedseg.server.report import write_study_report
 from fedseg.simulations.simulate import simulate
 
@@ -101,8 +103,6 @@ def _train_and_score(cfg: RunConfig, specs: dict[str, SiteSpec], train_at: list[
 
 
 def _in_channels(spec: SiteSpec) -> int:
-    from fedseg.common.data import eval_transforms, to_dicts
-
     return int(eval_transforms(spec)(to_dicts([(spec.training or spec.test)[0]])[0])["image"].shape[0])
 
 
@@ -110,8 +110,8 @@ def _rank(scores: dict[str, dict[str, float | None]], training: list[str],
           heldout: list[str]) -> list[dict[str, Any]]:
     rows = []
     for baseline, per_site in scores.items():
-        fed = _spread({s: per_site.get(s) for s in training})
-        held = _spread({s: per_site.get(s) for s in heldout}) if heldout else {}
+        fed = site_spread({s: per_site.get(s) for s in training})
+        held = site_spread({s: per_site.get(s) for s in heldout}) if heldout else {}
         rows.append({"baseline": baseline, "mean_dice": fed["mean"], "worst_site": fed["worst_site"],
                      "worst_dice": fed["worst_dice"], "gap": fed["gap"],
                      "heldout_mean_dice": held.get("mean"),
@@ -123,8 +123,6 @@ def _rank(scores: dict[str, dict[str, float | None]], training: list[str],
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    import io
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
