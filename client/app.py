@@ -19,8 +19,8 @@ from fedseg.client.site import SiteLocation, resolve_site
 from fedseg.client.state import SiteState
 from fedseg.client.trainer import adapt_norm_statistics, evaluate_local, train_local
 from fedseg.common.config import RunConfig, keys
-from fedseg.common.data import (DataError, SiteSpec, case_seed, check_site, eval_transforms, read_site,
-                               split_training, to_dicts)
+from fedseg.common.data import (DataError, SiteSpec, case_seed, check_site, image_channels,
+                               read_site, split_training)
 from fedseg.common.models import ModelSpec, build_model, local_keys, split_state
 from fedseg.common.records import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PrivacyBoundaryError,
                                    scalar_metrics, shared_record, to_state)
@@ -68,8 +68,7 @@ def _describe_site(msg: Message, site: SiteLocation, config: dict) -> RecordDict
         return RecordDict({CONFIG: ConfigRecord({"site": site.ref.name, "problems": len(problems)})})
     spec = read_site(site.ref, seed=int(config.get("seed", 0)))
     train, val = split_training(spec, float(config.get("val-fraction", 0.25)), int(config.get("seed", 0)))
-    first = to_dicts([(spec.training or spec.test)[0]])[0]
-    in_channels = int(eval_transforms(spec)(first)["image"].shape[0])
+    in_channels = image_channels(spec)
     return RecordDict({CONFIG: ConfigRecord({
         "site": site.ref.name, "problems": 0, "spatial-dims": spec.spatial_dims,
         "in-channels": in_channels, "num-classes": spec.num_classes, "task": spec.task,

@@ -195,6 +195,12 @@ def image_transforms(path: Path) -> Compose:
                     NormalizeIntensity(channel_wise=True), EnsureType(dtype=torch.float32)])
 
 
+def image_channels(spec: SiteSpec) -> int:
+    """Channels of the site's images (1 for MRI/CT, 3 for RGB H&E), read from its first case."""
+    first = (spec.training or spec.test)[0]
+    return int(eval_transforms(spec)(to_dicts([first])[0])["image"].shape[0])
+
+
 def train_transforms(spec: SiteSpec, patch_size: int) -> Compose:
     """Loading plus a foreground-balanced random patch per case and random flips."""
     roi = (patch_size,) * spec.spatial_dims

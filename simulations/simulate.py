@@ -55,7 +55,8 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None) -> Path:
     run_simulation(
         server_app=server_app, client_app=client_app, num_supernodes=len(sites),
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": cpus, "logging_level": "ERROR"}},
+                        "init_args": {"num_cpus": cpus, "logging_level": "ERROR",
+                                      "log_to_driver": False}},  # site errors come back in replies
     )
     if "run_dir" not in result:
         raise RuntimeError("the simulation ended without finishing the run; see the log above")

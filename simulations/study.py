@@ -20,8 +20,8 @@ import torch
 from fedseg.client.trainer import evaluate_local, train_local
 from fedseg.common.atomic import atomic_write_bytes, atomic_write_json
 from fedseg.common.config import RunConfig
-from fedseg.common.data import (SiteSpec, case_seed, eval_transforms, read_site, split_training,
-                               study_sites, to_dicts)
+from fedseg.common.data import (SiteSpec, case_seed, image_channels, read_site, split_training,
+                               study_sites)
 from fedseg.common.models import ModelSpec, build_model
 from fedseg.server.evaluation import site_spread
 from fedseg.server.report import write_study_report
@@ -89,7 +89,7 @@ def _train_and_score(cfg: RunConfig, specs: dict[str, SiteSpec], train_at: list[
     federated run gives them (rounds x local epochs passes), scored at every site."""
     cases = [c for s in train_at for c in split_training(specs[s], cfg.val_fraction, cfg.seed)[0]]
     first = specs[train_at[0]]
-    mspec = ModelSpec(first.spatial_dims, _in_channels(first), first.num_classes, cfg.channels, cfg.norm)
+    mspec = ModelSpec(first.spatial_dims, image_channels(first), first.num_classes, cfg.channels, cfg.norm)
     torch.manual_seed(cfg.seed)
     model = build_model(mspec)
     train_local(model, first, cases, epochs=cfg.num_server_rounds * cfg.local_epochs,
@@ -100,10 +100,6 @@ def _train_and_score(cfg: RunConfig, specs: dict[str, SiteSpec], train_at: list[
         val = split_training(spec, cfg.val_fraction, cfg.seed)[1]
         out[site] = evaluate_local(model, spec, val, patch_size=cfg.patch_size).get("dice")
     return out
-
-
-def _in_channels(spec: SiteSpec) -> int:
-    return int(eval_transforms(spec)(to_dicts([(spec.training or spec.test)[0]])[0])["image"].shape[0])
 
 
 def _rank(scores: dict[str, dict[str, float | None]], training: list[str],
