@@ -60,6 +60,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         raise ConfigError(f"run-config 'heldout-sites' names unknown site(s) {sorted(unknown)}; "
                           f"sites are {sorted(site_of.values())}")
     training_sites = sorted(n for node, n in site_of.items() if node not in heldout)
+    if len(training_sites) < cfg.min_train_sites:
+        raise ConfigError(f"run-config 'min-train-sites' = {cfg.min_train_sites} but only "
+                          f"{len(training_sites)} training site(s) answered: {training_sites}")
     if done:
         info = {**folder.read_run_info(), "config": cfg.to_dict(), "resumed": now(),
                 "resumed_from_round": done}

@@ -137,6 +137,12 @@ def test_a_broken_site_is_refused_before_training(study_2d, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_too_few_training_sites_is_refused_before_round_1(study_2d, tmp_path, capsys):
+    assert main(["simulate", str(study_2d), "--heldout-sites", "site-b,site-c", "--output-dir",
+                 str(tmp_path), "--num-cpus", "2"]) == 2
+    assert "'min-train-sites' = 2 but only 1 training site(s)" in capsys.readouterr().err
+
+
 def test_every_run_config_key_is_a_simulate_flag(study_2d, capsys):
     with pytest.raises(SystemExit):
         main(["simulate", "--help"])
