@@ -146,9 +146,10 @@ def _evaluate(msg: Message, site: SiteLocation, config: dict) -> RecordDict:
     scores = evaluate_local(r.model, r.spec, val_cases, patch_size=r.cfg.patch_size,
                             device=site.device, min_group_cases=r.cfg.min_group_cases)
     if r.spec.name in r.cfg.heldout_sites:  # an unseen hospital: also score after adapting norms
-        adapt_norm_statistics(r.model, r.spec, val_cases, patch_size=r.cfg.patch_size,
-                              seed=r.cfg.seed, device=site.device)
-        adapted = evaluate_local(r.model, r.spec, val_cases, patch_size=r.cfg.patch_size,
-                                 device=site.device, min_group_cases=r.cfg.min_group_cases)
+        adapted = scores  # no BatchNorm to adapt: the adapted model is the plain one
+        if adapt_norm_statistics(r.model, r.spec, val_cases, patch_size=r.cfg.patch_size,
+                                 seed=r.cfg.seed, device=site.device):
+            adapted = evaluate_local(r.model, r.spec, val_cases, patch_size=r.cfg.patch_size,
+                                     device=site.device, min_group_cases=r.cfg.min_group_cases)
         scores |= {f"tta-{k}": v for k, v in adapted.items() if not k.startswith("group-")}
     return RecordDict({METRICS: scalar_metrics({**scores, NUM_EXAMPLES: len(val_cases)})})

@@ -71,7 +71,7 @@ def summarize(rounds: list[dict[str, Any]], training_sites: list[str],
     epsilon = {s: e for s in training_sites
                if (e := _latest(rounds, s, "epsilon")) is not None}
     if epsilon:
-        summary["record_level_dp"] = {"epsilon": epsilon, "delta": _latest(rounds, training_sites[0], "delta"),
+        summary["record_level_dp"] = {"epsilon": epsilon, "delta": _latest(rounds, next(iter(epsilon)), "delta"),
                                       "max_epsilon": max(epsilon.values())}
     if "client-level-dp" in last:
         summary["client_level_dp"] = last["client-level-dp"]
