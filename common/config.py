@@ -8,8 +8,9 @@ from typing import Any
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean")
 LOCAL_LAYERS = ("none", "norm", "norm+head")
-MODELS = ("unet",)
-NORMS = ("instance", "batch", "group")
+MODELS = ("unet", "maskrcnn")
+BACKBONES = ("slim", "resnet50")
+NORMS = ("instance", "batch", "group", "frozen")
 DP_MODES = ("off", "sample", "client")
 
 
@@ -29,11 +30,16 @@ class RunConfig:
         batch_size: cases per optimizer step, >= 1.
         lr: local SGD learning rate, > 0.
         seed: seeds every RNG (split, init, sampling, augmentation).
-        model: ``unet``.
+        model: ``unet`` (semantic) or ``maskrcnn`` (instance sites, 2D).
+        backbone: Mask R-CNN backbone: ``slim`` (ResNet-18 body, 64-channel FPN and heads; trains
+            on CPU) or ``resnet50`` (torchvision's ResNet-50-FPN layout, for GPU sites).
+        pretrained_weights: a local state dict (backbone-only or full) loaded into the initial
+            global model by the server; empty: random initialization. Nothing is ever downloaded.
         spatial_dims: 2 or 3; 0 takes it from the sites' dataset.json.
         patch_size: training patch / sliding-window ROI edge in pixels, >= 16.
         channels: U-Net feature channels per level, e.g. ``(8, 16, 32)``.
-        norm: ``instance`` (affine, DP-compatible), ``batch`` or ``group``.
+        norm: ``instance`` (affine, DP-compatible), ``batch``, ``group``, or ``frozen``
+            (Mask R-CNN only: BatchNorm statistics frozen at their pretrained values).
         strategy: one of ``fedavg``, ``fedprox``, ``fedadam``, ``fedmedian``, ``trimmed-mean``.
         proximal_mu: FedProx proximal weight, >= 0.
         server_lr: FedAdam server learning rate (eta), > 0.
@@ -64,6 +70,8 @@ class RunConfig:
     lr: float = 0.01
     seed: int = 0
     model: str = "unet"
+    backbone: str = "slim"
+    pretrained_weights: str = ""
     spatial_dims: int = 0
     patch_size: int = 64
     channels: tuple[int, ...] = (8, 16, 32)
@@ -95,6 +103,14 @@ class RunConfig:
             ("batch-size", self.batch_size >= 1, "must be >= 1"),
             ("lr", self.lr > 0, "must be > 0"),
             ("model", self.model in MODELS, f"must be one of {MODELS}"),
+            ("backbone", self.backbone in BACKBONES, f"must be one of {BACKBONES}"),
+            ("norm", not (self.model == "unet" and self.norm == "frozen"),
+             "'frozen' (pretrained BatchNorm statistics) is for model=maskrcnn"),
+            ("norm", not (self.model == "maskrcnn" and self.norm == "batch"),
+             "Mask R-CNN trains on 1-4 crops per step, too few for BatchNorm statistics; use "
+             "group, instance, or frozen (statistics of the pretrained weights)"),
+            ("spatial-dims", not (self.model == "maskrcnn" and self.spatial_dims == 3),
+             "model=maskrcnn is 2D only"),
             ("spatial-dims", self.spatial_dims in (0, 2, 3), "must be 2, 3 or 0 (from the data)"),
             ("patch-size", self.patch_size >= 16, "must be >= 16"),
             ("channels", len(self.channels) >= 2 and all(c >= 1 for c in self.channels),
@@ -128,7 +144,7 @@ class RunConfig:
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"run-config '{key}' = {getattr(self, _attr(key))!r}: {why}")
-        if self.patch_size % 2 ** (len(self.channels) - 1):
+        if self.model == "unet" and self.patch_size % 2 ** (len(self.channels) - 1):
             raise ConfigError(
                 f"run-config 'patch-size' = {self.patch_size}: must be divisible by "
                 f"{2 ** (len(self.channels) - 1)} (2 ** number of U-Net downsamplings)"

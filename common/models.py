@@ -1,4 +1,5 @@
-"""Model factory (MONAI U-Net 2D/3D) and the one rule that splits shared from site-local tensors."""
+"""Model factory (MONAI U-Net 2D/3D, torchvision Mask R-CNN) and the one rule that splits shared
+from site-local tensors."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from typing import Any
 import torch
 from monai.networks.nets import UNet
 from torch import nn
+from torchvision.models.detection import MaskRCNN
+
+from fedseg.common.maskrcnn import HEAD_PREFIXES, build_maskrcnn
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -21,7 +25,10 @@ class ModelSpec:
         in_channels: image channels (1 for MRI/CT, 3 for H&E RGB).
         out_channels: classes including background.
         channels: feature channels per U-Net level.
-        norm: ``instance`` (affine), ``batch`` or ``group``.
+        norm: ``instance`` (affine), ``batch``, ``group`` or ``frozen`` (Mask R-CNN).
+        model: ``unet`` or ``maskrcnn``.
+        backbone: Mask R-CNN backbone (``slim`` or ``resnet50``).
+        image_size: Mask R-CNN crop/tile edge (its inputs are never resized).
     """
 
     spatial_dims: int
@@ -29,6 +36,9 @@ class ModelSpec:
     out_channels: int
     channels: tuple[int, ...]
     norm: str = "instance"
+    model: str = "unet"
+    backbone: str = "slim"
+    image_size: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/pickle-safe form."""
@@ -43,7 +53,12 @@ class ModelSpec:
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    """MONAI U-Net with residual units; ``norm`` picks a DP-compatible norm by default."""
+    """MONAI U-Net with residual units (``norm`` picks a DP-compatible norm by default), or
+    torchvision Mask R-CNN for ``model=maskrcnn``."""
+    if spec.model == "maskrcnn":
+        if spec.spatial_dims != 2:
+            raise ValueError("Mask R-CNN is 2D only; the sites hold 3D data")
+        return build_maskrcnn(spec.in_channels, spec.backbone, spec.norm, spec.image_size)
     norms: dict[str, Any] = {
         "instance": ("instance", {"affine": True}),
         "batch": "batch",
@@ -67,7 +82,10 @@ def local_keys(model: nn.Module, local_layers: str) -> set[str]:
 
     ``none`` keeps only integer buffers local (e.g. BatchNorm's ``num_batches_tracked``, which
     averaging would corrupt); ``norm`` adds every normalization layer's affine parameters and
-    running statistics (FedBN); ``norm+head`` also keeps the last convolution (the classifier).
+    running statistics (FedBN); ``norm+head`` also keeps the classifier: the U-Net's last
+    convolution, Mask R-CNN's box and mask predictors. Mask R-CNN's frozen BatchNorm statistics
+    are constants from the pretrained file and are shared, so every site (and an unseen one)
+    runs the same backbone.
     """
     if local_layers not in ("none", "norm", "norm+head"):
         raise ValueError(f"local_layers must be none, norm or norm+head, got {local_layers!r}")
@@ -79,8 +97,11 @@ def local_keys(model: nn.Module, local_layers: str) -> set[str]:
         if isinstance(module, NORM_TYPES):
             keys |= {k for k in state if k.startswith(f"{name}.")}
     if local_layers == "norm+head":
-        head = [name for name, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)][-1]
-        keys |= {k for k in state if k.startswith(f"{head}.")}
+        if isinstance(model, MaskRCNN):
+            heads = HEAD_PREFIXES
+        else:
+            heads = ([n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)][-1] + ".",)
+        keys |= {k for k in state if k.startswith(heads)}
     return keys
 
 
