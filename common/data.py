@@ -177,14 +177,15 @@ def image_reader(path: Path) -> ImageReader:
     return NibabelReader()
 
 
-def base_transforms(spec: SiteSpec) -> list[Any]:
-    """Deterministic loading: channel-first image (z-scored per channel) and integer label."""
+def base_transforms(spec: SiteSpec, keep_instances: bool = False) -> list[Any]:
+    """Deterministic loading: channel-first image (z-scored per channel) and integer label
+    (instance ids kept as they are with ``keep_instances``, else foreground classes)."""
     reader = image_reader(spec.training[0].image if spec.training else spec.test[0].image)
     return [
         LoadImaged(keys=("image", "label"), reader=reader, image_only=True),
         EnsureChannelFirstd(keys=("image", "label")),
         NormalizeIntensityd(keys="image", channel_wise=True),
-        _LabelToClasses(instance=spec.task == "instance"),
+        _LabelToClasses(instance=spec.task == "instance" and not keep_instances),
         EnsureTyped(keys="image", dtype=torch.float32),
     ]
 
@@ -201,7 +202,7 @@ def image_channels(spec: SiteSpec) -> int:
     return int(eval_transforms(spec)(to_dicts([first])[0])["image"].shape[0])
 
 
-def train_transforms(spec: SiteSpec, patch_size: int) -> Compose:
+def train_transforms(spec: SiteSpec, patch_size: int, keep_instances: bool = False) -> Compose:
     """Loading plus a foreground-balanced random patch per case and random flips."""
     roi = (patch_size,) * spec.spatial_dims
     aug = [
@@ -209,12 +210,12 @@ def train_transforms(spec: SiteSpec, patch_size: int) -> Compose:
         RandCropByPosNegLabeld(keys=("image", "label"), label_key="label", spatial_size=roi,
                                pos=1, neg=1, num_samples=1),
     ] + [RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=a) for a in range(spec.spatial_dims)]
-    return Compose(base_transforms(spec) + aug)
+    return Compose(base_transforms(spec, keep_instances) + aug)
 
 
-def eval_transforms(spec: SiteSpec) -> Compose:
-    """Loading only: whole images, scored by sliding-window inference."""
-    return Compose(base_transforms(spec))
+def eval_transforms(spec: SiteSpec, keep_instances: bool = False) -> Compose:
+    """Loading only: whole images, scored by sliding-window or tiled inference."""
+    return Compose(base_transforms(spec, keep_instances))
 
 
 def to_dicts(cases: list[Case]) -> list[dict[str, str]]:
