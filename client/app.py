@@ -15,6 +15,7 @@ from torch import nn
 from fedseg.client.audit import outbox_audit_mod
 from fedseg.client.privacy import (PrivacyLedger, admit, check_dp_compatible, client_level_clipping_mod,
                                    plan_round)
+from fedseg.client.instance_trainer import evaluate_instances, train_instances
 from fedseg.client.site import SiteLocation, resolve_site
 from fedseg.client.state import SiteState
 from fedseg.client.trainer import adapt_norm_statistics, evaluate_local, train_local
@@ -24,6 +25,7 @@ from fedseg.common.data import (DataError, SiteSpec, case_seed, check_site, imag
 from fedseg.common.models import ModelSpec, build_model, local_keys, split_state
 from fedseg.common.records import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PrivacyBoundaryError,
                                    scalar_metrics, shared_record, to_state)
+from fedseg.common.weights import load_pretrained
 
 log = logging.getLogger(__name__)
 SITE_ERROR = 3100  # Flower error code for a site that refuses a message with a clear reason
@@ -93,13 +95,18 @@ def _prepare(msg: Message, site: SiteLocation, config: dict) -> _Round:
     run_keys = set(keys())  # Flower adds its own keys (server-round, clipping_norm): read ours only
     cfg = RunConfig.from_dict({k: v for k, v in config.items() if k in run_keys})
     mspec = ModelSpec(int(config["model-spatial-dims"]), int(config["model-in-channels"]),
-                      int(config["model-out-channels"]), cfg.channels, cfg.norm)
+                      int(config["model-out-channels"]), cfg.channels, cfg.norm, cfg.model,
+                      cfg.backbone, cfg.patch_size)
     spec = read_site(site.ref, seed=cfg.seed)
     if spec.spatial_dims != mspec.spatial_dims:
         raise DataError(f"site {spec.name} has spatial_dims={spec.spatial_dims}, the run trains "
                         f"a {mspec.spatial_dims}D model")
+    if cfg.model == "maskrcnn" and spec.task != "instance":
+        raise DataError(f"site {spec.name} is a '{spec.task}' site; model=maskrcnn needs task=instance")
     model = build_model(mspec)
     local = local_keys(model, cfg.local_layers)
+    if site.pretrained:  # the site's own file fills what the server never sends: its local layers
+        load_pretrained(model, site.pretrained)
     state = SiteState(site.state_dir)
     saved = state.load_local_layers()
     if saved:
@@ -118,11 +125,13 @@ def _train(msg: Message, site: SiteLocation, config: dict) -> RecordDict:
         raise DataError(f"site {spec.name} has no training cases (held-out sites only evaluate)")
     plan, ledger = None, None
     if cfg.dp == "sample":
-        check_dp_compatible(model)
+        if cfg.model == "unet":  # Mask R-CNN's DP is per-case clipping, no per-layer samplers
+            check_dp_compatible(model)
         ledger = PrivacyLedger(site.state_dir)
         plan = plan_round(cfg, len(train_cases), ledger)
     admit(site.policy, cfg.dp, plan, ledger, spec.name)  # before any training
-    result = train_local(
+    train = train_instances if cfg.model == "maskrcnn" else train_local
+    result = train(
         model, spec, train_cases, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
         patch_size=cfg.patch_size, seed=case_seed(cfg.seed, spec.name, server_round),
         proximal_mu=float(config.get("proximal-mu", 0.0)) if cfg.strategy == "fedprox" else 0.0,
@@ -143,13 +152,14 @@ def _train(msg: Message, site: SiteLocation, config: dict) -> RecordDict:
 def _evaluate(msg: Message, site: SiteLocation, config: dict) -> RecordDict:
     r = _prepare(msg, site, config)
     _, val_cases = split_training(r.spec, r.cfg.val_fraction, r.cfg.seed)
-    scores = evaluate_local(r.model, r.spec, val_cases, patch_size=r.cfg.patch_size,
-                            device=site.device, min_group_cases=r.cfg.min_group_cases)
+    evaluate = evaluate_instances if r.cfg.model == "maskrcnn" else evaluate_local
+    scores = evaluate(r.model, r.spec, val_cases, patch_size=r.cfg.patch_size,
+                      device=site.device, min_group_cases=r.cfg.min_group_cases)
     if r.spec.name in r.cfg.heldout_sites:  # an unseen hospital: also score after adapting norms
         adapted = scores  # no BatchNorm to adapt: the adapted model is the plain one
         if adapt_norm_statistics(r.model, r.spec, val_cases, patch_size=r.cfg.patch_size,
                                  seed=r.cfg.seed, device=site.device):
-            adapted = evaluate_local(r.model, r.spec, val_cases, patch_size=r.cfg.patch_size,
-                                     device=site.device, min_group_cases=r.cfg.min_group_cases)
+            adapted = evaluate(r.model, r.spec, val_cases, patch_size=r.cfg.patch_size,
+                               device=site.device, min_group_cases=r.cfg.min_group_cases)
         scores |= {f"tta-{k}": v for k, v in adapted.items() if not k.startswith("group-")}
     return RecordDict({METRICS: scalar_metrics({**scores, NUM_EXAMPLES: len(val_cases)})})

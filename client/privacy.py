@@ -1,7 +1,9 @@
 """Record-level DP at a site: Opacus DP-SGD, the site's privacy ledger, and the site's own policy.
 
-The privacy unit is one case (patient): Opacus samples cases by Poisson sampling and each sampled
-case contributes one patch per step. The ledger keeps the RDP accountant's history in the site's
+The privacy unit is one case (patient): cases are Poisson-sampled and each sampled case
+contributes one patch per step. U-Nets train through Opacus; Mask R-CNN through exact per-case
+clipping by micro-batches (``private_gradient``), accounted by the same Opacus RDP accountant in
+the same ledger and refused by the same policy. The ledger keeps the RDP accountant's history in the site's
 state dir, so epsilon keeps growing across rounds and restarts and the server can never reset it.
 """
 
@@ -11,6 +13,7 @@ import json
 import secrets
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,7 +214,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any
         engine = PrivacyEngine(accountant=ACCOUNTANT)
     engine.accountant = ledger.accountant()
     torch.seed()  # Opacus' Poisson sampler uses the global generator: reseed it from the OS
-    noise = torch.Generator().manual_seed(secrets.randbits(63))
+    noise = noise_generator("cpu")
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm, poisson_sampling=True, noise_generator=noise)
@@ -221,6 +224,40 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any
     # batch so that an empty batch comes out as zero-length tensors of the right structure.
     loader.collate_fn([loader.dataset[0]])
     return model, optimizer, loader, engine
+
+
+def noise_generator(device: str | torch.device) -> torch.Generator:
+    """A generator seeded from OS entropy, never from the run seed (see ``make_private``)."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+
+
+def private_gradient(params: list[nn.Parameter], case_losses: Iterable[torch.Tensor],
+                     plan: DPRound, expected_batch_size: float, generator: torch.Generator) -> list[float]:
+    """Set ``p.grad`` to one DP-SGD step's noisy mean of per-case gradients clipped to norm C.
+
+    Each loss is one case's own forward pass (a micro-batch of one), so its gradient is exactly
+    that case's: Opacus' per-layer grad samplers cannot do this for Mask R-CNN, whose RPN and
+    RoI heads put proposals, not cases, on the batch axis (platform facts §4). Like Opacus, the
+    sum of clipped gradients plus N(0, (sigma C)^2) noise is divided by the expected batch size.
+
+    Returns:
+        Each case's gradient norm after clipping (<= C), in order.
+    """
+    total = [torch.zeros_like(p) for p in params]
+    clipped_norms = []
+    for loss in case_losses:
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        scale = min(1.0, plan.max_grad_norm / (float(norm) + 1e-6))
+        for acc, g in zip(total, grads):
+            acc.add_(g, alpha=scale)
+        clipped_norms.append(float(norm) * scale)
+    std = plan.noise_multiplier * plan.max_grad_norm
+    for p, acc in zip(params, total):
+        noise = torch.normal(0.0, std, acc.shape, generator=generator, device=acc.device)
+        p.grad = (acc + noise) / expected_batch_size
+    return clipped_norms
 
 
 def client_level_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -15,12 +15,14 @@ SIM_POLICIES_FILE = "site_policies.json"
 
 @dataclass(frozen=True)
 class SiteLocation:
-    """A site's data and its private state folder, plus the compute device it asked for."""
+    """A site's data and its private state folder, plus the compute device it asked for and
+    its own pretrained weights file (node config ``pretrained-weights``; "" for none)."""
 
     ref: SiteRef
     state_dir: Path
     device: str = "cpu"
     policy: SitePolicy = SitePolicy()
+    pretrained: str = ""
 
 
 def resolve_site(node_config: dict[str, Any], config: dict[str, Any]) -> SiteLocation:
@@ -44,7 +46,8 @@ def resolve_site(node_config: dict[str, Any], config: dict[str, Any]) -> SiteLoc
             raise DataError("node config names 'site-dir' but no 'state-dir' (where local layers are kept)")
         name = str(node_config.get("site-name", site_dir.name))
         policy = _policy(node_config, "node config")
-        return SiteLocation(SiteRef(name, site_dir), Path(str(node_config["state-dir"])), device, policy)
+        return SiteLocation(SiteRef(name, site_dir), Path(str(node_config["state-dir"])), device, policy,
+                            str(node_config.get("pretrained-weights", "")))
     if "partition-id" not in node_config or not config.get("study-dir"):
         raise DataError("this node has no 'site-dir' in its node config (deployment) and no "
                         "partition-id/study-dir (simulation): cannot tell which site it is")

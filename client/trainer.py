@@ -77,7 +77,7 @@ def train_local(
                         generator=torch.Generator().manual_seed(seed))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    anchors = _proximal_anchors(model, proximal_mu, global_params, device)
+    anchors = proximal_anchors(model, proximal_mu, global_params, device)
     model.to(device).train()
     net, engine = model, None
     if dp is not None:
@@ -181,9 +181,10 @@ def adapt_norm_statistics(model: nn.Module, spec: SiteSpec, cases: list[Case], *
     return len(bns)
 
 
-def _proximal_anchors(
+def proximal_anchors(
     model: nn.Module, mu: float, global_params: dict[str, torch.Tensor] | None, device: str
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, its global value) pairs for FedProx's term; empty when ``mu`` is 0."""
     if mu <= 0 or not global_params:
         return []
     return [(p, global_params[name].detach().to(device)) for name, p in model.named_parameters()

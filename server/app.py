@@ -16,6 +16,7 @@ from fedseg.common.config import ConfigError, RunConfig
 from fedseg.common.data import study_sites
 from fedseg.common.models import ModelSpec, build_model, local_keys, split_state
 from fedseg.common.records import CONFIG, shared_record
+from fedseg.common.weights import load_pretrained
 from fedseg.server.checkpoints import latest_checkpoint, save_checkpoint, save_global_model
 from fedseg.server.evaluation import RoundRecorder, summarize
 from fedseg.server.outputs import RunFolder, now, versions
@@ -50,6 +51,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     torch.manual_seed(cfg.seed)
     model = build_model(mspec)
     local = local_keys(model, cfg.local_layers)
+    pretrained = None
+    if cfg.pretrained_weights and start_state is None:
+        pretrained = load_pretrained(model, cfg.pretrained_weights)
     if start_state is not None:
         model.load_state_dict(start_state, strict=False)
     shared, _ = split_state(model, local)
@@ -70,7 +74,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         info = {"config": cfg.to_dict(), "model": mspec.to_dict(), "versions": versions(),
                 "sites": {i["site"]: _public(i) for i in sites.values()},
                 "training_sites": training_sites, "heldout_sites": sorted(cfg.heldout_sites),
-                "seed": cfg.seed, "started": now(), "ended": None}
+                "seed": cfg.seed, "started": now(), "ended": None,
+                "pretrained": pretrained.to_dict() if pretrained else None}
     folder.write_run_info(info)
 
     recorder = RoundRecorder()
@@ -187,7 +192,13 @@ def _model_spec(cfg: RunConfig, sites: dict[int, dict[str, Any]]) -> ModelSpec:
     dims = int(info["spatial-dims"])
     if cfg.spatial_dims and cfg.spatial_dims != dims:
         raise ConfigError(f"run-config 'spatial-dims' = {cfg.spatial_dims} but the sites hold {dims}D data")
-    return ModelSpec(dims, int(info["in-channels"]), int(info["num-classes"]), cfg.channels, cfg.norm)
+    if cfg.model == "maskrcnn":
+        semantic = sorted(i["site"] for i in sites.values() if i["task"] != "instance")
+        if semantic or dims != 2:
+            raise ConfigError("run-config 'model' = 'maskrcnn' needs 2D sites with task=instance; "
+                              + (f"semantic site(s): {semantic}" if semantic else f"the sites hold {dims}D data"))
+    return ModelSpec(dims, int(info["in-channels"]), int(info["num-classes"]), cfg.channels, cfg.norm,
+                     cfg.model, cfg.backbone, cfg.patch_size)
 
 
 def _discovery_config(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:

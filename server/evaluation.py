@@ -10,6 +10,8 @@ from flwr.app import Message, RecordDict
 
 from fedseg.common.records import ARRAYS, METRICS, record_bytes
 
+INSTANCE_METRICS = ("pq", "aji", "ap50")  # reported by Mask R-CNN sites beside foreground Dice
+
 
 class RoundRecorder:
     """Collects what each site reported in a round: scalars, payload bytes, errors."""
@@ -68,6 +70,10 @@ def summarize(rounds: list[dict[str, Any]], training_sites: list[str],
     if heldout_sites:
         summary["heldout"] = {s: last["eval"].get(s, {}) for s in heldout_sites}
         summary["heldout_summary"] = site_spread({s: m.get("dice") for s, m in summary["heldout"].items()})
+    instance = {group: _instance_means(summary.get(group, {}))
+                for group in ("sites", "heldout") if _instance_means(summary.get(group, {}))}
+    if instance:
+        summary["instance"] = instance
     epsilon = {s: e for s in training_sites
                if (e := _latest(rounds, s, "epsilon")) is not None}
     if epsilon:
@@ -82,6 +88,19 @@ def summarize(rounds: list[dict[str, Any]], training_sites: list[str],
         best = max(scored, key=lambda x: x[1])
         summary["best_round"] = {"round": best[0], "mean_dice": best[1]}
     return summary
+
+
+def _instance_means(per_site: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """Mean and worst site of each instance score (PQ, AJI, AP@0.5) over sites that report it."""
+    out = {}
+    for metric in INSTANCE_METRICS:
+        values = {s: m[metric] for s, m in per_site.items()
+                  if metric in m and m[metric] is not None and math.isfinite(m[metric])}
+        if values:
+            worst = min(values, key=values.get)
+            out[metric] = {"mean": sum(values.values()) / len(values), "worst_site": worst,
+                           "worst": values[worst]}
+    return out
 
 
 def _latest(rounds: list[dict[str, Any]], site: str, key: str) -> Any:

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedseg.common.atomic import atomic_write_bytes  # noqa: E402
+from fedseg.server.evaluation import INSTANCE_METRICS  # noqa: E402
 from fedseg.server.outputs import RunFolder  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -30,14 +31,16 @@ def site_table(run_dir: str | Path) -> str:
     info = folder.read_run_info()
     sites = info["training_sites"] + info["heldout_sites"]
     epsilon = summary.get("record_level_dp", {}).get("epsilon", {})
+    instance = [m for m in INSTANCE_METRICS if rounds and any(m in e for e in rounds[-1]["eval"].values())]
     head = ["site"] + [f"r{r['round']}" for r in rounds] + ["final dice", "final hd95"]
-    head += ["epsilon"] if epsilon else []
+    head += [f"final {m}" for m in instance] + (["epsilon"] if epsilon else [])
     rows = []
     for site in sites:
         per_round = [_fmt(r["eval"].get(site, {}).get("dice")) for r in rounds]
         final = rounds[-1]["eval"].get(site, {}) if rounds else {}
         tag = " (held-out)" if site in info["heldout_sites"] else ""
         row = [site + tag] + per_round + [_fmt(final.get("dice")), _fmt(final.get("hd95"), 2)]
+        row += [_fmt(final.get(m)) for m in instance]
         rows.append(row + ([_fmt(epsilon.get(site), 2)] if epsilon else []))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [head] + rows]
@@ -71,6 +74,10 @@ def write_report(run_dir: str | Path, gallery: list[dict[str, Any]] | None = Non
         "dice.png": _curves(rounds, training + heldout, "eval", "dice", "validation Dice"),
         "loss.png": _curves(rounds, training, "train", "train-loss", "training loss"),
     }
+    for metric in INSTANCE_METRICS:
+        if any(metric in e for r in rounds for e in r["eval"].values()):
+            figures[f"{metric}.png"] = _curves(rounds, training + heldout, "eval", metric,
+                                               f"validation {metric.upper()}")
     if summary.get("record_level_dp"):
         figures["epsilon.png"] = _curves(rounds, training, "train", "epsilon", "epsilon (record-level)")
     for name, png in figures.items():

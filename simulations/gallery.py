@@ -45,13 +45,13 @@ def make_gallery(run_dir: str | Path, max_sites: int = 4) -> list[dict[str, Any]
     run_dir = Path(run_dir)
     info = json.loads((run_dir / "run.json").read_text())
     cfg = info["config"]
-    if not cfg.get("study-dir") or not Path(cfg["study-dir"]).is_dir():
-        return []
+    if not cfg.get("study-dir") or not Path(cfg["study-dir"]).is_dir() or cfg.get("model") == "maskrcnn":
+        return []  # occlusion maps explain a U-Net's per-pixel logits; Mask R-CNN has none
     items = []
     refs = {r.name: r for r in study_sites(cfg["study-dir"], cfg.get("split-site", 0))}
     for site in (info["training_sites"] + info["heldout_sites"])[:max_sites]:
         state = run_dir / "site-state" / site.replace("#", "-part")
-        model, patch = load_site_model(run_dir / "model" / "global.pt", state if state.is_dir() else None)
+        model, _, patch = load_site_model(run_dir / "model" / "global.pt", state if state.is_dir() else None)
         spec = read_site(refs[site], seed=cfg["seed"])
         _, val = split_training(spec, cfg["val-fraction"], cfg["seed"])
         transform = eval_transforms(spec)

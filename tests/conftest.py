@@ -28,6 +28,14 @@ def study_3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def study_instance(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 instance sites (nuclei-like blobs), 2D, 6 cases of 48x48 each."""
+    out = tmp_path_factory.mktemp("study-instance")
+    write_study(out, sites=3, dims=2, cases=6, size=48, task="instance", shift=0.5, seed=5)
+    return out
+
+
 def tiny_config(study: Path, out: Path, **changes: object) -> RunConfig:
     """Smallest useful run: 2 rounds, 1 epoch, 8/16 channels, 32 px patches."""
     base = dict(study_dir=str(study), output_dir=str(out), num_server_rounds=2, local_epochs=1,

@@ -29,12 +29,17 @@ def _stop(pids: set[int]) -> None:
 
 
 @pytest.mark.skipif(shutil.which("flwr") is None, reason="flwr CLI not on PATH")
-def test_flwr_run_local_writes_the_same_run_folder(study_2d, tmp_path):
+@pytest.mark.parametrize("model", ["unet", "maskrcnn"])
+def test_flwr_run_local_writes_the_same_run_folder(model, request, tmp_path):
     before = _superlinks()
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"),
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    run_config = (f"study-dir='{study_2d}' num-server-rounds=1 output-dir='{tmp_path / 'runs'}' "
-                  "run-name='cli' patch-size=32 channels='8,16'")
+    if model == "unet":
+        study, extra = request.getfixturevalue("study_2d"), "patch-size=32 channels='8,16'"
+    else:
+        study, extra = request.getfixturevalue("study_instance"), "model='maskrcnn' norm='group' patch-size=48"
+    run_config = (f"study-dir='{study}' num-server-rounds=1 output-dir='{tmp_path / 'runs'}' "
+                  f"run-name='cli' {extra}")
     try:
         proc = subprocess.run(["flwr", "run", ".", "local", "--stream", "--run-config", run_config,
                                "--federation-config", "num-supernodes=3"],
@@ -45,3 +50,5 @@ def test_flwr_run_local_writes_the_same_run_folder(study_2d, tmp_path):
     assert (run_dir / "summary.json").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     (record,) = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert sorted(record["eval"]) == ["site-a", "site-b", "site-c"]
+    if model == "maskrcnn":
+        assert all({"pq", "aji", "ap50", "dice"} <= set(m) for m in record["eval"].values())

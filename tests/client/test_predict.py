@@ -42,8 +42,8 @@ def test_2d_predictions_are_pngs_of_the_image_shape_and_use_local_layers(tmp_pat
     (site,) = write_study(tmp_path / "study", sites=1, dims=2, cases=1, size=24, seed=0)
     Image.fromarray(np.zeros((24, 40), np.uint8)).save(site / "images" / "wide.png")
     model = _run_dir(tmp_path, ModelSpec(2, 1, 2, (4, 8), "instance"))
-    with_local, _ = load_site_model(model, tmp_path / "state")
-    without, _ = load_site_model(model, None)
+    with_local, _, _ = load_site_model(model, tmp_path / "state")
+    without, _, _ = load_site_model(model, None)
     norm_key = next(iter(SiteState(tmp_path / "state").load_local_layers()))
     assert not torch.equal(with_local.state_dict()[norm_key], without.state_dict()[norm_key])
     assert main(["predict", str(site / "images"), str(tmp_path / "out"), "--model", str(model),

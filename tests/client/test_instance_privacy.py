@@ -1,0 +1,100 @@
+"""Mask R-CNN under record-level DP: exact per-case clipping, epsilon in the site's ledger, and
+the site's own budget, through the real ClientApp with a hospital's node config."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from fedseg.client.app import app as client_app
+from fedseg.client.instance_trainer import _crop
+from fedseg.client.privacy import LEDGER_FILE, DPRound, private_gradient
+from fedseg.common.config import RunConfig
+from fedseg.common.data import read_site, train_transforms, to_dicts
+from fedseg.common.models import ModelSpec, build_model, local_keys, split_state
+from fedseg.common.records import shared_record
+from fedseg.simulations.synth import write_study
+from tests.client.test_privacy import independent_epsilon, server_identity  # noqa: F401
+
+SIZE = 48
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = write_study(tmp_path_factory.mktemp("inst"), sites=1, cases=4, size=SIZE, task="instance", seed=4)[0]
+    return read_site(root)
+
+
+def _model():
+    return build_model(ModelSpec(2, 1, 2, (8, 16), "group", "maskrcnn", "slim", SIZE))
+
+
+def test_each_case_gradient_is_clipped_to_c(site):
+    from monai.data import Dataset
+
+    torch.manual_seed(0)
+    model = _model().train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    data = Dataset(to_dicts(list(site.training)), train_transforms(site, SIZE, keep_instances=True))
+    crops = [_crop(data, i, "cpu") for i in range(4)]
+    raw = []
+    for image, target in crops:
+        grads = torch.autograd.grad(sum(model([image], [target]).values()), params, allow_unused=True)
+        raw.append(float(torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None))))
+    c = min(raw) / 4  # every case is over the bound, so every case is clipped
+    plan = DPRound(noise_multiplier=0.0, max_grad_norm=c, sample_rate=1.0, steps=1, delta=1e-5)
+    losses = (sum(model([i], [t]).values()) for i, t in crops)
+    clipped = private_gradient(params, losses, plan, 1.0, torch.Generator().manual_seed(0))
+    assert len(clipped) == 4 and all(n <= c * (1 + 1e-5) for n in clipped)
+    assert all(n == pytest.approx(c, rel=1e-4) for n in clipped)
+    total = float(torch.sqrt(sum(p.grad.double().pow(2).sum() for p in params)))
+    assert total <= 4 * c * (1 + 1e-5)  # the sum of four vectors of norm <= C
+    # one case, no noise: the update is that case's gradient, rescaled to norm C (same direction)
+    image, target = crops[0]
+    torch.manual_seed(1)  # Mask R-CNN samples proposals at random: same draw for both passes
+    private_gradient(params, [sum(model([image], [target]).values())], plan, 1.0, torch.Generator())
+    dp_grad = torch.cat([p.grad.flatten() for p in params]).double()  # float32 norm() is off by 1e-3
+    torch.manual_seed(1)
+    ref = torch.autograd.grad(sum(model([image], [target]).values()), params, allow_unused=True)
+    ref = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, ref)]).double()
+    assert float(dp_grad.norm()) == pytest.approx(c, rel=1e-4) and float(ref.norm()) > c
+    assert float(torch.nn.functional.cosine_similarity(dp_grad, ref, dim=0)) == pytest.approx(1.0, abs=1e-4)
+
+
+def _train_message(cfg: RunConfig, server_round: int) -> Message:
+    model = _model()
+    shared, _ = split_state(model, local_keys(model, cfg.local_layers))
+    config = {k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in cfg.to_dict().items()}
+    config |= {"model-spatial-dims": 2, "model-in-channels": 1, "model-out-channels": 2,
+               "server-round": server_round}
+    content = RecordDict({"arrays": shared_record(shared, set()), "config": ConfigRecord(config)})
+    return Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
+
+
+def _node(site_dir: Path, state_dir: Path, **extra) -> Context:
+    return Context(run_id=1, node_id=7, node_config={"site-dir": str(site_dir), "state-dir": str(state_dir),
+                                                     **extra}, state=RecordDict(), run_config={})
+
+
+def test_epsilon_matches_the_accountant_across_restarts_and_the_budget_is_enforced(site, tmp_path):
+    cfg = RunConfig(model="maskrcnn", norm="group", patch_size=SIZE, dp="sample", dp_noise_multiplier=1.5,
+                    dp_max_grad_norm=1.0, batch_size=1, local_epochs=1, lr=0.01)
+    state = tmp_path / "state"
+    n_train = 3  # 4 cases, one kept for validation
+    q, steps = 1 / n_train, n_train
+    budget = (independent_epsilon(q, 1.5, 2 * steps, 1e-5) + independent_epsilon(q, 1.5, 3 * steps, 1e-5)) / 2
+    node = _node(site.root, state, **{"max-epsilon": budget})
+    for server_round in (1, 2):  # each call builds everything anew, as a restarted SuperNode would
+        reply = client_app(_train_message(cfg, server_round), node)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        expected = independent_epsilon(q, 1.5, server_round * steps, 1e-5)
+        assert reply.content["metrics"]["epsilon"] == pytest.approx(expected, rel=1e-9)
+    ledger = json.loads((state / LEDGER_FILE).read_text())
+    assert ledger["history"] == [[1.5, q, 2 * steps]] and len(ledger["rounds"]) == 2
+    saved = (state / "local_layers.pt").read_bytes()
+    refused = client_app(_train_message(cfg, 3), node)  # would go over the site's max-epsilon
+    assert refused.has_error() and "refuses" in refused.error.reason
+    assert json.loads((state / LEDGER_FILE).read_text()) == ledger
+    assert (state / "local_layers.pt").read_bytes() == saved  # nothing trained
