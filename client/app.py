@@ -13,8 +13,8 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from fedseg.client.audit import outbox_audit_mod
-from fedseg.client.privacy import (PrivacyLedger, admit, check_dp_compatible, client_level_clipping_mod,
-                                   plan_round)
+from fedseg.client.client_level_dp import client_level_clipping_mod
+from fedseg.client.privacy import PrivacyLedger, admit, check_dp_compatible, plan_round
 from fedseg.client.instance_trainer import evaluate_instances, train_instances
 from fedseg.client.site import SiteLocation, resolve_site
 from fedseg.client.state import SiteState

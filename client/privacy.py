@@ -19,10 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Context, Message, MessageType
-from flwr.clientapp.mod import fixedclipping_mod
-from flwr.clientapp.typing import ClientAppCallable
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -30,7 +26,6 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from fedseg.common.atomic import atomic_write_json
-from fedseg.common.records import CONFIG
 
 LEDGER_FILE = "privacy_ledger.json"
 ACCOUNTANT = "rdp"  # Opacus RDPAccountant (Renyi DP of the subsampled Gaussian mechanism)
@@ -258,12 +253,3 @@ def private_gradient(params: list[nn.Parameter], case_losses: Iterable[torch.Ten
         noise = torch.normal(0.0, std, acc.shape, generator=generator, device=acc.device)
         p.grad = (acc + noise) / expected_batch_size
     return clipped_norms
-
-
-def client_level_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """``dp=client``: Flower's ``fixedclipping_mod`` on training rounds whose config carries the
-    server wrapper's clipping norm; every other message passes through untouched."""
-    config = msg.content.config_records.get(CONFIG)
-    if msg.metadata.message_type == MessageType.TRAIN and config and KEY_CLIPPING_NORM in config:
-        return fixedclipping_mod(msg, context, call_next)
-    return call_next(msg, context)

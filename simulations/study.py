@@ -11,19 +11,21 @@ import csv
 import io
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fedseg.client.instance_trainer import evaluate_instances, train_instances
 from fedseg.client.trainer import evaluate_local, train_local
 from fedseg.common.atomic import atomic_write_bytes, atomic_write_json
 from fedseg.common.config import RunConfig
 from fedseg.common.data import (SiteSpec, case_seed, image_channels, read_site, split_training,
                                study_sites)
 from fedseg.common.models import ModelSpec, build_model
-from fedseg.server.evaluation import site_spread
+from fedseg.server.evaluation import INSTANCE_METRICS, site_spread
 from fedseg.server.report import write_study_report
 from fedseg.simulations.simulate import simulate
 
@@ -50,7 +52,7 @@ def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None)
     name = cfg.run_name or f"{Path(cfg.study_dir).name}-study-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(cfg.output_dir) / name
     out.mkdir(parents=True, exist_ok=True)
-    scores: dict[str, dict[str, float | None]] = {}
+    scores: dict[str, dict[str, dict[str, float]]] = {}
     matrix: list[list[float | None]] = []
     started = time.monotonic()
     for index, baseline in enumerate(baselines):
@@ -61,14 +63,15 @@ def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None)
             run = simulate(cfg.replace(output_dir=str(out / "runs"), run_name=baseline, resume=False,
                                        **FEDERATED[baseline]), num_cpus=num_cpus)
             final = json.loads((run / "rounds.jsonl").read_text().splitlines()[-1])["eval"]
-            scores[baseline] = {s: final.get(s, {}).get("dice") for s in specs}
+            scores[baseline] = {s: final.get(s, {}) for s in specs}
         elif baseline == "pooled":
             scores[baseline] = _train_and_score(cfg, specs, training, seed_site="pooled")
         else:
-            matrix = [list(_train_and_score(cfg, specs, [site], seed_site=site).values())
-                      for site in training]
-            scores[baseline] = {s: row[list(specs).index(s)] for s, row in zip(training, matrix)}
-            scores[baseline] |= {s: None for s in heldout}  # no local model exists for them
+            local = {site: _train_and_score(cfg, specs, [site], seed_site=site) for site in training}
+            matrix = [[local[t][s].get("dice") for s in specs] for t in training]
+            scores[baseline] = {s: local[s][s] for s in training}
+            scores[baseline] |= {s: {k: _mean([local[t][s].get(k) for t in training]) for k in local[training[0]][s]}
+                                 for s in heldout}  # an unseen site scored by every local model: their mean
     comparison = _rank(scores, training, heldout)
     atomic_write_json(out / "comparison.json", {"baselines": comparison, "training_sites": training,
                                                 "heldout_sites": heldout, "config": cfg.to_dict()})
@@ -89,33 +92,45 @@ def _train_and_score(cfg: RunConfig, specs: dict[str, SiteSpec], train_at: list[
     federated run gives them (rounds x local epochs passes), scored at every site."""
     cases = [c for s in train_at for c in split_training(specs[s], cfg.val_fraction, cfg.seed)[0]]
     first = specs[train_at[0]]
-    mspec = ModelSpec(first.spatial_dims, image_channels(first), first.num_classes, cfg.channels, cfg.norm)
+    mspec = ModelSpec(first.spatial_dims, image_channels(first), first.num_classes, cfg.channels, cfg.norm,
+                      cfg.model, cfg.backbone, cfg.patch_size)
     torch.manual_seed(cfg.seed)
     model = build_model(mspec)
-    train_local(model, first, cases, epochs=cfg.num_server_rounds * cfg.local_epochs,
-                batch_size=cfg.batch_size, lr=cfg.lr, patch_size=cfg.patch_size,
-                seed=case_seed(cfg.seed, seed_site, 0))
+    instance = cfg.model == "maskrcnn"
+    (train_instances if instance else train_local)(
+        model, first, cases, epochs=cfg.num_server_rounds * cfg.local_epochs, batch_size=cfg.batch_size,
+        lr=cfg.lr, patch_size=cfg.patch_size, seed=case_seed(cfg.seed, seed_site, 0))
     out = {}
     for site, spec in specs.items():
         val = split_training(spec, cfg.val_fraction, cfg.seed)[1]
-        out[site] = evaluate_local(model, spec, val, patch_size=cfg.patch_size).get("dice")
+        out[site] = (evaluate_instances if instance else evaluate_local)(model, spec, val,
+                                                                         patch_size=cfg.patch_size)
     return out
 
 
-def _rank(scores: dict[str, dict[str, float | None]], training: list[str],
+def _rank(scores: dict[str, dict[str, dict[str, float]]], training: list[str],
           heldout: list[str]) -> list[dict[str, Any]]:
     rows = []
-    for baseline, per_site in scores.items():
-        fed = site_spread({s: per_site.get(s) for s in training})
-        held = site_spread({s: per_site.get(s) for s in heldout}) if heldout else {}
-        rows.append({"baseline": baseline, "mean_dice": fed["mean"], "worst_site": fed["worst_site"],
-                     "worst_dice": fed["worst_dice"], "gap": fed["gap"],
-                     "heldout_mean_dice": held.get("mean"),
-                     **{f"dice:{s}": per_site.get(s) for s in training + heldout}})
+    for baseline, metrics in scores.items():
+        per_site = {s: metrics.get(s, {}).get("dice") for s in training + heldout}
+        fed = site_spread({s: per_site[s] for s in training})
+        held = site_spread({s: per_site[s] for s in heldout}) if heldout else {}
+        row = {"baseline": baseline, "mean_dice": fed["mean"], "worst_site": fed["worst_site"],
+               "worst_dice": fed["worst_dice"], "gap": fed["gap"], "heldout_mean_dice": held.get("mean")}
+        for metric in INSTANCE_METRICS:  # Mask R-CNN studies: PQ, AJI, AP@0.5 beside Dice
+            if any(metric in metrics.get(s, {}) for s in training):
+                row[f"mean_{metric}"] = _mean([metrics.get(s, {}).get(metric) for s in training])
+                row[f"heldout_{metric}"] = _mean([metrics.get(s, {}).get(metric) for s in heldout])
+        rows.append(row | {f"dice:{s}": per_site[s] for s in training + heldout})
     rows.sort(key=lambda r: -(r["mean_dice"] if r["mean_dice"] is not None else -1))
     for rank, row in enumerate(rows, start=1):
         row["rank"] = rank
     return rows
+
+
+def _mean(values: list[float | None]) -> float | None:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

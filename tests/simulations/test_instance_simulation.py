@@ -93,3 +93,16 @@ def test_predict_writes_instance_masks(dp_run, study_instance, tmp_path, capsys)
         ids = sorted(int(i) for i in np.unique(mask) if i > 0)
         assert ids == list(range(1, len(ids) + 1))  # instance ids 1..N
     assert str(written[0]) in capsys.readouterr().out
+
+
+def test_study_compares_instance_baselines_with_pq_and_aji(study_instance, tmp_path):
+    assert main(["study", str(study_instance), "--baselines", "local,pooled,fedavg", "--model", "maskrcnn",
+                 "--norm", "group", "--patch-size", str(SIZE), "--rounds", "1", "--batch-size", "2",
+                 "--heldout-sites", "site-c", "--output-dir", str(tmp_path), "--run-name", "s",
+                 "--num-cpus", "2"]) == 0
+    rows = {r["baseline"]: r for r in json.loads((tmp_path / "s" / "comparison.json").read_text())["baselines"]}
+    assert set(rows) == {"local", "pooled", "fedavg"}
+    for name, row in rows.items():
+        for key in ("mean_pq", "mean_aji", "heldout_pq", "heldout_aji", "heldout_ap50"):
+            assert row[key] is None or 0.0 <= row[key] <= 1.0, (name, key)
+        assert "heldout_aji" in row
