@@ -5,8 +5,8 @@ Usage: python -m benchmarks.maskrcnn_step_time [--device cuda] [--backbones slim
            [--site ../shared/data/monuseg/site1-breast-bladder]
 A step is one optimizer update on ``--batch-size`` random 256 px crops (DP: a Poisson sample of
 that expected size, each case's gradient clipped alone). Fixed costs (loading and caching tiles)
-are removed by timing two runs of different length and dividing the difference in time by the
-difference in steps.
+(loading and caching tiles, moving the model) are measured by a zero-epoch run and subtracted;
+a one-epoch run first warms up the device.
 """
 
 from __future__ import annotations
@@ -25,29 +25,27 @@ from fedseg.common.data import eval_transforms, read_site, to_dicts
 from fedseg.common.models import ModelSpec, build_model
 
 
-def seconds_per_step(backbone: str, site_dir: Path, batch: int, dp: bool, device: str,
-                     epochs: tuple[int, int]) -> float:
+def timed_run(backbone: str, site_dir: Path, batch: int, epochs: int, dp: bool, device: str) -> tuple[float, int]:
+    """Wall seconds of one ``train_instances`` call from a fresh model, and its optimizer steps."""
     spec = read_site(site_dir)
     cases = list(spec.training)
-    n_steps = -(-len(cases) // batch)
-    timings = []
-    for e in epochs:
-        torch.manual_seed(0)
-        model = build_model(ModelSpec(2, 3, 2, (8, 16), "group", "maskrcnn", backbone, 256))
-        plan = None
-        if dp:
-            plan = (DPRound(1.0, 1.0, 1 / n_steps, e * n_steps, 1e-5),
-                    PrivacyLedger(tempfile.mkdtemp()), 1)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        train_instances(model, spec, cases, epochs=e, batch_size=batch, lr=0.01, patch_size=256, seed=0,
-                        device=device, dp=plan)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        timings.append((time.perf_counter() - start, e * n_steps))
-    (t1, s1), (t2, s2) = timings
-    return (t2 - t1) / (s2 - s1)
+    steps = epochs * -(-len(cases) // batch)
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(2, 3, 2, (8, 16), "group", "maskrcnn", backbone, 256))
+    plan = None
+    if dp:
+        plan = (DPRound(1.0, 1.0, steps and epochs / steps, steps, 1e-5), PrivacyLedger(tempfile.mkdtemp()), 1)
+    _sync(device)
+    start = time.perf_counter()
+    train_instances(model, spec, cases, epochs=epochs, batch_size=batch, lr=0.01, patch_size=256, seed=0,
+                    device=device, dp=plan)
+    _sync(device)
+    return time.perf_counter() - start, steps
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def seconds_per_image(backbone: str, site_dir: Path, device: str) -> float:
@@ -65,22 +63,26 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backbones", default="slim")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--epochs", default="1,3", help="two run lengths, in epochs over the site")
+    parser.add_argument("--epochs", type=int, default=5, help="timed epochs over the site's tiles")
     parser.add_argument("--site", default=str(SHARED_DATA / "monuseg" / "site1-breast-bladder"))
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    epochs = tuple(int(e) for e in args.epochs.split(","))
+    site, batch, device = Path(args.site), args.batch_size, args.device
     rows = []
     for backbone in args.backbones.split(","):
-        plain = seconds_per_step(backbone, Path(args.site), args.batch_size, False, args.device, epochs)
-        private = seconds_per_step(backbone, Path(args.site), args.batch_size, True, args.device, epochs)
+        timed_run(backbone, site, batch, 1, False, device)  # warm-up
+        fixed, _ = timed_run(backbone, site, batch, 0, False, device)
+        seconds, steps = timed_run(backbone, site, batch, args.epochs, False, device)
+        plain = (seconds - fixed) / steps
+        seconds, steps = timed_run(backbone, site, batch, args.epochs, True, device)
+        private = (seconds - fixed) / steps
         rows.append({"backbone": backbone, "device": args.device, "s/step": plain, "DP s/step": private,
                      "DP / non-DP": private / plain,
                      "s per 1000x1000 tile (inference)": seconds_per_image(backbone, Path(args.site), args.device)})
-    report(f"maskrcnn_step_time_{args.device}", rows, {"batch_size": args.batch_size, "crop": 256,
-                                                      "torch_threads": torch.get_num_threads()})
+    report(f"maskrcnn_step_time_{device}", rows, {"batch_size": batch, "crop": 256, "epochs": args.epochs,
+                                                 "site": site.name, "torch_threads": torch.get_num_threads()})
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from fedseg.client.trainer import TrainResult, proximal_anchors
 from fedseg.common.data import Case, SiteSpec, eval_transforms, to_dicts, train_transforms
 from fedseg.common.instance_metrics import InstanceScores
 from fedseg.common.instances import Detections, predict_instances, targets_from_instances
+from fedseg.common.maskrcnn import SCORE_THRESHOLD
 
 GRAD_CLIP = 10.0  # non-DP only: keeps from-scratch Mask R-CNN stable in its first steps
 
@@ -94,7 +95,8 @@ def segment_instances(model: nn.Module, image: torch.Tensor, tile: int, device: 
     """Instance map (H, W) and per-instance scores of a whole (C, H, W) image, tile by tile
     (neighbouring tiles overlap by a quarter tile)."""
     model.to(device).eval()
-    return predict_instances(lambda t: model([t.to(device)])[0], _plain(image), tile, tile // 4)
+    return predict_instances(lambda t: model([t.to(device)])[0], _plain(image), tile, tile // 4,
+                             SCORE_THRESHOLD)
 
 
 @torch.no_grad()

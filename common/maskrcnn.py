@@ -23,6 +23,7 @@ ASPECT_RATIOS = ((0.5, 1.0, 2.0),) * len(ANCHOR_SIZES)
 NUM_CLASSES = 2  # background + object: instance sites declare one foreground class
 HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.")  # class-specific layers
 MAX_DETECTIONS = 300  # a 256 px MoNuSeg crop holds up to ~150 nuclei
+SCORE_THRESHOLD = 0.5  # detections scoring lower are dropped before their masks are pasted
 
 
 def build_maskrcnn(in_channels: int, backbone: str, norm: str, image_size: int) -> MaskRCNN:
@@ -70,6 +71,7 @@ def build_maskrcnn(in_channels: int, backbone: str, norm: str, image_size: int) 
         box_predictor=FastRCNNPredictor(box_dim, NUM_CLASSES),
         box_batch_size_per_image=128,  # RoI heads dominate the cost (platform facts §4)
         box_detections_per_img=MAX_DETECTIONS,
+        box_score_thresh=SCORE_THRESHOLD,
         mask_roi_pool=MultiScaleRoIAlign(levels, 14, 2),
         mask_head=mask_head,
         mask_predictor=MaskRCNNPredictor(width, width, NUM_CLASSES),
