@@ -55,7 +55,7 @@ def train_instances(
     model.to(device).train()
     losses: list[float] = []
 
-    def case_loss(items: list[tuple[torch.Tensor, Detections]]) -> torch.Tensor:
+    def crops_loss(items: list[tuple[torch.Tensor, Detections]]) -> torch.Tensor:
         loss = sum(model([i for i, _ in items], [t for _, t in items]).values())
         if anchors:
             loss = loss + proximal_mu / 2 * sum((p - a).pow(2).sum() for p, a in anchors)
@@ -68,7 +68,7 @@ def train_instances(
     if dp is None:
         for batch in _shuffled_batches(len(cases), batch_size, epochs, seed):
             optimizer.zero_grad(set_to_none=True)
-            case_loss([_crop(dataset, i, device) for i in batch]).backward()
+            crops_loss([_crop(dataset, i, device) for i in batch]).backward()
             torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
             optimizer.step()
         steps, epsilon = len(losses), None
@@ -78,7 +78,7 @@ def train_instances(
         sampler, noise = noise_generator("cpu"), noise_generator(device)
         for batch in _poisson_batches(len(cases), plan, sampler):
             optimizer.zero_grad(set_to_none=True)
-            private_gradient(params, (case_loss([_crop(dataset, i, device)]) for i in batch), plan,
+            private_gradient(params, (crops_loss([_crop(dataset, i, device)]) for i in batch), plan,
                              plan.sample_rate * len(cases), noise)
             optimizer.step()
             accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)

@@ -140,8 +140,7 @@ class InstanceScores:
         self.matches += ap_matches(ov, {i + 1: s for i, s in enumerate(scores)})
         self.num_gt += len(ov.gt_area)
         self.num_pred += len(ov.pred_area)
-        fg = lambda m: (m > 0).to(torch.int64)[None, None]  # noqa: E731
-        self.semantic.add(fg(pred), fg(gt), spacing, group)
+        self.semantic.add(_foreground(pred), _foreground(gt), spacing, group)
 
     def result(self) -> dict[str, float]:
         """``pq``, ``sq``, ``rq``, ``aji``, ``ap50``, foreground ``dice``/``hd95`` and instance counts."""
@@ -155,3 +154,8 @@ class InstanceScores:
         out["instances-true"] = float(self.num_gt)
         out["instances-found"] = float(self.num_pred)
         return out
+
+
+def _foreground(instances: torch.Tensor) -> torch.Tensor:
+    """(H, W) instance map -> (1, 1, H, W) foreground class map."""
+    return (instances > 0).to(torch.int64)[None, None]

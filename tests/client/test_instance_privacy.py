@@ -98,3 +98,25 @@ def test_epsilon_matches_the_accountant_across_restarts_and_the_budget_is_enforc
     assert refused.has_error() and "refuses" in refused.error.reason
     assert json.loads((state / LEDGER_FILE).read_text()) == ledger
     assert (state / "local_layers.pt").read_bytes() == saved  # nothing trained
+
+
+def test_site_pretrained_weights_fill_its_local_layers_and_a_bad_file_is_refused(site, tmp_path):
+    cfg = RunConfig(model="maskrcnn", norm="group", patch_size=SIZE, local_layers="norm", lr=1e-9,
+                    batch_size=2, local_epochs=1)
+    mine = _model()
+    with torch.no_grad():
+        for module in mine.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.fill_(0.5)
+    torch.save(mine.state_dict(), tmp_path / "site-weights.pt")
+    state = tmp_path / "state"
+    reply = client_app(_train_message(cfg, 1), _node(site.root, state, **{"pretrained-weights":
+                                                                          str(tmp_path / "site-weights.pt")}))
+    assert not reply.has_error()
+    local = torch.load(state / "local_layers.pt", weights_only=True)["tensors"]
+    norm_weights = [v for k, v in local.items() if k.endswith("weight")]
+    assert norm_weights and all(torch.allclose(v, torch.full_like(v, 0.5), atol=1e-4) for v in norm_weights)
+    (tmp_path / "broken.pt").write_bytes(b"\x00" * 10)
+    bad = client_app(_train_message(cfg, 1), _node(site.root, tmp_path / "s2", **{"pretrained-weights":
+                                                                                str(tmp_path / "broken.pt")}))
+    assert bad.has_error() and "broken.pt: not a PyTorch weights file" in bad.error.reason

@@ -37,6 +37,10 @@ def test_round_trip_through_kebab_dict():
     ({"dp": "sample", "norm": "batch"}, "norm"),
     ({"dp": "sample", "strategy": "fedprox"}, "strategy"),
     ({"dp": "client", "strategy": "fedadam"}, "strategy"),
+    ({"model": "maskrcnn", "norm": "batch"}, "norm"),  # 1-4 crops per step: no batch statistics
+    ({"model": "unet", "norm": "frozen"}, "norm"),
+    ({"model": "maskrcnn", "backbone": "vgg"}, "backbone"),
+    ({"model": "maskrcnn", "spatial-dims": 3}, "spatial-dims"),
 ])
 def test_bad_value_names_the_key(raw, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
