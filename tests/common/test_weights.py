@@ -48,3 +48,16 @@ def test_incompatible_or_corrupt_files_fail_clearly(tmp_path):
         load_pretrained(_maskrcnn(), tmp_path / "list.pt")
     with pytest.raises(WeightsError, match="file not found"):
         load_pretrained(_maskrcnn(), tmp_path / "missing.pt")
+
+
+def test_torchvision_maskrcnn_r50_checkpoint_loads_all_but_the_class_specific_predictors(tmp_path):
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    coco_layout = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    torch.save(coco_layout.state_dict(), tmp_path / "maskrcnn_r50_coco.pt")  # 91 COCO classes
+    model = build_model(ModelSpec(2, 3, 2, (8, 16), "frozen", "maskrcnn", "resnet50", 256))
+    report = load_pretrained(model, tmp_path / "maskrcnn_r50_coco.pt")
+    not_loaded = set(model.state_dict()) - set(report.loaded)
+    assert {k.rsplit(".", 2)[0] for k in not_loaded} == {"roi_heads.box_predictor", "roi_heads.mask_predictor"}
+    assert torch.equal(model.state_dict()["backbone.fpn.layer_blocks.0.0.weight"],
+                       coco_layout.state_dict()["backbone.fpn.layer_blocks.0.0.weight"])
