@@ -41,7 +41,7 @@ def main() -> None:
              "held-out AP50": r["heldout_ap50"], "held-out Dice": r["heldout_mean_dice"],
              "in-fed PQ": r["mean_pq"], "in-fed AJI": r["mean_aji"], "in-fed Dice": r["mean_dice"]}
             for r in comparison]
-    report(f"monuseg_maskrcnn_{args.backbone}", rows, {
+    report(f"monuseg_maskrcnn_{args.backbone}_r{args.rounds}_e{args.local_epochs}", rows, {
         "rounds": args.rounds, "local_epochs": args.local_epochs, "lr": args.lr, "backbone": args.backbone,
         "patch_size": 256, "batch_size": 4, "seconds": round(time.monotonic() - started),
         "study_dir": str(out)})
