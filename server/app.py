@@ -232,8 +232,10 @@ def _public(info: dict[str, Any]) -> dict[str, Any]:
 def _log_round(record: dict[str, Any], total: int) -> None:
     loss = ", ".join(f"{s} {m['train-loss']:.3f}" for s, m in record["train"].items())
     dice = ", ".join(f"{s} {m.get('dice', float('nan')):.3f}" for s, m in record["eval"].items())
+    aji = ", ".join(f"{s} {m['aji']:.3f}" for s, m in record["eval"].items() if m.get("aji") is not None)
     eps = ", ".join(f"{s} {m['epsilon']:.2f}" for s, m in record["train"].items() if "epsilon" in m)
-    log.info("round %d/%d done in %.1fs | train loss: %s | val dice: %s%s", record["round"], total,
-             record["seconds"], loss or "-", dice or "-", f" | epsilon: {eps}" if eps else "")
+    log.info("round %d/%d done in %.1fs | train loss: %s | val dice: %s%s%s", record["round"], total,
+             record["seconds"], loss or "-", dice or "-", f" | val AJI: {aji}" if aji else "",
+             f" | epsilon: {eps}" if eps else "")
     for site, reason in record["errors"].items():
         log.warning("round %d: site %s: %s", record["round"], site, reason)
