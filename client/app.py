@@ -105,12 +105,12 @@ def _prepare(msg: Message, site: SiteLocation, config: dict) -> _Round:
         raise DataError(f"site {spec.name} is a '{spec.task}' site; model=maskrcnn needs task=instance")
     model = build_model(mspec)
     local = local_keys(model, cfg.local_layers)
-    if site.pretrained:  # the site's own file fills what the server never sends: its local layers
-        load_pretrained(model, site.pretrained)
     state = SiteState(site.state_dir)
     saved = state.load_local_layers()
     if saved:
         model.load_state_dict(saved, strict=False)
+    elif site.pretrained:  # until the site has its own local layers, its file fills them
+        load_pretrained(model, site.pretrained)
     shared = to_state(msg.content[ARRAYS], keep=set(model.state_dict()) - local)
     model.load_state_dict(shared, strict=False)
     return _Round(cfg, spec, model, local, state, shared)

@@ -70,8 +70,8 @@ def summarize(rounds: list[dict[str, Any]], training_sites: list[str],
     if heldout_sites:
         summary["heldout"] = {s: last["eval"].get(s, {}) for s in heldout_sites}
         summary["heldout_summary"] = site_spread({s: m.get("dice") for s, m in summary["heldout"].items()})
-    instance = {group: _instance_means(summary.get(group, {}))
-                for group in ("sites", "heldout") if _instance_means(summary.get(group, {}))}
+    instance = {group: _instance_means(summary.get(group, {})) for group in ("sites", "heldout")}
+    instance = {group: means for group, means in instance.items() if means}
     if instance:
         summary["instance"] = instance
     epsilon = {s: e for s in training_sites
