@@ -94,9 +94,8 @@ class _Round:
 def _prepare(msg: Message, site: SiteLocation, config: dict) -> _Round:
     run_keys = set(keys())  # Flower adds its own keys (server-round, clipping_norm): read ours only
     cfg = RunConfig.from_dict({k: v for k, v in config.items() if k in run_keys})
-    mspec = ModelSpec(int(config["model-spatial-dims"]), int(config["model-in-channels"]),
-                      int(config["model-out-channels"]), cfg.channels, cfg.norm, cfg.model,
-                      cfg.backbone, cfg.patch_size)
+    mspec = ModelSpec.for_run(cfg, int(config["model-spatial-dims"]), int(config["model-in-channels"]),
+                              int(config["model-out-channels"]))
     spec = read_site(site.ref, seed=cfg.seed)
     if spec.spatial_dims != mspec.spatial_dims:
         raise DataError(f"site {spec.name} has spatial_dims={spec.spatial_dims}, the run trains "

@@ -8,13 +8,12 @@ AP, and COCO's tools (pycocotools) are not a dependency.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fedseg.common.metrics import SegmentationScores
+from fedseg.common.metrics import SegmentationScores, finite_mean
 
 
 @dataclass(frozen=True)
@@ -148,8 +147,7 @@ class InstanceScores:
         if not out:
             return out
         for name, values in self.per_image.items():
-            finite = [v for v in values if math.isfinite(v)]
-            out[name] = sum(finite) / len(finite) if finite else float("nan")
+            out[name] = finite_mean(values)
         out["ap50"] = average_precision(self.matches, self.num_gt)
         out["instances-true"] = float(self.num_gt)
         out["instances-found"] = float(self.num_pred)

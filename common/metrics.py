@@ -41,7 +41,7 @@ class SegmentationScores:
         y_pred, y = one_hot(pred, self.num_classes), one_hot(label, self.num_classes)
         case_dice = self.dice(y_pred=y_pred, y=y)
         if group:
-            self.groups.setdefault(group, []).append(_nanmean(case_dice.flatten().tolist()))
+            self.groups.setdefault(group, []).append(finite_mean(case_dice.flatten().tolist()))
         with warnings.catch_warnings():  # empty structures give NaN distances, skipped below
             warnings.simplefilter("ignore")
             self.hd95(y_pred=y_pred, y=y, spacing=list(spacing))
@@ -57,15 +57,16 @@ class SegmentationScores:
         for label, (d, h) in enumerate(zip(dice, hd95), start=1):
             out[f"dice-{label}"] = float(d)
             out[f"hd95-{label}"] = float(h)
-        out["dice"] = _nanmean(dice)
-        out["hd95"] = _nanmean(hd95)
+        out["dice"] = finite_mean(dice)
+        out["hd95"] = finite_mean(hd95)
         for group, values in sorted(self.groups.items()):
             if len(values) >= self.min_group_cases:
-                out[f"group-dice:{group}"] = _nanmean(values)
+                out[f"group-dice:{group}"] = finite_mean(values)
                 out[f"group-cases:{group}"] = float(len(values))
         return out
 
 
-def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
+def finite_mean(values: list[float | None]) -> float:
+    """Mean of the finite values (None and NaN skipped); NaN when there are none."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
     return sum(finite) / len(finite) if finite else float("nan")

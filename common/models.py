@@ -11,6 +11,7 @@ from monai.networks.nets import UNet
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 
+from fedseg.common.config import RunConfig
 from fedseg.common.maskrcnn import HEAD_PREFIXES, build_maskrcnn
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -50,6 +51,12 @@ class ModelSpec:
     def from_dict(cls, raw: dict[str, Any]) -> ModelSpec:
         """Inverse of ``to_dict``."""
         return cls(**{**raw, "channels": tuple(raw["channels"])})
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, spatial_dims: int, in_channels: int, out_channels: int) -> ModelSpec:
+        """The run's model (architecture keys of ``cfg``) for data of this shape."""
+        return cls(spatial_dims, in_channels, out_channels, cfg.channels, cfg.norm, cfg.model,
+                   cfg.backbone, cfg.patch_size)
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

@@ -197,8 +197,7 @@ def _model_spec(cfg: RunConfig, sites: dict[int, dict[str, Any]]) -> ModelSpec:
         if semantic or dims != 2:
             raise ConfigError("run-config 'model' = 'maskrcnn' needs 2D sites with task=instance; "
                               + (f"semantic site(s): {semantic}" if semantic else f"the sites hold {dims}D data"))
-    return ModelSpec(dims, int(info["in-channels"]), int(info["num-classes"]), cfg.channels, cfg.norm,
-                     cfg.model, cfg.backbone, cfg.patch_size)
+    return ModelSpec.for_run(cfg, dims, int(info["in-channels"]), int(info["num-classes"]))
 
 
 def _discovery_config(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:

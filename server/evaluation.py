@@ -94,12 +94,10 @@ def _instance_means(per_site: dict[str, dict[str, float]]) -> dict[str, dict[str
     """Mean and worst site of each instance score (PQ, AJI, AP@0.5) over sites that report it."""
     out = {}
     for metric in INSTANCE_METRICS:
-        values = {s: m[metric] for s, m in per_site.items()
-                  if metric in m and m[metric] is not None and math.isfinite(m[metric])}
-        if values:
-            worst = min(values, key=values.get)
-            out[metric] = {"mean": sum(values.values()) / len(values), "worst_site": worst,
-                           "worst": values[worst]}
+        spread = site_spread({s: m.get(metric) for s, m in per_site.items()})
+        if spread["mean"] is not None:
+            out[metric] = {"mean": spread["mean"], "worst_site": spread["worst_site"],
+                           "worst": spread["worst_dice"]}
     return out
 
 

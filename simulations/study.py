@@ -24,6 +24,7 @@ from fedseg.common.atomic import atomic_write_bytes, atomic_write_json
 from fedseg.common.config import RunConfig
 from fedseg.common.data import (SiteSpec, case_seed, image_channels, read_site, split_training,
                                study_sites)
+from fedseg.common.metrics import finite_mean
 from fedseg.common.models import ModelSpec, build_model
 from fedseg.server.evaluation import INSTANCE_METRICS, site_spread
 from fedseg.server.report import write_study_report
@@ -92,8 +93,7 @@ def _train_and_score(cfg: RunConfig, specs: dict[str, SiteSpec], train_at: list[
     federated run gives them (rounds x local epochs passes), scored at every site."""
     cases = [c for s in train_at for c in split_training(specs[s], cfg.val_fraction, cfg.seed)[0]]
     first = specs[train_at[0]]
-    mspec = ModelSpec(first.spatial_dims, image_channels(first), first.num_classes, cfg.channels, cfg.norm,
-                      cfg.model, cfg.backbone, cfg.patch_size)
+    mspec = ModelSpec.for_run(cfg, first.spatial_dims, image_channels(first), first.num_classes)
     torch.manual_seed(cfg.seed)
     model = build_model(mspec)
     instance = cfg.model == "maskrcnn"
@@ -129,8 +129,8 @@ def _rank(scores: dict[str, dict[str, dict[str, float]]], training: list[str],
 
 
 def _mean(values: list[float | None]) -> float | None:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else None
+    mean = finite_mean(values)
+    return mean if math.isfinite(mean) else None  # JSON/CSV: empty, not NaN
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
