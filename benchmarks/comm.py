@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import report
-from fedseg.simulations.cli import setup_logging
+from fedseg.common.cli import setup_logging
 from fedseg.common.config import RunConfig
 from fedseg.common.models import ModelSpec, build_model, local_keys
 from fedseg.simulations.simulate import simulate
@@ -30,8 +30,9 @@ def main() -> None:
                         local_layers=layers, seed=0)
         run_dir = simulate(cfg, num_cpus=2)
         (record,) = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
-        model = build_model(ModelSpec(2, 1, 3, cfg.channels, cfg.norm))
-        local = local_keys(model, layers)
+        spec = ModelSpec(2, 1, 3, cfg.channels, cfg.norm)
+        model = build_model(spec)
+        local = local_keys(model, spec, layers)
         shared = {k: v for k, v in model.state_dict().items() if k not in local}
         float32 = sum(v.numel() * 4 for v in shared.values())
         for site, metrics in record["train"].items():

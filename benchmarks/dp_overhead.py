@@ -2,42 +2,36 @@
 
 Usage: python benchmarks/dp_overhead.py [--steps 10 --size 128]
 Both sides: the same MONAI U-Net (channels 16,32,64,128, instance norm), batch 8 of 1x128x128,
-DiceCE loss, SGD. The DP side goes through fedseg's own Opacus wrapping (Poisson sampling with
-rate 8/N, per-case clipping, Gaussian noise, RDP accounting); the median of the steps after one
-warm-up step is reported. Empty Poisson batches are not timed.
+DiceCE loss, SGD, through fedseg's own training-loop steps: ``PlainStep`` and ``OpacusStep``
+(per-case clipping, Gaussian noise); the median of the steps after one warm-up step is reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 
 import torch
-from monai.losses import DiceCELoss
-from torch.utils.data import DataLoader
 
 from benchmarks.common import report
-from fedseg.client.privacy import DPRound, PrivacyLedger, make_private
+from fedseg.client.privacy import DPRound, OpacusStep, noise_generator
+from fedseg.client.tasks import task_for
+from fedseg.client.trainer import PlainStep
 from fedseg.common.models import ModelSpec, build_model
 
 
-def time_steps(model, optimizer, loader, steps: int) -> list[float]:
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+def time_steps(step, optimizer, data: list[dict], steps: int) -> list[float]:
+    """Seconds of ``steps`` full optimizer steps of batch 8 (after one warm-up step)."""
     times: list[float] = []
-    while len(times) < steps + 1:
-        for batch in loader:
-            if batch["image"].shape[0] == 0:
-                continue
-            start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(batch["image"]), batch["label"]).backward()
-            optimizer.step()
-            times.append(time.perf_counter() - start)
-            if len(times) == steps + 1:
-                break
-    return times[1:]  # the first step warms up
+    for i in range(steps + 1):
+        batch = [data[(8 * i + j) % len(data)] for j in range(8)]
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        step(batch)
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return times[1:]
 
 
 def main() -> None:
@@ -49,17 +43,17 @@ def main() -> None:
     data = [{"image": torch.rand(1, args.size, args.size, generator=gen),
              "label": (torch.rand(1, args.size, args.size, generator=gen) > 0.7).long()} for _ in range(64)]
     spec = ModelSpec(2, 1, 2, (16, 32, 64, 128), "instance")
+    task = task_for(spec)
     torch.manual_seed(0)
     plain = build_model(spec)
-    plain_t = time_steps(plain, torch.optim.SGD(plain.parameters(), lr=0.01),
-                         DataLoader(data, batch_size=8, shuffle=True), args.steps)
+    step = PlainStep(task, plain, "cpu", [], 0.0)
+    plain_t = time_steps(step, task.optimizer(plain, 0.01), data, args.steps)
     torch.manual_seed(0)
     dp_model = build_model(spec)
     plan = DPRound(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=8 / 64, steps=args.steps, delta=1e-5)
-    net, opt, loader, _ = make_private(dp_model, torch.optim.SGD(dp_model.parameters(), lr=0.01),
-                                       DataLoader(data, batch_size=8), plan,
-                                       PrivacyLedger(tempfile.mkdtemp()))
-    dp_t = time_steps(net, opt, loader, args.steps)
+    dp_step = OpacusStep(task, dp_model, plan, 8.0, noise_generator("cpu"), "cpu")
+    dp_t = time_steps(dp_step, dp_step.wrap(task.optimizer(dp_model, 0.01)), data, args.steps)
+    dp_step.close()
     p, d = statistics.median(plain_t), statistics.median(dp_t)
     rows = [{"step": "non-DP SGD", "median s/step": p, "ratio": 1.0},
             {"step": "DP-SGD (Opacus, fedseg)", "median s/step": d, "ratio": d / p}]

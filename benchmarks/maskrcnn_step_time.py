@@ -19,26 +19,31 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import SHARED_DATA, report
-from fedseg.client.instance_trainer import segment_instances, train_instances
-from fedseg.client.privacy import DPRound, PrivacyLedger
+from fedseg.client.privacy import DPSession, SitePolicy
+from fedseg.client.tasks import task_for
+from fedseg.client.trainer import train_local
+from fedseg.common.config import DPSettings
 from fedseg.common.data import eval_transforms, read_site, to_dicts
 from fedseg.common.models import ModelSpec, build_model
 
+SPEC = {b: ModelSpec(2, 3, 2, (8, 16), "group", "maskrcnn", b, 256) for b in ("slim", "resnet50")}
+
 
 def timed_run(backbone: str, site_dir: Path, batch: int, epochs: int, dp: bool, device: str) -> tuple[float, int]:
-    """Wall seconds of one ``train_instances`` call from a fresh model, and its optimizer steps."""
+    """Wall seconds of one ``train_local`` call from a fresh model, and its optimizer steps."""
     spec = read_site(site_dir)
     cases = list(spec.training)
     steps = epochs * -(-len(cases) // batch)
     torch.manual_seed(0)
-    model = build_model(ModelSpec(2, 3, 2, (8, 16), "group", "maskrcnn", backbone, 256))
-    plan = None
+    model = build_model(SPEC[backbone])
+    session = None
     if dp:
-        plan = (DPRound(1.0, 1.0, steps and epochs / steps, steps, 1e-5), PrivacyLedger(tempfile.mkdtemp()), 1)
+        session = DPSession.open(DPSettings("sample"), SitePolicy(), tempfile.mkdtemp(), num_cases=len(cases),
+                                 batch_size=batch, epochs=epochs, run="bench", server_round=1, site=spec.name)
     _sync(device)
     start = time.perf_counter()
-    train_instances(model, spec, cases, epochs=epochs, batch_size=batch, lr=0.01, patch_size=256, seed=0,
-                    device=device, dp=plan)
+    train_local(model, task_for(SPEC[backbone]), spec, cases, epochs=epochs, batch_size=batch, lr=0.01,
+                patch_size=256, seed=0, device=device, dp=session)
     _sync(device)
     return time.perf_counter() - start, steps
 
@@ -50,11 +55,11 @@ def _sync(device: str) -> None:
 
 def seconds_per_image(backbone: str, site_dir: Path, device: str) -> float:
     spec = read_site(site_dir)
-    model = build_model(ModelSpec(2, 3, 2, (8, 16), "group", "maskrcnn", backbone, 256))
+    model, task = build_model(SPEC[backbone]).to(device).eval(), task_for(SPEC[backbone])
     image = eval_transforms(spec, keep_instances=True)(to_dicts([spec.training[0]])[0])["image"]
-    segment_instances(model, image, 256, device)  # warm-up
+    task.infer(model, image, 256, device)  # warm-up
     start = time.perf_counter()
-    segment_instances(model, image, 256, device)
+    task.infer(model, image, 256, device)
     return time.perf_counter() - start
 
 

@@ -1,31 +1,28 @@
-"""fedseg ClientApp: query / train / evaluate handlers; wiring only (work is in trainer.py)."""
+"""fedseg ClientApp: query / train / evaluate handlers; wiring only (the work is in site.py,
+site_model.py, tasks.py, trainer.py and privacy.py)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-
-import torch
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from torch import nn
 
+from fedseg.client.adaptation import adapt_norm_statistics
 from fedseg.client.audit import outbox_audit_mod
 from fedseg.client.client_level_dp import client_level_clipping_mod
-from fedseg.client.privacy import PrivacyLedger, admit, check_dp_compatible, plan_round
-from fedseg.client.instance_trainer import evaluate_instances, train_instances
-from fedseg.client.site import SiteLocation, resolve_site
-from fedseg.client.state import SiteState
-from fedseg.client.trainer import adapt_norm_statistics, evaluate_local, train_local
-from fedseg.common.config import RunConfig, keys
-from fedseg.common.data import (DataError, SiteSpec, case_seed, check_site, image_channels,
-                               read_site, split_training)
-from fedseg.common.models import ModelSpec, build_model, local_keys, split_state
+from fedseg.client.privacy import DPSession
+from fedseg.client.site import SiteLocation, describe_site, resolve_site
+from fedseg.client.site_model import round_model
+from fedseg.client.state import run_key
+from fedseg.client.tasks import task_for
+from fedseg.client.trainer import train_local
+from fedseg.common.config import SiteData, SiteRoundConfig
+from fedseg.common.data import DataError, case_seed, read_site, split_training
+from fedseg.common.models import split_state
 from fedseg.common.records import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PrivacyBoundaryError,
-                                   scalar_metrics, shared_record, to_state)
-from fedseg.common.weights import load_pretrained
+                                   scalar_metrics, shared_record)
 
 log = logging.getLogger(__name__)
 SITE_ERROR = 3100  # Flower error code for a site that refuses a message with a clear reason
@@ -36,7 +33,7 @@ app = ClientApp(mods=[outbox_audit_mod, client_level_clipping_mod])  # audit see
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Report the site's data-contract status and dataset shape (metadata only, no file names)."""
-    return _guarded(msg, context, _describe_site)
+    return _guarded(msg, context, _describe)
 
 
 @app.train()
@@ -52,113 +49,67 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def _guarded(msg: Message, context: Context,
-             handler: Callable[[Message, SiteLocation, dict], RecordDict]) -> Message:
-    config = dict(msg.content[CONFIG]) if CONFIG in msg.content.config_records else {}
+             handler: Callable[[Message, dict], RecordDict]) -> Message:
     try:
-        site = resolve_site(dict(context.node_config), config)
-        return Message(handler(msg, site, config), reply_to=msg)
+        return Message(handler(msg, dict(context.node_config)), reply_to=msg)
     except (ValueError, PrivacyBoundaryError, FloatingPointError, RuntimeError) as err:
         log.error("%s", err)
         return Message(Error(code=SITE_ERROR, reason=str(err).splitlines()[0]), reply_to=msg)
 
 
-def _describe_site(msg: Message, site: SiteLocation, config: dict) -> RecordDict:
-    problems = check_site(site.ref.site_dir)
-    if problems:
-        for problem in problems:  # full detail stays in the site's own log
-            log.error("site %s: %s", site.ref.name, problem)
-        return RecordDict({CONFIG: ConfigRecord({"site": site.ref.name, "problems": len(problems)})})
-    spec = read_site(site.ref, seed=int(config.get("seed", 0)))
-    train, val = split_training(spec, float(config.get("val-fraction", 0.25)), int(config.get("seed", 0)))
-    in_channels = image_channels(spec)
-    return RecordDict({CONFIG: ConfigRecord({
-        "site": site.ref.name, "problems": 0, "spatial-dims": spec.spatial_dims,
-        "in-channels": in_channels, "num-classes": spec.num_classes, "task": spec.task,
-        "label-names": [spec.labels.get(i, str(i)) for i in range(spec.num_classes)],
-        "num-train": len(train) if spec.training else 0, "num-val": len(val),
-    })})
+def _describe(msg: Message, node_config: dict) -> RecordDict:
+    data = SiteData.from_record(msg.content[CONFIG])
+    site = resolve_site(node_config, data)
+    info, problems = describe_site(site, data)
+    for problem in problems:  # full detail stays in the site's own log
+        log.error("site %s: %s", site.ref.name, problem)
+    return RecordDict({CONFIG: ConfigRecord(info)})
 
 
-@dataclass
-class _Round:
-    """A site's model for this round: global shared weights + its own local layers."""
-
-    cfg: RunConfig
-    spec: SiteSpec
-    model: nn.Module
-    local: set[str]
-    state: SiteState
-    shared: dict[str, torch.Tensor]
+def _open_round(msg: Message, node_config: dict) -> tuple[SiteRoundConfig, SiteLocation, int]:
+    cfg = SiteRoundConfig.from_record(msg.content[CONFIG])
+    return cfg, resolve_site(node_config, cfg.data), int(msg.content[CONFIG]["server-round"])
 
 
-def _prepare(msg: Message, site: SiteLocation, config: dict) -> _Round:
-    run_keys = set(keys())  # Flower adds its own keys (server-round, clipping_norm): read ours only
-    cfg = RunConfig.from_dict({k: v for k, v in config.items() if k in run_keys})
-    mspec = ModelSpec.for_run(cfg, int(config["model-spatial-dims"]), int(config["model-in-channels"]),
-                              int(config["model-out-channels"]))
-    spec = read_site(site.ref, seed=cfg.seed)
-    if spec.spatial_dims != mspec.spatial_dims:
-        raise DataError(f"site {spec.name} has spatial_dims={spec.spatial_dims}, the run trains "
-                        f"a {mspec.spatial_dims}D model")
-    if cfg.model == "maskrcnn" and spec.task != "instance":
-        raise DataError(f"site {spec.name} is a '{spec.task}' site; model=maskrcnn needs task=instance")
-    model = build_model(mspec)
-    local = local_keys(model, cfg.local_layers)
-    state = SiteState(site.state_dir)
-    saved = state.load_local_layers()
-    if saved:
-        model.load_state_dict(saved, strict=False)
-    elif site.pretrained:  # until the site has its own local layers, its file fills them
-        load_pretrained(model, site.pretrained)
-    shared = to_state(msg.content[ARRAYS], keep=set(model.state_dict()) - local)
-    model.load_state_dict(shared, strict=False)
-    return _Round(cfg, spec, model, local, state, shared)
-
-
-def _train(msg: Message, site: SiteLocation, config: dict) -> RecordDict:
-    r = _prepare(msg, site, config)
-    cfg, spec, model = r.cfg, r.spec, r.model
-    server_round = int(config["server-round"])
-    train_cases, _ = split_training(spec, cfg.val_fraction, cfg.seed)
-    if not train_cases:
+def _train(msg: Message, node_config: dict) -> RecordDict:
+    cfg, site, server_round = _open_round(msg, node_config)
+    spec = read_site(site.ref, seed=cfg.data.seed)
+    cases, _ = split_training(spec, cfg.data.val_fraction, cfg.data.seed)
+    if not cases:
         raise DataError(f"site {spec.name} has no training cases (held-out sites only evaluate)")
-    plan, ledger = None, None
-    if cfg.dp == "sample":
-        if cfg.model == "unet":  # Mask R-CNN's DP is per-case clipping, no per-layer samplers
-            check_dp_compatible(model)
-        ledger = PrivacyLedger(site.state_dir)
-        plan = plan_round(cfg, len(train_cases), ledger)
-    admit(site.policy, cfg.dp, plan, ledger, spec.name)  # before any training
-    train = train_instances if cfg.model == "maskrcnn" else train_local
-    result = train(
-        model, spec, train_cases, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-        patch_size=cfg.patch_size, seed=case_seed(cfg.seed, spec.name, server_round),
-        proximal_mu=float(config.get("proximal-mu", 0.0)) if cfg.strategy == "fedprox" else 0.0,
-        global_params=r.shared, device=site.device,
-        dp=(plan, ledger, server_round) if plan else None,
-    )
-    new_shared, new_local = split_state(model, r.local)
-    r.state.save_local_layers(new_local, server_round)
+    dp = DPSession.open(cfg.dp, site.policy, site.state_dir, num_cases=len(cases),
+                        batch_size=cfg.batch_size, epochs=cfg.local_epochs,
+                        run=run_key(cfg.run_name, cfg.run_id), server_round=server_round,
+                        site=spec.name)  # the site's policy admits the round before anything runs
+    mine = round_model(cfg, site, msg.content[ARRAYS].to_torch_state_dict())
+    task = task_for(cfg.model)
+    result = train_local(
+        mine.model, task, spec, cases, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+        lr=cfg.lr, patch_size=cfg.patch_size, seed=case_seed(cfg.data.seed, spec.name, server_round),
+        proximal_mu=cfg.proximal_mu, global_params=mine.shared, device=site.device, dp=dp)
+    mine.save_local_layers(server_round)
     log.info("site %s round %d: loss %.4f over %d cases, %d steps", spec.name, server_round,
              result.loss, result.num_examples, result.steps)
     metrics = {"train-loss": result.loss, NUM_EXAMPLES: result.num_examples, "steps": result.steps}
-    if plan is not None:
-        metrics |= {"epsilon": result.epsilon, "delta": plan.delta,
-                    "noise-multiplier": plan.noise_multiplier}
-    return RecordDict({ARRAYS: shared_record(new_shared, r.local), METRICS: scalar_metrics(metrics)})
+    if dp is not None:
+        metrics |= {"epsilon": result.epsilon, "delta": dp.plan.delta,
+                    "noise-multiplier": dp.plan.noise_multiplier}
+    shared, _ = split_state(mine.model, mine.local)
+    return RecordDict({ARRAYS: shared_record(shared, mine.local), METRICS: scalar_metrics(metrics)})
 
 
-def _evaluate(msg: Message, site: SiteLocation, config: dict) -> RecordDict:
-    r = _prepare(msg, site, config)
-    _, val_cases = split_training(r.spec, r.cfg.val_fraction, r.cfg.seed)
-    evaluate = evaluate_instances if r.cfg.model == "maskrcnn" else evaluate_local
-    scores = evaluate(r.model, r.spec, val_cases, patch_size=r.cfg.patch_size,
-                      device=site.device, min_group_cases=r.cfg.min_group_cases)
-    if r.spec.name in r.cfg.heldout_sites:  # an unseen hospital: also score after adapting norms
+def _evaluate(msg: Message, node_config: dict) -> RecordDict:
+    cfg, site, _ = _open_round(msg, node_config)
+    spec = read_site(site.ref, seed=cfg.data.seed)
+    _, cases = split_training(spec, cfg.data.val_fraction, cfg.data.seed)
+    model = round_model(cfg, site, msg.content[ARRAYS].to_torch_state_dict()).model
+    task = task_for(cfg.model)
+    options = dict(patch_size=cfg.patch_size, device=site.device, min_group_cases=cfg.min_group_cases)
+    scores = task.evaluate(model, spec, cases, **options)
+    if spec.name in cfg.heldout_sites:  # an unseen hospital: also score after adapting norms
         adapted = scores  # no BatchNorm to adapt: the adapted model is the plain one
-        if adapt_norm_statistics(r.model, r.spec, val_cases, patch_size=r.cfg.patch_size,
-                                 seed=r.cfg.seed, device=site.device):
-            adapted = evaluate(r.model, r.spec, val_cases, patch_size=r.cfg.patch_size,
-                               device=site.device, min_group_cases=r.cfg.min_group_cases)
+        if adapt_norm_statistics(model, spec, cases, patch_size=cfg.patch_size, seed=cfg.data.seed,
+                                 device=site.device):
+            adapted = task.evaluate(model, spec, cases, **options)
         scores |= {f"tta-{k}": v for k, v in adapted.items() if not k.startswith("group-")}
-    return RecordDict({METRICS: scalar_metrics({**scores, NUM_EXAMPLES: len(val_cases)})})
+    return RecordDict({METRICS: scalar_metrics({**scores, NUM_EXAMPLES: len(cases)})})

@@ -10,7 +10,7 @@ from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedseg.client.site import resolve_site
-from fedseg.common.data import DataError
+from fedseg.common.config import SiteData
 from fedseg.common.records import CONFIG
 
 OUTBOX_FILE = "outbox.jsonl"
@@ -26,8 +26,12 @@ def outbox_audit_mod(msg: Message, context: Context, call_next: ClientAppCallabl
     reply = call_next(msg, context)
     config = dict(msg.content[CONFIG]) if CONFIG in msg.content.config_records else {}
     try:
-        state_dir = resolve_site(dict(context.node_config), config).state_dir
-    except DataError:
+        data = SiteData.from_record(config)
+    except ValueError:  # a malformed config: a deployed node still knows its own state dir
+        data = None
+    try:
+        state_dir = resolve_site(dict(context.node_config), data).state_dir
+    except ValueError:  # no site identity: nothing of this site's was sent
         return reply
     entry: dict[str, Any] = {"type": msg.metadata.message_type,
                              "round": config.get("server-round"), "error": None, "records": {}}

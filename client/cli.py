@@ -1,4 +1,5 @@
-"""Site tools that run inside a hospital with no server: ``fedseg check``, ``predict``, ``privacy``."""
+"""Site commands that run inside a hospital with no server: ``fedseg check``, ``predict``,
+``privacy``, ``state``."""
 
 from __future__ import annotations
 
@@ -6,12 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedseg.client.predict import predict_folder
-from fedseg.client.privacy import LEDGER_FILE, PrivacyLedger
-from fedseg.common.data import check_site
 
-
-def add_site_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the site commands on the ``fedseg`` parser."""
     check = sub.add_parser("check", help="validate site folders against the data contract")
     check.add_argument("site_dirs", nargs="+", metavar="SITE_DIR")
@@ -29,10 +26,18 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
     privacy.add_argument("--max-epsilon", type=float, default=None,
                          help="the site's budget, to show what is left")
     privacy.set_defaults(func=run_privacy)
+    state = sub.add_parser("state", help="list (or delete) the federation runs a site keeps "
+                           "local layers for; the privacy ledger is never touched")
+    state.add_argument("state_dir", metavar="STATE_DIR")
+    state.add_argument("--delete", metavar="RUN", action="append", default=[],
+                       help="remove this run's local layers (repeatable; names as listed)")
+    state.set_defaults(func=run_state)
 
 
 def run_check(args: argparse.Namespace) -> int:
     """Print every problem with its file; exit code 0 only when every site is clean."""
+    from fedseg.common.data import check_site
+
     failed = 0
     for site_dir in args.site_dirs:
         problems = check_site(site_dir)
@@ -49,6 +54,8 @@ def run_check(args: argparse.Namespace) -> int:
 
 def run_privacy(args: argparse.Namespace) -> int:
     """Explain the ledger: epsilon and delta spent, rounds, steps, noise, budget left."""
+    from fedseg.client.privacy import LEDGER_FILE, PrivacyLedger
+
     path = Path(args.state_dir) / LEDGER_FILE
     if not path.is_file():
         print(f"{path}: no privacy ledger (this site has not trained with dp=sample)")
@@ -63,11 +70,12 @@ def run_privacy(args: argparse.Namespace) -> int:
     steps = sum(r["steps"] for r in rounds)
     print(f"privacy ledger {path}")
     print(f"  spent: epsilon = {epsilon:.4f} at delta = {delta:g}  (Opacus RDP accountant, "
-          f"record-level: one case = one patient)")
+          f"record-level: one case = one patient; every run at this site counts)")
     print(f"  {len(rounds)} training round(s), {steps} DP-SGD steps")
     for r in rounds:
-        print(f"    round {r['round']}: {r['steps']} steps, sample rate {r['sample_rate']:.3g}, "
-              f"noise x{r['noise_multiplier']:.3g}, clip {r['max_grad_norm']:g} -> epsilon {r['epsilon']:.4f}")
+        print(f"    run {r.get('run', '?')} round {r['round']}: {r['steps']} steps, sample rate "
+              f"{r['sample_rate']:.3g}, noise x{r['noise_multiplier']:.3g}, clip "
+              f"{r['max_grad_norm']:g} -> epsilon {r['epsilon']:.4f}")
     if args.max_epsilon is not None:
         left = args.max_epsilon - epsilon
         print(f"  budget: max-epsilon {args.max_epsilon:g}, left {max(left, 0):.4f}"
@@ -75,8 +83,34 @@ def run_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_state(args: argparse.Namespace) -> int:
+    """List the runs whose local layers the site keeps; ``--delete`` removes some."""
+    from fedseg.client.state import SiteState
+
+    state = SiteState(args.state_dir)
+    if not Path(args.state_dir).is_dir():
+        print(f"{args.state_dir}: no such state dir", file=sys.stderr)
+        return 1
+    for key in args.delete:
+        try:
+            print(f"deleted {state.delete_run(key)} (the privacy ledger keeps its epsilon)")
+        except ValueError as err:
+            print(str(err), file=sys.stderr)
+            return 1
+    runs = state.runs()
+    if not runs:
+        print(f"{args.state_dir}: no stored runs")
+        return 0
+    print(f"{'run':<40} {'run name':<28} {'last round':>10} {'modified':<17} {'size':>9}")
+    for r in runs:
+        print(f"{r.key:<40} {r.run_name:<28} {r.round:>10} {r.modified:<17} {r.bytes / 1024:>7.0f}kB")
+    return 0
+
+
 def run_predict(args: argparse.Namespace) -> int:
     """Segment every image in IMAGES_DIR; print seconds per case."""
+    from fedseg.client.predict import predict_folder
+
     done = predict_folder(args.model, args.state_dir, args.images_dir, args.out_dir, args.device)
     for target, seconds in done:
         print(f"{target}  {seconds:.2f}s")

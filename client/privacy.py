@@ -1,31 +1,35 @@
-"""Record-level DP at a site: Opacus DP-SGD, the site's privacy ledger, and the site's own policy.
+"""Record-level DP at a site: the DP session of a round, the site's privacy ledger, its policy.
 
-The privacy unit is one case (patient): cases are Poisson-sampled and each sampled case
-contributes one patch per step. U-Nets train through Opacus; Mask R-CNN through exact per-case
-clipping by micro-batches (``private_gradient``), accounted by the same Opacus RDP accountant in
-the same ledger and refused by the same policy. The ledger keeps the RDP accountant's history in the site's
-state dir, so epsilon keeps growing across rounds and restarts and the server can never reset it.
+The privacy unit is one case (patient). A round under ``dp=sample`` is one ``DPSession``: plan
+the round, let the site's own policy admit it, draw Poisson batches of cases from OS entropy,
+take clipped and noised steps (Opacus' per-sample gradients for networks it supports, exact
+per-case clipping by micro-batches for Mask R-CNN), account every step with Opacus' RDP
+accountant, and write the ledger after the last step. The ledger lives in the site's state dir,
+so epsilon keeps growing across rounds, runs and restarts, and the server can never reset it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from opacus import PrivacyEngine
+from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
 
 from fedseg.common.atomic import atomic_write_json
+from fedseg.common.config import DPSettings
 
 LEDGER_FILE = "privacy_ledger.json"
 ACCOUNTANT = "rdp"  # Opacus RDPAccountant (Renyi DP of the subsampled Gaussian mechanism)
@@ -65,12 +69,6 @@ class SitePolicy:
             raise ValueError(f"{source}: max-epsilon must be > 0")
         return policy
 
-    def strictest(self, other: SitePolicy) -> SitePolicy:
-        """The policy that satisfies both."""
-        caps = [e for e in (self.max_epsilon, other.max_epsilon) if e is not None]
-        return SitePolicy(min(caps) if caps else None, self.require_dp or other.require_dp,
-                          max(self.min_noise_multiplier, other.min_noise_multiplier))
-
 
 @dataclass(frozen=True)
 class DPRound:
@@ -92,7 +90,8 @@ class DPRound:
 
 
 class PrivacyLedger:
-    """``state-dir/privacy_ledger.json``: accountant history and (epsilon, delta) after every round.
+    """``state-dir/privacy_ledger.json``: the site's accountant history over every run, (epsilon,
+    delta) after every round, and the noise each run derived from its target epsilon.
 
     Args:
         state_dir: the site's state folder.
@@ -104,14 +103,15 @@ class PrivacyLedger:
 
     def _load(self) -> dict[str, Any]:
         if not self.path.is_file():
-            return {"accountant": ACCOUNTANT, "history": [], "rounds": [], "planned_noise_multiplier": None}
+            return {"accountant": ACCOUNTANT, "history": [], "rounds": [], "planned_noise": {}}
         try:
             data = json.loads(self.path.read_text())
             assert data["accountant"] == ACCOUNTANT and isinstance(data["history"], list)
-            return data
         except Exception as err:  # noqa: BLE001 - a damaged ledger must stop DP training
             raise RuntimeError(f"{self.path}: privacy ledger unreadable ({err}); refusing to train "
                                "until it is restored (a lost ledger would reset epsilon)") from err
+        data.setdefault("planned_noise", {})
+        return data
 
     def accountant(self) -> RDPAccountant:
         """Opacus RDP accountant holding every step this site ever took under DP."""
@@ -129,53 +129,54 @@ class PrivacyLedger:
         acc.history.append((plan.noise_multiplier, plan.sample_rate, plan.steps))
         return acc.get_epsilon(plan.delta)
 
-    def record(self, server_round: int, plan: DPRound, accountant: RDPAccountant) -> float:
+    def planned_noise(self, run: str) -> float | None:
+        """The noise multiplier run ``run`` derived from its target epsilon, if it has one."""
+        return self.data["planned_noise"].get(run)
+
+    def record(self, run: str, server_round: int, plan: DPRound, accountant: RDPAccountant,
+               planned_noise: float | None) -> float:
         """Store the accountant's history after a round (atomically); returns the new epsilon."""
         self.data["history"] = [list(h) for h in accountant.history]
         epsilon = accountant.get_epsilon(plan.delta)
+        if planned_noise is not None:
+            self.data["planned_noise"][run] = planned_noise
         self.data["rounds"].append({
-            "round": server_round, "noise_multiplier": plan.noise_multiplier,
+            "run": run, "round": server_round, "noise_multiplier": plan.noise_multiplier,
             "max_grad_norm": plan.max_grad_norm, "sample_rate": plan.sample_rate,
             "steps": plan.steps, "epsilon": epsilon, "delta": plan.delta,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         atomic_write_json(self.path, self.data)
         return epsilon
 
-    def set_planned_noise(self, noise_multiplier: float) -> None:
-        """Remember the noise derived from ``dp-target-epsilon`` so restarts reuse it."""
-        self.data["planned_noise_multiplier"] = noise_multiplier
-        atomic_write_json(self.path, self.data)
 
-
-def plan_round(cfg: Any, num_cases: int, ledger: PrivacyLedger) -> DPRound:
+def plan_round(dp: DPSettings, num_cases: int, batch_size: int, epochs: int,
+               planned_noise: float | None = None) -> DPRound:
     """DP-SGD parameters for this round: Poisson rate b/N, steps per epoch ceil(N/b).
 
-    With ``dp-target-epsilon`` > 0 the site derives its noise multiplier once, for all planned
-    rounds, with Opacus' ``get_noise_multiplier``, and keeps it in the ledger.
+    With a target epsilon the noise multiplier is derived once for all planned rounds with
+    Opacus' ``get_noise_multiplier`` (``planned_noise``: what this run derived before).
     """
-    steps_per_epoch = -(-num_cases // cfg.batch_size)
+    steps_per_epoch = -(-num_cases // batch_size)
     sample_rate = 1.0 / steps_per_epoch
-    steps = cfg.local_epochs * steps_per_epoch
-    noise = cfg.dp_noise_multiplier
-    if cfg.dp_target_epsilon > 0:
-        noise = ledger.data.get("planned_noise_multiplier") or get_noise_multiplier(
-            target_epsilon=cfg.dp_target_epsilon, target_delta=cfg.dp_delta, sample_rate=sample_rate,
-            steps=steps * cfg.num_server_rounds, accountant=ACCOUNTANT)
-        if ledger.data.get("planned_noise_multiplier") is None:
-            ledger.set_planned_noise(noise)
-    return DPRound(noise, cfg.dp_max_grad_norm, sample_rate, steps, cfg.dp_delta)
+    steps = epochs * steps_per_epoch
+    noise = dp.noise_multiplier
+    if dp.target_epsilon > 0:
+        noise = planned_noise or get_noise_multiplier(
+            target_epsilon=dp.target_epsilon, target_delta=dp.delta, sample_rate=sample_rate,
+            steps=steps * dp.planned_rounds, accountant=ACCOUNTANT)
+    return DPRound(noise, dp.max_grad_norm, sample_rate, steps, dp.delta)
 
 
-def admit(policy: SitePolicy, dp_mode: str, plan: DPRound | None, ledger: PrivacyLedger | None,
+def admit(policy: SitePolicy, dp: DPSettings, plan: DPRound | None, ledger: PrivacyLedger | None,
           site: str) -> None:
-    """Refuse a round the site's policy forbids, before any training.
+    """Refuse a round the site's policy forbids, before anything is trained or written.
 
     Raises:
         PolicyRefusal: with the reason the server will log.
     """
-    if policy.require_dp and dp_mode != "sample":
+    if policy.require_dp and dp.mode != "sample":
         raise PolicyRefusal(f"site {site} refuses: it requires record-level DP (dp=sample), "
-                            f"the round asks for dp={dp_mode}")
+                            f"the round asks for dp={dp.mode}")
     if plan is None or ledger is None:
         return
     if plan.noise_multiplier < policy.min_noise_multiplier:
@@ -190,6 +191,138 @@ def admit(policy: SitePolicy, dp_mode: str, plan: DPRound | None, ledger: Privac
                 f"{policy.max_epsilon:.3f} (delta={plan.delta:g})")
 
 
+class Step(Protocol):
+    """One optimizer step's gradient: plain, Opacus DP-SGD or exact per-case clipping."""
+
+    def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The optimizer this step drives (Opacus wraps it to clip and noise)."""
+
+    def __call__(self, items: list[Any]) -> float | None:
+        """Set the gradients for a batch of cases; returns its mean loss (None: no case)."""
+
+    def close(self) -> None:
+        """Undo what the step attached to the model."""
+
+
+class DPSession:
+    """Record-level DP of one round at one site: plan -> policy admits -> sample, clip, noise,
+    account -> ledger. Trainers see only this object (or None when DP is off).
+
+    Open with ``DPSession.open``; nothing is written to the ledger before ``close``.
+    """
+
+    def __init__(self, plan: DPRound, ledger: PrivacyLedger, run: str, server_round: int,
+                 num_cases: int, planned_noise: float | None) -> None:
+        self.plan, self.ledger, self.run, self.server_round = plan, ledger, run, server_round
+        self.num_cases = num_cases
+        self.expected_batch = plan.sample_rate * num_cases
+        self._planned_noise = planned_noise
+        self._accountant = ledger.accountant()
+
+    @classmethod
+    def open(cls, dp: DPSettings, policy: SitePolicy, state_dir: Path, *, num_cases: int,
+             batch_size: int, epochs: int, run: str, server_round: int, site: str) -> DPSession | None:
+        """Plan the round and let the site's policy admit it; None when the round is not DP.
+
+        Raises:
+            PolicyRefusal: the site's policy refuses (nothing trained, nothing written).
+            RuntimeError: the site's ledger is damaged.
+        """
+        if dp.mode != "sample":
+            admit(policy, dp, None, None, site)
+            return None
+        ledger = PrivacyLedger(state_dir)
+        planned = ledger.planned_noise(run)
+        plan = plan_round(dp, num_cases, batch_size, epochs, planned)
+        admit(policy, dp, plan, ledger, site)
+        return cls(plan, ledger, run, server_round, num_cases,
+                   plan.noise_multiplier if dp.target_epsilon > 0 else None)
+
+    def batches(self) -> Iterator[list[int]]:
+        """Poisson-sampled case indices per step, from OS entropy, never from the run seed (the
+        server sets the seed, and a sample it could predict would protect nothing). An empty
+        draw is still a (noise-only) step, as in Opacus."""
+        generator = noise_generator("cpu")
+        for _ in range(self.plan.steps):
+            draw = torch.rand(self.num_cases, generator=generator) < self.plan.sample_rate
+            yield torch.nonzero(draw).flatten().tolist()
+
+    def step(self, step_kind: type, task: Any, model: nn.Module, device: str) -> Step:
+        """The clipped, noised step of ``step_kind`` (``OpacusStep`` or ``PerCaseStep``)."""
+        return step_kind(task, model, self.plan, self.expected_batch, noise_generator(device), device)
+
+    def stepped(self) -> None:
+        """Account one optimizer step."""
+        self._accountant.step(noise_multiplier=self.plan.noise_multiplier,
+                              sample_rate=self.plan.sample_rate)
+
+    def close(self) -> float:
+        """Write the ledger (atomically) after the last step; returns the site's epsilon."""
+        return self.ledger.record(self.run, self.server_round, self.plan, self._accountant,
+                                  self._planned_noise)
+
+
+class OpacusStep:
+    """DP-SGD step with Opacus' per-sample gradients (U-Net): clip each case's gradient to C,
+    add N(0, (sigma C)^2), divide by the expected batch size."""
+
+    def __init__(self, task: Any, model: nn.Module, plan: DPRound, expected_batch: float,
+                 generator: torch.Generator, device: str) -> None:
+        check_dp_compatible(model)
+        self.task, self.plan, self.expected_batch = task, plan, expected_batch
+        self.generator, self.device = generator, device
+        self.module = GradSampleModule(model)
+
+    def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return DPOptimizer(optimizer, noise_multiplier=self.plan.noise_multiplier,
+                           max_grad_norm=self.plan.max_grad_norm,
+                           expected_batch_size=self.expected_batch, generator=self.generator)
+
+    def __call__(self, items: list[Any]) -> float | None:
+        if not items:  # Poisson drew no case: the optimizer adds noise to zero gradients
+            for p in self.module.parameters():
+                if p.requires_grad:
+                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
+            return None
+        loss = self.task.loss(self.module, items, self.device)
+        with warnings.catch_warnings():
+            # Opacus' hooks on the first layer, whose input needs no gradient: harmless
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward()
+        return float(loss.detach())
+
+    def close(self) -> None:
+        self.module._close()
+
+
+class PerCaseStep:
+    """DP-SGD step by exact per-case clipping (Mask R-CNN, whose heads Opacus cannot split)."""
+
+    def __init__(self, task: Any, model: nn.Module, plan: DPRound, expected_batch: float,
+                 generator: torch.Generator, device: str) -> None:
+        self.task, self.model, self.plan, self.expected_batch = task, model, plan, expected_batch
+        self.generator, self.device = generator, device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return optimizer
+
+    def __call__(self, items: list[Any]) -> float | None:
+        losses: list[float] = []
+
+        def case_losses() -> Iterator[torch.Tensor]:
+            for item in items:
+                loss = self.task.loss(self.model, [item], self.device)
+                losses.append(float(loss.detach()))
+                yield loss
+
+        private_gradient(self.params, case_losses(), self.plan, self.expected_batch, self.generator)
+        return sum(losses) / len(losses) if losses else None
+
+    def close(self) -> None:
+        return None
+
+
 def check_dp_compatible(model: nn.Module) -> None:
     """Raise ``ValueError`` with Opacus' reasons when the model cannot train under DP-SGD."""
     errors = ModuleValidator.validate(model, strict=False)
@@ -197,32 +330,8 @@ def check_dp_compatible(model: nn.Module) -> None:
         raise ValueError(f"model cannot train with DP-SGD: {errors[0]} (use norm=instance or group)")
 
 
-def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, plan: DPRound,
-                 ledger: PrivacyLedger) -> tuple[nn.Module, torch.optim.Optimizer, Any, PrivacyEngine]:
-    """Wrap model/optimizer/loader with Opacus, continuing the ledger's accountant.
-
-    Poisson sampling and noise draw from OS entropy, never from the run seed: the server sets the
-    seed, and noise it could predict would protect nothing.
-    """
-    with warnings.catch_warnings():  # "Secure RNG turned off": entropy is handled below
-        warnings.simplefilter("ignore", UserWarning)
-        engine = PrivacyEngine(accountant=ACCOUNTANT)
-    engine.accountant = ledger.accountant()
-    torch.seed()  # Opacus' Poisson sampler uses the global generator: reseed it from the OS
-    noise = noise_generator("cpu")
-    model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=plan.max_grad_norm, poisson_sampling=True, noise_generator=noise)
-    if abs(loader.sample_rate - plan.sample_rate) > 1e-12:
-        raise RuntimeError(f"Opacus sample rate {loader.sample_rate} != planned {plan.sample_rate}")
-    # Opacus 1.6 crashes when the very first Poisson batch is empty; show its collate one real
-    # batch so that an empty batch comes out as zero-length tensors of the right structure.
-    loader.collate_fn([loader.dataset[0]])
-    return model, optimizer, loader, engine
-
-
 def noise_generator(device: str | torch.device) -> torch.Generator:
-    """A generator seeded from OS entropy, never from the run seed (see ``make_private``)."""
+    """A generator on ``device`` seeded from OS entropy, never from the run seed."""
     return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
@@ -241,6 +350,8 @@ def private_gradient(params: list[nn.Parameter], case_losses: Iterable[torch.Ten
     total = [torch.zeros_like(p) for p in params]
     clipped_norms = []
     for loss in case_losses:
+        if not math.isfinite(float(loss.detach())):  # the loop reports it; never clip a NaN
+            continue
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))

@@ -1,4 +1,4 @@
-"""One resolver for "which site am I": node config in deployment, partition-id in simulation."""
+"""Which site am I (deployment node config or simulation partition), and what does it hold."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.client.privacy import SitePolicy
-from fedseg.common.data import DataError, SiteRef, study_sites
+from fedseg.common.config import SiteData
+from fedseg.common.data import (DataError, SiteRef, check_site, image_channels, read_site,
+                               split_training, study_sites)
 
 SIM_POLICIES_FILE = "site_policies.json"
 
@@ -25,13 +27,13 @@ class SiteLocation:
     pretrained: str = ""
 
 
-def resolve_site(node_config: dict[str, Any], config: dict[str, Any]) -> SiteLocation:
+def resolve_site(node_config: dict[str, Any], data: SiteData | None) -> SiteLocation:
     """Find this node's site.
 
     Deployment: the hospital's node config names ``site-dir`` and ``state-dir``; paths sent by
     the server are never used. Simulation: nodes only get ``partition-id``, mapped to the sorted
     sites of the server's ``study-dir`` (``split-site`` virtual sites included), with state under
-    the run's ``sim-state-root``.
+    the run's state root.
 
     The site's privacy policy comes from its node config (deployment) or, in simulation, where
     no node has its own config, from ``STUDY_DIR/site_policies.json`` (``{"site-a": {...}}``).
@@ -48,18 +50,17 @@ def resolve_site(node_config: dict[str, Any], config: dict[str, Any]) -> SiteLoc
         policy = _policy(node_config, "node config")
         return SiteLocation(SiteRef(name, site_dir), Path(str(node_config["state-dir"])), device, policy,
                             str(node_config.get("pretrained-weights", "")))
-    if "partition-id" not in node_config or not config.get("study-dir"):
+    if "partition-id" not in node_config or data is None or not data.study_dir:
         raise DataError("this node has no 'site-dir' in its node config (deployment) and no "
                         "partition-id/study-dir (simulation): cannot tell which site it is")
-    sites = study_sites(str(config["study-dir"]), int(config.get("split-site", 0)))
+    sites = study_sites(data.study_dir, data.split_site)
     pid = int(node_config["partition-id"])
     if pid >= len(sites):
         raise DataError(f"partition-id {pid} but the study has only {len(sites)} site(s)")
     ref = sites[pid]
-    if not config.get("sim-state-root"):
-        raise DataError("simulation message without 'sim-state-root': nowhere to keep site state")
-    state_root = Path(str(config["sim-state-root"]))
-    policies_file = Path(str(config["study-dir"])) / SIM_POLICIES_FILE
+    if not data.state_root:
+        raise DataError("simulation message without a state root: nowhere to keep site state")
+    policies_file = Path(data.study_dir) / SIM_POLICIES_FILE
     policy = SitePolicy()
     if policies_file.is_file():
         try:
@@ -67,7 +68,26 @@ def resolve_site(node_config: dict[str, Any], config: dict[str, Any]) -> SiteLoc
         except json.JSONDecodeError as err:
             raise DataError(f"{policies_file}: not valid JSON ({err})") from None
         policy = _policy(policies.get(ref.name, {}), f"{policies_file} [{ref.name}]")
-    return SiteLocation(ref, state_root / ref.name.replace("#", "-part"), device, policy)
+    return SiteLocation(ref, sim_state_dir(data.state_root, ref.name), device, policy)
+
+
+def sim_state_dir(state_root: str | Path, site: str) -> Path:
+    """Simulation: a virtual site's state folder under the run's state root."""
+    return Path(state_root) / site.replace("#", "-part")
+
+
+def describe_site(site: SiteLocation, data: SiteData) -> tuple[dict[str, Any], list[str]]:
+    """(what the server may know, the data-check problems that stay at the site): the data
+    contract status and dataset shape, metadata only, no file names."""
+    problems = check_site(site.ref.site_dir)
+    if problems:
+        return {"site": site.ref.name, "problems": len(problems)}, problems
+    spec = read_site(site.ref, seed=data.seed)
+    train, val = split_training(spec, data.val_fraction, data.seed)
+    return {"site": site.ref.name, "problems": 0, "spatial-dims": spec.spatial_dims,
+            "in-channels": image_channels(spec), "num-classes": spec.num_classes, "task": spec.task,
+            "label-names": [spec.labels.get(i, str(i)) for i in range(spec.num_classes)],
+            "num-train": len(train) if spec.training else 0, "num-val": len(val)}, []
 
 
 def _policy(raw: dict[str, Any], source: str) -> SitePolicy:

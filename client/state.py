@@ -1,14 +1,85 @@
-"""Site state folder: site-local (never shared) layers, written atomically, reloaded on restart."""
+"""Site state folder: local layers per federation run, written atomically, never sent.
+
+``state-dir/runs/<run>/local_layers.pt`` holds a run's site-local tensors, tagged with the
+model signature they belong to; ``state-dir/privacy_ledger.json`` (``privacy.py``) is site-wide,
+because epsilon belongs to the site across every run.
+"""
 
 from __future__ import annotations
 
+import re
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fedseg.common.atomic import atomic_torch_save
 
+RUNS_DIR = "runs"
 LOCAL_LAYERS_FILE = "local_layers.pt"
+
+
+def run_key(run_name: str, run_id: str) -> str:
+    """Folder name of a run at a site: its name (made path-safe) and the start of its id, so two
+    federations that chose the same run name never share local layers."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", run_name).strip("._") or "run"
+    return f"{safe}-{run_id[:8]}" if run_id else safe
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    """One run's state at a site, as ``fedseg state`` lists it."""
+
+    key: str
+    run_name: str
+    run_id: str
+    round: int
+    signature: str
+    modified: str
+    bytes: int
+
+
+class RunState:
+    """A run's folder inside the site's state dir.
+
+    Args:
+        path: ``state-dir/runs/<run>``.
+        run_name, run_id: the federation run it belongs to.
+    """
+
+    def __init__(self, path: Path, run_name: str, run_id: str) -> None:
+        self.path, self.run_name, self.run_id = path, run_name, run_id
+
+    @property
+    def local_layers_path(self) -> Path:
+        """Where this run's site-local tensors live."""
+        return self.path / LOCAL_LAYERS_FILE
+
+    def load_local_layers(self, signature: str) -> dict[str, torch.Tensor] | None:
+        """The site-local tensors saved by this run's last round, or None before its first.
+
+        Raises:
+            RuntimeError: the file is unreadable, or belongs to another model (named in the message).
+        """
+        saved = _read(self.local_layers_path)
+        if saved is None:
+            return None
+        if saved.get("signature") != signature:
+            raise RuntimeError(
+                f"{self.local_layers_path}: local layers of another model (signature "
+                f"{saved.get('signature')}, this run needs {signature}); remove them with "
+                f"`fedseg state {self.path.parent.parent} --delete {self.path.name}`")
+        return saved["tensors"]
+
+    def save_local_layers(self, tensors: dict[str, torch.Tensor], server_round: int,
+                          signature: str) -> None:
+        """Atomically replace the site-local tensors (tagged with round and model signature)."""
+        atomic_torch_save(self.local_layers_path, {
+            "round": server_round, "signature": signature, "run_name": self.run_name,
+            "run_id": self.run_id, "tensors": {k: v.detach().cpu() for k, v in tensors.items()}})
 
 
 class SiteState:
@@ -21,26 +92,43 @@ class SiteState:
     def __init__(self, state_dir: str | Path) -> None:
         self.dir = Path(state_dir)
 
-    @property
-    def local_layers_path(self) -> Path:
-        """Where the site-local tensors live."""
-        return self.dir / LOCAL_LAYERS_FILE
+    def run(self, run_name: str, run_id: str) -> RunState:
+        """The state of one federation run."""
+        return RunState(self.dir / RUNS_DIR / run_key(run_name, run_id), run_name, run_id)
 
-    def load_local_layers(self) -> dict[str, torch.Tensor] | None:
-        """The site-local tensors saved by the last round, or None before the first round.
+    def runs(self) -> list[StoredRun]:
+        """Every run this site holds local layers for, oldest first."""
+        found = []
+        for path in sorted((self.dir / RUNS_DIR).glob(f"*/{LOCAL_LAYERS_FILE}")):
+            try:
+                saved = _read(path) or {}
+            except RuntimeError:
+                saved = {"run_name": "(unreadable)"}
+            stat = path.stat()
+            found.append(StoredRun(path.parent.name, str(saved.get("run_name", "")),
+                                   str(saved.get("run_id", "")), int(saved.get("round", 0)),
+                                   str(saved.get("signature", "")),
+                                   time.strftime("%Y-%m-%d %H:%M", time.localtime(stat.st_mtime)),
+                                   sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())))
+        return sorted(found, key=lambda r: r.modified)
+
+    def delete_run(self, key: str) -> Path:
+        """Remove one run's folder (its local layers); the privacy ledger is never touched.
 
         Raises:
-            RuntimeError: the file exists but cannot be read (named in the message).
+            ValueError: no such run at this site.
         """
-        path = self.local_layers_path
-        if not path.is_file():
-            return None
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any load failure means a damaged file
-            raise RuntimeError(f"{path}: cannot read the site's local layers ({err})") from err
-        return saved["tensors"]
+        path = self.dir / RUNS_DIR / key
+        if "/" in key or key in ("", ".", "..") or not path.is_dir():
+            raise ValueError(f"{self.dir}: no stored run {key!r} (see `fedseg state {self.dir}`)")
+        shutil.rmtree(path)
+        return path
 
-    def save_local_layers(self, tensors: dict[str, torch.Tensor], server_round: int) -> None:
-        """Atomically replace the site-local tensors (tagged with the round that produced them)."""
-        atomic_torch_save(self.local_layers_path, {"round": server_round, "tensors": tensors})
+
+def _read(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any load failure means a damaged file
+        raise RuntimeError(f"{path}: cannot read the site's local layers ({err})") from err

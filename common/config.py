@@ -1,17 +1,55 @@
-"""Run-config schema: one frozen, validated dataclass for every run-config key (ARCHITECTURE §3)."""
+"""Run-config schema (ARCHITECTURE §3): the run config parsed once into a frozen, validated
+dataclass, the model spec it implies, and the typed round config a site receives.
+
+Nothing here imports torch or Flower: the command line parses and validates a run in
+milliseconds.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean")
 LOCAL_LAYERS = ("none", "norm", "norm+head")
-MODELS = ("unet", "maskrcnn")
 BACKBONES = ("slim", "resnet50")
-NORMS = ("instance", "batch", "group", "frozen")
 DP_MODES = ("off", "sample", "client")
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What a model kind accepts; the one table that knows the kinds apart (the factories in
+    ``models.py`` and ``client/tasks.py`` are keyed by the same names).
+
+    Args:
+        norms: accepted ``norm`` values.
+        dims: accepted spatial dims.
+        site_task: the dataset.json ``task`` every site must declare ("" for any).
+        norm_note: why some norm is not accepted, for the error message.
+        downsamples: the patch is halved once per ``channels`` level after the first, so it
+            must be divisible by 2 ** (levels - 1).
+    """
+
+    norms: tuple[str, ...]
+    dims: tuple[int, ...]
+    site_task: str = ""
+    norm_note: str = ""
+    downsamples: bool = False
+
+
+MODEL_KINDS = {
+    "unet": ModelKind(("instance", "batch", "group"), (2, 3), "",
+                      "'frozen' (pretrained BatchNorm statistics) is for model=maskrcnn",
+                      downsamples=True),
+    "maskrcnn": ModelKind(("group", "instance", "frozen"), (2,), "instance",
+                          "Mask R-CNN trains on 1-4 crops per step, too few for BatchNorm "
+                          "statistics; use group, instance, or frozen (statistics of the "
+                          "pretrained weights)"),
+}
+MODELS = tuple(MODEL_KINDS)
+NORMS = ("instance", "batch", "group", "frozen")
 
 
 class ConfigError(ValueError):
@@ -57,9 +95,9 @@ class RunConfig:
         heldout_sites: sites that only ever evaluate (scored plain and after test-time
             adaptation of BatchNorm statistics on their own unlabeled images).
         min_group_cases: fewest cases a fairness group needs before its Dice is reported, >= 1.
-        output_dir: parent folder of run folders.
+        output_dir: parent folder of run folders (server only).
         run_name: run folder name; empty picks ``<study>-<strategy>-<timestamp>``.
-        resume: continue ``output_dir/run_name`` from its last checkpoint.
+        resume: continue ``output_dir/run_name`` from its last checkpoint (server only).
     """
 
     study_dir: str = ""
@@ -96,26 +134,25 @@ class RunConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
+        kind = MODEL_KINDS.get(self.model)
         checks: list[tuple[str, bool, str]] = [
             ("split-site", self.split_site >= 0, "must be >= 0"),
             ("num-server-rounds", self.num_server_rounds >= 1, "must be >= 1"),
             ("local-epochs", self.local_epochs >= 1, "must be >= 1"),
             ("batch-size", self.batch_size >= 1, "must be >= 1"),
             ("lr", self.lr > 0, "must be > 0"),
-            ("model", self.model in MODELS, f"must be one of {MODELS}"),
+            ("model", kind is not None, f"must be one of {MODELS}"),
             ("backbone", self.backbone in BACKBONES, f"must be one of {BACKBONES}"),
-            ("norm", not (self.model == "unet" and self.norm == "frozen"),
-             "'frozen' (pretrained BatchNorm statistics) is for model=maskrcnn"),
-            ("norm", not (self.model == "maskrcnn" and self.norm == "batch"),
-             "Mask R-CNN trains on 1-4 crops per step, too few for BatchNorm statistics; use "
-             "group, instance, or frozen (statistics of the pretrained weights)"),
-            ("spatial-dims", not (self.model == "maskrcnn" and self.spatial_dims == 3),
-             "model=maskrcnn is 2D only"),
+            ("norm", self.norm in NORMS, f"must be one of {NORMS}"),
+            ("norm", kind is None or self.norm in kind.norms,
+             f"model={self.model} takes norm {kind.norms if kind else ()}: "
+             f"{kind.norm_note if kind else ''}"),
             ("spatial-dims", self.spatial_dims in (0, 2, 3), "must be 2, 3 or 0 (from the data)"),
+            ("spatial-dims", kind is None or self.spatial_dims in (0, *kind.dims),
+             f"model={self.model} is {'/'.join(map(str, kind.dims)) if kind else ''}D only"),
             ("patch-size", self.patch_size >= 16, "must be >= 16"),
             ("channels", len(self.channels) >= 2 and all(c >= 1 for c in self.channels),
              "needs at least two positive channel counts, e.g. '8,16,32'"),
-            ("norm", self.norm in NORMS, f"must be one of {NORMS}"),
             ("strategy", self.strategy in STRATEGIES, f"must be one of {STRATEGIES}"),
             ("proximal-mu", self.proximal_mu >= 0, "must be >= 0"),
             ("server-lr", self.server_lr > 0, "must be > 0"),
@@ -144,7 +181,7 @@ class RunConfig:
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"run-config '{key}' = {getattr(self, _attr(key))!r}: {why}")
-        if self.model == "unet" and self.patch_size % 2 ** (len(self.channels) - 1):
+        if kind is not None and kind.downsamples and self.patch_size % 2 ** (len(self.channels) - 1):
             raise ConfigError(
                 f"run-config 'patch-size' = {self.patch_size}: must be divisible by "
                 f"{2 ** (len(self.channels) - 1)} (2 ** number of U-Net downsamplings)"
@@ -170,28 +207,231 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case dict of every key (lists for tuples), the inverse of ``from_dict``."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name.replace("_", "-")] = list(value) if isinstance(value, tuple) else value
-        return out
+        return _kebab_dict(self)
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
+    def site_data(self, state_root: str = "") -> SiteData:
+        """What every message tells a site about its data (simulation: where its folder is)."""
+        if not self.study_dir:
+            return SiteData(self.seed, self.val_fraction)
+        return SiteData(self.seed, self.val_fraction, self.study_dir, self.split_site, state_root)
+
+    def site_round(self, model: ModelSpec, run_id: str, state_root: str = "") -> SiteRoundConfig:
+        """The typed round config every site receives: only what a site needs, nothing the
+        server keeps to itself (output folder, its weights path, resume flags, strategy knobs)."""
+        return SiteRoundConfig(
+            run_name=self.run_name, run_id=run_id, model=model, local_layers=self.local_layers,
+            local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
+            patch_size=self.patch_size,
+            proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
+            min_group_cases=self.min_group_cases, heldout_sites=self.heldout_sites,
+            data=self.site_data(state_root),
+            dp=DPSettings(self.dp, self.dp_noise_multiplier, self.dp_max_grad_norm, self.dp_delta,
+                          self.dp_target_epsilon, self.num_server_rounds))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the network (saved beside every checkpoint).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels (1 for MRI/CT, 3 for H&E RGB).
+        out_channels: classes including background.
+        channels: feature channels per U-Net level.
+        norm: ``instance`` (affine), ``batch``, ``group`` or ``frozen`` (Mask R-CNN).
+        model: a key of ``MODEL_KINDS`` (``unet`` or ``maskrcnn``).
+        backbone: Mask R-CNN backbone (``slim`` or ``resnet50``).
+        image_size: Mask R-CNN crop/tile edge (its inputs are never resized).
+    """
+
+    spatial_dims: int
+    in_channels: int
+    out_channels: int
+    channels: tuple[int, ...]
+    norm: str = "instance"
+    model: str = "unet"
+    backbone: str = "slim"
+    image_size: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON/pickle-safe form."""
+        out = dataclasses.asdict(self)
+        out["channels"] = list(self.channels)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelSpec:
+        """Inverse of ``to_dict``."""
+        return cls(**{**raw, "channels": tuple(raw["channels"])})
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, spatial_dims: int, in_channels: int, out_channels: int) -> ModelSpec:
+        """The run's model (architecture keys of ``cfg``) for data of this shape."""
+        return cls(spatial_dims, in_channels, out_channels, cfg.channels, cfg.norm, cfg.model,
+                   cfg.backbone, cfg.patch_size)
+
+    @property
+    def kind(self) -> ModelKind:
+        """The rules of this model kind."""
+        return MODEL_KINDS[self.model]
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """Which data a site reads and how it splits it; sent with every message.
+
+    Args:
+        seed: seeds the site's train/validation split (and, with the round, its sampling).
+        val_fraction: share of training cases validated on.
+        study_dir: simulation only: the study folder the virtual node's partition maps into.
+        split_site: simulation only: virtual sites per folder.
+        state_root: simulation only: where each virtual site keeps its state on this machine.
+    """
+
+    seed: int
+    val_fraction: float
+    study_dir: str = ""
+    split_site: int = 0
+    state_root: str = ""
+
+    def to_record(self) -> dict[str, Any]:
+        """Flat kebab-case dict for a Flower ConfigRecord."""
+        return _flatten(self)
+
+    @classmethod
+    def from_record(cls, record: Any) -> SiteData:
+        """Inverse of ``to_record`` (also reads the data section of a round config)."""
+        return _unflatten(cls, dict(record))
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """Record- or client-level DP as the server asks for it (the site's policy may refuse).
+
+    Args:
+        mode: ``off``, ``sample`` or ``client``.
+        noise_multiplier: Gaussian noise / clipping norm.
+        max_grad_norm: clipping norm C.
+        delta: delta epsilon is reported at.
+        target_epsilon: > 0: derive the noise for ``planned_rounds`` rounds.
+        planned_rounds: the run's number of rounds.
+    """
+
+    mode: str = "off"
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    target_epsilon: float = 0.0
+    planned_rounds: int = 1
+
+
+@dataclass(frozen=True)
+class SiteRoundConfig:
+    """What a site needs for a round, parsed once from the message's ConfigRecord.
+
+    Args:
+        run_name: the federation's run name (the site keys its local layers by it and run_id).
+        run_id: unique id of the run, fixed at its start and kept across resumes.
+        model: the network to build.
+        local_layers: which layers stay at the site.
+        local_epochs, batch_size, lr, patch_size: training schedule.
+        proximal_mu: FedProx weight (0 unless the strategy is FedProx).
+        min_group_cases: k-case threshold for fairness groups.
+        heldout_sites: sites that only evaluate (they also score after norm adaptation).
+        data: the site's data and split.
+        dp: differential privacy asked for.
+    """
+
+    run_name: str
+    run_id: str
+    model: ModelSpec
+    local_layers: str
+    local_epochs: int
+    batch_size: int
+    lr: float
+    patch_size: int
+    proximal_mu: float
+    min_group_cases: int
+    heldout_sites: tuple[str, ...]
+    data: SiteData
+    dp: DPSettings
+
+    def to_record(self) -> dict[str, Any]:
+        """Flat kebab-case dict for a Flower ConfigRecord (sections prefixed, lists kept)."""
+        return _flatten(self)
+
+    @classmethod
+    def from_record(cls, record: Any) -> SiteRoundConfig:
+        """Inverse of ``to_record``; keys Flower adds (``server-round``, ...) are ignored.
+
+        Raises:
+            ConfigError: a key is missing (server and site run different fedseg versions).
+        """
+        return _unflatten(cls, dict(record))
+
 
 def keys() -> list[str]:
     """All run-config keys, kebab-case."""
-    return [f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)]
+    return [_kebab(f.name) for f in dataclasses.fields(RunConfig)]
+
+
+# Nested sections of the round config and the prefix of their keys on the wire.
+_SECTIONS = {"model": "model-", "data": "", "dp": "dp-"}
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out |= _flatten(value, prefix + _SECTIONS[f.name])
+        else:
+            out[_key(prefix, f.name)] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _unflatten(cls: type, record: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            values[f.name] = _unflatten(kind, record, prefix + _SECTIONS[f.name])
+            continue
+        key = _key(prefix, f.name)
+        if key not in record:
+            raise ConfigError(f"round config from the server lacks '{key}' (do the server and "
+                              "this site run the same fedseg version?)")
+        values[f.name] = _coerce(key, kind, record[key])
+    return cls(**values)
+
+
+def _key(prefix: str, name: str) -> str:
+    """``model-`` + ``norm`` -> ``model-norm``; ``model-`` + ``model`` -> ``model``."""
+    return _kebab(name) if f"{_kebab(name)}-" == prefix else prefix + _kebab(name)
+
+
+def _kebab_dict(obj: Any) -> dict[str, Any]:
+    return {_kebab(f.name): list(v) if isinstance(v := getattr(obj, f.name), tuple) else v
+            for f in dataclasses.fields(obj)}
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
 
 
 def _attr(key: str) -> str:
     return key.replace("-", "_")
 
 
-def _coerce(key: str, type_name: Any, value: Any) -> Any:
-    type_name = str(type_name)
+def _coerce(key: str, kind: Any, value: Any) -> Any:
+    type_name = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    if type_name == "tuple":
+        type_name = str(kind).replace("typing.", "")
     try:
         if type_name == "bool":
             if isinstance(value, str):

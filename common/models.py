@@ -3,76 +3,38 @@ from site-local tensors."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from monai.networks.nets import UNet
 from torch import nn
-from torchvision.models.detection import MaskRCNN
 
-from fedseg.common.config import RunConfig
+from fedseg.common.config import MODEL_KINDS, ModelSpec
 from fedseg.common.maskrcnn import HEAD_PREFIXES, build_maskrcnn
+
+__all__ = ["ModelSpec", "build_model", "local_keys", "model_signature", "split_state"]
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to rebuild the network (saved beside every checkpoint).
+class _Network:
+    """How one model kind is built, and which of its layers are its class-specific head."""
 
-    Args:
-        spatial_dims: 2 or 3.
-        in_channels: image channels (1 for MRI/CT, 3 for H&E RGB).
-        out_channels: classes including background.
-        channels: feature channels per U-Net level.
-        norm: ``instance`` (affine), ``batch``, ``group`` or ``frozen`` (Mask R-CNN).
-        model: ``unet`` or ``maskrcnn``.
-        backbone: Mask R-CNN backbone (``slim`` or ``resnet50``).
-        image_size: Mask R-CNN crop/tile edge (its inputs are never resized).
-    """
-
-    spatial_dims: int
-    in_channels: int
-    out_channels: int
-    channels: tuple[int, ...]
-    norm: str = "instance"
-    model: str = "unet"
-    backbone: str = "slim"
-    image_size: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON/pickle-safe form."""
-        out = asdict(self)
-        out["channels"] = list(self.channels)
-        return out
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ModelSpec:
-        """Inverse of ``to_dict``."""
-        return cls(**{**raw, "channels": tuple(raw["channels"])})
-
-    @classmethod
-    def for_run(cls, cfg: RunConfig, spatial_dims: int, in_channels: int, out_channels: int) -> ModelSpec:
-        """The run's model (architecture keys of ``cfg``) for data of this shape."""
-        return cls(spatial_dims, in_channels, out_channels, cfg.channels, cfg.norm, cfg.model,
-                   cfg.backbone, cfg.patch_size)
+    build: Callable[[ModelSpec], nn.Module]
+    heads: Callable[[nn.Module], tuple[str, ...]]
 
 
-def build_model(spec: ModelSpec) -> nn.Module:
-    """MONAI U-Net with residual units (``norm`` picks a DP-compatible norm by default), or
-    torchvision Mask R-CNN for ``model=maskrcnn``."""
-    if spec.model == "maskrcnn":
-        if spec.spatial_dims != 2:
-            raise ValueError("Mask R-CNN is 2D only; the sites hold 3D data")
-        return build_maskrcnn(spec.in_channels, spec.backbone, spec.norm, spec.image_size)
+def _build_unet(spec: ModelSpec) -> nn.Module:
     norms: dict[str, Any] = {
         "instance": ("instance", {"affine": True}),
         "batch": "batch",
         "group": ("group", {"num_groups": _num_groups(spec)}),
     }
-    if spec.norm not in norms:
-        raise ValueError(f"norm must be one of {sorted(norms)}, got {spec.norm!r}")
     return UNet(
         spatial_dims=spec.spatial_dims,
         in_channels=spec.in_channels,
@@ -84,7 +46,35 @@ def build_model(spec: ModelSpec) -> nn.Module:
     )
 
 
-def local_keys(model: nn.Module, local_layers: str) -> set[str]:
+def _last_conv(model: nn.Module) -> tuple[str, ...]:
+    return ([n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)][-1] + ".",)
+
+
+_NETWORKS = {
+    "unet": _Network(_build_unet, _last_conv),
+    "maskrcnn": _Network(
+        lambda spec: build_maskrcnn(spec.in_channels, spec.backbone, spec.norm, spec.image_size),
+        lambda model: HEAD_PREFIXES),
+}
+assert set(_NETWORKS) == set(MODEL_KINDS)
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """The network of ``spec``: MONAI U-Net with residual units, or torchvision Mask R-CNN.
+
+    Raises:
+        ValueError: the kind does not take this norm or spatial dimensionality.
+    """
+    kind = spec.kind
+    if spec.norm not in kind.norms:
+        raise ValueError(f"norm must be one of {kind.norms} for model={spec.model}, got {spec.norm!r}")
+    if spec.spatial_dims not in kind.dims:
+        raise ValueError(f"model={spec.model} is {'/'.join(map(str, kind.dims))}D only; "
+                         f"the sites hold {spec.spatial_dims}D data")
+    return _NETWORKS[spec.model].build(spec)
+
+
+def local_keys(model: nn.Module, spec: ModelSpec, local_layers: str) -> set[str]:
     """State-dict keys that never leave the site.
 
     ``none`` keeps only integer buffers local (e.g. BatchNorm's ``num_batches_tracked``, which
@@ -104,11 +94,7 @@ def local_keys(model: nn.Module, local_layers: str) -> set[str]:
         if isinstance(module, NORM_TYPES):
             keys |= {k for k in state if k.startswith(f"{name}.")}
     if local_layers == "norm+head":
-        if isinstance(model, MaskRCNN):
-            heads = HEAD_PREFIXES
-        else:
-            heads = ([n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)][-1] + ".",)
-        keys |= {k for k in state if k.startswith(heads)}
+        keys |= {k for k in state if k.startswith(_NETWORKS[spec.model].heads(model))}
     return keys
 
 
@@ -118,6 +104,14 @@ def split_state(model: nn.Module, local: set[str]) -> tuple[dict[str, torch.Tens
     for key, value in model.state_dict().items():
         (kept if key in local else shared)[key] = value.detach().clone()
     return shared, kept
+
+
+def model_signature(spec: ModelSpec, local_layers: str, local: dict[str, torch.Tensor]) -> str:
+    """Short hash of the architecture and the site-local tensors' names, shapes and dtypes:
+    local layers saved under one signature never load into a model of another."""
+    layout = [(k, list(v.shape), str(v.dtype)) for k, v in sorted(local.items())]
+    text = json.dumps([spec.to_dict(), local_layers, layout], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _num_groups(spec: ModelSpec) -> int:

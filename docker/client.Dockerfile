@@ -1,14 +1,13 @@
-# Hospital SuperNode: Flower's official SuperNode image + fedseg (ClientApp dependencies).
+# Hospital SuperNode: Flower's official SuperNode image + fedseg's site part (common/ and client/
+# only: the coordinator's server/ and the simulation tools are never shipped to a hospital).
 # Site data, site state and credentials are mounted at run time; none is baked into the image.
 # Build from the repository root: docker build -f docker/client.Dockerfile -t fedseg-client .
 FROM flwr/supernode:1.42.0
 
 WORKDIR /app
-COPY --chown=app:app pyproject.toml README.md ./
+COPY --chown=app:app setup.py pyproject.toml README.md ./
 COPY --chown=app:app common ./common
 COPY --chown=app:app client ./client
-COPY --chown=app:app server ./server
-COPY --chown=app:app simulations ./simulations
 RUN python -m pip install --no-cache-dir .
 
 # Flower's images run as the non-root user `app`; state and data are volumes it owns or reads.

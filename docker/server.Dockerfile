@@ -1,14 +1,12 @@
-# Coordinator: Flower's official SuperLink image + fedseg (the ServerApp runs in a subprocess of
-# the SuperLink, so its dependencies live here). Certificates are mounted, never baked in.
+# Coordinator: Flower's official SuperLink image + fedseg's coordinator part (the ServerApp runs
+# in a subprocess of the SuperLink, so its dependencies live here). Certificates are mounted.
 # Build from the repository root: docker build -f docker/server.Dockerfile -t fedseg-server .
 FROM flwr/superlink:1.42.0
 
 WORKDIR /app
-COPY --chown=app:app pyproject.toml README.md ./
+COPY --chown=app:app setup.py pyproject.toml README.md ./
 COPY --chown=app:app common ./common
-COPY --chown=app:app client ./client
 COPY --chown=app:app server ./server
-COPY --chown=app:app simulations ./simulations
 RUN python -m pip install --no-cache-dir .
 
 USER app

@@ -17,8 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedseg.common.atomic import atomic_write_bytes  # noqa: E402
-from fedseg.server.evaluation import INSTANCE_METRICS  # noqa: E402
-from fedseg.server.outputs import RunFolder  # noqa: E402
+from fedseg.server.run_folder import RunFolder  # noqa: E402
+from fedseg.server.summary import INSTANCE_METRICS  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +57,36 @@ def site_table(run_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: str | Path, gallery: list[dict[str, Any]] | None = None) -> Path:
-    """Write ``report.html`` (self-contained, plots embedded) and ``plots/*.png`` for a run.
+def write_gallery(run_dir: str | Path, items: list[dict[str, Any]]) -> None:
+    """Keep a gallery (simulation only, see ``simulations.gallery``) in the run folder, so that
+    every later ``write_report`` shows it: ``plots/gallery/NN.png`` plus ``gallery.json``.
 
     Args:
         run_dir: the run folder.
-        gallery: optional overlays (simulation only, see ``simulations.gallery``): dicts with
-            ``title``, ``caption`` and ``png`` bytes.
+        items: dicts with ``title``, ``caption`` and ``png`` bytes.
     """
+    folder = Path(run_dir) / "plots" / "gallery"
+    index = []
+    for i, item in enumerate(items):
+        name = f"{i:02d}.png"
+        atomic_write_bytes(folder / name, item["png"])
+        index.append({"title": item["title"], "caption": item["caption"], "file": name})
+    atomic_write_bytes(folder / "gallery.json", json.dumps(index, indent=1).encode())
+
+
+def _read_gallery(run_dir: Path) -> list[dict[str, Any]]:
+    folder = run_dir / "plots" / "gallery"
+    if not (folder / "gallery.json").is_file():
+        return []
+    return [{**item, "png": (folder / item["file"]).read_bytes()}
+            for item in json.loads((folder / "gallery.json").read_text())]
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``report.html`` (self-contained, plots and the run's gallery embedded) and
+    ``plots/*.png`` for a run."""
     folder = RunFolder(run_dir)
+    gallery = _read_gallery(folder.dir)
     info, rounds = folder.read_run_info(), folder.read_rounds()
     summary = json.loads((folder.dir / "summary.json").read_text())
     training, heldout = info["training_sites"], info["heldout_sites"]

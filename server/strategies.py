@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                      FedMedian, FedProx, FedTrimmedAvg, Strategy)
 
 from fedseg.common.config import RunConfig
-from fedseg.server.evaluation import RoundRecorder
+from fedseg.server.rounds import RoundRecorder
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ class SiteHooks:
     - replies are aggregated in a fixed site order, so a seeded run is bit-for-bit repeatable;
     - held-out sites are never sampled for training, but evaluate every round;
     - every reply's scalars and payload size go to the ``RoundRecorder``;
-    - a resumed run numbers its rounds from the checkpoint (``round_offset``).
+    - a resumed run numbers its rounds from the checkpoint (``round_offset``);
+    - when a round's evaluation is aggregated, ``on_round_end(round, global arrays)`` runs.
     """
 
     site_of: dict[int, str]
@@ -61,6 +62,8 @@ class SiteHooks:
     round_offset: int
     min_sites: int
     round_timeout: float
+    on_round_end: Callable[[int, ArrayRecord], None]
+    _round_arrays: ArrayRecord
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -85,10 +88,14 @@ class SiteHooks:
             raise TooFewSitesError(
                 f"round {rnd}: {len(ok)} site(s) trained, min-train-sites is {self.min_sites}"
                 + (f" (failed: {failures})" if failures else ""))
-        return super().aggregate_train(rnd, replies)  # type: ignore[misc]
+        aggregated = super().aggregate_train(rnd, replies)  # type: ignore[misc]
+        if (spent := client_level_privacy(self)) is not None:  # type: ignore[arg-type]
+            self.recorder.note(rnd, "client-level-dp", spent)
+        return aggregated
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        self._round_arrays = arrays  # the round's new global model
         return super().configure_evaluate(  # type: ignore[misc]
             server_round + self.round_offset, arrays, config, _SiteView(grid, self.site_of, set()))
 
@@ -97,7 +104,9 @@ class SiteHooks:
         rnd = server_round + self.round_offset
         self.recorder.evaluated(rnd, self._named(replies))
         training = [m for m in replies if m.metadata.src_node_id not in self.heldout_nodes]
-        return super().aggregate_evaluate(rnd, training)  # type: ignore[misc]
+        metrics = super().aggregate_evaluate(rnd, training)  # type: ignore[misc]
+        self.on_round_end(rnd, self._round_arrays)
+        return metrics
 
     def _wait_for_sites(self, view: _SiteView, rnd: int) -> None:
         """Wait up to ``round-timeout`` for ``min-train-sites`` to be connected, else stop clearly."""
@@ -120,7 +129,8 @@ class SiteHooks:
 
 
 def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[int],
-                   recorder: RoundRecorder, round_offset: int = 0) -> Strategy:
+                   recorder: RoundRecorder, on_round_end: Callable[[int, ArrayRecord], None],
+                   round_offset: int = 0) -> Strategy:
     """The configured Flower strategy with fedseg's hooks outermost.
 
     Args:
@@ -128,6 +138,7 @@ def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[i
         site_of: node id -> site name, from the discovery query.
         heldout_nodes: node ids that only evaluate.
         recorder: collects per-site scalars for rounds.jsonl.
+        on_round_end: called with (round, new global arrays) once a round is complete.
         round_offset: rounds already done (resume).
     """
     base = BASES[cfg.strategy]
@@ -161,6 +172,7 @@ def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[i
     strategy.round_offset = round_offset
     strategy.min_sites = cfg.min_train_sites
     strategy.round_timeout = cfg.round_timeout
+    strategy.on_round_end = on_round_end
     return strategy
 
 

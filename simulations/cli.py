@@ -1,27 +1,18 @@
-"""The ``fedseg`` command: demo, synth, simulate, and the site tools (check)."""
+"""Simulation commands: ``fedseg demo``, ``synth``, ``simulate``, ``study``."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
-import sys
 import time
 from pathlib import Path
 
-from fedseg.client.cli import add_site_commands
 from fedseg.common.config import ConfigError, RunConfig, keys
-from fedseg.common.data import DataError
 
 ALIASES = {"num-server-rounds": ["--rounds"]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse arguments and run one command; errors print one clear line, never a traceback."""
-    parser = argparse.ArgumentParser(prog="fedseg", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register the simulation commands on the ``fedseg`` parser."""
     demo = sub.add_parser("demo", help="synthesize a 3-site 2D study and run FedAvg+FedBN on it")
     demo.add_argument("--output-dir", default="runs")
     demo.add_argument("--rounds", type=int, default=15)
@@ -42,87 +33,43 @@ def main(argv: list[str] | None = None) -> int:
     synth.set_defaults(func=_synth)
 
     simulate = sub.add_parser("simulate", help="run a federated study over a study folder")
-    simulate.add_argument("study_dir", nargs="?", help="study folder (omit with --resume)")
-    simulate.add_argument("--resume-run", metavar="RUN_DIR", help="continue this run folder")
-    simulate.add_argument("--num-cpus", type=int, default=None)
-    for key in keys():
-        if key not in ("study-dir", "resume"):
-            simulate.add_argument(f"--{key}", *ALIASES.get(key, []), dest=key, default=None)
+    simulate.add_argument("study_dir", nargs="?", help="study folder (omit with --resume-run)")
+    simulate.add_argument("--resume-run", metavar="RUN_DIR",
+                          help="continue this run folder (only --rounds and --round-timeout may change)")
+    simulate.add_argument("--num-cpus", type=int, default=None,
+                          help="CPU cores Ray may use (default: all); each virtual site takes one")
+    _config_flags(simulate, skip=("study-dir", "resume"))
     simulate.set_defaults(func=_simulate)
-
-    certs = sub.add_parser("certs", help="make TLS certificates (coordinator) or a node key (hospital)")
-    certs_sub = certs.add_subparsers(dest="kind", required=True)
-    server = certs_sub.add_parser("server", help="CA + SuperLink certificate")
-    server.add_argument("out")
-    server.add_argument("--host", action="append", required=True,
-                        help="IP or DNS name the SuperLink is reached at (repeatable)")
-    server.add_argument("--days", type=int, default=365)
-    node = certs_sub.add_parser("node", help="a hospital SuperNode's authentication key pair")
-    node.add_argument("out")
-    node.add_argument("--name", required=True)
-    certs.set_defaults(func=_certs)
-
-    report = sub.add_parser("report", help="(re)write report.html and plots/ for a run folder")
-    report.add_argument("run_dir", metavar="RUN_DIR")
-    report.set_defaults(func=_report)
 
     study = sub.add_parser("study", help="baselines side by side: local, pooled, fedavg, fedprox, fedbn")
     study.add_argument("study_dir")
     study.add_argument("--baselines", default="local,pooled,fedavg,fedprox,fedbn")
-    study.add_argument("--num-cpus", type=int, default=None)
-    for key in keys():
-        if key not in ("study-dir", "resume", "strategy", "local-layers"):
-            study.add_argument(f"--{key}", *ALIASES.get(key, []), dest=key, default=None)
+    study.add_argument("--num-cpus", type=int, default=None,
+                       help="CPU cores Ray may use (default: all); each virtual site takes one")
+    _config_flags(study, skip=("study-dir", "resume", "strategy", "local-layers"))
     study.set_defaults(func=_study)
 
-    add_site_commands(sub)
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        return args.func(args)
-    except (ConfigError, DataError) as err:
-        print(f"fedseg {args.command}: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        print(f"fedseg {args.command}: {err}", file=sys.stderr)
-        return 1
+
+def _config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...]) -> None:
+    for key in keys():
+        if key not in skip:
+            parser.add_argument(f"--{key}", *ALIASES.get(key, []), dest=key, default=None)
 
 
-def _certs(args: argparse.Namespace) -> int:
-    from fedseg.common.credentials import write_node_key, write_server_certificates
-
-    if args.kind == "server":
-        files = write_server_certificates(args.out, args.host, args.days)
-        print("wrote " + ", ".join(str(p) for p in files.values()))
-        print("keep ca.key and server.key on the coordinator; give ca.crt to every hospital")
-    else:
-        private, public = write_node_key(args.out, args.name)
-        print(f"wrote {private} (stays at the hospital) and {public} (send to the coordinator)")
-    return 0
+def _given(args: argparse.Namespace) -> dict[str, str]:
+    return {k: v for k, v in vars(args).items() if k in keys() and v is not None}
 
 
 def _study(args: argparse.Namespace) -> int:
     from fedseg.simulations.study import run_study
 
-    given = {k: v for k, v in vars(args).items() if k in keys() and v is not None}
-    cfg = RunConfig.from_dict({**given, "study-dir": args.study_dir})
+    cfg = RunConfig.from_dict({**_given(args), "study-dir": args.study_dir})
     try:
         out = run_study(cfg, [b.strip() for b in args.baselines.split(",") if b.strip()], args.num_cpus)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     print((out / "comparison.csv").read_text())
     print(f"study folder: {out}  (study.html, comparison.csv/json, cross_site.csv/json)")
-    return 0
-
-
-def _report(args: argparse.Namespace) -> int:
-    from fedseg.server.report import write_report
-    from fedseg.simulations.gallery import make_gallery
-
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "summary.json").is_file():
-        raise ConfigError(f"{run_dir}: not a finished run folder (no summary.json)")
-    print(f"wrote {write_report(run_dir, gallery=make_gallery(run_dir))}")
     return 0
 
 
@@ -140,19 +87,15 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    given = {k: v for k, v in vars(args).items() if k in keys() and v is not None}
     if args.resume_run:
-        run_dir = Path(args.resume_run)
-        given |= {"output-dir": str(run_dir.parent), "run-name": run_dir.name, "resume": True}
-        if not (run_dir / "run.json").is_file():
-            raise ConfigError(f"cannot resume: {run_dir / 'run.json'} not found")
-        stored = json.loads((run_dir / "run.json").read_text())["config"]
-        given = {**stored, **given}
+        from fedseg.server.run_folder import resume_config
+
+        cfg = resume_config(args.resume_run, _given(args))
     elif args.study_dir:
-        given["study-dir"] = args.study_dir
+        cfg = RunConfig.from_dict({**_given(args), "study-dir": args.study_dir})
     else:
         raise ConfigError("give a STUDY_DIR, or --resume-run RUN_DIR")
-    return _run_and_report(RunConfig.from_dict(given), args.num_cpus)
+    return _run_and_report(cfg, args.num_cpus)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -180,27 +123,3 @@ def _run_and_report(cfg: RunConfig, num_cpus: int | None) -> int:
     print(f"\nrun folder: {run_dir}  ({time.monotonic() - started:.0f}s)")
     print(f"report: {run_dir / 'report.html'}")
     return 0
-
-
-def setup_logging() -> None:
-    """fedseg's progress on stdout; Flower's own log only from warnings up."""
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s fedseg %(message)s", "%H:%M:%S"))
-    root = logging.getLogger("fedseg")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    root.propagate = False
-    flwr_log = logging.getLogger("flwr")
-    flwr_log.propagate = False
-    flwr_log.filters[:] = [_quiet_flower]
-
-
-def _quiet_flower(record: logging.LogRecord) -> bool:
-    # fedseg prints its own per-round progress; `fedseg simulate` is the supported entry point,
-    # so Flower's notice about run_simulation being deprecated is noise here
-    return record.levelno >= logging.WARNING and "DEPRECATED FEATURE" not in str(record.msg)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

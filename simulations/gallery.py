@@ -18,12 +18,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from monai.inferers import sliding_window_inference  # noqa: E402
 from monai.visualize import OcclusionSensitivity  # noqa: E402
 
-from fedseg.client.predict import load_site_model  # noqa: E402
-from fedseg.common.data import eval_transforms, read_site, split_training, study_sites, to_dicts  # noqa: E402
-from fedseg.common.metrics import SegmentationScores  # noqa: E402
+from fedseg.client.site import sim_state_dir  # noqa: E402
+from fedseg.client.site_model import saved_model  # noqa: E402
+from fedseg.client.tasks import task_for  # noqa: E402
+from fedseg.common.data import read_site, split_training, study_sites, to_dicts  # noqa: E402
+from fedseg.common.models import ModelSpec  # noqa: E402
 
 
 class _ForegroundScore(torch.nn.Module):
@@ -45,24 +46,25 @@ def make_gallery(run_dir: str | Path, max_sites: int = 4) -> list[dict[str, Any]
     run_dir = Path(run_dir)
     info = json.loads((run_dir / "run.json").read_text())
     cfg = info["config"]
-    if not cfg.get("study-dir") or not Path(cfg["study-dir"]).is_dir() or cfg.get("model") == "maskrcnn":
-        return []  # occlusion maps explain a U-Net's per-pixel logits; Mask R-CNN has none
+    task = task_for(ModelSpec.from_dict(info["model"]))
+    if not cfg.get("study-dir") or not Path(cfg["study-dir"]).is_dir() or not task.dense_logits:
+        return []  # occlusion maps explain per-pixel logits; a detector has none
     items = []
     refs = {r.name: r for r in study_sites(cfg["study-dir"], cfg.get("split-site", 0))}
     for site in (info["training_sites"] + info["heldout_sites"])[:max_sites]:
-        state = run_dir / "site-state" / site.replace("#", "-part")
-        model, _, patch = load_site_model(run_dir / "model" / "global.pt", state if state.is_dir() else None)
+        state = sim_state_dir(run_dir / "site-state", site)
+        model, _, patch = saved_model(run_dir / "model" / "global.pt", state if state.is_dir() else None)
         spec = read_site(refs[site], seed=cfg["seed"])
         _, val = split_training(spec, cfg["val-fraction"], cfg["seed"])
-        transform = eval_transforms(spec)
+        transform = task.eval_data(spec)
         scored = []
         for item in to_dicts(val):
             data = transform(item)
-            image = data["image"][None]
-            pred = sliding_window_inference(image, (patch,) * spec.spatial_dims, 4, model, 0.25).argmax(1, keepdim=True)
-            scores = SegmentationScores(spec.num_classes)
-            scores.add(pred, data["label"][None], (1.0,) * spec.spatial_dims)
-            scored.append((scores.result().get("dice", float("nan")), image, data["label"][None], pred))
+            pred = task.infer(model, data["image"], patch, "cpu")
+            scores = task.new_scores(spec, 1)
+            task.add_case(scores, pred, data, "")
+            scored.append((scores.result().get("dice", float("nan")), data["image"][None],
+                           data["label"][None], pred.labels[None, None]))
         scored = [s for s in scored if np.isfinite(s[0])]
         if not scored:
             continue

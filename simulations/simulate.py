@@ -14,7 +14,8 @@ from fedseg.client.app import app as client_app
 from fedseg.common.config import RunConfig
 from fedseg.common.data import DataError, check_site, study_sites
 from fedseg.server.app import run_federation
-from fedseg.server.report import write_report
+from fedseg.server.report import write_gallery, write_report
+from fedseg.server.run_folder import RESUMABLE, resume_config
 from fedseg.simulations.gallery import make_gallery
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,8 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None) -> Path:
     """Validate every site, then run the study with one virtual Flower node per site.
 
     Args:
-        cfg: run config; ``study_dir`` must name the study folder.
+        cfg: run config; ``study_dir`` must name the study folder (``resume``: the run folder
+            ``output_dir/run_name`` is continued with its stored config).
         num_cpus: CPUs Ray may use (default: all); each site's ClientApp gets one.
 
     Returns:
@@ -33,6 +35,8 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None) -> Path:
     Raises:
         DataError: a site fails the data check (every problem listed, nothing trained).
     """
+    if cfg.resume:
+        cfg = resume_config(Path(cfg.output_dir) / cfg.run_name, {k: cfg.to_dict()[k] for k in RESUMABLE})
     if not cfg.study_dir:
         raise DataError("simulation needs a study folder (run-config 'study-dir')")
     cfg = cfg.replace(study_dir=str(Path(cfg.study_dir).resolve()),
@@ -60,5 +64,6 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None) -> Path:
     )
     if "run_dir" not in result:
         raise RuntimeError("the simulation ended without finishing the run; see the log above")
-    write_report(result["run_dir"], gallery=make_gallery(result["run_dir"]))
+    write_gallery(result["run_dir"], make_gallery(result["run_dir"]))
+    write_report(result["run_dir"])
     return result["run_dir"]

@@ -18,15 +18,15 @@ from typing import Any
 
 import torch
 
-from fedseg.client.instance_trainer import evaluate_instances, train_instances
-from fedseg.client.trainer import evaluate_local, train_local
+from fedseg.client.tasks import task_for
+from fedseg.client.trainer import train_local
 from fedseg.common.atomic import atomic_write_bytes, atomic_write_json
 from fedseg.common.config import RunConfig
 from fedseg.common.data import (SiteSpec, case_seed, image_channels, read_site, split_training,
                                study_sites)
 from fedseg.common.metrics import finite_mean
 from fedseg.common.models import ModelSpec, build_model
-from fedseg.server.evaluation import INSTANCE_METRICS, site_spread
+from fedseg.server.summary import INSTANCE_METRICS, site_spread
 from fedseg.server.report import write_study_report
 from fedseg.simulations.simulate import simulate
 
@@ -96,16 +96,13 @@ def _train_and_score(cfg: RunConfig, specs: dict[str, SiteSpec], train_at: list[
     mspec = ModelSpec.for_run(cfg, first.spatial_dims, image_channels(first), first.num_classes)
     torch.manual_seed(cfg.seed)
     model = build_model(mspec)
-    instance = cfg.model == "maskrcnn"
-    (train_instances if instance else train_local)(
-        model, first, cases, epochs=cfg.num_server_rounds * cfg.local_epochs, batch_size=cfg.batch_size,
-        lr=cfg.lr, patch_size=cfg.patch_size, seed=case_seed(cfg.seed, seed_site, 0))
-    out = {}
-    for site, spec in specs.items():
-        val = split_training(spec, cfg.val_fraction, cfg.seed)[1]
-        out[site] = (evaluate_instances if instance else evaluate_local)(model, spec, val,
-                                                                         patch_size=cfg.patch_size)
-    return out
+    task = task_for(mspec)
+    train_local(model, task, first, cases, epochs=cfg.num_server_rounds * cfg.local_epochs,
+                batch_size=cfg.batch_size, lr=cfg.lr, patch_size=cfg.patch_size,
+                seed=case_seed(cfg.seed, seed_site, 0))
+    return {site: task.evaluate(model, spec, split_training(spec, cfg.val_fraction, cfg.seed)[1],
+                                patch_size=cfg.patch_size)
+            for site, spec in specs.items()}
 
 
 def _rank(scores: dict[str, dict[str, dict[str, float]]], training: list[str],

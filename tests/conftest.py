@@ -36,9 +36,48 @@ def study_instance(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture()
+def server_identity():
+    """Messages are created by a server process; give this one the identity Flower's runtime sets."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
 def tiny_config(study: Path, out: Path, **changes: object) -> RunConfig:
     """Smallest useful run: 2 rounds, 1 epoch, 8/16 channels, 32 px patches."""
     base = dict(study_dir=str(study), output_dir=str(out), num_server_rounds=2, local_epochs=1,
                 batch_size=2, lr=0.05, patch_size=32, channels=(8, 16), seed=3)
     base.update(changes)
     return RunConfig(**base)
+
+
+def round_message(cfg: RunConfig, spec, server_round: int = 1, run_id: str = "0123456789abcdef",
+                  message_type: str = "train", extra: dict | None = None):
+    """A train/evaluate message as the ServerApp sends it: the initial shared weights and the
+    typed round config (plus what Flower adds, and anything a test slips in as ``extra``)."""
+    import torch
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedseg.common.models import build_model, local_keys, split_state
+    from fedseg.common.records import shared_record
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(spec)
+    local = local_keys(model, spec, cfg.local_layers)
+    shared, _ = split_state(model, local)
+    config = {**cfg.site_round(spec, run_id).to_record(), "server-round": server_round, **(extra or {})}
+    content = RecordDict({"arrays": shared_record(shared, local), "config": ConfigRecord(config)})
+    return Message(content=content, dst_node_id=7, message_type=message_type)
+
+
+def node_context(site_dir: Path, state_dir: Path, **node_config: object):
+    """The Context a hospital's SuperNode gives the ClientApp (its own node config)."""
+    from flwr.app import Context, RecordDict
+
+    config = {"site-dir": str(site_dir), "state-dir": str(state_dir), **node_config}
+    return Context(run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config={})

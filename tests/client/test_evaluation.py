@@ -4,7 +4,8 @@ import json
 
 import torch
 
-from fedseg.client.trainer import adapt_norm_statistics, evaluate_local
+from fedseg.client.adaptation import adapt_norm_statistics
+from fedseg.client.tasks import task_for
 from fedseg.common.data import read_site
 from fedseg.common.models import ModelSpec, build_model
 from fedseg.simulations.synth import write_study
@@ -17,11 +18,12 @@ def test_a_group_with_fewer_than_k_cases_is_never_reported(tmp_path):
         entry["group"] = "liver" if i < 5 else "lung"  # 5 liver cases, 2 lung cases
     (site / "dataset.json").write_text(json.dumps(meta))
     spec = read_site(site)
-    model = build_model(ModelSpec(2, 1, 3, (8, 16), "instance"))
-    scores = evaluate_local(model, spec, list(spec.training), patch_size=32, min_group_cases=5)
+    model_spec = ModelSpec(2, 1, 3, (8, 16), "instance")
+    model, task = build_model(model_spec), task_for(model_spec)
+    scores = task.evaluate(model, spec, list(spec.training), patch_size=32, min_group_cases=5)
     assert scores["group-cases:liver"] == 5 and 0 <= scores["group-dice:liver"] <= 1
     assert not any("lung" in k for k in scores)
-    scores = evaluate_local(model, spec, list(spec.training), patch_size=32, min_group_cases=2)
+    scores = task.evaluate(model, spec, list(spec.training), patch_size=32, min_group_cases=2)
     assert scores["group-cases:lung"] == 2
 
 

@@ -6,22 +6,28 @@ import torch
 from flwr.app import ArrayRecord
 from PIL import Image
 
-from fedseg.client.predict import load_site_model
+from fedseg.client.site_model import saved_model
 from fedseg.client.state import SiteState
-from fedseg.common.models import ModelSpec, build_model, local_keys, split_state
+from fedseg.common.models import ModelSpec, build_model, local_keys, model_signature, split_state
 from fedseg.server.checkpoints import save_global_model
-from fedseg.simulations.cli import main
+from fedseg.common.cli import main
 from fedseg.simulations.synth import write_study
 
 
 def _run_dir(tmp_path, spec: ModelSpec):
+    """A run's global.pt and, in a site's state dir, that run's local layers."""
     torch.manual_seed(0)
     model = build_model(spec)
-    local = local_keys(model, "norm")
+    local = local_keys(model, spec, "norm")
     shared, kept = split_state(model, local)
-    save_global_model(tmp_path / "run", 1, ArrayRecord(shared), spec.to_dict(), sorted(local), 16)
+    meta = {"model": spec.to_dict(), "local_layers": "norm", "local_keys": sorted(local),
+            "patch_size": 16, "run_name": "study", "run_id": "feedface00000000"}
+    save_global_model(tmp_path / "run", 1, ArrayRecord(shared), meta)
+    signature = model_signature(spec, "norm", kept)
     kept = {k: (v + 0.5 if v.is_floating_point() else v) for k, v in kept.items()}  # the site's own
-    SiteState(tmp_path / "state").save_local_layers(kept, 1)
+    SiteState(tmp_path / "state").run("study", "feedface00000000").save_local_layers(kept, 1, signature)
+    SiteState(tmp_path / "state").run("other", "0000000000000000").save_local_layers(
+        {k: v + 9 for k, v in kept.items()}, 1, signature)  # another federation's: never used here
     return tmp_path / "run" / "model" / "global.pt"
 
 
@@ -42,10 +48,11 @@ def test_2d_predictions_are_pngs_of_the_image_shape_and_use_local_layers(tmp_pat
     (site,) = write_study(tmp_path / "study", sites=1, dims=2, cases=1, size=24, seed=0)
     Image.fromarray(np.zeros((24, 40), np.uint8)).save(site / "images" / "wide.png")
     model = _run_dir(tmp_path, ModelSpec(2, 1, 2, (4, 8), "instance"))
-    with_local, _, _ = load_site_model(model, tmp_path / "state")
-    without, _, _ = load_site_model(model, None)
-    norm_key = next(iter(SiteState(tmp_path / "state").load_local_layers()))
-    assert not torch.equal(with_local.state_dict()[norm_key], without.state_dict()[norm_key])
+    with_local, _, _ = saved_model(model, tmp_path / "state")
+    without, _, _ = saved_model(model, None)
+    norm_key = next(k for k in with_local.state_dict() if ".adn.N." in k)
+    mine = without.state_dict()[norm_key] + 0.5  # this run's local layers, not the other run's
+    assert torch.equal(with_local.state_dict()[norm_key], mine)
     assert main(["predict", str(site / "images"), str(tmp_path / "out"), "--model", str(model),
                  "--state-dir", str(tmp_path / "state")]) == 0
     assert np.asarray(Image.open(tmp_path / "out" / "wide.png")).shape == (24, 40)

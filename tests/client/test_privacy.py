@@ -3,25 +3,24 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.rdp import RDPAccountant
 
 from fedseg.client.app import app as client_app
-from fedseg.client.privacy import (LEDGER_FILE, DPRound, PrivacyLedger, check_dp_compatible,
-                                   plan_round)
+from fedseg.client.privacy import (LEDGER_FILE, DPSession, PolicyRefusal, PrivacyLedger, SitePolicy,
+                                   check_dp_compatible, plan_round)
+from fedseg.client.state import SiteState
+from fedseg.client.tasks import task_for
 from fedseg.client.trainer import train_local
-from fedseg.common.config import RunConfig
+from fedseg.common.cli import main
+from fedseg.common.config import DPSettings, RunConfig
 from fedseg.common.data import read_site
-from fedseg.common.models import ModelSpec, build_model, local_keys, split_state
-from fedseg.common.records import shared_record
-from fedseg.simulations.cli import main
+from fedseg.common.models import ModelSpec, build_model
 from fedseg.simulations.synth import write_study
+from tests.conftest import node_context, round_message
+
+SPEC = ModelSpec(2, 1, 3, (8, 16), "instance")
 
 
 def independent_epsilon(q: float, sigma: float, steps: int, delta: float) -> float:
@@ -37,13 +36,14 @@ def site(tmp_path):
     return read_site(write_study(tmp_path / "study", sites=1, dims=2, cases=6, size=32, seed=0)[0])
 
 
-def _dp_round(site, state_dir: Path, server_round: int, cfg: RunConfig) -> float:
-    ledger = PrivacyLedger(state_dir)  # reloaded from disk every round, as after a restart
-    plan = plan_round(cfg, len(site.training), ledger)
-    model = build_model(ModelSpec(2, 1, 3, (8, 16), "instance"))
-    result = train_local(model, site, list(site.training), epochs=cfg.local_epochs,
-                         batch_size=cfg.batch_size, lr=0.05, patch_size=32, seed=server_round,
-                         dp=(plan, ledger, server_round))
+def _dp_round(site, state_dir: Path, server_round: int, cfg: RunConfig, run: str = "study-1") -> float:
+    # the ledger is reloaded from disk every round, as after a restart
+    dp = DPSession.open(cfg.site_round(SPEC, "id").dp, SitePolicy(), state_dir,
+                        num_cases=len(site.training), batch_size=cfg.batch_size,
+                        epochs=cfg.local_epochs, run=run, server_round=server_round, site=site.name)
+    result = train_local(build_model(SPEC), task_for(SPEC), site, list(site.training),
+                         epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=0.05, patch_size=32,
+                         seed=server_round, dp=dp)
     return result.epsilon
 
 
@@ -59,12 +59,27 @@ def test_ledger_epsilon_matches_opacus_analysis_and_survives_restarts(site, tmp_
 
 
 def test_target_epsilon_derives_noise_once_for_all_planned_rounds(site, tmp_path):
-    cfg = RunConfig(dp="sample", dp_target_epsilon=4.0, num_server_rounds=3, batch_size=2)
-    ledger = PrivacyLedger(tmp_path)
-    plan = plan_round(cfg, 6, ledger)
-    total = independent_epsilon(plan.sample_rate, plan.noise_multiplier, 3 * plan.steps, cfg.dp_delta)
+    dp = DPSettings("sample", target_epsilon=4.0, planned_rounds=3)
+    plan = plan_round(dp, 6, batch_size=2, epochs=1)
+    total = independent_epsilon(plan.sample_rate, plan.noise_multiplier, 3 * plan.steps, dp.delta)
     assert total == pytest.approx(4.0, abs=0.05)
-    assert plan_round(cfg, 6, PrivacyLedger(tmp_path)).noise_multiplier == plan.noise_multiplier
+    cfg = RunConfig(dp="sample", dp_target_epsilon=4.0, num_server_rounds=3, batch_size=2)
+    _dp_round(site, tmp_path, 1, cfg, run="study-1")
+    assert PrivacyLedger(tmp_path).planned_noise("study-1") == plan.noise_multiplier
+    # another run at the same site plans its own noise; the ledger (epsilon) stays site-wide
+    other = cfg.replace(dp_target_epsilon=8.0)
+    _dp_round(site, tmp_path, 1, other, run="study-2")
+    ledger = PrivacyLedger(tmp_path)
+    assert ledger.planned_noise("study-2") < ledger.planned_noise("study-1")
+    assert [r["run"] for r in ledger.data["rounds"]] == ["study-1", "study-2"]
+
+
+def test_a_refused_round_writes_nothing_to_the_ledger(site, tmp_path):
+    cfg = RunConfig(dp="sample", dp_target_epsilon=4.0, num_server_rounds=3, batch_size=2)
+    with pytest.raises(PolicyRefusal, match="over its max-epsilon"):
+        DPSession.open(cfg.site_round(SPEC, "id").dp, SitePolicy(max_epsilon=0.1), tmp_path,
+                       num_cases=6, batch_size=2, epochs=1, run="r", server_round=1, site="a")
+    assert not (tmp_path / LEDGER_FILE).exists()  # not even the planned noise
 
 
 def test_batchnorm_model_is_rejected_for_dp():
@@ -82,50 +97,40 @@ def test_a_damaged_ledger_stops_training_instead_of_resetting_epsilon(tmp_path):
 # --- the real ClientApp, called the way a SuperNode calls it, with a hospital's node config ---
 
 @pytest.fixture(autouse=True)
-def server_identity():
-    """Messages are created by a server process; give this one the identity Flower's runtime sets."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+def _server_identity(server_identity):
+    """Every message here is built as the ServerApp would build it."""
 
 
-def _train_message(cfg: RunConfig, server_extra: dict | None = None) -> Message:
-    model = build_model(ModelSpec(2, 1, 3, cfg.channels, cfg.norm))
-    shared, _ = split_state(model, local_keys(model, cfg.local_layers))
-    config = {k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in cfg.to_dict().items()}
-    config |= {"model-spatial-dims": 2, "model-in-channels": 1, "model-out-channels": 3,
-               "server-round": 1, **(server_extra or {})}
-    content = RecordDict({"arrays": shared_record(shared, set()), "config": ConfigRecord(config)})
-    return Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
+def _train_message(cfg: RunConfig, server_extra: dict | None = None):
+    return round_message(cfg, ModelSpec(2, 1, 3, cfg.channels, cfg.norm), extra=server_extra)
 
 
-def _node(site_dir: Path, state_dir: Path, **policy) -> Context:
-    node_config = {"site-dir": str(site_dir), "state-dir": str(state_dir), **policy}
-    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+def _local_layers(state: Path) -> Path:
+    return SiteState(state).run("", "0123456789abcdef").local_layers_path
 
 
 def test_site_over_budget_refuses_before_training(site, tmp_path):
     cfg = RunConfig(dp="sample", dp_noise_multiplier=1.0, batch_size=2, channels=(8, 16), patch_size=32)
     state = tmp_path / "state"
     # the server "offers" a bigger budget in its config: sites only read their own node config
-    reply = client_app(_train_message(cfg, {"max-epsilon": 1000.0}), _node(site.root, state, **{"max-epsilon": 0.5}))
+    reply = client_app(_train_message(cfg, {"max-epsilon": 1000.0}), node_context(site.root, state, **{"max-epsilon": 0.5}))
     assert reply.has_error()
     assert "refuses" in reply.error.reason and "max-epsilon 0.500" in reply.error.reason
-    assert not (state / "local_layers.pt").exists()  # nothing was trained
+    assert not _local_layers(state).exists()  # nothing was trained
+    assert not (state / LEDGER_FILE).exists()  # nothing was planned into the ledger
     assert json.loads((state / "outbox.jsonl").read_text())["records"] == {}  # no weights left
 
 
 def test_require_dp_refuses_rounds_without_record_level_dp(site, tmp_path):
     for mode in ("off", "client"):
         cfg = RunConfig(dp=mode, channels=(8, 16), patch_size=32)
-        reply = client_app(_train_message(cfg), _node(site.root, tmp_path / mode, **{"require-dp": True}))
+        reply = client_app(_train_message(cfg), node_context(site.root, tmp_path / mode, **{"require-dp": True}))
         assert reply.has_error() and "requires record-level DP" in reply.error.reason
     weak = RunConfig(dp="sample", dp_noise_multiplier=0.3, batch_size=2, channels=(8, 16), patch_size=32)
-    reply = client_app(_train_message(weak), _node(site.root, tmp_path / "w", **{"min-noise-multiplier": 0.8}))
+    reply = client_app(_train_message(weak), node_context(site.root, tmp_path / "w", **{"min-noise-multiplier": 0.8}))
     assert reply.has_error() and "below its minimum" in reply.error.reason
     ok = client_app(_train_message(weak.replace(dp_noise_multiplier=1.0)),
-                    _node(site.root, tmp_path / "ok", **{"require-dp": True}))
+                    node_context(site.root, tmp_path / "ok", **{"require-dp": True}))
     assert not ok.has_error() and ok.content["metrics"]["epsilon"] > 0
 
 

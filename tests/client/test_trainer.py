@@ -3,10 +3,13 @@
 import pytest
 import torch
 
-from fedseg.client.trainer import evaluate_local, train_local
+from fedseg.client.tasks import task_for
+from fedseg.client.trainer import train_local
 from fedseg.common.data import read_site, split_training
 from fedseg.common.models import ModelSpec, build_model
 from fedseg.simulations.synth import write_study
+
+SPEC = ModelSpec(2, 1, 3, (8, 16), "instance")
 
 
 @pytest.fixture()
@@ -16,9 +19,9 @@ def site(tmp_path):
 
 def _drift(site, mu: float) -> float:
     torch.manual_seed(0)
-    model = build_model(ModelSpec(2, 1, 3, (8, 16), "instance"))
+    model = build_model(SPEC)
     start = {k: v.clone() for k, v in model.named_parameters()}
-    train_local(model, site, list(site.training), epochs=3, batch_size=2, lr=0.1, patch_size=32,
+    train_local(model, task_for(SPEC), site, list(site.training), epochs=3, batch_size=2, lr=0.1, patch_size=32,
                 seed=1, proximal_mu=mu, global_params=start)
     return sum((p.detach() - start[k]).pow(2).sum().item() for k, p in model.named_parameters())
 
@@ -28,23 +31,23 @@ def test_proximal_term_keeps_weights_closer_to_the_global_model(site):
 
 
 def test_training_reports_cases_not_batches(site):
-    model = build_model(ModelSpec(2, 1, 3, (8, 16), "instance"))
-    result = train_local(model, site, list(site.training), epochs=2, batch_size=3, lr=0.01,
+    model = build_model(SPEC)
+    result = train_local(model, task_for(SPEC), site, list(site.training), epochs=2, batch_size=3, lr=0.01,
                          patch_size=32, seed=0)
     assert result.num_examples == 4 and result.steps == 2 * 2  # ceil(4 / 3) steps per epoch
 
 
 def test_diverging_training_stops_with_a_clear_error(site):
-    model = build_model(ModelSpec(2, 1, 3, (8, 16), "instance"))
+    model = build_model(SPEC)
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="site site-a: training loss became nan"):
-        train_local(model, site, list(site.training), epochs=1, batch_size=2, lr=0.01,
+        train_local(model, task_for(SPEC), site, list(site.training), epochs=1, batch_size=2, lr=0.01,
                     patch_size=32, seed=0)
 
 
 def test_evaluation_scores_every_label_on_whole_images(site):
-    model = build_model(ModelSpec(2, 1, 3, (8, 16), "instance"))
+    model = build_model(SPEC)
     _, val = split_training(site, 0.5, 0)
-    scores = evaluate_local(model, site, val, patch_size=16)
+    scores = task_for(SPEC).evaluate(model, site, val, patch_size=16)
     assert {"dice-1", "dice-2", "hd95-1", "hd95-2", "dice", "hd95"} == set(scores)

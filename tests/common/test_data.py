@@ -11,7 +11,7 @@ from PIL import Image
 
 from fedseg.common.data import (DataError, check_site, eval_transforms, read_site, split_training,
                                 study_sites, to_dicts)
-from fedseg.simulations.cli import main
+from fedseg.common.cli import main
 from fedseg.simulations.synth import write_study
 
 

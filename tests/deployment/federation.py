@@ -53,7 +53,7 @@ class Federation:
             "--ssl-certfile", str(self.certs / "server.pem"), "--ssl-keyfile", str(self.certs / "server.key"),
             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
             "--host", "127.0.0.1", "--port", str(self.port), "--database", str(self.work / "state.db")])
-        self.wait_for(lambda: _port_open(self.port), 60, "SuperLink to listen")
+        self.wait_for(lambda: port_open(self.port), 60, "SuperLink to listen")
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(["flwr", *args], cwd=ROOT, env=self.env, capture_output=True, text=True,
@@ -119,13 +119,18 @@ class Federation:
 
     def wait_for(self, check, timeout: float, what: str) -> None:
         """Poll ``check`` until true; on timeout fail with every process's log."""
-        deadline = time.monotonic() + timeout
-        while not check():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"waited {timeout:.0f}s for {what}\n{self.logs()}")
-            time.sleep(0.5)
+        wait_until(check, timeout, what, self.logs)
 
 
-def _port_open(port: int) -> bool:
+def wait_until(check, timeout: float, what: str, details=lambda: "") -> None:
+    """Poll ``check`` every 0.5 s until true; on timeout fail with ``details()``."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:.0f}s for {what}\n{details()}")
+        time.sleep(0.5)
+
+
+def port_open(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0

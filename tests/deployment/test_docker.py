@@ -10,11 +10,6 @@ import flwr
 import pytest
 import yaml
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 
@@ -29,18 +24,44 @@ def compose() -> dict:
     return yaml.safe_load((DOCKER / "compose.yaml").read_text())
 
 
-@pytest.mark.parametrize("dockerfile, image", [("client.Dockerfile", "flwr/supernode"),
-                                               ("server.Dockerfile", "flwr/superlink")])
-def test_images_build_on_flowers_official_image_at_the_installed_version(dockerfile, image):
+@pytest.mark.parametrize("dockerfile, image, parts", [
+    ("client.Dockerfile", "flwr/supernode", {"common", "client"}),  # never the coordinator's code
+    ("server.Dockerfile", "flwr/superlink", {"common", "server"}),
+])
+def test_images_build_on_flowers_official_image_at_the_installed_version(dockerfile, image, parts):
     text = (DOCKER / dockerfile).read_text()
     assert f"FROM {image}:{flwr.__version__}" in text
     # fedseg is installed from the copied pyproject, so the image gets exactly its dependencies
-    assert "COPY --chown=app:app pyproject.toml README.md ./" in text
+    assert "COPY --chown=app:app setup.py pyproject.toml README.md ./" in text
     assert re.search(r"RUN python -m pip install --no-cache-dir \.$", text, re.M)
-    package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
-    for folder in package_dirs.values():
-        assert f"COPY --chown=app:app {folder} ./{folder}" in text, folder
+    copied = set(re.findall(r"^COPY --chown=app:app (\w+) \./\1$", text, re.M))
+    assert copied == parts
     assert "USER app" in text and not re.search(r"COPY .*(study|data|state|certs|keys)", text)
+
+
+HOSPITAL_ONLY = """
+import importlib.abc, sys
+class NoCoordinator(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith(("fedseg.server", "fedseg.simulations")):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoCoordinator())
+import fedseg.client.app
+from fedseg.common.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_hospital_part_runs_without_server_and_simulations(study_2d):
+    """What the client image installs (common/ + client/) imports and answers on its own."""
+    def fedseg(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", HOSPITAL_ONLY, *args], capture_output=True,
+                              text=True, timeout=300)
+
+    out = fedseg("check", str(study_2d / "site-a"))
+    assert out.returncode == 0 and "site-a: OK" in out.stdout, out.stdout + out.stderr
+    helps = fedseg("--help").stdout
+    assert "simulate" not in helps and "predict" in helps and "certs" in helps, helps
 
 
 def test_every_flag_in_compose_exists_in_the_installed_flower(compose):

@@ -1,16 +1,14 @@
 """Real processes on 127.0.0.1: SuperLink + SuperNodes with TLS and node authentication."""
 
 import json
-import shutil
 import time
 
 import pytest
 import torch
 
+from fedseg.client.state import SiteState
 from fedseg.simulations.synth import write_study
 from tests.deployment.federation import Federation
-
-pytestmark = pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower CLI missing")
 
 RUN = "patch-size=32 channels='8,16' batch-size=2 lr=0.05"
 
@@ -24,6 +22,11 @@ def federation(tmp_path):
         yield fed
     finally:
         fed.stop()
+
+
+def _local_layers(state_dir, run_dir):
+    info = json.loads((run_dir / "run.json").read_text())
+    return SiteState(state_dir).run(info["config"]["run-name"], info["run_id"]).local_layers_path
 
 
 def _rounds(run_dir):
@@ -48,7 +51,7 @@ def test_tls_federation_refuses_unregistered_node_and_resumes_after_server_resta
     (first,) = _rounds(run_dir)
     assert sorted(first["train"]) == ["site-a", "site-b"] and not first["errors"]
     assert not (tmp_path / "state" / "site-c").exists()  # the refused node trained nothing
-    assert (tmp_path / "state" / "site-a" / "local_layers.pt").is_file()
+    assert _local_layers(tmp_path / "state" / "site-a", run_dir).is_file()
 
     # the coordinator's SuperLink restarts; the run continues from its checkpoint
     fed.kill("superlink")
@@ -89,7 +92,7 @@ def test_site_dropping_out_mid_round_and_rejoining_with_its_ledger(federation, t
     assert [r["round"] for r in ledger["rounds"]] == trained  # the ledger survived the crash
     eps = [r["epsilon"] for r in ledger["rounds"]]
     assert eps == sorted(eps) and rounds[-1]["train"]["site-b"]["epsilon"] == pytest.approx(eps[-1])
-    saved_round = torch.load(state["site-b"] / "local_layers.pt", weights_only=True)["round"]
+    saved_round = torch.load(_local_layers(state["site-b"], run_dir), weights_only=True)["round"]
     assert saved_round == rounds[-1]["round"]  # its local layers kept training where they left off
     print(f"round 2 completed {round2_s:.1f}s after site-b was killed (round-timeout 30s); "
           f"site-b was re-admitted {rejoin_s:.1f}s after it restarted")

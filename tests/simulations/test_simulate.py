@@ -7,16 +7,23 @@ import pytest
 import torch
 
 from fedseg.client.audit import OUTBOX_FILE
+from fedseg.client.state import SiteState
 from fedseg.common.config import keys
 from fedseg.common.data import DataError, read_site, split_training
 from fedseg.common.models import ModelSpec, build_model, local_keys
-from fedseg.simulations.cli import main
+from fedseg.common.cli import main
 from fedseg.simulations.simulate import simulate
 from tests.conftest import tiny_config
 
 
 def _rounds(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+
+
+def _local_layers(run_dir: Path, site: str) -> dict:
+    info = json.loads((run_dir / "run.json").read_text())
+    run = SiteState(run_dir / "site-state" / site).run(info["config"]["run-name"], info["run_id"])
+    return torch.load(run.local_layers_path, weights_only=True)
 
 
 def _outbox(run_dir: Path, site: str) -> list[dict]:
@@ -54,8 +61,9 @@ def test_run_folder_holds_the_output_contract(fedbn_run, study_2d):
 
 
 def test_fedbn_norm_layers_never_leave_a_site(fedbn_run):
-    model = build_model(ModelSpec(2, 1, 3, (8, 16), "instance"))
-    local = local_keys(model, "norm")
+    spec = ModelSpec(2, 1, 3, (8, 16), "instance")
+    model = build_model(spec)
+    local = local_keys(model, spec, "norm")
     shared_keys = set(model.state_dict()) - local
     float32_bytes = sum(v.numel() * 4 for k, v in model.state_dict().items() if k in shared_keys)
     image_shapes = {(32, 32), (1, 32, 32)}
@@ -76,10 +84,9 @@ def test_fedbn_norm_layers_never_leave_a_site(fedbn_run):
                     for value in record["items"].values():
                         assert isinstance(value, (int, float, str)) or (
                             isinstance(value, list) and len(value) <= 3), value
-        saved = torch.load(fedbn_run / "site-state" / site / "local_layers.pt", weights_only=True)
+        saved = _local_layers(fedbn_run, site)
         assert set(saved["tensors"]) == local and saved["round"] == 2
-    a, b = (torch.load(fedbn_run / "site-state" / s / "local_layers.pt", weights_only=True)["tensors"]
-            for s in ("site-a", "site-b"))
+    a, b = (_local_layers(fedbn_run, s)["tensors"] for s in ("site-a", "site-b"))
     assert any(not torch.equal(a[k], b[k]) for k in a)  # each site learned its own norms
     global_model = torch.load(fedbn_run / "model" / "global.pt", weights_only=True)
     assert set(global_model["state_dict"]) == shared_keys
@@ -107,7 +114,8 @@ def test_3d_nifti_study_with_fedprox(study_3d, tmp_path):
     run_dir = simulate(cfg, num_cpus=2)
     (record,) = _rounds(run_dir)
     assert sorted(record["eval"]) == ["site-a", "site-b"]
-    assert all(r["hd95"] is None or r["hd95"] >= 0 for r in record["eval"].values())
+    for scores in record["eval"].values():  # every site has foreground and a prediction to measure
+        assert 0.0 <= scores["dice"] <= 1.0 and scores["hd95"] >= 0.0, scores
     info = json.loads((run_dir / "run.json").read_text())
     assert info["model"]["spatial_dims"] == 3
 

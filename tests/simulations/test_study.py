@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedseg.simulations.cli import main
+from fedseg.common.cli import main
 from fedseg.simulations.synth import write_study
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

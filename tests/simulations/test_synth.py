@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from fedseg.simulations.cli import main
+from fedseg.common.cli import main
 from fedseg.simulations.synth import write_study
 
 

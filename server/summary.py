@@ -1,55 +1,11 @@
-"""Per-site round records and the final per-site / held-out summary (mean, worst site, gap)."""
+"""The final per-site / held-out summary of a run's round records (mean, worst site, gap, best round)."""
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Any
 
-from flwr.app import Message, RecordDict
-
-from fedseg.common.records import ARRAYS, METRICS, record_bytes
-
 INSTANCE_METRICS = ("pq", "aji", "ap50")  # reported by Mask R-CNN sites beside foreground Dice
-
-
-class RoundRecorder:
-    """Collects what each site reported in a round: scalars, payload bytes, errors."""
-
-    def __init__(self) -> None:
-        self._rounds: dict[int, dict[str, Any]] = defaultdict(
-            lambda: {"train": {}, "eval": {}, "errors": {}, "bytes-down": {}})
-
-    def sent(self, server_round: int, site: str, content: RecordDict) -> None:
-        """Record the shared-weights payload sent to a site."""
-        if ARRAYS in content.array_records:
-            self._rounds[server_round]["bytes-down"][site] = record_bytes(content[ARRAYS])
-
-    def trained(self, server_round: int, replies: list[tuple[str, Message]]) -> None:
-        """Record training replies: loss, cases, steps and bytes sent up, or the site's error."""
-        for site, msg in replies:
-            if msg.has_error():
-                self._rounds[server_round]["errors"][site] = msg.error.reason
-                continue
-            entry = dict(msg.content[METRICS])
-            entry["bytes-up"] = record_bytes(msg.content[ARRAYS])
-            self._rounds[server_round]["train"][site] = entry
-        record = self._rounds[server_round]
-        for site in set(record["bytes-down"]) - set(record["train"]) - set(record["errors"]):
-            record["errors"][site] = "no reply within round-timeout (site dropped out?)"
-
-    def evaluated(self, server_round: int, replies: list[tuple[str, Message]]) -> None:
-        """Record each site's validation scores (or its error)."""
-        for site, msg in replies:
-            if msg.has_error():
-                self._rounds[server_round]["errors"][f"{site}/eval"] = msg.error.reason
-            else:
-                self._rounds[server_round]["eval"][site] = dict(msg.content[METRICS])
-
-    def pop(self, server_round: int) -> dict[str, Any]:
-        """The finished round's record (removed from the recorder)."""
-        return {"round": server_round, **self._rounds.pop(server_round, {
-            "train": {}, "eval": {}, "errors": {}, "bytes-down": {}})}
 
 
 def summarize(rounds: list[dict[str, Any]], training_sites: list[str],

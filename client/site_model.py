@@ -1,0 +1,97 @@
+"""The model a site uses: the global shared weights plus its own local layers for the run."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedseg.client.site import SiteLocation
+from fedseg.client.state import RunState, SiteState
+from fedseg.common.config import ModelSpec, SiteRoundConfig
+from fedseg.common.data import DataError
+from fedseg.common.models import build_model, local_keys, model_signature
+from fedseg.common.weights import load_pretrained
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteModel:
+    """A site's model for a round.
+
+    Args:
+        model: global shared weights + the site's local layers.
+        local: state-dict keys that never leave the site.
+        shared: the global shared weights the round started from (FedProx's anchor).
+        run: the run's folder in the site's state dir.
+        signature: the architecture the local layers belong to.
+    """
+
+    model: nn.Module
+    local: set[str]
+    shared: dict[str, torch.Tensor]
+    run: RunState
+    signature: str
+
+    def save_local_layers(self, server_round: int) -> None:
+        """Keep the trained site-local tensors for the next round (atomically)."""
+        state = self.model.state_dict()
+        self.run.save_local_layers({k: state[k] for k in self.local}, server_round, self.signature)
+
+
+def round_model(cfg: SiteRoundConfig, site: SiteLocation, received: dict[str, torch.Tensor]) -> SiteModel:
+    """Build the run's model: the site's local layers of this run (or, before its first round,
+    the site's own pretrained file), then the global shared weights ``received`` (anything
+    the server sent for a site-local key is ignored)."""
+    model = build_model(cfg.model)
+    local = local_keys(model, cfg.model, cfg.local_layers)
+    signature = _signature(model, cfg.model, cfg.local_layers, local)
+    run = SiteState(site.state_dir).run(cfg.run_name, cfg.run_id)
+    saved = run.load_local_layers(signature)
+    if saved:
+        model.load_state_dict(saved, strict=False)
+    elif site.pretrained:  # until the site has its own local layers, its file fills them
+        load_pretrained(model, site.pretrained)
+    shared = {k: v for k, v in received.items() if k in model.state_dict() and k not in local}
+    model.load_state_dict(shared, strict=False)
+    return SiteModel(model, local, shared, run, signature)
+
+
+def saved_model(model_path: str | Path, state_dir: str | Path | None) -> tuple[nn.Module, ModelSpec, int]:
+    """A run's ``model/global.pt`` (or checkpoint) plus this site's local layers of that run.
+
+    Returns:
+        (model in eval mode, its spec, the run's patch size = sliding-window ROI / tile).
+
+    Raises:
+        DataError: unreadable model file.
+        RuntimeError: the site's local layers of that run are damaged or of another model.
+    """
+    try:
+        saved = torch.load(model_path, map_location="cpu", weights_only=True)
+        spec = ModelSpec.from_dict(saved["model"])
+        local_layers, run_name, run_id = saved["local_layers"], saved["run_name"], saved["run_id"]
+    except Exception as err:  # noqa: BLE001 - any failure means the file is not a fedseg model
+        raise DataError(f"{model_path}: not a fedseg global model ({err})") from None
+    model = build_model(spec)
+    model.load_state_dict(saved["state_dict"], strict=False)
+    local = local_keys(model, spec, local_layers)
+    mine = None
+    if state_dir:
+        run = SiteState(state_dir).run(run_name, run_id)
+        mine = run.load_local_layers(_signature(model, spec, local_layers, local))
+    if mine:
+        model.load_state_dict(mine, strict=False)
+    elif any(torch.is_floating_point(v) for k, v in model.state_dict().items() if k in local):
+        log.warning("no local layers of run %s in %s: site-local layers keep their initial values",
+                    run_name, state_dir)
+    return model.eval(), spec, int(saved["patch_size"])
+
+
+def _signature(model: nn.Module, spec: ModelSpec, local_layers: str, local: set[str]) -> str:
+    state = model.state_dict()
+    return model_signature(spec, local_layers, {k: state[k] for k in local})

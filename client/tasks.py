@@ -1,0 +1,206 @@
+"""One Task per model kind, chosen once from the ModelSpec: the training data, loss, optimizer and
+DP step the training loop needs, whole-case inference, and the site's scores.
+
+The ClientApp, ``fedseg predict``, the study and the report's gallery ask ``task_for(spec)``;
+none of them knows which kind of model it holds.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from torch import nn
+
+from fedseg.client.privacy import OpacusStep, PerCaseStep
+from fedseg.common.config import MODEL_KINDS, ModelSpec
+from fedseg.common.data import Case, SiteSpec, eval_transforms, to_dicts, train_transforms
+from fedseg.common.instance_metrics import InstanceScores
+from fedseg.common.instances import predict_instances, targets_from_instances
+from fedseg.common.maskrcnn import SCORE_THRESHOLD
+from fedseg.common.metrics import SegmentationScores
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A whole case's prediction.
+
+    Args:
+        labels: (*spatial) integer map: classes (semantic) or instance ids 1..N.
+        scores: confidence of instance id i at ``scores[i - 1]`` (instance tasks).
+    """
+
+    labels: torch.Tensor
+    scores: list[float] | None = None
+
+
+class Task(ABC):
+    """How a site trains, scores and predicts with one kind of model.
+
+    Attributes:
+        keep_instances: labels keep instance ids (instance tasks) instead of classes.
+        label_dtype: dtype of written label maps.
+        grad_clip: non-DP gradient-norm clipping (None: off).
+        dp_step: the DP-SGD step class this kind of model needs.
+        dense_logits: the network scores every pixel (explanation maps apply).
+    """
+
+    keep_instances: ClassVar[bool] = False
+    label_dtype: ClassVar[type] = np.uint8
+    grad_clip: ClassVar[float | None] = None
+    dp_step: ClassVar[type] = OpacusStep
+    dense_logits: ClassVar[bool] = False
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+
+    def training_data(self, site: SiteSpec, cases: list[Case], patch_size: int, seed: int) -> Sequence[Any]:
+        """Cases decoded once; indexing one draws a fresh random patch of it."""
+        transform = train_transforms(site, patch_size, keep_instances=self.keep_instances)
+        transform.set_random_state(seed=seed)
+        return _FirstPatch(CacheDataset(to_dicts(cases), transform=transform, cache_rate=1.0,
+                                        num_workers=0, progress=False))
+
+    def eval_data(self, site: SiteSpec) -> Any:
+        """Transform of a whole labeled case (dict item -> image and label)."""
+        return eval_transforms(site, keep_instances=self.keep_instances)
+
+    @abstractmethod
+    def loss(self, model: nn.Module, items: list[dict[str, Any]], device: str) -> torch.Tensor:
+        """Mean training loss of a batch of patches (one per case)."""
+
+    @abstractmethod
+    def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        """The local optimizer."""
+
+    @abstractmethod
+    def infer(self, model: nn.Module, image: torch.Tensor, patch_size: int, device: str) -> Prediction:
+        """Predict a whole (C, *spatial) image (the model is in eval mode)."""
+
+    @abstractmethod
+    def new_scores(self, site: SiteSpec, min_group_cases: int) -> Any:
+        """An empty accumulator of this task's scores."""
+
+    @abstractmethod
+    def add_case(self, scores: Any, prediction: Prediction, data: dict[str, Any], group: str) -> None:
+        """Score one case (``data``: the eval transform's output) into ``scores``."""
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, site: SiteSpec, cases: list[Case], *, patch_size: int,
+                 device: str = "cpu", min_group_cases: int = 5) -> dict[str, float]:
+        """Score whole cases: Dice/HD95 per label (and PQ/AJI/AP for instances), groups with at
+        least ``min_group_cases`` cases."""
+        model.to(device).eval()
+        scores = self.new_scores(site, min_group_cases)
+        transform = self.eval_data(site)
+        for case, item in zip(cases, to_dicts(cases)):
+            data = transform(item)
+            self.add_case(scores, self.infer(model, data["image"], patch_size, device), data, case.group)
+        return scores.result()
+
+
+class SemanticTask(Task):
+    """MONAI U-Net: DiceCE on random patches, sliding-window inference, Dice/HD95 per label."""
+
+    dense_logits = True
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def loss(self, model: nn.Module, items: list[dict[str, Any]], device: str) -> torch.Tensor:
+        image = torch.stack([i["image"] for i in items]).to(device)
+        label = torch.stack([i["label"] for i in items]).to(device)
+        return self.loss_fn(model(image), label)
+
+    def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+    @torch.no_grad()
+    def infer(self, model: nn.Module, image: torch.Tensor, patch_size: int, device: str) -> Prediction:
+        roi = (patch_size,) * (image.ndim - 1)
+        logits = sliding_window_inference(image[None].to(device), roi_size=roi, sw_batch_size=4,
+                                          predictor=model, overlap=0.25)
+        return Prediction(logits.argmax(dim=1)[0].cpu())
+
+    def new_scores(self, site: SiteSpec, min_group_cases: int) -> SegmentationScores:
+        return SegmentationScores(site.num_classes, min_group_cases)
+
+    def add_case(self, scores: SegmentationScores, prediction: Prediction, data: dict[str, Any],
+                 group: str) -> None:
+        spacing = _spacing(data["image"], prediction.labels.ndim)
+        scores.add(prediction.labels[None, None], data["label"][None], spacing, group)
+
+
+class InstanceTask(Task):
+    """torchvision Mask R-CNN: random crops as detection targets, overlapping tiles for whole
+    images, PQ/AJI/AP@0.5 plus foreground Dice; exact per-case clipping under DP."""
+
+    keep_instances = True
+    label_dtype = np.uint16
+    grad_clip = 10.0  # non-DP only: keeps from-scratch Mask R-CNN stable in its first steps
+    dp_step = PerCaseStep
+
+    def loss(self, model: nn.Module, items: list[dict[str, Any]], device: str) -> torch.Tensor:
+        images = [_plain(i["image"]).to(device) for i in items]
+        targets = [{k: v.to(device) for k, v in targets_from_instances(_plain(i["label"][0]).long()).items()}
+                   for i in items]
+        return sum(model(images, targets).values())
+
+    def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+
+    @torch.no_grad()
+    def infer(self, model: nn.Module, image: torch.Tensor, patch_size: int, device: str) -> Prediction:
+        labels, scores = predict_instances(lambda t: model([t.to(device)])[0], _plain(image),
+                                           patch_size, patch_size // 4, SCORE_THRESHOLD)
+        return Prediction(labels, scores)
+
+    def new_scores(self, site: SiteSpec, min_group_cases: int) -> InstanceScores:
+        return InstanceScores(min_group_cases)
+
+    def add_case(self, scores: InstanceScores, prediction: Prediction, data: dict[str, Any],
+                 group: str) -> None:
+        scores.add(prediction.labels, prediction.scores or [], _plain(data["label"][0]).long(),
+                   _spacing(data["image"], 2), group)
+
+
+_TASKS: dict[str, type[Task]] = {"unet": SemanticTask, "maskrcnn": InstanceTask}
+assert set(_TASKS) == set(MODEL_KINDS)
+
+
+def task_for(spec: ModelSpec) -> Task:
+    """The task of the spec's model kind (the one place that tells kinds apart at a site)."""
+    return _TASKS[spec.model](spec)
+
+
+class _FirstPatch(Sequence):
+    """A dataset whose random crop returns a list of one patch, seen as that patch."""
+
+    def __init__(self, dataset: CacheDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        item = self.dataset[index]
+        return item[0] if isinstance(item, list) else item
+
+
+def _spacing(image: torch.Tensor, dims: int) -> tuple[float, ...]:
+    pixdim = getattr(image, "pixdim", None)
+    return tuple(float(s) for s in pixdim)[:dims] if pixdim is not None else (1.0,) * dims
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: MONAI's MetaTensor would route every torchvision op through its hooks."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)

@@ -1,0 +1,104 @@
+"""Per-round bookkeeping: what each site reported (RoundRecorder) and what the coordinator does
+when a round ends (RoundLog: checkpoint, rounds.jsonl line, progress line)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+from flwr.app import ArrayRecord, Message, RecordDict
+
+from fedseg.common.records import ARRAYS, METRICS, record_bytes
+from fedseg.server.checkpoints import save_checkpoint
+from fedseg.server.run_folder import RunFolder
+
+log = logging.getLogger(__name__)
+
+
+def _empty_round() -> dict[str, Any]:
+    return {"train": {}, "eval": {}, "errors": {}, "bytes-down": {}}
+
+
+class RoundRecorder:
+    """Collects what each site reported in a round: scalars, payload bytes, errors."""
+
+    def __init__(self) -> None:
+        self._rounds: dict[int, dict[str, Any]] = defaultdict(_empty_round)
+
+    def sent(self, server_round: int, site: str, content: RecordDict) -> None:
+        """Record the shared-weights payload sent to a site."""
+        if ARRAYS in content.array_records:
+            self._rounds[server_round]["bytes-down"][site] = record_bytes(content[ARRAYS])
+
+    def trained(self, server_round: int, replies: list[tuple[str, Message]]) -> None:
+        """Record training replies: loss, cases, steps and bytes sent up, or the site's error."""
+        for site, msg in replies:
+            if msg.has_error():
+                self._rounds[server_round]["errors"][site] = msg.error.reason
+                continue
+            entry = dict(msg.content[METRICS])
+            entry["bytes-up"] = record_bytes(msg.content[ARRAYS])
+            self._rounds[server_round]["train"][site] = entry
+        record = self._rounds[server_round]
+        for site in set(record["bytes-down"]) - set(record["train"]) - set(record["errors"]):
+            record["errors"][site] = "no reply within round-timeout (site dropped out?)"
+
+    def evaluated(self, server_round: int, replies: list[tuple[str, Message]]) -> None:
+        """Record each site's validation scores (or its error)."""
+        for site, msg in replies:
+            if msg.has_error():
+                self._rounds[server_round]["errors"][f"{site}/eval"] = msg.error.reason
+            else:
+                self._rounds[server_round]["eval"][site] = dict(msg.content[METRICS])
+
+    def note(self, server_round: int, key: str, value: Any) -> None:
+        """Attach a server-side figure to the round (e.g. client-level epsilon)."""
+        self._rounds[server_round][key] = value
+
+    def pop(self, server_round: int) -> dict[str, Any]:
+        """The finished round's record (removed from the recorder)."""
+        return {"round": server_round, **self._rounds.pop(server_round, _empty_round())}
+
+
+class RoundLog:
+    """The round-end hook: checkpoint the global model, append the round to rounds.jsonl, log it.
+
+    Args:
+        folder: the run folder.
+        recorder: where the strategy collected the round's replies.
+        checkpoint_meta: what rebuilds the model beside the weights (see ``checkpoints``).
+        total_rounds: the run's planned rounds (for the progress line).
+    """
+
+    def __init__(self, folder: RunFolder, recorder: RoundRecorder, checkpoint_meta: dict[str, Any],
+                 total_rounds: int) -> None:
+        self.folder, self.recorder, self.meta = folder, recorder, checkpoint_meta
+        self.total_rounds = total_rounds
+        self._started = time.monotonic()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> None:
+        record = self.recorder.pop(server_round)
+        record["seconds"] = round(time.monotonic() - self._started, 3)
+        self._started = time.monotonic()
+        save_checkpoint(self.folder.dir, server_round, arrays, self.meta)
+        self.folder.append_round(record)
+        log_round(record, self.total_rounds)
+
+
+def log_round(record: dict[str, Any], total: int) -> None:
+    """One progress line per round: per-site loss, validation Dice (AJI), epsilon; then errors."""
+    loss = ", ".join(f"{s} {m['train-loss']:.3f}" for s, m in record["train"].items())
+    dice = ", ".join(f"{s} {_num(m.get('dice'))}" for s, m in record["eval"].items())
+    aji = ", ".join(f"{s} {m['aji']:.3f}" for s, m in record["eval"].items() if m.get("aji") is not None)
+    eps = ", ".join(f"{s} {m['epsilon']:.2f}" for s, m in record["train"].items() if "epsilon" in m)
+    log.info("round %d/%d done in %.1fs | train loss: %s | val dice: %s%s%s", record["round"], total,
+             record["seconds"], loss or "-", dice or "-", f" | val AJI: {aji}" if aji else "",
+             f" | epsilon: {eps}" if eps else "")
+    for site, reason in record["errors"].items():
+        log.warning("round %d: site %s: %s", record["round"], site, reason)
+
+
+def _num(value: float | None) -> str:
+    return "nan" if value is None else f"{value:.3f}"

@@ -1,0 +1,157 @@
+"""The run folder (ARCHITECTURE §7): run.json, rounds.jsonl, summary.json; opening a new run or
+resuming one (the one place that merges a stored run config with a resume request)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedseg.common.atomic import atomic_write_bytes, atomic_write_json, json_safe
+from fedseg.common.config import ConfigError, RunConfig
+from fedseg.server.checkpoints import latest_checkpoint
+
+log = logging.getLogger(__name__)
+
+RESUMABLE = ("num-server-rounds", "round-timeout")  # what a resume may change
+
+
+class RunFolder:
+    """Writes one run's outputs; every file is replaced atomically or appended line by line."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.dir = Path(run_dir)
+
+    @property
+    def rounds_path(self) -> Path:
+        """rounds.jsonl."""
+        return self.dir / "rounds.jsonl"
+
+    def write_run_info(self, info: dict[str, Any]) -> None:
+        """run.json: config, versions, sites, seed, start/end time."""
+        atomic_write_json(self.dir / "run.json", info)
+
+    def read_run_info(self) -> dict[str, Any]:
+        """run.json as written."""
+        return json.loads((self.dir / "run.json").read_text())
+
+    def append_round(self, record: dict[str, Any]) -> None:
+        """Append one round to rounds.jsonl and fsync it."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.rounds_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read_rounds(self) -> list[dict[str, Any]]:
+        """All complete rounds logged so far (a torn last line from a crash is ignored)."""
+        if not self.rounds_path.is_file():
+            return []
+        rounds = []
+        for line in self.rounds_path.read_text().splitlines():
+            try:
+                rounds.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        return rounds
+
+    def keep_rounds_up_to(self, last_round: int) -> list[dict[str, Any]]:
+        """On resume: drop logged rounds newer than the checkpoint; returns the rounds kept."""
+        kept = [r for r in self.read_rounds() if r["round"] <= last_round]
+        text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept)
+        atomic_write_bytes(self.rounds_path, text.encode())
+        return kept
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """summary.json."""
+        atomic_write_json(self.dir / "summary.json", summary)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the parts that decide results."""
+    import flwr
+    import monai
+    import opacus
+    import torch
+
+    return {"python": platform.python_version(), "flwr": flwr.__version__, "torch": torch.__version__,
+            "monai": monai.__version__, "opacus": opacus.__version__}
+
+
+def now() -> str:
+    """UTC timestamp, ISO 8601."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass
+class OpenRun:
+    """A run folder ready for rounds.
+
+    Args:
+        folder: the run folder.
+        cfg: the run's config (for a resume: the stored one, with ``RESUMABLE`` keys updated).
+        run_id: unique id, fixed at the run's start (sites key their local layers by it).
+        done: rounds already completed (0 for a new run).
+        start_state: shared weights of the last checkpoint (None for a new run).
+    """
+
+    folder: RunFolder
+    cfg: RunConfig
+    run_id: str
+    done: int = 0
+    start_state: dict[str, torch.Tensor] | None = None
+
+
+def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> RunConfig:
+    """The config stored in ``run_dir/run.json`` with only ``RESUMABLE`` keys taken from
+    ``overrides`` (kebab-case), pointed at ``run_dir`` wherever it now lives.
+
+    Raises:
+        ConfigError: no run.json, or an override a resume cannot honour.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise ConfigError(f"cannot resume: {run_dir / 'run.json'} not found")
+    refused = sorted(set(overrides) - set(RESUMABLE))
+    if refused:
+        raise ConfigError(f"cannot change {refused} when resuming {run_dir}; a resume may change "
+                          f"only {list(RESUMABLE)}")
+    stored = json.loads((run_dir / "run.json").read_text())["config"]
+    return RunConfig.from_dict({**stored, **overrides, "output-dir": str(run_dir.parent),
+                                "run-name": run_dir.name, "resume": True})
+
+
+def open_run(cfg: RunConfig) -> OpenRun:
+    """Create a new run folder, or reopen one to resume after its newest readable checkpoint.
+
+    Raises:
+        ConfigError: a new run's folder exists already, or a resume names no run.
+    """
+    if cfg.resume:
+        if not cfg.run_name:
+            raise ConfigError("run-config 'resume' needs 'run-name' (the run folder to continue)")
+        folder = RunFolder(Path(cfg.output_dir) / cfg.run_name)
+        cfg = resume_config(folder.dir, {k: cfg.to_dict()[k] for k in RESUMABLE})
+        run_id = folder.read_run_info()["run_id"]
+        found = latest_checkpoint(folder.dir)
+        if found is None:
+            log.warning("no readable checkpoint in %s: starting it from round 1", folder.dir)
+            folder.keep_rounds_up_to(0)
+            return OpenRun(folder, cfg, run_id)
+        done, checkpoint = found
+        folder.keep_rounds_up_to(done)
+        log.info("resuming %s after round %d", folder.dir, done)
+        return OpenRun(folder, cfg, run_id, done, checkpoint["state_dict"])
+    name = cfg.run_name or f"{Path(cfg.study_dir).name or 'run'}-{cfg.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = RunFolder(Path(cfg.output_dir) / name)
+    if (folder.dir / "run.json").exists():
+        raise ConfigError(f"run folder {folder.dir} already exists; pick another run-name or resume it")
+    return OpenRun(folder, cfg.replace(run_name=name), secrets.token_hex(8))
