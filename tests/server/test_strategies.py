@@ -1,0 +1,76 @@
+"""The strategy builder: Flower's strategies by name with fedseg's hooks outermost; aggregation
+is FedAvg's sample-weighted mean in a fixed site order; too few sites stop the run."""
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAdam, FedProx
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedseg.common.config import RunConfig
+from fedseg.server.rounds import RoundRecorder
+from fedseg.server.strategies import SiteHooks, TooFewSitesError, build_strategy
+
+pytestmark = pytest.mark.usefixtures("server_identity")
+
+SITES = {11: "site-a", 22: "site-b", 33: "site-c"}
+
+
+def _build(cfg: RunConfig, heldout: set[int] = frozenset(), ended=None):
+    ended = [] if ended is None else ended
+    strategy = build_strategy(cfg, SITES, set(heldout), RoundRecorder(), lambda r, a: ended.append(r),
+                              round_offset=2)
+    return strategy, ended
+
+
+def _train_reply(node: int, value: float, examples: int) -> Message:
+    sent = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.TRAIN)
+    TaskIdentity.node_id = node
+    return Message(RecordDict({"arrays": ArrayRecord({"w": torch.full((2,), value)}),
+                               "metrics": MetricRecord({"train-loss": 1.0, "num-examples": examples})}),
+                   reply_to=sent)
+
+
+def test_strategies_by_name_carry_their_settings_under_fedsegs_hooks():
+    prox, _ = _build(RunConfig(strategy="fedprox", proximal_mu=0.3))
+    assert isinstance(prox, SiteHooks) and isinstance(prox, FedProx) and prox.proximal_mu == 0.3
+    adam, _ = _build(RunConfig(strategy="fedadam", server_lr=0.2))
+    assert isinstance(adam, FedAdam) and adam.eta == 0.2
+    dp, _ = _build(RunConfig(dp="client", dp_noise_multiplier=0.7, dp_max_grad_norm=2.0))
+    assert isinstance(dp, DifferentialPrivacyClientSideFixedClipping)
+    assert (dp.noise_multiplier, dp.clipping_norm) == (0.7, 2.0)
+
+
+def test_fedavg_weights_sites_by_their_cases_in_site_order():
+    strategy, _ = _build(RunConfig(min_train_sites=2))
+    replies = [_train_reply(33, 4.0, 1), _train_reply(11, 1.0, 3), _train_reply(22, 2.0, 4)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    # (3 * 1 + 4 * 2 + 1 * 4) / (3 + 4 + 1) = 15 / 8
+    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((2,), 15 / 8))
+    record = strategy.recorder.pop(3)  # round 1 after a resume at round 2
+    assert list(record["train"]) == ["site-a", "site-b", "site-c"]
+
+
+def test_a_round_with_too_few_sites_stops_with_their_reasons():
+    strategy, _ = _build(RunConfig(min_train_sites=2))
+    sent = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=22, message_type=MessageType.TRAIN)
+    TaskIdentity.node_id = 22
+    refused = Message(Error(code=3100, reason="site site-b refuses: over budget"), reply_to=sent)
+    with pytest.raises(TooFewSitesError, match="round 3: 1 site.*site-b: site site-b refuses"):
+        strategy.aggregate_train(1, [_train_reply(11, 1.0, 3), refused])
+
+
+def test_heldout_sites_are_scored_but_not_averaged_and_the_round_end_hook_runs():
+    strategy, ended = _build(RunConfig(), heldout={33})
+    strategy._round_arrays = ArrayRecord({"w": torch.zeros(2)})
+    replies = []
+    for node, dice in ((11, 0.8), (22, 0.6), (33, 0.1)):
+        sent = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
+                       message_type=MessageType.EVALUATE)
+        TaskIdentity.node_id = node
+        replies.append(Message(RecordDict({"metrics": MetricRecord({"dice": dice, "num-examples": 2})}),
+                               reply_to=sent))
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics["dice"] == pytest.approx(0.7)  # the held-out site is not in the mean
+    assert strategy.recorder.pop(3)["eval"]["site-c"]["dice"] == 0.1
+    assert ended == [3]
