@@ -71,7 +71,7 @@ def make_gallery(run_dir: str | Path, max_sites: int = 4) -> list[dict[str, Any]
         scored.sort(key=lambda s: s[0])
         for tag, (dice, image, label, pred) in (("worst", scored[0]), ("best", scored[-1])):
             items.append({"title": f"{site}: {tag} validation case (Dice {dice:.3f})",
-                          "caption": "image | ground truth | prediction | occlusion sensitivity",
+                          "caption": "image | ground truth | prediction | occlusion sensitivity (red: hiding the region lowers the predicted foreground)",
                           "png": _figure(model, image, label, pred, patch, spec.spatial_dims)})
             if len(scored) == 1:
                 break
@@ -87,20 +87,26 @@ def _figure(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, pr
     else:
         crop = tuple(slice(0, min(s, 2 * patch)) for s in image.shape[2:])
         image, label, pred = (t[(slice(None), slice(None), *crop)] for t in (image, label, pred))
-        sens = OcclusionSensitivity(_ForegroundScore(model), mask_size=max(4, patch // 8), n_batch=16,
-                                    verbose=False, overlap=0.5)
+        score = _ForegroundScore(model)
+        # activate=False: MONAI's default softmax over a single score would make every map 1.0
+        sens = OcclusionSensitivity(score, mask_size=max(4, patch // 8), n_batch=16, verbose=False,
+                                    overlap=0.5, activate=False)
         with warnings.catch_warnings():  # MONAI's own indexing deprecation notices
             warnings.simplefilter("ignore", UserWarning)
-            occlusion = sens(image.float())[0][0, 0].numpy() if image.shape[2] >= patch else None
+            occlusion = None
+            if image.shape[2] >= patch:  # how much hiding each region lowers the foreground score
+                occlusion = (score(image.float())[0, 0] - sens(image.float())[0][0, 0]).detach().numpy()
     shown = image[0].permute(1, 2, 0).numpy() if image.shape[1] == 3 else image[0, 0].numpy()
-    shown = (shown - shown.min()) / (np.ptp(shown) + 1e-6)
+    low, high = shown.min(axis=(0, 1)), shown.max(axis=(0, 1))  # per channel: z-scored colours back
+    shown = (shown - low) / (high - low + 1e-6)
     classes = max(int(label.max()), int(pred.max()), 1)
-    panels = [(shown, "gray"), (label[0, 0].numpy(), "viridis"), (pred[0, 0].numpy(), "viridis")]
+    panels = [(shown, "gray", {}), (label[0, 0].numpy(), "viridis", {"vmin": 0, "vmax": classes}),
+              (pred[0, 0].numpy(), "viridis", {"vmin": 0, "vmax": classes})]
     if occlusion is not None:
-        panels.append((occlusion, "coolwarm"))
+        bound = float(np.abs(occlusion).max()) or 1.0
+        panels.append((occlusion, "coolwarm", {"vmin": -bound, "vmax": bound}))
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.6), dpi=90)
-    for i, (ax, (data, cmap)) in enumerate(zip(axes, panels)):
-        limits = {"vmin": 0, "vmax": classes} if i in (1, 2) else {}
+    for ax, (data, cmap, limits) in zip(axes, panels):
         ax.imshow(data, cmap=None if data.ndim == 3 else cmap, **limits)
         ax.axis("off")
     buffer = io.BytesIO()

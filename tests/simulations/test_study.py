@@ -75,3 +75,23 @@ def test_report_renders_in_a_real_browser(study_out, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     colourful = (pixels.max(-1) - pixels.min(-1) > 60).mean()
     assert colourful > 0.02  # the embedded plots and overlays were decoded and painted
+
+
+def test_gallery_overlays_show_what_the_model_sees(study_out):
+    """Each gallery figure's explanation panel (the right quarter) varies: a blank map would
+    explain nothing (MONAI's default softmax over one score once made every map 1.0)."""
+    gallery = study_out / "runs" / "fedbn" / "plots" / "gallery"
+    index = json.loads((gallery / "gallery.json").read_text())
+    assert index and all("occlusion" in item["caption"] for item in index)
+    for item in index:
+        assert _last_panel(Image.open(gallery / item["file"])).std(axis=(0, 1)).max() > 2, item["title"]
+
+
+def _last_panel(figure: Image.Image) -> np.ndarray:
+    """The pixels inside the rightmost panel of a gallery figure (white margins cut away)."""
+    pixels = np.asarray(figure.convert("RGB")).astype(float)
+    inked = (pixels < 245).any(-1)
+    cols = np.nonzero(inked.any(0))[0]
+    start = cols[np.nonzero(np.diff(cols) > 1)[0][-1] + 1]  # the last run of inked columns
+    rows = np.nonzero(inked[:, start:].any(1))[0]
+    return pixels[rows.min() + 3: rows.max() - 3, start + 3: cols.max() - 3]
