@@ -15,7 +15,8 @@ import time
 import torch
 
 from benchmarks.common import report
-from fedseg.client.privacy import DPRound, OpacusStep, noise_generator
+from fedseg.client.privacy import OpacusStep, noise_generator
+from fedseg.common.dp_recipe import DPRound
 from fedseg.client.tasks import task_for
 from fedseg.client.trainer import PlainStep
 from fedseg.common.models import ModelSpec, build_model
@@ -28,7 +29,7 @@ def time_steps(step, optimizer, data: list[dict], steps: int) -> list[float]:
         batch = [data[(8 * i + j) % len(data)] for j in range(8)]
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        step(batch)
+        step([[item] for item in batch])
         optimizer.step()
         times.append(time.perf_counter() - start)
     return times[1:]

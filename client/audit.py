@@ -10,6 +10,7 @@ from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedseg.client.site import resolve_site
+from fedseg.common.atomic import private_dir
 from fedseg.common.config import SiteData
 from fedseg.common.records import CONFIG
 
@@ -45,7 +46,7 @@ def outbox_audit_mod(msg: Message, context: Context, call_next: ClientAppCallabl
             entry["records"][name] = {"kind": "metrics", "items": dict(record)}
         for name, record in reply.content.config_records.items():
             entry["records"][name] = {"kind": "config", "items": dict(record)}
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir)
     with open(state_dir / OUTBOX_FILE, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry, default=str) + "\n")
         handle.flush()

@@ -55,6 +55,7 @@ def run_check(args: argparse.Namespace) -> int:
 def run_privacy(args: argparse.Namespace) -> int:
     """Explain the ledger: epsilon and delta spent, rounds, steps, noise, budget left."""
     from fedseg.client.privacy import LEDGER_FILE, PrivacyLedger
+    from fedseg.common.dp_recipe import NOISE_WARNING
 
     path = Path(args.state_dir) / LEDGER_FILE
     if not path.is_file():
@@ -75,7 +76,14 @@ def run_privacy(args: argparse.Namespace) -> int:
     for r in rounds:
         print(f"    run {r.get('run', '?')} round {r['round']}: {r['steps']} steps, sample rate "
               f"{r['sample_rate']:.3g}, noise x{r['noise_multiplier']:.3g}, clip "
-              f"{r['max_grad_norm']:g} -> epsilon {r['epsilon']:.4f}")
+              f"{r['max_grad_norm']:g} -> epsilon {r['epsilon']:.4f}"
+              + ("  (noise swamped the signal)" if r.get("noise_to_signal", 0) > NOISE_WARNING else ""))
+    swamped = [r for r in rounds if r.get("noise_to_signal", 0) > NOISE_WARNING]
+    if swamped:
+        print(f"  warning: in {len(swamped)} round(s) the noise was over {NOISE_WARNING:g} of the "
+              "largest per-case signal (noise x sigma on few cases per step): the model learned "
+              "little for the epsilon it spent. Record-level DP needs many cases per site; see "
+              "the README (Differential privacy) for what a site with few cases can do")
     if args.max_epsilon is not None:
         left = args.max_epsilon - epsilon
         print(f"  budget: max-epsilon {args.max_epsilon:g}, left {max(left, 0):.4f}"

@@ -11,6 +11,7 @@ so epsilon keeps growing across rounds, runs and restarts, and the server can ne
 from __future__ import annotations
 
 import json
+import logging
 import math
 import secrets
 import time
@@ -23,16 +24,17 @@ from typing import Any, Protocol
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from fedseg.common.atomic import atomic_write_json
+from fedseg.common.atomic import atomic_write_json, private_dir
 from fedseg.common.config import DPSettings
+from fedseg.common.dp_recipe import (ACCOUNTANT, DPRound, DPTraining, describe, dp_training,
+                                     noise_to_signal, plan_round, warning)
 
+log = logging.getLogger(__name__)
 LEDGER_FILE = "privacy_ledger.json"
-ACCOUNTANT = "rdp"  # Opacus RDPAccountant (Renyi DP of the subsampled Gaussian mechanism)
 
 
 class PolicyRefusal(RuntimeError):
@@ -68,25 +70,6 @@ class SitePolicy:
         if policy.max_epsilon is not None and policy.max_epsilon <= 0:
             raise ValueError(f"{source}: max-epsilon must be > 0")
         return policy
-
-
-@dataclass(frozen=True)
-class DPRound:
-    """The DP-SGD parameters of one round at one site.
-
-    Args:
-        noise_multiplier: Gaussian noise std / max_grad_norm.
-        max_grad_norm: per-case gradient clipping bound C.
-        sample_rate: Poisson probability that a case is in a step's batch.
-        steps: optimizer steps this round.
-        delta: the delta epsilon is reported at.
-    """
-
-    noise_multiplier: float
-    max_grad_norm: float
-    sample_rate: float
-    steps: int
-    delta: float
 
 
 class PrivacyLedger:
@@ -134,7 +117,7 @@ class PrivacyLedger:
         return self.data["planned_noise"].get(run)
 
     def record(self, run: str, server_round: int, plan: DPRound, accountant: RDPAccountant,
-               planned_noise: float | None) -> float:
+               planned_noise: float | None, noise_ratio: float) -> float:
         """Store the accountant's history after a round (atomically); returns the new epsilon."""
         self.data["history"] = [list(h) for h in accountant.history]
         epsilon = accountant.get_epsilon(plan.delta)
@@ -144,27 +127,10 @@ class PrivacyLedger:
             "run": run, "round": server_round, "noise_multiplier": plan.noise_multiplier,
             "max_grad_norm": plan.max_grad_norm, "sample_rate": plan.sample_rate,
             "steps": plan.steps, "epsilon": epsilon, "delta": plan.delta,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            "noise_to_signal": noise_ratio, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        private_dir(self.path.parent)
         atomic_write_json(self.path, self.data)
         return epsilon
-
-
-def plan_round(dp: DPSettings, num_cases: int, batch_size: int, epochs: int,
-               planned_noise: float | None = None) -> DPRound:
-    """DP-SGD parameters for this round: Poisson rate b/N, steps per epoch ceil(N/b).
-
-    With a target epsilon the noise multiplier is derived once for all planned rounds with
-    Opacus' ``get_noise_multiplier`` (``planned_noise``: what this run derived before).
-    """
-    steps_per_epoch = -(-num_cases // batch_size)
-    sample_rate = 1.0 / steps_per_epoch
-    steps = epochs * steps_per_epoch
-    noise = dp.noise_multiplier
-    if dp.target_epsilon > 0:
-        noise = planned_noise or get_noise_multiplier(
-            target_epsilon=dp.target_epsilon, target_delta=dp.delta, sample_rate=sample_rate,
-            steps=steps * dp.planned_rounds, accountant=ACCOUNTANT)
-    return DPRound(noise, dp.max_grad_norm, sample_rate, steps, dp.delta)
 
 
 def admit(policy: SitePolicy, dp: DPSettings, plan: DPRound | None, ledger: PrivacyLedger | None,
@@ -197,8 +163,9 @@ class Step(Protocol):
     def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """The optimizer this step drives (Opacus wraps it to clip and noise)."""
 
-    def __call__(self, items: list[Any]) -> float | None:
-        """Set the gradients for a batch of cases; returns its mean loss (None: no case)."""
+    def __call__(self, cases: list[list[Any]]) -> float | None:
+        """Set the gradients for a batch of cases, each given as its patches (augmentation
+        multiplicity: K patches of one case); returns the mean loss (None: no case)."""
 
     def close(self) -> None:
         """Undo what the step attached to the model."""
@@ -211,10 +178,10 @@ class DPSession:
     Open with ``DPSession.open``; nothing is written to the ledger before ``close``.
     """
 
-    def __init__(self, plan: DPRound, ledger: PrivacyLedger, run: str, server_round: int,
-                 num_cases: int, planned_noise: float | None) -> None:
-        self.plan, self.ledger, self.run, self.server_round = plan, ledger, run, server_round
-        self.num_cases = num_cases
+    def __init__(self, training: DPTraining, plan: DPRound, ledger: PrivacyLedger, run: str,
+                 server_round: int, num_cases: int, planned_noise: float | None) -> None:
+        self.training, self.plan, self.ledger = training, plan, ledger
+        self.run, self.server_round, self.num_cases = run, server_round, num_cases
         self.expected_batch = plan.sample_rate * num_cases
         self._planned_noise = planned_noise
         self._accountant = ledger.accountant()
@@ -222,7 +189,12 @@ class DPSession:
     @classmethod
     def open(cls, dp: DPSettings, policy: SitePolicy, state_dir: Path, *, num_cases: int,
              batch_size: int, epochs: int, run: str, server_round: int, site: str) -> DPSession | None:
-        """Plan the round and let the site's policy admit it; None when the round is not DP.
+        """Plan the round (fedseg's DP recipe for whatever the run left to it) and let the site's
+        policy admit it; None when the round is not DP. Logs what the site trains with, and a
+        warning when the noise will swamp the signal.
+
+        Args:
+            batch_size, epochs: the round's non-private schedule (the DP round takes as many steps).
 
         Raises:
             PolicyRefusal: the site's policy refuses (nothing trained, nothing written).
@@ -232,10 +204,13 @@ class DPSession:
             admit(policy, dp, None, None, site)
             return None
         ledger = PrivacyLedger(state_dir)
-        planned = ledger.planned_noise(run)
-        plan = plan_round(dp, num_cases, batch_size, epochs, planned)
+        training = dp_training(dp, num_cases, batch_size, epochs)
+        plan = plan_round(dp, num_cases, training, ledger.planned_noise(run))
         admit(policy, dp, plan, ledger, site)
-        return cls(plan, ledger, run, server_round, num_cases,
+        log.info("%s", describe(site, num_cases, training, plan, dp))
+        if (text := warning(site, num_cases, training, plan)) is not None:
+            log.warning("%s", text)
+        return cls(training, plan, ledger, run, server_round, num_cases,
                    plan.noise_multiplier if dp.target_epsilon > 0 else None)
 
     def batches(self) -> Iterator[list[int]]:
@@ -247,9 +222,16 @@ class DPSession:
             draw = torch.rand(self.num_cases, generator=generator) < self.plan.sample_rate
             yield torch.nonzero(draw).flatten().tolist()
 
-    def step(self, step_kind: type, task: Any, model: nn.Module, device: str) -> Step:
-        """The clipped, noised step of ``step_kind`` (``OpacusStep`` or ``PerCaseStep``)."""
-        return step_kind(task, model, self.plan, self.expected_batch, noise_generator(device), device)
+    def step(self, step_kind: type, task: Any, model: nn.Module, device: str, chunk_cases: int) -> Step:
+        """The clipped, noised step of ``step_kind`` (``OpacusStep`` or ``PerCaseStep``); the noise
+        generator lives on the training device (Opacus draws noise where the parameters are).
+
+        Args:
+            chunk_cases: cases per forward pass (a logical batch is processed in chunks, so
+                memory stays bounded whatever the expected batch).
+        """
+        return step_kind(task, model, self.plan, self.expected_batch, noise_generator(device), device,
+                         chunk_cases)
 
     def stepped(self) -> None:
         """Account one optimizer step."""
@@ -259,47 +241,61 @@ class DPSession:
     def close(self) -> float:
         """Write the ledger (atomically) after the last step; returns the site's epsilon."""
         return self.ledger.record(self.run, self.server_round, self.plan, self._accountant,
-                                  self._planned_noise)
+                                  self._planned_noise, noise_to_signal(self.plan, self.training))
 
 
 class OpacusStep:
-    """DP-SGD step with Opacus' per-sample gradients (U-Net): clip each case's gradient to C,
-    add N(0, (sigma C)^2), divide by the expected batch size."""
+    """DP-SGD step with Opacus' per-sample gradients (U-Net): each case's gradient (the mean over
+    its K patches) is clipped to C, N(0, (sigma C)^2) is added to the sum, which is divided by
+    the expected batch size. Cases go through the network ``chunk_cases`` at a time."""
 
     def __init__(self, task: Any, model: nn.Module, plan: DPRound, expected_batch: float,
-                 generator: torch.Generator, device: str) -> None:
+                 generator: torch.Generator, device: str, chunk_cases: int = 8) -> None:
         check_dp_compatible(model)
         self.task, self.plan, self.expected_batch = task, plan, expected_batch
-        self.generator, self.device = generator, device
+        self.generator, self.device, self.chunk_cases = generator, device, max(1, chunk_cases)
         self.module = GradSampleModule(model)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
 
     def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return DPOptimizer(optimizer, noise_multiplier=self.plan.noise_multiplier,
                            max_grad_norm=self.plan.max_grad_norm,
                            expected_batch_size=self.expected_batch, generator=self.generator)
 
-    def __call__(self, items: list[Any]) -> float | None:
-        if not items:  # Poisson drew no case: the optimizer adds noise to zero gradients
-            for p in self.module.parameters():
-                if p.requires_grad:
-                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
+    def __call__(self, cases: list[list[Any]]) -> float | None:
+        if not cases:  # Poisson drew no case: the optimizer adds noise to zero gradients
+            for p in self.params:
+                p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
             return None
-        loss = self.task.loss(self.module, items, self.device)
-        with warnings.catch_warnings():
-            # Opacus' hooks on the first layer, whose input needs no gradient: harmless
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            loss.backward()
-        return float(loss.detach())
+        per_case: dict[nn.Parameter, list[torch.Tensor]] = {p: [] for p in self.params}
+        total = 0.0
+        for start in range(0, len(cases), self.chunk_cases):
+            chunk = cases[start:start + self.chunk_cases]
+            patches = [patch for case in chunk for patch in case]
+            loss = self.task.loss(self.module, patches, self.device)
+            with warnings.catch_warnings():
+                # Opacus' hooks on the first layer, whose input needs no gradient: harmless
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
+            total += float(loss.detach()) * len(chunk)
+            for p in self.params:  # a case's gradient: the mean of its patches' (the unit is the case)
+                grad = p.grad_sample
+                per_case[p].append(grad.view(len(chunk), -1, *grad.shape[1:]).mean(dim=1))
+                p.grad_sample = None
+        for p in self.params:
+            p.grad_sample = torch.cat(per_case[p])
+        return total / len(cases)
 
     def close(self) -> None:
         self.module._close()
 
 
 class PerCaseStep:
-    """DP-SGD step by exact per-case clipping (Mask R-CNN, whose heads Opacus cannot split)."""
+    """DP-SGD step by exact per-case clipping (Mask R-CNN, whose heads Opacus cannot split): one
+    forward pass per case over its K patches."""
 
     def __init__(self, task: Any, model: nn.Module, plan: DPRound, expected_batch: float,
-                 generator: torch.Generator, device: str) -> None:
+                 generator: torch.Generator, device: str, chunk_cases: int = 1) -> None:
         self.task, self.model, self.plan, self.expected_batch = task, model, plan, expected_batch
         self.generator, self.device = generator, device
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -307,12 +303,12 @@ class PerCaseStep:
     def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return optimizer
 
-    def __call__(self, items: list[Any]) -> float | None:
+    def __call__(self, cases: list[list[Any]]) -> float | None:
         losses: list[float] = []
 
         def case_losses() -> Iterator[torch.Tensor]:
-            for item in items:
-                loss = self.task.loss(self.model, [item], self.device)
+            for patches in cases:
+                loss = self.task.loss(self.model, patches, self.device)
                 losses.append(float(loss.detach()))
                 yield loss
 

@@ -13,6 +13,11 @@ from fedseg.common.data import (DataError, SiteRef, check_site, image_channels, 
                                split_training, study_sites)
 
 SIM_POLICIES_FILE = "site_policies.json"
+# What a hospital may set in its SuperNode's node config (Flower adds the partition keys in simulation).
+NODE_CONFIG_KEYS = ("site-dir", "state-dir", "site-name", "max-epsilon", "require-dp",
+                    "min-noise-multiplier", "device", "pretrained-weights")
+FLOWER_NODE_KEYS = ("partition-id", "num-partitions")
+POLICY_KEYS = ("max-epsilon", "require-dp", "min-noise-multiplier")
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,9 @@ def resolve_site(node_config: dict[str, Any], data: SiteData | None) -> SiteLoca
     Raises:
         DataError: neither form of site identity is available, or the partition is out of range.
     """
+    unknown = sorted(set(node_config) - set(NODE_CONFIG_KEYS) - set(FLOWER_NODE_KEYS))
+    if unknown:  # a mistyped policy key (max_epsilon) would silently leave the budget unset
+        raise DataError(f"node config has unknown key(s) {unknown}; fedseg reads {list(NODE_CONFIG_KEYS)}")
     device = str(node_config.get("device", "cpu"))
     if "site-dir" in node_config:
         site_dir = Path(str(node_config["site-dir"]))
@@ -67,7 +75,12 @@ def resolve_site(node_config: dict[str, Any], data: SiteData | None) -> SiteLoca
             policies = json.loads(policies_file.read_text())
         except json.JSONDecodeError as err:
             raise DataError(f"{policies_file}: not valid JSON ({err})") from None
-        policy = _policy(policies.get(ref.name, {}), f"{policies_file} [{ref.name}]")
+        mine = policies.get(ref.name, {})
+        unknown = sorted(set(mine) - set(POLICY_KEYS))
+        if unknown:
+            raise DataError(f"{policies_file} [{ref.name}]: unknown key(s) {unknown}; a site policy "
+                            f"has {list(POLICY_KEYS)}")
+        policy = _policy(mine, f"{policies_file} [{ref.name}]")
     return SiteLocation(ref, sim_state_dir(data.state_root, ref.name), device, policy)
 
 

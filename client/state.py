@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fedseg.common.atomic import atomic_torch_save
+from fedseg.common.atomic import atomic_torch_save, private_dir
 
 RUNS_DIR = "runs"
 LOCAL_LAYERS_FILE = "local_layers.pt"
@@ -77,6 +77,7 @@ class RunState:
     def save_local_layers(self, tensors: dict[str, torch.Tensor], server_round: int,
                           signature: str) -> None:
         """Atomically replace the site-local tensors (tagged with round and model signature)."""
+        private_dir(self.path.parent.parent)
         atomic_torch_save(self.local_layers_path, {
             "round": server_round, "signature": signature, "run_name": self.run_name,
             "run_id": self.run_id, "tensors": {k: v.detach().cpu() for k, v in tensors.items()}})

@@ -77,7 +77,7 @@ class Task(ABC):
         """Mean training loss of a batch of patches (one per case)."""
 
     @abstractmethod
-    def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    def optimizer(self, model: nn.Module, lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
         """The local optimizer."""
 
     @abstractmethod
@@ -120,8 +120,8 @@ class SemanticTask(Task):
         label = torch.stack([i["label"] for i in items]).to(device)
         return self.loss_fn(model(image), label)
 
-    def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    def optimizer(self, model: nn.Module, lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
 
     @torch.no_grad()
     def infer(self, model: nn.Module, image: torch.Tensor, patch_size: int, device: str) -> Prediction:
@@ -154,9 +154,9 @@ class InstanceTask(Task):
                    for i in items]
         return sum(model(images, targets).values())
 
-    def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    def optimizer(self, model: nn.Module, lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=1e-4)
 
     @torch.no_grad()
     def infer(self, model: nn.Module, image: torch.Tensor, patch_size: int, device: str) -> Prediction:

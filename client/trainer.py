@@ -54,15 +54,18 @@ def train_local(
         site: the site (spatial dims, task).
         cases: training cases, >= 1.
         epochs: passes over ``cases`` (with DP: the expected number of passes).
-        batch_size: cases per optimizer step (with DP: the expected number).
-        lr: learning rate of the task's optimizer.
+        batch_size: cases per optimizer step without DP; with DP (whose session sets the expected
+            number of cases per step), cases per forward pass.
+        lr: learning rate of the task's optimizer (with DP: the DP session's).
         patch_size: patch edge in pixels/voxels.
         seed: seeds augmentation, cropping and (without DP) the order of cases.
         proximal_mu: FedProx weight; > 0 adds ``mu/2 * ||w - w_global||^2``.
         global_params: parameter name -> global value, needed when ``proximal_mu > 0``.
         device: torch device.
-        dp: the round's DP session: Poisson batches, clipped and noised steps, accounting; the
-            ledger is written after the last step, before anything is returned.
+        dp: the round's DP session: its training settings (learning rate, momentum, K patches
+            per case whose gradients are averaged before clipping), Poisson batches, clipped
+            and noised steps, accounting; the ledger is written after the last step, before
+            anything is returned.
 
     Returns:
         Mean training loss, number of cases (FedAvg's weight), optimizer steps, and the
@@ -74,16 +77,18 @@ def train_local(
     if dp is None:
         step: Step = PlainStep(task, model, device, proximal_anchors(model, proximal_mu, global_params, device),
                                proximal_mu)
-        batches = shuffled_batches(len(cases), batch_size, epochs, seed)
+        batches, patches_per_case = shuffled_batches(len(cases), batch_size, epochs, seed), 1
+        optimizer = task.optimizer(model, lr)
     else:
-        step, batches = dp.step(task.dp_step, task, model, device), dp.batches()
-    optimizer = step.wrap(task.optimizer(model, lr))
+        step, batches = dp.step(task.dp_step, task, model, device, batch_size), dp.batches()
+        patches_per_case = dp.training.patches_per_case
+        optimizer = step.wrap(task.optimizer(model, dp.training.lr, dp.training.momentum))
     losses: list[float] = []
     steps = 0
     try:
         for indices in batches:
             optimizer.zero_grad(set_to_none=True)
-            loss = step([data[i] for i in indices])
+            loss = step([[data[i] for _ in range(patches_per_case)] for i in indices])
             if loss is not None and not math.isfinite(loss):
                 raise FloatingPointError(f"site {site.name}: training loss became {loss} at step "
                                          f"{steps}; lower 'lr' or check the images")
@@ -111,8 +116,8 @@ class PlainStep:
     def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return optimizer
 
-    def __call__(self, items: list[Any]) -> float:
-        loss = self.task.loss(self.model, items, self.device)
+    def __call__(self, cases: list[list[Any]]) -> float:
+        loss = self.task.loss(self.model, [patch for case in cases for patch in case], self.device)
         if self.anchors:
             loss = loss + self.proximal_mu / 2 * sum((p - a).pow(2).sum() for p, a in self.anchors)
         if torch.isfinite(loss):

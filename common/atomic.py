@@ -13,7 +13,8 @@ import torch
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync it, then rename over ``path``."""
+    """Write ``data`` to a temp file beside ``path``, fsync it, then rename over ``path``; the
+    file gets the mode a plain ``open`` would give it (the umask decides who may read it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -22,6 +23,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -44,10 +46,27 @@ def atomic_torch_save(path: str | Path, obj: Any) -> None:
         torch.save(obj, tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def private_dir(path: str | Path) -> Path:
+    """Create ``path`` (and parents) and make it owner-only: a site's state dir holds its ledger
+    and local layers, which no other account on the machine may read."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _file_mode() -> int:
+    """0666 minus the process umask (mkstemp's files are owner-only whatever the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def json_safe(obj: Any) -> Any:

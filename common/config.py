@@ -12,6 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+AUTO = -1  # a DP training setting left to fedseg's DP recipe (common/dp_recipe.py)
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean")
 LOCAL_LAYERS = ("none", "norm", "norm+head")
 BACKBONES = ("slim", "resnet50")
@@ -89,9 +90,18 @@ class RunConfig:
         dp: ``off``; ``sample``: record-level DP-SGD at every site (Opacus, one case = one unit);
             ``client``: site-level DP, Flower's client-side clipping + server-side noise.
         dp_noise_multiplier: Gaussian noise / clipping norm, >= 0 (> 0 for ``client``).
-        dp_max_grad_norm: per-case (``sample``) or per-update (``client``) clipping norm, > 0.
+        dp_max_grad_norm: per-case (``sample``) or per-update (``client``) clipping norm, > 0;
+            -1: the DP recipe's (``dp_recipe.py``), 1.0 for ``client``.
         dp_delta: delta that epsilon is reported at, in (0, 1).
         dp_target_epsilon: > 0 lets each site derive its noise for all planned rounds (``sample``).
+        dp_batch_size: expected cases per DP-SGD step (Poisson sampling), >= 1; -1: the recipe's.
+        dp_lr: SGD learning rate under ``dp=sample``, > 0; -1: the recipe's.
+        dp_momentum: SGD momentum under ``dp=sample``, in [0, 1); -1: the recipe's.
+        dp_patches_per_case: random patches of a case whose gradients are averaged before
+            clipping (the unit stays the case), >= 1; -1: the recipe's.
+        dp_ema: decay per round of the server's moving average of the global model, which is
+            what sites evaluate and what the run saves, in [0, 1) (0: none); -1: the recipe's
+            under ``dp=sample``, none otherwise.
         heldout_sites: sites that only ever evaluate (scored plain and after test-time
             adaptation of BatchNorm statistics on their own unlabeled images).
         min_group_cases: fewest cases a fairness group needs before its Dice is reported, >= 1.
@@ -124,9 +134,14 @@ class RunConfig:
     val_fraction: float = 0.25
     dp: str = "off"
     dp_noise_multiplier: float = 1.0
-    dp_max_grad_norm: float = 1.0
+    dp_max_grad_norm: float = -1.0
     dp_delta: float = 1e-5
     dp_target_epsilon: float = 0.0
+    dp_batch_size: int = -1
+    dp_lr: float = -1.0
+    dp_momentum: float = -1.0
+    dp_patches_per_case: int = -1
+    dp_ema: float = -1.0
     heldout_sites: tuple[str, ...] = field(default_factory=tuple)
     min_group_cases: int = 5
     output_dir: str = "runs"
@@ -163,7 +178,17 @@ class RunConfig:
             ("val-fraction", 0 < self.val_fraction < 1, "must be in (0, 1)"),
             ("dp", self.dp in DP_MODES, f"must be one of {DP_MODES}"),
             ("dp-noise-multiplier", self.dp_noise_multiplier >= 0, "must be >= 0"),
-            ("dp-max-grad-norm", self.dp_max_grad_norm > 0, "must be > 0"),
+            ("dp-max-grad-norm", self.dp_max_grad_norm > 0 or self.dp_max_grad_norm == AUTO,
+             "must be > 0 (or -1: fedseg's DP recipe)"),
+            ("dp-batch-size", self.dp_batch_size >= 1 or self.dp_batch_size == AUTO,
+             "must be >= 1 (or -1: fedseg's DP recipe)"),
+            ("dp-lr", self.dp_lr > 0 or self.dp_lr == AUTO, "must be > 0 (or -1: fedseg's DP recipe)"),
+            ("dp-momentum", 0 <= self.dp_momentum < 1 or self.dp_momentum == AUTO,
+             "must be in [0, 1) (or -1: fedseg's DP recipe)"),
+            ("dp-patches-per-case", self.dp_patches_per_case >= 1 or self.dp_patches_per_case == AUTO,
+             "must be >= 1 (or -1: fedseg's DP recipe)"),
+            ("dp-ema", 0 <= self.dp_ema < 1 or self.dp_ema == AUTO,
+             "must be in [0, 1) (0: no averaging; -1: fedseg's DP recipe)"),
             ("dp-delta", 0 < self.dp_delta < 1, "must be in (0, 1)"),
             ("min-group-cases", self.min_group_cases >= 1, "must be >= 1"),
             ("dp-target-epsilon", self.dp_target_epsilon >= 0, "must be >= 0 (0: use dp-noise-multiplier)"),
@@ -230,7 +255,8 @@ class RunConfig:
             min_group_cases=self.min_group_cases, heldout_sites=self.heldout_sites,
             data=self.site_data(state_root),
             dp=DPSettings(self.dp, self.dp_noise_multiplier, self.dp_max_grad_norm, self.dp_delta,
-                          self.dp_target_epsilon, self.num_server_rounds))
+                          self.dp_target_epsilon, self.num_server_rounds, self.dp_batch_size,
+                          self.dp_lr, self.dp_momentum, self.dp_patches_per_case))
 
 
 @dataclass(frozen=True)
@@ -311,6 +337,7 @@ class SiteData:
 @dataclass(frozen=True)
 class DPSettings:
     """Record- or client-level DP as the server asks for it (the site's policy may refuse).
+    ``AUTO`` (-1) leaves a training setting to the DP recipe (``dp_recipe.py``).
 
     Args:
         mode: ``off``, ``sample`` or ``client``.
@@ -319,14 +346,22 @@ class DPSettings:
         delta: delta epsilon is reported at.
         target_epsilon: > 0: derive the noise for ``planned_rounds`` rounds.
         planned_rounds: the run's number of rounds.
+        batch_size: expected cases per DP-SGD step.
+        lr: SGD learning rate under DP.
+        momentum: SGD momentum under DP.
+        patches_per_case: patches per case whose gradients are averaged before clipping.
     """
 
     mode: str = "off"
     noise_multiplier: float = 1.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = AUTO
     delta: float = 1e-5
     target_epsilon: float = 0.0
     planned_rounds: int = 1
+    batch_size: int = AUTO
+    lr: float = AUTO
+    momentum: float = AUTO
+    patches_per_case: int = AUTO
 
 
 @dataclass(frozen=True)
@@ -377,6 +412,39 @@ class SiteRoundConfig:
 def keys() -> list[str]:
     """All run-config keys, kebab-case."""
     return [_kebab(f.name) for f in dataclasses.fields(RunConfig)]
+
+
+def key_metavar(key: str) -> str:
+    """What a key's value looks like on the command line (N, X, TEXT, LIST)."""
+    kind = str(next(f.type for f in dataclasses.fields(RunConfig) if _kebab(f.name) == key))
+    return {"int": "N", "float": "X", "bool": "BOOL"}.get(kind, "LIST" if "tuple" in kind else "TEXT")
+
+
+def key_help() -> dict[str, str]:
+    """Kebab-case key -> one line for ``--help``: its meaning (from ``RunConfig``'s docstring),
+    default and choices."""
+    lines = (RunConfig.__doc__ or "").split("Args:")[1].splitlines()
+    meaning: dict[str, str] = {}
+    current = ""
+    for line in lines:
+        head, _, rest = line.strip().partition(": ")
+        if line.startswith(" " * 8 + head) and not line.startswith(" " * 9) and rest:
+            current = head
+            meaning[current] = rest
+        elif current and line.strip():
+            meaning[current] += " " + line.strip()
+    choices = {"strategy": STRATEGIES, "local_layers": LOCAL_LAYERS, "model": MODELS,
+               "backbone": BACKBONES, "norm": NORMS, "dp": DP_MODES}
+    out = {}
+    for f in dataclasses.fields(RunConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        text = meaning.get(f.name, "")
+        if f.name in choices:
+            text += f" Choices: {', '.join(choices[f.name])}."
+        text = f"{text} Default: {shown if shown != '' else '(none)'}."
+        out[_kebab(f.name)] = text.replace("``", "").replace("%", "%%")
+    return out
 
 
 # Nested sections of the round config and the prefix of their keys on the wire.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +13,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedseg.common.config import ModelSpec, RunConfig
+from fedseg.common.config import ModelSpec, RunConfig, SiteRoundConfig
+from fedseg.common.dp_recipe import (describe, dp_training, ema_decay, noise_to_signal, plan_round,
+                                     warning)
 from fedseg.common.models import build_model, local_keys, split_state
 from fedseg.common.records import shared_record
 from fedseg.common.weights import load_pretrained
 from fedseg.server.checkpoints import save_global_model
 from fedseg.server.discovery import discover_sites, model_for_sites, site_names
+from fedseg.server.model_average import ModelAverage
 from fedseg.server.report import write_report
 from fedseg.server.rounds import RoundLog, RoundRecorder
 from fedseg.server.run_folder import OpenRun, now, open_run, versions
@@ -40,6 +43,7 @@ def main(grid: Grid, context: Context) -> None:
 class Federation:
     """What the steps hand on: the sites, the model, and the initial shared weights."""
 
+    sites: dict[int, dict[str, Any]]
     site_of: dict[int, str]
     heldout_nodes: set[int]
     training_sites: list[str]
@@ -83,6 +87,8 @@ def initial_model(run: OpenRun, sites: dict[int, dict[str, Any]]) -> Federation:
         pretrained = load_pretrained(model, cfg.pretrained_weights)
     local = local_keys(model, spec, cfg.local_layers)
     shared, _ = split_state(model, local)
+    fed = Federation(sites, site_of, heldout, training, spec, local, shared)
+    dp_plans = dp_plan(cfg.site_round(spec, run.run_id), fed) if cfg.dp == "sample" else None
     if run.done:
         info = {**run.folder.read_run_info(), "config": cfg.to_dict(), "resumed": now(),
                 "resumed_from_round": run.done}
@@ -91,9 +97,9 @@ def initial_model(run: OpenRun, sites: dict[int, dict[str, Any]]) -> Federation:
                 "versions": versions(), "sites": {i["site"]: _public(i) for i in sites.values()},
                 "training_sites": training, "heldout_sites": sorted(cfg.heldout_sites),
                 "seed": cfg.seed, "started": now(), "ended": None,
-                "pretrained": pretrained.to_dict() if pretrained else None}
+                "pretrained": pretrained.to_dict() if pretrained else None, "dp_plan": dp_plans}
     run.folder.write_run_info(info)
-    return Federation(site_of, heldout, training, spec, local, shared)
+    return fed
 
 
 def run_rounds(grid: Grid, run: OpenRun, fed: Federation) -> ArrayRecord:
@@ -109,15 +115,38 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation) -> ArrayRecord:
         return initial
     recorder = RoundRecorder()
     round_log = RoundLog(run.folder, recorder, fed.checkpoint_meta(run), cfg.num_server_rounds)
+    average = ModelAverage(ema_decay(cfg), run.start_average)
     strategy = build_strategy(cfg, fed.site_of, fed.heldout_nodes, recorder, round_log,
-                              round_offset=run.done)
-    wire = ConfigRecord(cfg.site_round(fed.spec, run.run_id, sim_state_root(run)).to_record())
+                              round_offset=run.done, average=average)
+    round_config = cfg.site_round(fed.spec, run.run_id, sim_state_root(run))
     log.info("federated %s over %d site(s) (%s), %d round(s)%s", cfg.strategy,
              len(fed.training_sites), ", ".join(fed.training_sites), cfg.num_server_rounds,
              f", resuming after round {run.done}" if run.done else "")
+    if average.decay:
+        log.info("the server evaluates and saves a moving average of the global model (dp-ema %g)",
+                 average.decay)
+    wire = ConfigRecord(round_config.to_record())
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=remaining,
                             timeout=cfg.round_timeout, train_config=wire, evaluate_config=wire)
-    return result.arrays if len(result.arrays) else initial
+    return average.model(result.arrays if len(result.arrays) else initial)
+
+
+def dp_plan(round_config: SiteRoundConfig, fed: Federation) -> dict[str, Any]:
+    """What each site will train with under dp=sample (the sites derive the same from the same
+    config and their case counts): logged, with a warning where the noise will swamp the signal,
+    and returned for run.json."""
+    plans = {}
+    for info in fed.sites.values():
+        site, cases = info["site"], info["num-train"]
+        if site not in fed.training_sites or not cases:
+            continue
+        training = dp_training(round_config.dp, cases, round_config.batch_size, round_config.local_epochs)
+        plan = plan_round(round_config.dp, cases, training)
+        log.info("%s", describe(site, cases, training, plan, round_config.dp))
+        if (text := warning(site, cases, training, plan)) is not None:
+            log.warning("%s", text)
+        plans[site] = {**asdict(training), **asdict(plan), "noise_to_signal": noise_to_signal(plan, training)}
+    return plans
 
 
 def finalize(run: OpenRun, fed: Federation, final: ArrayRecord) -> Path:

@@ -23,10 +23,15 @@ _ROUND_FILE = re.compile(r"round-(\d+)\.pt$")
 META_KEYS = ("model", "local_layers", "local_keys", "patch_size", "run_name", "run_id")
 
 
-def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, meta: dict[str, Any]) -> Path:
-    """Atomically write ``checkpoints/round-N.pt``: shared weights + ``meta`` (``META_KEYS``)."""
+def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, meta: dict[str, Any],
+                    average: ArrayRecord | None = None) -> Path:
+    """Atomically write ``checkpoints/round-N.pt``: the aggregate's shared weights (training
+    continues from them), ``meta`` (``META_KEYS``) and the server's moving average if it keeps one."""
     path = run_dir / "checkpoints" / f"round-{server_round}.pt"
-    atomic_torch_save(path, _payload(server_round, arrays, meta))
+    payload = _payload(server_round, arrays, meta)
+    if average is not None:
+        payload["average_state_dict"] = average.to_torch_state_dict()
+    atomic_torch_save(path, payload)
     return path
 
 

@@ -78,11 +78,12 @@ class RoundLog:
         self.total_rounds = total_rounds
         self._started = time.monotonic()
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> None:
+    def __call__(self, server_round: int, aggregate: ArrayRecord, evaluated: ArrayRecord) -> None:
         record = self.recorder.pop(server_round)
         record["seconds"] = round(time.monotonic() - self._started, 3)
         self._started = time.monotonic()
-        save_checkpoint(self.folder.dir, server_round, arrays, self.meta)
+        save_checkpoint(self.folder.dir, server_round, aggregate, self.meta,
+                        average=None if evaluated is aggregate else evaluated)
         self.folder.append_round(record)
         log_round(record, self.total_rounds)
 

@@ -101,6 +101,7 @@ class OpenRun:
         run_id: unique id, fixed at the run's start (sites key their local layers by it).
         done: rounds already completed (0 for a new run).
         start_state: shared weights of the last checkpoint (None for a new run).
+        start_average: the server's moving average at that checkpoint, if it kept one.
     """
 
     folder: RunFolder
@@ -108,6 +109,7 @@ class OpenRun:
     run_id: str
     done: int = 0
     start_state: dict[str, torch.Tensor] | None = None
+    start_average: dict[str, torch.Tensor] | None = None
 
 
 def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> RunConfig:
@@ -149,7 +151,8 @@ def open_run(cfg: RunConfig) -> OpenRun:
         done, checkpoint = found
         folder.keep_rounds_up_to(done)
         log.info("resuming %s after round %d", folder.dir, done)
-        return OpenRun(folder, cfg, run_id, done, checkpoint["state_dict"])
+        return OpenRun(folder, cfg, run_id, done, checkpoint["state_dict"],
+                       checkpoint.get("average_state_dict"))
     name = cfg.run_name or f"{Path(cfg.study_dir).name or 'run'}-{cfg.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = RunFolder(Path(cfg.output_dir) / name)
     if (folder.dir / "run.json").exists():

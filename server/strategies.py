@@ -13,6 +13,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                      FedMedian, FedProx, FedTrimmedAvg, Strategy)
 
 from fedseg.common.config import RunConfig
+from fedseg.server.model_average import ModelAverage
 from fedseg.server.rounds import RoundRecorder
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ class SiteHooks:
     - held-out sites are never sampled for training, but evaluate every round;
     - every reply's scalars and payload size go to the ``RoundRecorder``;
     - a resumed run numbers its rounds from the checkpoint (``round_offset``);
-    - when a round's evaluation is aggregated, ``on_round_end(round, global arrays)`` runs.
+    - sites evaluate ``average.model(aggregate)`` (the moving average when ``dp-ema`` is on);
+    - when a round's evaluation is aggregated, ``on_round_end(round, aggregate, evaluated)`` runs.
     """
 
     site_of: dict[int, str]
@@ -62,8 +64,9 @@ class SiteHooks:
     round_offset: int
     min_sites: int
     round_timeout: float
-    on_round_end: Callable[[int, ArrayRecord], None]
-    _round_arrays: ArrayRecord
+    average: ModelAverage
+    on_round_end: Callable[[int, ArrayRecord, ArrayRecord], None]
+    _round_arrays: tuple[ArrayRecord, ArrayRecord]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -88,16 +91,19 @@ class SiteHooks:
             raise TooFewSitesError(
                 f"round {rnd}: {len(ok)} site(s) trained, min-train-sites is {self.min_sites}"
                 + (f" (failed: {failures})" if failures else ""))
-        aggregated = super().aggregate_train(rnd, replies)  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(rnd, replies)  # type: ignore[misc]
         if (spent := client_level_privacy(self)) is not None:  # type: ignore[arg-type]
             self.recorder.note(rnd, "client-level-dp", spent)
-        return aggregated
+        if arrays is not None:
+            self.average.update(arrays)
+        return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        self._round_arrays = arrays  # the round's new global model
+        evaluated = self.average.model(arrays)
+        self._round_arrays = (arrays, evaluated)  # the round's aggregate and the model sites score
         return super().configure_evaluate(  # type: ignore[misc]
-            server_round + self.round_offset, arrays, config, _SiteView(grid, self.site_of, set()))
+            server_round + self.round_offset, evaluated, config, _SiteView(grid, self.site_of, set()))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = self._ordered(replies)
@@ -105,7 +111,7 @@ class SiteHooks:
         self.recorder.evaluated(rnd, self._named(replies))
         training = [m for m in replies if m.metadata.src_node_id not in self.heldout_nodes]
         metrics = super().aggregate_evaluate(rnd, training)  # type: ignore[misc]
-        self.on_round_end(rnd, self._round_arrays)
+        self.on_round_end(rnd, *self._round_arrays)
         return metrics
 
     def _wait_for_sites(self, view: _SiteView, rnd: int) -> None:
@@ -129,8 +135,8 @@ class SiteHooks:
 
 
 def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[int],
-                   recorder: RoundRecorder, on_round_end: Callable[[int, ArrayRecord], None],
-                   round_offset: int = 0) -> Strategy:
+                   recorder: RoundRecorder, on_round_end: Callable[[int, ArrayRecord, ArrayRecord], None],
+                   round_offset: int = 0, average: ModelAverage | None = None) -> Strategy:
     """The configured Flower strategy with fedseg's hooks outermost.
 
     Args:
@@ -138,8 +144,9 @@ def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[i
         site_of: node id -> site name, from the discovery query.
         heldout_nodes: node ids that only evaluate.
         recorder: collects per-site scalars for rounds.jsonl.
-        on_round_end: called with (round, new global arrays) once a round is complete.
+        on_round_end: called with (round, aggregate, evaluated model) once a round is complete.
         round_offset: rounds already done (resume).
+        average: the server's moving average of the global model (None: none).
     """
     base = BASES[cfg.strategy]
     kwargs: dict[str, Any] = dict(
@@ -162,7 +169,8 @@ def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[i
             sampling_method=SamplingMethod.NO_AMPLIFICATION))
         strategy_cls = type("SiteClientLevelDP", (SiteHooks, DifferentialPrivacyClientSideFixedClipping), {})
         strategy = strategy_cls(base(**kwargs), noise_multiplier=cfg.dp_noise_multiplier,
-                                clipping_norm=cfg.dp_max_grad_norm, num_sampled_clients=sampled,
+                                clipping_norm=cfg.dp_max_grad_norm if cfg.dp_max_grad_norm > 0 else 1.0,
+                                num_sampled_clients=sampled,
                                 accountant=accountant)
     else:
         strategy = type(f"Site{base.__name__}", (SiteHooks, base), {})(**kwargs)
@@ -173,6 +181,7 @@ def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[i
     strategy.min_sites = cfg.min_train_sites
     strategy.round_timeout = cfg.round_timeout
     strategy.on_round_end = on_round_end
+    strategy.average = average or ModelAverage(0.0)
     return strategy
 
 

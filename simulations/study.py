@@ -16,18 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
-from fedseg.client.tasks import task_for
-from fedseg.client.trainer import train_local
 from fedseg.common.atomic import atomic_write_bytes, atomic_write_json
 from fedseg.common.config import RunConfig
-from fedseg.common.data import (SiteSpec, case_seed, image_channels, read_site, split_training,
-                               study_sites)
+from fedseg.common.data import SiteSpec, read_site, split_training, study_sites
 from fedseg.common.metrics import finite_mean
-from fedseg.common.models import ModelSpec, build_model
 from fedseg.server.summary import INSTANCE_METRICS, site_spread
 from fedseg.server.report import write_study_report
+from fedseg.simulations.pooled import train_pooled
 from fedseg.simulations.simulate import simulate
 
 log = logging.getLogger(__name__)
@@ -88,18 +84,10 @@ def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None)
 
 
 def _train_and_score(cfg: RunConfig, specs: dict[str, SiteSpec], train_at: list[str],
-                     seed_site: str) -> dict[str, float | None]:
+                     seed_site: str) -> dict[str, dict[str, float]]:
     """One model trained in-process on the training splits of ``train_at`` with the step budget a
     federated run gives them (rounds x local epochs passes), scored at every site."""
-    cases = [c for s in train_at for c in split_training(specs[s], cfg.val_fraction, cfg.seed)[0]]
-    first = specs[train_at[0]]
-    mspec = ModelSpec.for_run(cfg, first.spatial_dims, image_channels(first), first.num_classes)
-    torch.manual_seed(cfg.seed)
-    model = build_model(mspec)
-    task = task_for(mspec)
-    train_local(model, task, first, cases, epochs=cfg.num_server_rounds * cfg.local_epochs,
-                batch_size=cfg.batch_size, lr=cfg.lr, patch_size=cfg.patch_size,
-                seed=case_seed(cfg.seed, seed_site, 0))
+    model, task = train_pooled(cfg, [specs[s] for s in train_at], seed_site)
     return {site: task.evaluate(model, spec, split_training(spec, cfg.val_fraction, cfg.seed)[1],
                                 patch_size=cfg.patch_size)
             for site, spec in specs.items()}

@@ -4,18 +4,20 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.rdp import RDPAccountant
 
 from fedseg.client.app import app as client_app
 from fedseg.client.privacy import (LEDGER_FILE, DPSession, PolicyRefusal, PrivacyLedger, SitePolicy,
-                                   check_dp_compatible, plan_round)
+                                   check_dp_compatible)
 from fedseg.client.state import SiteState
 from fedseg.client.tasks import task_for
 from fedseg.client.trainer import train_local
 from fedseg.common.cli import main
 from fedseg.common.config import DPSettings, RunConfig
 from fedseg.common.data import read_site
+from fedseg.common.dp_recipe import dp_training, plan_round
 from fedseg.common.models import ModelSpec, build_model
 from fedseg.simulations.synth import write_study
 from tests.conftest import node_context, round_message
@@ -60,7 +62,7 @@ def test_ledger_epsilon_matches_opacus_analysis_and_survives_restarts(site, tmp_
 
 def test_target_epsilon_derives_noise_once_for_all_planned_rounds(site, tmp_path):
     dp = DPSettings("sample", target_epsilon=4.0, planned_rounds=3)
-    plan = plan_round(dp, 6, batch_size=2, epochs=1)
+    plan = plan_round(dp, 6, dp_training(dp, 6, batch_size=2, epochs=1))
     total = independent_epsilon(plan.sample_rate, plan.noise_multiplier, 3 * plan.steps, dp.delta)
     assert total == pytest.approx(4.0, abs=0.05)
     cfg = RunConfig(dp="sample", dp_target_epsilon=4.0, num_server_rounds=3, batch_size=2)
@@ -141,3 +143,53 @@ def test_privacy_command_explains_the_ledger(site, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"epsilon = {eps:.4f}" in out and "delta = 1e-05" in out and f"left {20 - eps:.4f}" in out
     assert main(["privacy", str(tmp_path / "nowhere")]) == 1
+
+
+def test_patches_per_case_do_not_change_epsilon(site, tmp_path):
+    """Augmentation multiplicity averages K patches of one case before clipping: the privacy unit
+    stays the case, so the accountant sees the same steps, rate and noise."""
+    base = RunConfig(dp="sample", dp_noise_multiplier=1.1, batch_size=2, local_epochs=1)
+    one = _dp_round(site, tmp_path / "k1", 1, base.replace(dp_patches_per_case=1))
+    four = _dp_round(site, tmp_path / "k4", 1, base.replace(dp_patches_per_case=4))
+    assert one == four == pytest.approx(independent_epsilon(2 / 6, 1.1, 3, 1e-5), rel=1e-9)
+    histories = [json.loads((tmp_path / k / LEDGER_FILE).read_text())["history"] for k in ("k1", "k4")]
+    assert histories[0] == histories[1]
+
+
+def test_each_cases_gradient_is_the_mean_of_its_patches_clipped_to_c(site):
+    """Opacus' per-sample gradients, regrouped by case: with no noise the update is the sum over
+    cases of clip_C(mean of the case's patch gradients) / expected batch, computed here by hand."""
+    from fedseg.client.privacy import OpacusStep
+    from fedseg.common.dp_recipe import DPRound
+
+    torch.manual_seed(0)
+    model, task = build_model(SPEC), task_for(SPEC)
+    data = task.training_data(site, list(site.training), 32, seed=0)
+    cases = [[data[i] for _ in range(3)] for i in range(4)]  # 4 cases, 3 random patches each
+    c = 0.05
+    expected = []
+    for patches in cases:  # the reference: one case at a time, plain autograd
+        grads = torch.autograd.grad(task.loss(model, patches, "cpu"), list(model.parameters()))
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        assert norm > c  # so every case is clipped
+        expected.append([g * (c / (norm + 1e-6)) for g in grads])
+    reference = [sum(parts) / 2.5 for parts in zip(*expected)]
+    plan = DPRound(noise_multiplier=0.0, max_grad_norm=c, sample_rate=0.5, steps=1, delta=1e-5)
+    step = OpacusStep(task, model, plan, 2.5, torch.Generator().manual_seed(0), "cpu", chunk_cases=3)
+    optimizer = step.wrap(torch.optim.SGD(model.parameters(), lr=0.0))
+    step(cases)  # two chunks (3 + 1 cases), regrouped into 4 per-case gradients
+    optimizer.pre_step()  # clip, sum, add the (zero) noise, divide by the expected batch
+    step.close()
+    for p, ref in zip(model.parameters(), reference):
+        assert torch.allclose(p.grad, ref, atol=1e-6, rtol=1e-4)
+
+
+def test_the_noise_generator_lives_on_the_training_device(site, tmp_path):
+    cfg = RunConfig(dp="sample", batch_size=2)
+    dp = DPSession.open(cfg.site_round(SPEC, "id").dp, SitePolicy(), tmp_path, num_cases=6,
+                        batch_size=2, epochs=1, run="r", server_round=1, site="a")
+    model = build_model(SPEC)
+    device = str(next(model.parameters()).device)  # the trainer passes the model's device
+    step = dp.step(task_for(SPEC).dp_step, task_for(SPEC), model, device, chunk_cases=2)
+    assert step.generator.device == next(model.parameters()).device
+    step.close()

@@ -70,3 +70,12 @@ def test_local_layers_of_another_model_are_refused_by_name(site, tmp_path):
     reply = client_app(round_message(cfg.replace(channels=(4, 8)), ModelSpec(2, 1, 3, (4, 8)), 2, A_ID), node)
     assert reply.has_error() and "local layers of another model" in reply.error.reason
     assert run_key("study", A_ID) in reply.error.reason
+
+
+def test_a_mistyped_policy_key_is_refused_not_ignored(site, tmp_path):
+    """`max_epsilon=1.0` instead of `max-epsilon`: silently ignoring it would leave the budget open."""
+    cfg = RunConfig(run_name="study", channels=(8, 16), patch_size=32, batch_size=2, dp="sample")
+    reply = client_app(round_message(cfg, ModelSpec(2, 1, 3, (8, 16)), 1, A_ID),
+                       node_context(site.root, tmp_path / "state", max_epsilon=1.0))
+    assert reply.has_error() and "unknown key(s) ['max_epsilon']" in reply.error.reason
+    assert not (tmp_path / "state" / LEDGER_FILE).exists()

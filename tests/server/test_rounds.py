@@ -56,8 +56,12 @@ def test_round_log_checkpoints_and_appends_the_round(tmp_path):
     hook = RoundLog(folder, recorder, meta, total_rounds=2)
     for rnd in (1, 2):
         recorder.evaluated(rnd, [])
-        hook(rnd, ArrayRecord({"w": torch.full((3,), float(rnd))}))
+        aggregate = ArrayRecord({"w": torch.full((3,), float(rnd))})
+        hook(rnd, aggregate, aggregate if rnd == 1 else ArrayRecord({"w": torch.full((3,), 1.5)}))
     lines = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == [1, 2] and all(r["seconds"] >= 0 for r in lines)
+    first = torch.load(tmp_path / "checkpoints" / "round-1.pt", weights_only=True)
+    assert "average_state_dict" not in first  # no average kept: the aggregate is the model
     saved = torch.load(tmp_path / "checkpoints" / "round-2.pt", weights_only=True)
     assert torch.equal(saved["state_dict"]["w"], torch.full((3,), 2.0)) and saved["run_id"] == "x"
+    assert torch.equal(saved["average_state_dict"]["w"], torch.full((3,), 1.5))

@@ -18,8 +18,8 @@ SITES = {11: "site-a", 22: "site-b", 33: "site-c"}
 
 def _build(cfg: RunConfig, heldout: set[int] = frozenset(), ended=None):
     ended = [] if ended is None else ended
-    strategy = build_strategy(cfg, SITES, set(heldout), RoundRecorder(), lambda r, a: ended.append(r),
-                              round_offset=2)
+    strategy = build_strategy(cfg, SITES, set(heldout), RoundRecorder(),
+                              lambda r, aggregate, evaluated: ended.append(r), round_offset=2)
     return strategy, ended
 
 
@@ -62,7 +62,7 @@ def test_a_round_with_too_few_sites_stops_with_their_reasons():
 
 def test_heldout_sites_are_scored_but_not_averaged_and_the_round_end_hook_runs():
     strategy, ended = _build(RunConfig(), heldout={33})
-    strategy._round_arrays = ArrayRecord({"w": torch.zeros(2)})
+    strategy._round_arrays = (ArrayRecord({"w": torch.zeros(2)}),) * 2
     replies = []
     for node, dice in ((11, 0.8), (22, 0.6), (33, 0.1)):
         sent = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node,

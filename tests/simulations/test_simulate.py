@@ -160,3 +160,17 @@ def test_every_run_config_key_is_a_simulate_flag(study_2d, capsys):
             assert f"--{key}" in help_text, key
     assert main(["simulate", str(study_2d), "--strategy", "fedsgd"]) == 2
     assert "'strategy'" in capsys.readouterr().err
+
+
+def test_run_files_follow_the_umask_and_site_state_is_owner_only(fedbn_run):
+    """Colleagues in the run folder's group can open the report; a site's ledger and local layers
+    are readable by no other account."""
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("report.html", "summary.json", "run.json", "model/global.pt", "checkpoints/round-1.pt"):
+        assert stat.S_IMODE((fedbn_run / name).stat().st_mode) == 0o666 & ~umask, name
+    for site in ("site-a", "site-b", "site-c"):
+        assert stat.S_IMODE((fedbn_run / "site-state" / site).stat().st_mode) == 0o700

@@ -1,0 +1,137 @@
+"""fedseg's DP training recipe: what a site trains with under ``dp=sample`` where the run leaves a
+setting to fedseg (-1), the DP-SGD plan of a round, and a plain check of whether the noise will
+swamp the signal.
+
+Non-private settings (batch 8, lr 0.05 with momentum 0.9) collapse under DP noise: every DP model
+of the first MSD Hippocampus benchmark predicted background. The recipe keeps the round's number
+of optimizer steps, but each step averages an expected third of the site's cases (Poisson
+sampled), clips each case's gradient to 0.1, and takes plain SGD steps; the server evaluates and
+saves a moving average of the global model. Measured in benchmarks/RESULTS.md (dp_utility).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedseg.common.config import AUTO, DPSettings, RunConfig
+
+ACCOUNTANT = "rdp"  # Opacus RDPAccountant (Renyi DP of the subsampled Gaussian mechanism)
+BATCH_SHARE = 1 / 3  # expected cases per step, as a share of the site's cases
+MAX_BATCH = 64
+RECIPE = {"max_grad_norm": 0.1, "lr": 1.0, "momentum": 0.0, "patches_per_case": 1, "ema": 0.7}
+NOISE_WARNING = 0.2  # noise std / expected batch above which the noise swamps the signal
+
+
+@dataclass(frozen=True)
+class DPTraining:
+    """The DP-SGD training settings of a round at one site.
+
+    Args:
+        expected_batch: expected cases per step (Poisson rate = expected_batch / cases).
+        steps: optimizer steps this round.
+        max_grad_norm: per-case clipping norm C.
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        patches_per_case: patches whose gradients are averaged per case before clipping.
+        chosen: run-config keys whose values the recipe chose (the rest were set by the run).
+    """
+
+    expected_batch: int
+    steps: int
+    max_grad_norm: float
+    lr: float
+    momentum: float
+    patches_per_case: int
+    chosen: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DPRound:
+    """The DP-SGD parameters of one round at one site, as the accountant sees them.
+
+    Args:
+        noise_multiplier: Gaussian noise std / max_grad_norm.
+        max_grad_norm: per-case gradient clipping bound C.
+        sample_rate: Poisson probability that a case is in a step's batch.
+        steps: optimizer steps this round.
+        delta: the delta epsilon is reported at.
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+    delta: float
+
+
+def dp_training(dp: DPSettings, num_cases: int, batch_size: int, epochs: int) -> DPTraining:
+    """The recipe for a site with ``num_cases`` training cases whose non-private round would
+    take ``epochs`` passes in batches of ``batch_size``: as many steps, larger expected batches;
+    every setting the run gave explicitly is kept."""
+    steps = epochs * -(-num_cases // batch_size)
+    auto_batch = min(num_cases, max(batch_size, min(MAX_BATCH, round(num_cases * BATCH_SHARE))))
+    given = {"dp-batch-size": dp.batch_size, "dp-max-grad-norm": dp.max_grad_norm, "dp-lr": dp.lr,
+             "dp-momentum": dp.momentum, "dp-patches-per-case": dp.patches_per_case}
+    recipe = {"dp-batch-size": auto_batch, "dp-max-grad-norm": RECIPE["max_grad_norm"],
+              "dp-lr": RECIPE["lr"], "dp-momentum": RECIPE["momentum"],
+              "dp-patches-per-case": RECIPE["patches_per_case"]}
+    value = {k: recipe[k] if v == AUTO else v for k, v in given.items()}
+    return DPTraining(min(int(value["dp-batch-size"]), num_cases), steps,
+                      float(value["dp-max-grad-norm"]), float(value["dp-lr"]),
+                      float(value["dp-momentum"]), int(value["dp-patches-per-case"]),
+                      tuple(k for k, v in given.items() if v == AUTO))
+
+
+def plan_round(dp: DPSettings, num_cases: int, training: DPTraining,
+               planned_noise: float | None = None) -> DPRound:
+    """The round's Poisson rate (expected batch / cases), steps and noise. With a target epsilon
+    the noise multiplier is derived once for all planned rounds with Opacus'
+    ``get_noise_multiplier`` (``planned_noise``: what this run derived before)."""
+    sample_rate = training.expected_batch / num_cases
+    noise = dp.noise_multiplier
+    if dp.target_epsilon > 0 and planned_noise is None:
+        from opacus.accountants.utils import get_noise_multiplier
+
+        noise = get_noise_multiplier(target_epsilon=dp.target_epsilon, target_delta=dp.delta,
+                                     sample_rate=sample_rate, steps=training.steps * dp.planned_rounds,
+                                     accountant=ACCOUNTANT)
+    elif dp.target_epsilon > 0:
+        noise = planned_noise
+    return DPRound(noise, training.max_grad_norm, sample_rate, training.steps, dp.delta)
+
+
+def noise_to_signal(plan: DPRound, training: DPTraining) -> float:
+    """Noise std on the averaged gradient relative to the largest possible per-case signal (C):
+    sigma / expected batch. Above ``NOISE_WARNING`` the model learns little or nothing."""
+    return plan.noise_multiplier / max(training.expected_batch, 1)
+
+
+def describe(site: str, num_cases: int, training: DPTraining, plan: DPRound, dp: DPSettings) -> str:
+    """One line a person can read: what the site trains with under DP, and why."""
+    chosen = f" (fedseg chose {', '.join(training.chosen)})" if training.chosen else ""
+    target = (f" for epsilon {dp.target_epsilon:g} over {dp.planned_rounds} round(s)"
+              if dp.target_epsilon > 0 else "")
+    return (f"site {site}: dp=sample, {training.steps} steps/round of ~{training.expected_batch} of "
+            f"{num_cases} cases, clip {training.max_grad_norm:g}, SGD lr {training.lr:g} momentum "
+            f"{training.momentum:g}, {training.patches_per_case} patch(es) per case{chosen}; noise "
+            f"x{plan.noise_multiplier:.3g}{target}")
+
+
+def warning(site: str, num_cases: int, training: DPTraining, plan: DPRound) -> str | None:
+    """A plain warning when the noise will swamp the signal, with what to do about it."""
+    ratio = noise_to_signal(plan, training)
+    if ratio <= NOISE_WARNING:
+        return None
+    return (f"site {site}: with {num_cases} training cases the DP noise (x{plan.noise_multiplier:.3g} on "
+            f"~{training.expected_batch} cases per step, {ratio:.2f} of the signal) will swamp what the "
+            "model learns at this epsilon; record-level DP protects each case, and a site needs "
+            "many cases (hundreds) for it to leave a useful model. Consider site-level DP "
+            "(dp=client) across many sites, more cases per site, or a model pretrained on public "
+            "data (pretrained-weights)")
+
+
+def ema_decay(cfg: RunConfig) -> float:
+    """The server's moving-average decay: the run's ``dp-ema``, else the recipe's under dp=sample."""
+    if cfg.dp_ema != AUTO:
+        return cfg.dp_ema
+    return RECIPE["ema"] if cfg.dp == "sample" else 0.0

@@ -1,0 +1,63 @@
+"""One model trained in one process on the training splits of several sites, without federation
+or DP: the study's pooled and local-only baselines, and pretraining on public data."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedseg.client.tasks import Task, task_for
+from fedseg.client.trainer import train_local
+from fedseg.common.atomic import atomic_torch_save
+from fedseg.common.config import ModelSpec, RunConfig
+from fedseg.common.data import (SiteRef, SiteSpec, case_seed, image_channels, read_site,
+                               split_training, study_sites)
+from fedseg.common.models import build_model
+from fedseg.common.weights import load_pretrained
+
+log = logging.getLogger(__name__)
+
+
+def train_pooled(cfg: RunConfig, sites: list[SiteSpec], seed_site: str) -> tuple[torch.nn.Module, Task]:
+    """A model trained on the pooled training splits of ``sites`` with the step budget a
+    federated run gives a site (rounds x local epochs passes), from ``cfg``'s pretrained
+    weights when it names a file.
+
+    Returns:
+        (model, its task).
+    """
+    cases = [c for s in sites for c in split_training(s, cfg.val_fraction, cfg.seed)[0]]
+    first = sites[0]
+    spec = ModelSpec.for_run(cfg, first.spatial_dims, image_channels(first), first.num_classes)
+    torch.manual_seed(cfg.seed)
+    model = build_model(spec)
+    if cfg.pretrained_weights:
+        log.info("%s", load_pretrained(model, cfg.pretrained_weights).summary())
+    task = task_for(spec)
+    train_local(model, task, first, cases, epochs=cfg.num_server_rounds * cfg.local_epochs,
+                batch_size=cfg.batch_size, lr=cfg.lr, patch_size=cfg.patch_size,
+                seed=case_seed(cfg.seed, seed_site, 0))
+    return model, task
+
+
+def pretrain(public_dir: str | Path, output: str | Path, cfg: RunConfig) -> dict[str, Any]:
+    """Train on public data (a site folder or a study folder) and write the model's state dict
+    to ``output``, for ``pretrained-weights``. Public data never touches a site's privacy budget.
+
+    Returns:
+        cases trained on and the Dice on each public site's validation split.
+    """
+    public = Path(public_dir)
+    refs = ([SiteRef(public.name, public)] if (public / "dataset.json").is_file()
+            else study_sites(public, cfg.split_site))
+    sites = [read_site(ref, seed=cfg.seed) for ref in refs]
+    log.info("pretraining on %d public site(s): %s", len(sites), ", ".join(s.name for s in sites))
+    model, task = train_pooled(cfg, sites, seed_site="public")
+    atomic_torch_save(output, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    val = {s.name: task.evaluate(model, s, split_training(s, cfg.val_fraction, cfg.seed)[1],
+                                 patch_size=cfg.patch_size)["dice"] for s in sites}
+    return {"cases": sum(len(split_training(s, cfg.val_fraction, cfg.seed)[0]) for s in sites),
+            "validation_dice": val}

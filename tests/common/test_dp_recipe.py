@@ -1,0 +1,60 @@
+"""The DP recipe: what fedseg chooses under dp=sample, what a run's own setting overrides, and
+the plain warning for a site whose noise will swamp the signal."""
+
+import pytest
+
+from fedseg.common.config import AUTO, DPSettings, RunConfig
+from fedseg.common.dp_recipe import (NOISE_WARNING, RECIPE, dp_training, ema_decay, noise_to_signal,
+                                     plan_round, warning)
+
+
+def test_recipe_keeps_the_steps_and_takes_a_third_of_the_cases_per_step():
+    training = dp_training(DPSettings("sample"), num_cases=98, batch_size=8, epochs=2)
+    assert training.steps == 2 * 13  # as many steps as the round without DP: 2 x ceil(98 / 8)
+    assert training.expected_batch == 33  # round(98 / 3)
+    assert (training.max_grad_norm, training.lr, training.momentum, training.patches_per_case) == (
+        RECIPE["max_grad_norm"], RECIPE["lr"], RECIPE["momentum"], RECIPE["patches_per_case"])
+    assert set(training.chosen) == {"dp-batch-size", "dp-max-grad-norm", "dp-lr", "dp-momentum",
+                                    "dp-patches-per-case"}
+    # never fewer cases than the non-private batch, never more than the site has, at most 64
+    assert dp_training(DPSettings("sample"), 6, 2, 1).expected_batch == 2
+    assert dp_training(DPSettings("sample"), 500, 8, 1).expected_batch == 64
+    assert dp_training(DPSettings("sample"), 3, 8, 1).expected_batch == 3
+
+
+def test_a_setting_the_run_gives_always_wins():
+    dp = DPSettings("sample", max_grad_norm=1.5, batch_size=10, lr=0.02, momentum=0.9, patches_per_case=3)
+    training = dp_training(dp, num_cases=98, batch_size=8, epochs=2)
+    assert (training.expected_batch, training.max_grad_norm, training.lr, training.momentum,
+            training.patches_per_case) == (10, 1.5, 0.02, 0.9, 3)
+    assert training.chosen == ()
+    cfg = RunConfig(dp="sample", dp_lr=0.3, dp_batch_size=12)
+    assert (cfg.dp_lr, cfg.dp_batch_size, RunConfig.from_dict({"dp-lr": "-1"}).dp_lr) == (0.3, 12, AUTO)
+    assert RunConfig().dp_max_grad_norm == AUTO
+
+
+def test_plan_rate_is_the_expected_batch_over_the_cases():
+    dp = DPSettings("sample", noise_multiplier=1.3)
+    training = dp_training(dp, num_cases=98, batch_size=8, epochs=2)
+    plan = plan_round(dp, 98, training)
+    assert plan.sample_rate == pytest.approx(33 / 98) and plan.noise_multiplier == 1.3
+    assert plan.steps == 26 and plan.max_grad_norm == RECIPE["max_grad_norm"]
+
+
+def test_few_cases_are_warned_with_what_to_do():
+    dp = DPSettings("sample", target_epsilon=8.0, planned_rounds=5)
+    tiny = dp_training(dp, num_cases=6, batch_size=2, epochs=4)  # a MoNuSeg site
+    plan = plan_round(dp, 6, tiny)
+    assert noise_to_signal(plan, tiny) == pytest.approx(plan.noise_multiplier / 2)
+    assert noise_to_signal(plan, tiny) > NOISE_WARNING
+    text = warning("site2-kidney", 6, tiny, plan)
+    assert "6 training cases" in text and "dp=client" in text and "pretrained-weights" in text
+    many = dp_training(dp, num_cases=500, batch_size=8, epochs=2)
+    assert warning("big", 500, many, plan_round(dp, 500, many)) is None
+
+
+def test_the_servers_moving_average_is_on_only_under_record_level_dp_unless_set():
+    assert ema_decay(RunConfig(dp="sample")) == RECIPE["ema"]
+    assert ema_decay(RunConfig()) == 0.0 and ema_decay(RunConfig(dp="client")) == 0.0
+    assert ema_decay(RunConfig(dp="sample", dp_ema=0.0)) == 0.0
+    assert ema_decay(RunConfig(dp_ema=0.5)) == 0.5
