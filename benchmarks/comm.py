@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import report
-from fedseg.common.cli import setup_logging
+from fedseg.common.logs import setup_logging
 from fedseg.common.config import RunConfig
 from fedseg.common.models import ModelSpec, build_model, local_keys
 from fedseg.simulations.simulate import simulate

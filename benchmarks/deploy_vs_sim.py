@@ -12,7 +12,7 @@ from pathlib import Path
 
 from benchmarks.common import report
 from fedseg.common.config import RunConfig
-from fedseg.common.cli import setup_logging
+from fedseg.common.logs import setup_logging
 from fedseg.simulations.simulate import simulate
 from fedseg.simulations.synth import write_study
 from tests.deployment.federation import Federation

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from benchmarks.common import SHARED_DATA, report
 from fedseg.client.tasks import task_for
-from fedseg.common.cli import setup_logging
+from fedseg.common.logs import setup_logging
 from fedseg.common.config import ModelSpec, RunConfig
 from fedseg.common.data import read_site, split_training, study_sites
 from fedseg.common.models import build_model

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import SHARED_DATA, report
-from fedseg.common.cli import setup_logging
+from fedseg.common.logs import setup_logging
 from fedseg.common.config import RunConfig
 from fedseg.simulations.simulate import simulate
 

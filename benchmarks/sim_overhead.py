@@ -19,7 +19,7 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 
 from benchmarks.common import report
-from fedseg.common.cli import setup_logging
+from fedseg.common.logs import setup_logging
 from fedseg.common.config import RunConfig
 from fedseg.common.data import (eval_transforms, read_site, split_training, study_sites, to_dicts,
                                 train_transforms)

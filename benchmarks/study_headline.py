@@ -14,7 +14,7 @@ from pathlib import Path
 
 from benchmarks.common import SHARED_DATA, report
 from fedseg.common.config import RunConfig
-from fedseg.common.cli import setup_logging
+from fedseg.common.logs import setup_logging
 from fedseg.simulations.study import run_study
 
 

@@ -13,6 +13,7 @@ from fedseg.client.adaptation import adapt_norm_statistics
 from fedseg.client.audit import outbox_audit_mod
 from fedseg.client.client_level_dp import client_level_clipping_mod
 from fedseg.client.privacy import DPSession
+from fedseg.client.redaction import redaction_mod
 from fedseg.client.site import SiteLocation, describe_site, resolve_site
 from fedseg.client.site_model import round_model
 from fedseg.client.state import run_key
@@ -20,6 +21,7 @@ from fedseg.client.tasks import task_for
 from fedseg.client.trainer import train_local
 from fedseg.common.config import SiteData, SiteRoundConfig
 from fedseg.common.data import DataError, case_seed, read_site, split_training
+from fedseg.common.logs import setup_logging
 from fedseg.common.models import split_state
 from fedseg.common.records import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PrivacyBoundaryError,
                                    scalar_metrics, shared_record)
@@ -27,7 +29,8 @@ from fedseg.common.records import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, Privac
 log = logging.getLogger(__name__)
 SITE_ERROR = 3100  # Flower error code for a site that refuses a message with a clear reason
 
-app = ClientApp(mods=[outbox_audit_mod, client_level_clipping_mod])  # audit sees the final reply
+# mods run outermost first: the audit logs the reply exactly as it leaves, after redaction
+app = ClientApp(mods=[outbox_audit_mod, redaction_mod, client_level_clipping_mod])
 
 
 @app.query()
@@ -50,6 +53,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 def _guarded(msg: Message, context: Context,
              handler: Callable[[Message, dict], RecordDict]) -> Message:
+    setup_logging(quiet_flower=False)  # the site's lines in its SuperNode's output
     try:
         return Message(handler(msg, dict(context.node_config)), reply_to=msg)
     except (ValueError, PrivacyBoundaryError, FloatingPointError, RuntimeError) as err:

@@ -9,9 +9,8 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedseg.client.site import resolve_site
+from fedseg.client.site import site_of_message
 from fedseg.common.atomic import private_dir
-from fedseg.common.config import SiteData
 from fedseg.common.records import CONFIG
 
 OUTBOX_FILE = "outbox.jsonl"
@@ -25,15 +24,11 @@ def outbox_audit_mod(msg: Message, context: Context, call_next: ClientAppCallabl
     IT can read exactly what crossed the wire; tests use it to prove the privacy boundary.
     """
     reply = call_next(msg, context)
-    config = dict(msg.content[CONFIG]) if CONFIG in msg.content.config_records else {}
-    try:
-        data = SiteData.from_record(config)
-    except ValueError:  # a malformed config: a deployed node still knows its own state dir
-        data = None
-    try:
-        state_dir = resolve_site(dict(context.node_config), data).state_dir
-    except ValueError:  # no site identity: nothing of this site's was sent
+    site = site_of_message(dict(context.node_config), msg)
+    if site is None:  # no site identity: nothing of this site's was sent
         return reply
+    state_dir = site.state_dir
+    config = dict(msg.content[CONFIG]) if CONFIG in msg.content.config_records else {}
     entry: dict[str, Any] = {"type": msg.metadata.message_type,
                              "round": config.get("server-round"), "error": None, "records": {}}
     if reply.has_error():

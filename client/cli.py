@@ -10,8 +10,12 @@ from pathlib import Path
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the site commands on the ``fedseg`` parser."""
-    check = sub.add_parser("check", help="validate site folders against the data contract")
-    check.add_argument("site_dirs", nargs="+", metavar="SITE_DIR")
+    check = sub.add_parser("check", help="validate site folders against the data contract, and "
+                           "warn about text in them that may identify a patient")
+    check.add_argument("site_dirs", nargs="+", metavar="SITE_DIR",
+                       help="site folders (a study folder checks every site in it)")
+    check.add_argument("--strict", action="store_true",
+                       help="fail (exit 1) on identifying text too, not only on contract problems")
     check.set_defaults(func=run_check)
     predict = sub.add_parser("predict", help="segment a folder of images with the global model "
                              "and this site's local layers")
@@ -35,21 +39,46 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    """Print every problem with its file; exit code 0 only when every site is clean."""
-    from fedseg.common.data import check_site
+    """Print every problem with its file, and identifying text as warnings; exit code 0 only
+    when every site is clean (with ``--strict``, also free of identifying text)."""
+    from fedseg.common.data import check_site, identifying_text
 
-    failed = 0
-    for site_dir in args.site_dirs:
-        problems = check_site(site_dir)
-        if problems:
+    failed, warned = 0, False
+    for site_dir in _site_folders(args.site_dirs):
+        if site_dir is None:
             failed += 1
-            print(f"{site_dir}: {len(problems)} problem(s)")
-            for problem in problems:
-                print(f"  - {problem}")
-        else:
-            print(f"{site_dir}: OK")
+            continue
+        problems, warnings = check_site(site_dir), identifying_text(site_dir)
+        warned |= bool(warnings)
+        print(f"{site_dir}: " + (f"{len(problems)} problem(s)" if problems else "OK")
+              + (f", {len(warnings)} warning(s)" if warnings else ""))
+        for problem in problems:
+            print(f"  - {problem}")
+        for warning in warnings:
+            print(f"  - warning: {warning}")
+        failed += bool(problems) or (args.strict and bool(warnings))
+    if warned:
+        print("identifying text stays at the site (fedseg never sends file names or headers); "
+              "rename or scrub it before sharing these folders with anyone")
     sys.stdout.flush()
     return 1 if failed else 0
+
+
+def _site_folders(paths: list[str]) -> list[Path | None]:
+    """Site folders to check: a study folder stands for its sites; a missing path is reported."""
+    folders: list[Path | None] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            print(f"{path}: not found", file=sys.stderr)
+            folders.append(None)
+        elif not (path / "dataset.json").is_file() and any(path.glob("*/dataset.json")):
+            sites = sorted(p.parent for p in path.glob("*/dataset.json"))
+            print(f"{path} is a study folder: checking its {len(sites)} site(s)")
+            folders += sites
+        else:
+            folders.append(path)
+    return folders
 
 
 def run_privacy(args: argparse.Namespace) -> int:

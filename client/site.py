@@ -84,6 +84,22 @@ def resolve_site(node_config: dict[str, Any], data: SiteData | None) -> SiteLoca
     return SiteLocation(ref, sim_state_dir(data.state_root, ref.name), device, policy)
 
 
+def site_of_message(node_config: dict[str, Any], msg: Any) -> SiteLocation | None:
+    """The site a message is for, from the node config and the message's config (None when
+    neither tells: then nothing of a site's was sent)."""
+    from fedseg.common.records import CONFIG  # Flower's records: only the apps import this
+
+    record = msg.content.config_records.get(CONFIG)
+    try:
+        data = SiteData.from_record(record) if record is not None else None
+    except ValueError:  # a malformed config: a deployed node still knows its own site
+        data = None
+    try:
+        return resolve_site(node_config, data)
+    except ValueError:
+        return None
+
+
 def sim_state_dir(state_root: str | Path, site: str) -> Path:
     """Simulation: a virtual site's state folder under the run's state root."""
     return Path(state_root) / site.replace("#", "-part")

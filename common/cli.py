@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
-import os
 import sys
+
+from fedseg.common.logs import setup_logging
 
 # Each part registers its commands with ``add_commands(subparsers)``; missing parts are skipped.
 PARTS = ("fedseg.simulations.cli", "fedseg.client.cli", "fedseg.server.cli")
@@ -66,26 +66,6 @@ def _certs(args: argparse.Namespace) -> int:
         private, public = write_node_key(args.out, args.name)
         print(f"wrote {private} (stays at the hospital) and {public} (send to the coordinator)")
     return 0
-
-
-def setup_logging() -> None:
-    """fedseg's progress on stdout; Flower's own log only from warnings up."""
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s fedseg %(message)s", "%H:%M:%S"))
-    root = logging.getLogger("fedseg")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    root.propagate = False
-    flwr_log = logging.getLogger("flwr")
-    flwr_log.propagate = False
-    flwr_log.filters[:] = [_quiet_flower]
-
-
-def _quiet_flower(record: logging.LogRecord) -> bool:
-    # fedseg prints its own per-round progress; `fedseg simulate` is the supported entry point,
-    # so Flower's notice about run_simulation being deprecated is noise here
-    return record.levelno >= logging.WARNING and "DEPRECATED FEATURE" not in str(record.msg)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedseg.common.config import ModelSpec, RunConfig, SiteRoundConfig
+from fedseg.common.logs import setup_logging
 from fedseg.common.dp_recipe import (describe, dp_training, ema_decay, noise_to_signal, plan_round,
                                      warning)
 from fedseg.common.models import build_model, local_keys, split_state
@@ -35,7 +36,9 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point under ``flwr run``: the run config comes from pyproject + ``--run-config``."""
+    """Entry point under ``flwr run``: the run config comes from pyproject + ``--run-config``;
+    fedseg's round lines go to the ServerApp's output, which ``flwr run --stream`` shows."""
+    setup_logging(quiet_flower=False)
     run_federation(grid, RunConfig.from_dict(dict(context.run_config)))
 
 

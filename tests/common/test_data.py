@@ -164,3 +164,24 @@ def test_real_monuseg_and_hippocampus_sites_pass_the_check(tmp_path):
         for key in ("image", "label"):
             shutil.copy(data / "hippocampus" / "site-msd" / entry[key], hippo / entry[key])
     assert check_site(hippo) == []
+
+
+def test_check_warns_about_text_that_may_identify_a_patient(tmp_path, capsys):
+    (site,) = write_study(tmp_path / "study", sites=1, dims=3, cases=2, size=16, seed=0)
+    meta = json.loads((site / "dataset.json").read_text())
+    entry = meta["training"][0]
+    renamed = entry["image"].replace("case000", "SMITH^JOHN_19550101")
+    shutil.move(site / entry["image"], site / renamed)
+    entry["image"] = renamed
+    (site / "dataset.json").write_text(json.dumps(meta))
+    label = nib.load(site / entry["label"])
+    label.header["descrip"] = b"Smith John MRN 12345"
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj), label.affine, label.header), site / entry["label"])
+    assert main(["check", str(tmp_path / "study")]) == 0  # a warning by default: the contract holds
+    out = capsys.readouterr().out
+    assert "is a study folder: checking its 1 site(s)" in out
+    assert "SMITH^JOHN_19550101.nii.gz: file name looks like it holds a date" in out
+    assert "NIfTI header descrip = 'Smith John MRN 12345'" in out
+    assert main(["check", "--strict", str(site)]) == 1
+    assert main(["check", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere: not found" in capsys.readouterr().err

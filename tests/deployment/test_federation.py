@@ -48,6 +48,8 @@ def test_tls_federation_refuses_unregistered_node_and_resumes_after_server_resta
                    f"{RUN} num-server-rounds=1 output-dir='{runs}' run-name='tls'", timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run_dir = runs / "tls"
+    assert "fedseg round 1/1 done" in out.stdout  # fedseg's lines reach the coordinator's stream
+    assert "fedseg site site-a round 1: loss" in fed.log_of("site-a")  # and each hospital's output
     (first,) = _rounds(run_dir)
     assert sorted(first["train"]) == ["site-a", "site-b"] and not first["errors"]
     assert not (tmp_path / "state" / "site-c").exists()  # the refused node trained nothing

@@ -1,0 +1,33 @@
+"""fedseg's log lines where people look: the CLI's terminal, the coordinator's ``flwr run --stream``
+(Flower mirrors a ServerApp's stdout to it) and each SuperNode's output."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+FORMAT = "%(asctime)s fedseg %(message)s"
+
+
+def setup_logging(quiet_flower: bool = True) -> None:
+    """fedseg's progress on stdout (once per process); with ``quiet_flower`` Flower's own log only
+    from warnings up (the CLI prints its own per-round progress)."""
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    root = logging.getLogger("fedseg")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(FORMAT, "%H:%M:%S"))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    if quiet_flower:
+        flwr_log = logging.getLogger("flwr")
+        flwr_log.propagate = False
+        flwr_log.filters[:] = [_quiet_flower]
+
+
+def _quiet_flower(record: logging.LogRecord) -> bool:
+    # `fedseg simulate` is the supported entry point, so Flower's notice about run_simulation
+    # being deprecated is noise here
+    return record.levelno >= logging.WARNING and "DEPRECATED FEATURE" not in str(record.msg)
