@@ -53,7 +53,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 def _guarded(msg: Message, context: Context,
              handler: Callable[[Message, dict], RecordDict]) -> Message:
-    setup_logging(quiet_flower=False)  # the site's lines in its SuperNode's output
+    setup_logging()  # the site's lines in its SuperNode's output (or, simulated, the driver's)
     try:
         return Message(handler(msg, dict(context.node_config)), reply_to=msg)
     except (ValueError, PrivacyBoundaryError, FloatingPointError, RuntimeError) as err:
@@ -85,7 +85,8 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
                         batch_size=cfg.batch_size, epochs=cfg.local_epochs,
                         run=run_key(cfg.run_name, cfg.run_id), server_round=server_round,
                         site=spec.name)  # the site's policy admits the round before anything runs
-    mine = round_model(cfg, site, msg.content[ARRAYS].to_torch_state_dict())
+    # the local layers as they were before this round, even if it runs again after a crash
+    mine = round_model(cfg, site, msg.content[ARRAYS].to_torch_state_dict(), server_round - 1)
     task = task_for(cfg.model)
     result = train_local(
         mine.model, task, spec, cases, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
@@ -103,10 +104,10 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
 
 
 def _evaluate(msg: Message, node_config: dict) -> RecordDict:
-    cfg, site, _ = _open_round(msg, node_config)
+    cfg, site, server_round = _open_round(msg, node_config)
     spec = read_site(site.ref, seed=cfg.data.seed)
     _, cases = split_training(spec, cfg.data.val_fraction, cfg.data.seed)
-    model = round_model(cfg, site, msg.content[ARRAYS].to_torch_state_dict()).model
+    model = round_model(cfg, site, msg.content[ARRAYS].to_torch_state_dict(), server_round).model
     task = task_for(cfg.model)
     options = dict(patch_size=cfg.patch_size, device=site.device, min_group_cases=cfg.min_group_cases)
     scores = task.evaluate(model, spec, cases, **options)

@@ -21,9 +21,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                              "and this site's local layers")
     predict.add_argument("images_dir", metavar="IMAGES_DIR")
     predict.add_argument("out_dir", metavar="OUT_DIR")
-    predict.add_argument("--model", required=True, help="model/global.pt of a run")
-    predict.add_argument("--state-dir", default=None, help="this site's state dir (local layers)")
-    predict.add_argument("--device", default="cpu")
+    predict.add_argument("--model", required=True,
+                         help="the run's global model: RUN_DIR/model/global.pt (a checkpoint works too)")
+    predict.add_argument("--state-dir", default=None,
+                         help="this site's state dir: its own local layers of that run (without it, "
+                              "the site-local layers keep their initial values)")
+    predict.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    predict.add_argument("--overlay", action="store_true",
+                         help="also write <case>_overlay.png: the prediction in colour over the image, "
+                              "for a person to look at (label files stay label maps)")
     predict.set_defaults(func=run_predict)
     privacy = sub.add_parser("privacy", help="print a site's privacy ledger in plain words")
     privacy.add_argument("state_dir", metavar="STATE_DIR")
@@ -87,6 +93,10 @@ def run_privacy(args: argparse.Namespace) -> int:
     from fedseg.common.dp_recipe import NOISE_WARNING
 
     path = Path(args.state_dir) / LEDGER_FILE
+    if not Path(args.state_dir).is_dir():
+        print(f"{args.state_dir}: not found (a site's state dir is its node config's state-dir)",
+              file=sys.stderr)
+        return 1
     if not path.is_file():
         print(f"{path}: no privacy ledger (this site has not trained with dp=sample)")
         return 1
@@ -148,7 +158,19 @@ def run_predict(args: argparse.Namespace) -> int:
     """Segment every image in IMAGES_DIR; print seconds per case."""
     from fedseg.client.predict import predict_folder
 
-    done = predict_folder(args.model, args.state_dir, args.images_dir, args.out_dir, args.device)
+    if not Path(args.model).is_file():
+        print(f"{args.model}: not found; a run writes its global model to RUN_DIR/model/global.pt",
+              file=sys.stderr)
+        return 2
+    if not Path(args.images_dir).is_dir():
+        print(f"{args.images_dir}: not found", file=sys.stderr)
+        return 2
+    if args.state_dir is None:
+        print("WARNING: no --state-dir: this site's own local layers (e.g. its normalization "
+              "layers under FedBN) are missing, so predictions use their initial values and may "
+              "be poor; pass the state dir the site trained with", file=sys.stderr)
+    done = predict_folder(args.model, args.state_dir, args.images_dir, args.out_dir, args.device,
+                          overlay=args.overlay)
     for target, seconds in done:
         print(f"{target}  {seconds:.2f}s")
     total = sum(s for _, s in done)

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import torch
 from PIL import Image
 
@@ -16,9 +17,13 @@ from fedseg.common.data import NIFTI_SUFFIXES, PNG_SUFFIXES, DataError, image_tr
 
 @torch.no_grad()
 def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_dir: str | Path,
-                   out_dir: str | Path, device: str = "cpu") -> list[tuple[Path, float]]:
+                   out_dir: str | Path, device: str = "cpu", overlay: bool = False) -> list[tuple[Path, float]]:
     """Write one label map per image: NIfTI with the input's affine, PNG for 2D images (a Mask
     R-CNN model writes instance maps: 16-bit PNG, ids 1..N).
+
+    Args:
+        overlay: also write ``<case>_overlay.png``, the labels in colour over the image (the
+            middle slice of a volume), for a person; the label files stay label maps.
 
     Returns:
         (output file, seconds) per case.
@@ -39,11 +44,31 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
         if image.ndim != spec.spatial_dims + 1:
             raise DataError(f"{path}: has shape {tuple(image.shape)}, the model is {spec.spatial_dims}D")
         pred = task.infer(model, image, patch, device).labels.numpy().astype(task.label_dtype)
+        stem = path.name.split(".")[0]
         if path.name.lower().endswith(NIFTI_SUFFIXES):
             target = out_dir / path.name
             nib.save(nib.Nifti1Image(pred, nib.load(path).affine), target)
         else:
-            target = out_dir / f"{path.name.rsplit('.', 1)[0]}.png"
+            target = out_dir / f"{stem}.png"
             Image.fromarray(pred).save(target)
+        if overlay:
+            Image.fromarray(overlay_image(image.numpy(), pred)).save(out_dir / f"{stem}_overlay.png")
         done.append((target, time.perf_counter() - start))
     return done
+
+
+def overlay_image(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """RGB uint8: the image (channel-first, z-scored; a volume's middle slice) in grey or its own
+    colours, each label (class or instance) tinted in a distinct colour at 45% opacity."""
+    if labels.ndim == 3:
+        middle = labels.shape[-1] // 2
+        image, labels = image[..., middle], labels[..., middle]
+    shown = image[:3].transpose(1, 2, 0) if image.shape[0] >= 3 else np.repeat(image[:1].transpose(1, 2, 0), 3, -1)
+    low, high = shown.min(axis=(0, 1)), shown.max(axis=(0, 1))
+    rgb = (shown - low) / (high - low + 1e-6)
+    palette = np.array([[0.9, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.3, 0.95], [0.95, 0.8, 0.1],
+                        [0.8, 0.1, 0.8], [0.1, 0.85, 0.85]])
+    for value in np.unique(labels[labels > 0]):
+        mask = labels == value
+        rgb[mask] = 0.55 * rgb[mask] + 0.45 * palette[(int(value) - 1) % len(palette)]
+    return (rgb * 255).clip(0, 255).astype(np.uint8)

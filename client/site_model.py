@@ -43,15 +43,16 @@ class SiteModel:
         self.run.save_local_layers({k: state[k] for k in self.local}, server_round, self.signature)
 
 
-def round_model(cfg: SiteRoundConfig, site: SiteLocation, received: dict[str, torch.Tensor]) -> SiteModel:
-    """Build the run's model: the site's local layers of this run (or, before its first round,
-    the site's own pretrained file), then the global shared weights ``received`` (anything
-    the server sent for a site-local key is ignored)."""
+def round_model(cfg: SiteRoundConfig, site: SiteLocation, received: dict[str, torch.Tensor],
+                local_round: int) -> SiteModel:
+    """Build the run's model: the site's local layers of this run as they were after round
+    ``local_round`` (or, before its first round, the site's own pretrained file), then the
+    global shared weights ``received`` (anything sent for a site-local key is ignored)."""
     model = build_model(cfg.model)
     local = local_keys(model, cfg.model, cfg.local_layers)
     signature = _signature(model, cfg.model, cfg.local_layers, local)
     run = SiteState(site.state_dir).run(cfg.run_name, cfg.run_id)
-    saved = run.load_local_layers(signature)
+    saved = run.load_local_layers(signature, up_to_round=local_round)
     if saved:
         model.load_state_dict(saved, strict=False)
     elif site.pretrained:  # until the site has its own local layers, its file fills them

@@ -1,8 +1,10 @@
 """Site state folder: local layers per federation run, written atomically, never sent.
 
-``state-dir/runs/<run>/local_layers.pt`` holds a run's site-local tensors, tagged with the
-model signature they belong to; ``state-dir/privacy_ledger.json`` (``privacy.py``) is site-wide,
-because epsilon belongs to the site across every run.
+``state-dir/runs/<run>/local_layers-<round>.pt`` holds a run's site-local tensors after a round,
+tagged with the model signature they belong to; the last two rounds are kept, so a round the
+coordinator runs again after a crash starts from the same local layers as the first time.
+``state-dir/privacy_ledger.json`` (``privacy.py``) is site-wide, because epsilon belongs to the
+site across every run.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from fedseg.common.atomic import atomic_torch_save, private_dir
 
 RUNS_DIR = "runs"
-LOCAL_LAYERS_FILE = "local_layers.pt"
+LOCAL_LAYERS = re.compile(r"local_layers-(\d+)\.pt$")
 
 
 def run_key(run_name: str, run_id: str) -> str:
@@ -53,34 +55,45 @@ class RunState:
     def __init__(self, path: Path, run_name: str, run_id: str) -> None:
         self.path, self.run_name, self.run_id = path, run_name, run_id
 
-    @property
-    def local_layers_path(self) -> Path:
-        """Where this run's site-local tensors live."""
-        return self.path / LOCAL_LAYERS_FILE
+    def saved_rounds(self) -> list[int]:
+        """Rounds whose local layers are kept, oldest first."""
+        return sorted(int(m.group(1)) for p in self.path.glob("local_layers-*.pt")
+                      if (m := LOCAL_LAYERS.search(p.name)))
 
-    def load_local_layers(self, signature: str) -> dict[str, torch.Tensor] | None:
-        """The site-local tensors saved by this run's last round, or None before its first.
+    def local_layers_path(self, up_to_round: int | None = None) -> Path | None:
+        """The file of the newest kept round <= ``up_to_round`` (None: the newest of all)."""
+        rounds = [r for r in self.saved_rounds() if up_to_round is None or r <= up_to_round]
+        return self.path / f"local_layers-{rounds[-1]}.pt" if rounds else None
+
+    def load_local_layers(self, signature: str, up_to_round: int | None = None) -> dict[str, torch.Tensor] | None:
+        """The site-local tensors this run saved by round ``up_to_round`` (None: its last round),
+        or None before its first.
 
         Raises:
             RuntimeError: the file is unreadable, or belongs to another model (named in the message).
         """
-        saved = _read(self.local_layers_path)
+        path = self.local_layers_path(up_to_round)
+        saved = _read(path) if path is not None else None
         if saved is None:
             return None
         if saved.get("signature") != signature:
             raise RuntimeError(
-                f"{self.local_layers_path}: local layers of another model (signature "
-                f"{saved.get('signature')}, this run needs {signature}); remove them with "
-                f"`fedseg state {self.path.parent.parent} --delete {self.path.name}`")
+                f"{path}: local layers of another model (signature {saved.get('signature')}, this "
+                f"run needs {signature}); remove them with `fedseg state {self.path.parent.parent} "
+                f"--delete {self.path.name}`")
         return saved["tensors"]
 
     def save_local_layers(self, tensors: dict[str, torch.Tensor], server_round: int,
                           signature: str) -> None:
-        """Atomically replace the site-local tensors (tagged with round and model signature)."""
+        """Atomically write the site-local tensors of a round (tagged with the model signature);
+        keep this round's and the one before, so either can start a round run again."""
         private_dir(self.path.parent.parent)
-        atomic_torch_save(self.local_layers_path, {
+        atomic_torch_save(self.path / f"local_layers-{server_round}.pt", {
             "round": server_round, "signature": signature, "run_name": self.run_name,
             "run_id": self.run_id, "tensors": {k: v.detach().cpu() for k, v in tensors.items()}})
+        for old in self.saved_rounds():
+            if old < server_round - 1:
+                (self.path / f"local_layers-{old}.pt").unlink(missing_ok=True)
 
 
 class SiteState:
@@ -100,13 +113,16 @@ class SiteState:
     def runs(self) -> list[StoredRun]:
         """Every run this site holds local layers for, oldest first."""
         found = []
-        for path in sorted((self.dir / RUNS_DIR).glob(f"*/{LOCAL_LAYERS_FILE}")):
+        for folder in sorted(p for p in (self.dir / RUNS_DIR).glob("*") if p.is_dir()):
+            path = RunState(folder, "", "").local_layers_path()
+            if path is None:
+                continue
             try:
                 saved = _read(path) or {}
             except RuntimeError:
                 saved = {"run_name": "(unreadable)"}
             stat = path.stat()
-            found.append(StoredRun(path.parent.name, str(saved.get("run_name", "")),
+            found.append(StoredRun(folder.name, str(saved.get("run_name", "")),
                                    str(saved.get("run_id", "")), int(saved.get("round", 0)),
                                    str(saved.get("signature", "")),
                                    time.strftime("%Y-%m-%d %H:%M", time.localtime(stat.st_mtime)),

@@ -3,7 +3,9 @@ exact per-case clipping), the optimizer, and the DP session's accounting."""
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -18,6 +20,9 @@ from fedseg.common.data import Case, SiteSpec
 
 if TYPE_CHECKING:
     from fedseg.client.tasks import Task
+
+log = logging.getLogger(__name__)
+PROGRESS_SECONDS = 30.0  # a progress line at most this often: short rounds stay quiet
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,8 @@ def train_local(
         optimizer = step.wrap(task.optimizer(model, dp.training.lr, dp.training.momentum))
     losses: list[float] = []
     steps = 0
+    total = dp.plan.steps if dp is not None else epochs * -(-len(cases) // batch_size)
+    started = last_line = time.monotonic()
     try:
         for indices in batches:
             optimizer.zero_grad(set_to_none=True)
@@ -98,6 +105,11 @@ def train_local(
                 dp.stepped()
             if loss is not None:
                 losses.append(loss)
+            if time.monotonic() - last_line > PROGRESS_SECONDS and steps < total:
+                last_line = time.monotonic()
+                left = (last_line - started) / steps * (total - steps)
+                log.info("site %s: step %d/%d, loss %.4f, about %.0fs left in this round", site.name,
+                         steps, total, sum(losses[-10:]) / max(len(losses[-10:]), 1), left)
     finally:
         step.close()
     epsilon = dp.close() if dp is not None else None

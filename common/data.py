@@ -305,7 +305,7 @@ def _parse_dataset_json(site_dir: Path) -> tuple[SiteSpec | None, list[str]]:
     if not isinstance(meta, dict):
         return None, [f"{path}: must hold a JSON object"]
     problems = []
-    dims = meta.get("spatial_dims")
+    dims = meta.get("spatial_dims", _msd_dims(site_dir, meta))
     if dims not in (2, 3):
         problems.append(f"{path}: 'spatial_dims' must be 2 or 3, got {dims!r}")
     task = meta.get("task", "semantic")
@@ -333,6 +333,8 @@ def _parse_dataset_json(site_dir: Path) -> tuple[SiteSpec | None, list[str]]:
         cases = []
         for i, item in enumerate(raw):
             where = f"{path}: {split}[{i}]"
+            if split == "test" and isinstance(item, str):
+                continue  # MSD's unlabeled test images: for inference only, never scored
             if not isinstance(item, dict) or not {"image", "label"} <= set(item):
                 problems.append(f"{where}: needs 'image' and 'label'")
                 continue
@@ -358,9 +360,25 @@ def _parse_dataset_json(site_dir: Path) -> tuple[SiteSpec | None, list[str]]:
         problems.append(f"{path}: empty dataset: no 'training' and no 'test' entries")
     if problems:
         return None, problems
+    modality = meta.get("modality", "")
+    if isinstance(modality, dict):  # MSD: {"0": "FLAIR", "1": "T1w", ...}, one per image channel
+        modality = ", ".join(str(v) for _, v in sorted(modality.items()))
     spec = SiteSpec(site_dir.name, site_dir, dims, task, labels, entries["training"],
-                    entries["test"], str(meta.get("modality", "")))
+                    entries["test"], str(modality))
     return spec, []
+
+
+def _msd_dims(site_dir: Path, meta: dict[str, Any]) -> int | None:
+    """Spatial dims of a dataset.json that does not declare ``spatial_dims``: MSD's
+    ``tensorImageSize`` (``4D`` is 3D with channels), else the first training image's format."""
+    size = str(meta.get("tensorImageSize", "")).upper()
+    if size in ("2D", "3D", "4D"):
+        return min(int(size[0]), 3)
+    first = next((item.get("image") for item in meta.get("training", []) if isinstance(item, dict)), None)
+    if isinstance(first, str):
+        name = first.lower()
+        return 2 if name.endswith(PNG_SUFFIXES) else 3 if name.endswith(NIFTI_SUFFIXES) else None
+    return None
 
 
 def _inside(site_dir: Path, rel: Any) -> tuple[Path | None, str]:
@@ -420,6 +438,7 @@ def _check_case(spec: SiteSpec, case: Case) -> list[str]:
     if image_shape is not None and tuple(image_shape) != tuple(label.shape):
         problems.append(f"{case.label}: shape {tuple(label.shape)} does not match image "
                         f"{case.image.name} shape {tuple(image_shape)}")
+    problems += _geometry_mismatch(case)
     if not np.isfinite(label).all():
         problems.append(f"{case.label}: contains NaN or infinite values")
         return problems
@@ -432,6 +451,25 @@ def _check_case(spec: SiteSpec, case: Case) -> list[str]:
             problems.append(f"{case.label}: label value(s) {undeclared} not declared in dataset.json "
                             f"labels {sorted(spec.labels)}")
     return problems
+
+
+def _geometry_mismatch(case: Case) -> list[str]:
+    """An image and its label must lie in the same physical space: NIfTI affines (spacing, origin,
+    orientation) equal within 1e-3 mm."""
+    if not (case.image.name.lower().endswith(NIFTI_SUFFIXES) and case.label.name.lower().endswith(NIFTI_SUFFIXES)):
+        return []
+    try:
+        image, label = nib.load(case.image).affine, nib.load(case.label).affine
+    except Exception:  # noqa: BLE001 - unreadable files are reported by _load
+        return []
+    if np.allclose(image, label, atol=1e-3):
+        return []
+    what = [name for name, a, b in (("spacing", np.linalg.norm(image[:3, :3], axis=0), np.linalg.norm(label[:3, :3], axis=0)),
+                                    ("origin", image[:3, 3], label[:3, 3]),
+                                    ("orientation", nib.aff2axcodes(image), nib.aff2axcodes(label)))
+            if not np.array_equal(a, b) and (isinstance(a, tuple) or not np.allclose(a, b, atol=1e-3))]
+    return [f"{case.label}: {' and '.join(what) or 'affine'} differ(s) from image {case.image} "
+            f"(label affine {np.round(label, 3).tolist()}, image affine {np.round(image, 3).tolist()})"]
 
 
 def case_seed(seed: int, site: str, round_: int) -> int:

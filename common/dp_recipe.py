@@ -18,7 +18,7 @@ from fedseg.common.config import AUTO, DPSettings, RunConfig
 ACCOUNTANT = "rdp"  # Opacus RDPAccountant (Renyi DP of the subsampled Gaussian mechanism)
 BATCH_SHARE = 1 / 3  # expected cases per step, as a share of the site's cases
 MAX_BATCH = 64
-RECIPE = {"max_grad_norm": 0.1, "lr": 1.0, "momentum": 0.0, "patches_per_case": 1, "ema": 0.7}
+RECIPE = {"max_grad_norm": 0.1, "lr": 1.0, "momentum": 0.0, "patches_per_case": 2, "ema": 0.7}
 NOISE_WARNING = 0.2  # noise std / expected batch above which the noise swamps the signal
 
 

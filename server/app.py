@@ -120,7 +120,7 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation) -> ArrayRecord:
     round_log = RoundLog(run.folder, recorder, fed.checkpoint_meta(run), cfg.num_server_rounds)
     average = ModelAverage(ema_decay(cfg), run.start_average)
     strategy = build_strategy(cfg, fed.site_of, fed.heldout_nodes, recorder, round_log,
-                              round_offset=run.done, average=average)
+                              round_offset=run.done, average=average, resume_state=run.server_state)
     round_config = cfg.site_round(fed.spec, run.run_id, sim_state_root(run))
     log.info("federated %s over %d site(s) (%s), %d round(s)%s", cfg.strategy,
              len(fed.training_sites), ", ".join(fed.training_sites), cfg.num_server_rounds,

@@ -78,12 +78,13 @@ class RoundLog:
         self.total_rounds = total_rounds
         self._started = time.monotonic()
 
-    def __call__(self, server_round: int, aggregate: ArrayRecord, evaluated: ArrayRecord) -> None:
+    def __call__(self, server_round: int, aggregate: ArrayRecord, evaluated: ArrayRecord,
+                 server_state: dict[str, Any] | None = None) -> None:
         record = self.recorder.pop(server_round)
         record["seconds"] = round(time.monotonic() - self._started, 3)
         self._started = time.monotonic()
         save_checkpoint(self.folder.dir, server_round, aggregate, self.meta,
-                        average=None if evaluated is aggregate else evaluated)
+                        average=None if evaluated is aggregate else evaluated, server_state=server_state)
         self.folder.append_round(record)
         log_round(record, self.total_rounds)
 

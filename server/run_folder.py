@@ -102,6 +102,7 @@ class OpenRun:
         done: rounds already completed (0 for a new run).
         start_state: shared weights of the last checkpoint (None for a new run).
         start_average: the server's moving average at that checkpoint, if it kept one.
+        server_state: the strategy's state at that checkpoint (``strategies.server_state``).
     """
 
     folder: RunFolder
@@ -110,6 +111,7 @@ class OpenRun:
     done: int = 0
     start_state: dict[str, torch.Tensor] | None = None
     start_average: dict[str, torch.Tensor] | None = None
+    server_state: dict[str, Any] | None = None
 
 
 def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> RunConfig:
@@ -152,7 +154,7 @@ def open_run(cfg: RunConfig) -> OpenRun:
         folder.keep_rounds_up_to(done)
         log.info("resuming %s after round %d", folder.dir, done)
         return OpenRun(folder, cfg, run_id, done, checkpoint["state_dict"],
-                       checkpoint.get("average_state_dict"))
+                       checkpoint.get("average_state_dict"), checkpoint.get("server_state"))
     name = cfg.run_name or f"{Path(cfg.study_dir).name or 'run'}-{cfg.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = RunFolder(Path(cfg.output_dir) / name)
     if (folder.dir / "run.json").exists():

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
+
+import numpy as np
+import torch
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
@@ -55,7 +59,8 @@ class SiteHooks:
     - every reply's scalars and payload size go to the ``RoundRecorder``;
     - a resumed run numbers its rounds from the checkpoint (``round_offset``);
     - sites evaluate ``average.model(aggregate)`` (the moving average when ``dp-ema`` is on);
-    - when a round's evaluation is aggregated, ``on_round_end(round, aggregate, evaluated)`` runs.
+    - when a round's evaluation is aggregated, ``on_round_end(round, aggregate, evaluated,
+      server state)`` runs, with what a resume needs to continue exactly (``server_state``).
     """
 
     site_of: dict[int, str]
@@ -65,7 +70,7 @@ class SiteHooks:
     min_sites: int
     round_timeout: float
     average: ModelAverage
-    on_round_end: Callable[[int, ArrayRecord, ArrayRecord], None]
+    on_round_end: Callable[[int, ArrayRecord, ArrayRecord, dict[str, Any]], None]
     _round_arrays: tuple[ArrayRecord, ArrayRecord]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -111,7 +116,7 @@ class SiteHooks:
         self.recorder.evaluated(rnd, self._named(replies))
         training = [m for m in replies if m.metadata.src_node_id not in self.heldout_nodes]
         metrics = super().aggregate_evaluate(rnd, training)  # type: ignore[misc]
-        self.on_round_end(rnd, *self._round_arrays)
+        self.on_round_end(rnd, *self._round_arrays, server_state(self))  # type: ignore[arg-type]
         return metrics
 
     def _wait_for_sites(self, view: _SiteView, rnd: int) -> None:
@@ -135,8 +140,10 @@ class SiteHooks:
 
 
 def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[int],
-                   recorder: RoundRecorder, on_round_end: Callable[[int, ArrayRecord, ArrayRecord], None],
-                   round_offset: int = 0, average: ModelAverage | None = None) -> Strategy:
+                   recorder: RoundRecorder,
+                   on_round_end: Callable[[int, ArrayRecord, ArrayRecord, dict[str, Any]], None],
+                   round_offset: int = 0, average: ModelAverage | None = None,
+                   resume_state: dict[str, Any] | None = None) -> Strategy:
     """The configured Flower strategy with fedseg's hooks outermost.
 
     Args:
@@ -147,6 +154,7 @@ def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[i
         on_round_end: called with (round, aggregate, evaluated model) once a round is complete.
         round_offset: rounds already done (resume).
         average: the server's moving average of the global model (None: none).
+        resume_state: ``server_state`` of the checkpoint a resumed run continues from.
     """
     base = BASES[cfg.strategy]
     kwargs: dict[str, Any] = dict(
@@ -182,7 +190,31 @@ def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[i
     strategy.round_timeout = cfg.round_timeout
     strategy.on_round_end = on_round_end
     strategy.average = average or ModelAverage(0.0)
+    if resume_state:
+        restore_server_state(strategy, resume_state)
     return strategy
+
+
+def server_state(strategy: Strategy) -> dict[str, Any]:
+    """What the strategy carries from round to round beyond the weights: FedOpt's moments (FedAdam
+    m_t, v_t), Flower's client-level privacy accountant, and the sampler's random state."""
+    state: dict[str, Any] = {"random": random.getstate()}
+    for name in ("m_t", "v_t"):
+        if (moments := getattr(strategy, name, None)) is not None:
+            state[name] = {k: torch.from_numpy(np.array(v)) for k, v in moments.items()}
+    if (accountant := getattr(strategy, "accountant", None)) is not None:
+        state["accountant"] = accountant.state_dict()
+    return state
+
+
+def restore_server_state(strategy: Strategy, state: dict[str, Any]) -> None:
+    """Inverse of ``server_state``: a resumed run continues as if it had never stopped."""
+    random.setstate(state["random"])
+    for name in ("m_t", "v_t"):
+        if name in state:
+            setattr(strategy, name, {k: v.numpy() for k, v in state[name].items()})
+    if "accountant" in state:
+        strategy.accountant.load_state_dict(state["accountant"])  # type: ignore[attr-defined]
 
 
 def client_level_privacy(strategy: Strategy) -> dict[str, float] | None:

@@ -57,11 +57,12 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None) -> Path:
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     cpus = num_cpus or os.cpu_count() or 1
+    log.info("starting Flower's simulation engine (Ray, %d CPU(s), one per site at a time)...", cpus)
     run_simulation(
         server_app=server_app, client_app=client_app, num_supernodes=len(sites),
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                         "init_args": {"num_cpus": cpus, "logging_level": "ERROR",
-                                      "log_to_driver": False}},  # site errors come back in replies
+                                      "log_to_driver": True}},  # the sites' own lines (fedseg's only)
     )
     if "run_dir" not in result:
         raise RuntimeError("the simulation ended without finishing the run; see the log above")

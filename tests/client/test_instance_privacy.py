@@ -69,8 +69,8 @@ def _train_message(cfg: RunConfig, server_round: int):
     return round_message(cfg, SPEC, server_round)
 
 
-def _local_layers(state: Path) -> Path:
-    return SiteState(state).run("", "0123456789abcdef").local_layers_path
+def _local_layers(state: Path) -> Path | None:
+    return SiteState(state).run("", "0123456789abcdef").local_layers_path()
 
 
 def test_epsilon_matches_the_accountant_across_restarts_and_the_budget_is_enforced(site, tmp_path):

@@ -54,9 +54,12 @@ def test_2d_predictions_are_pngs_of_the_image_shape_and_use_local_layers(tmp_pat
     mine = without.state_dict()[norm_key] + 0.5  # this run's local layers, not the other run's
     assert torch.equal(with_local.state_dict()[norm_key], mine)
     assert main(["predict", str(site / "images"), str(tmp_path / "out"), "--model", str(model),
-                 "--state-dir", str(tmp_path / "state")]) == 0
-    assert np.asarray(Image.open(tmp_path / "out" / "wide.png")).shape == (24, 40)
+                 "--state-dir", str(tmp_path / "state"), "--overlay"]) == 0
+    labels = np.asarray(Image.open(tmp_path / "out" / "wide.png"))
+    assert labels.shape == (24, 40) and labels.dtype == np.uint8 and labels.max() <= 1  # a label map
     assert np.asarray(Image.open(tmp_path / "out" / "case000.png")).shape == (24, 24)
+    overlay = np.asarray(Image.open(tmp_path / "out" / "case000_overlay.png"))
+    assert overlay.shape == (24, 24, 3)  # for a person: colour over the image
 
 
 def test_a_file_that_is_not_a_model_is_a_clear_error(tmp_path, capsys):
@@ -64,4 +67,8 @@ def test_a_file_that_is_not_a_model_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "imgs").mkdir()
     assert main(["predict", str(tmp_path / "imgs"), str(tmp_path / "out"), "--model",
                  str(tmp_path / "bad.pt")]) == 2
-    assert "not a fedseg global model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not a fedseg global model" in err and "WARNING: no --state-dir" in err
+    assert main(["predict", str(tmp_path / "imgs"), str(tmp_path / "out"), "--model",
+                 str(tmp_path / "run" / "model" / "global.pt")]) == 2
+    assert "global.pt: not found; a run writes its global model to RUN_DIR/model/global.pt" in capsys.readouterr().err

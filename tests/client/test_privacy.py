@@ -107,8 +107,8 @@ def _train_message(cfg: RunConfig, server_extra: dict | None = None):
     return round_message(cfg, ModelSpec(2, 1, 3, cfg.channels, cfg.norm), extra=server_extra)
 
 
-def _local_layers(state: Path) -> Path:
-    return SiteState(state).run("", "0123456789abcdef").local_layers_path
+def _local_layers(state: Path) -> Path | None:
+    return SiteState(state).run("", "0123456789abcdef").local_layers_path()
 
 
 def test_site_over_budget_refuses_before_training(site, tmp_path):
@@ -118,7 +118,7 @@ def test_site_over_budget_refuses_before_training(site, tmp_path):
     reply = client_app(_train_message(cfg, {"max-epsilon": 1000.0}), node_context(site.root, state, **{"max-epsilon": 0.5}))
     assert reply.has_error()
     assert "refuses" in reply.error.reason and "max-epsilon 0.500" in reply.error.reason
-    assert not _local_layers(state).exists()  # nothing was trained
+    assert _local_layers(state) is None  # nothing was trained
     assert not (state / LEDGER_FILE).exists()  # nothing was planned into the ledger
     assert json.loads((state / "outbox.jsonl").read_text())["records"] == {}  # no weights left
 

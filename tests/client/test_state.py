@@ -34,17 +34,17 @@ def test_two_studies_at_one_site_keep_their_own_local_layers(site, tmp_path, cap
     study_a = RunConfig(run_name="study", channels=(8, 16), patch_size=32, batch_size=2, lr=1e-9)
     study_b = study_a.replace(channels=(4, 8))  # another coordinator, same run name, other channels
     _round(study_a, A_ID, 1, node)
-    path_a = SiteState(state).run("study", A_ID).local_layers_path
+    path_a = SiteState(state).run("study", A_ID).local_layers_path()
     learned = torch.load(path_a, weights_only=True)
     learned["tensors"] = {k: v + 0.5 for k, v in learned["tensors"].items()}  # as if it had learned
     torch.save(learned, path_a)
     _round(study_b, B_ID, 1, node)  # no size mismatch: its own folder
     _round(study_a, A_ID, 2, node)  # continues from study A's layers, not B's
-    again = torch.load(path_a, weights_only=True)
+    again = torch.load(SiteState(state).run("study", A_ID).local_layers_path(), weights_only=True)
     assert again["round"] == 2
     assert all(torch.allclose(again["tensors"][k], v, atol=1e-6) for k, v in learned["tensors"].items())
     _round(study_a, C_ID, 1, node)  # a third federation reusing the name starts fresh
-    fresh = torch.load(SiteState(state).run("study", C_ID).local_layers_path, weights_only=True)
+    fresh = torch.load(SiteState(state).run("study", C_ID).local_layers_path(), weights_only=True)
     assert not torch.allclose(next(iter(fresh["tensors"].values())), next(iter(learned["tensors"].values())))
 
     runs = {r.key: r for r in SiteState(state).runs()}
@@ -79,3 +79,19 @@ def test_a_mistyped_policy_key_is_refused_not_ignored(site, tmp_path):
                        node_context(site.root, tmp_path / "state", max_epsilon=1.0))
     assert reply.has_error() and "unknown key(s) ['max_epsilon']" in reply.error.reason
     assert not (tmp_path / "state" / LEDGER_FILE).exists()
+
+
+def test_a_round_run_again_after_a_crash_starts_from_the_same_local_layers(site, tmp_path):
+    """The coordinator died after a site trained round 3: when round 3 comes again, the site
+    trains it from round 2's local layers, so the result is the same as the first time."""
+    state = tmp_path / "state"
+    node = node_context(site.root, state)
+    cfg = RunConfig(run_name="study", channels=(8, 16), patch_size=32, batch_size=2, lr=0.05)
+    for rnd in (1, 2, 3):
+        _round(cfg, A_ID, rnd, node)
+    run = SiteState(state).run("study", A_ID)
+    assert run.saved_rounds() == [2, 3]  # the last two rounds are kept
+    first = torch.load(run.local_layers_path(3), weights_only=True)["tensors"]
+    _round(cfg, A_ID, 3, node)  # round 3 again, as after a coordinator crash
+    again = torch.load(run.local_layers_path(3), weights_only=True)["tensors"]
+    assert all(torch.equal(first[k], again[k]) for k in first)

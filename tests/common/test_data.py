@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedseg.common.data import (DataError, check_site, eval_transforms, read_site, split_training,
+from fedseg.common.data import (DataError, check_site, eval_transforms, image_channels, read_site,
+                                split_training,
                                 study_sites, to_dicts)
 from fedseg.common.cli import main
 from fedseg.simulations.synth import write_study
@@ -185,3 +186,50 @@ def test_check_warns_about_text_that_may_identify_a_patient(tmp_path, capsys):
     assert main(["check", "--strict", str(site)]) == 1
     assert main(["check", str(tmp_path / "nowhere")]) == 1
     assert "nowhere: not found" in capsys.readouterr().err
+
+
+def _msd_task(root: Path, channels: int) -> Path:
+    """An MSD task folder as the Decathlon ships it: imagesTr/labelsTr, tensorImageSize, a
+    modality dict, unlabeled test images as plain paths, no spatial_dims."""
+    rng = np.random.RandomState(0)
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (root / sub).mkdir(parents=True)
+    training = []
+    for i in range(4):
+        label = np.zeros((20, 20, 16), np.uint8)
+        label[6:14, 6:14, 4:12] = 1 + i % 2
+        shape = (20, 20, 16, channels) if channels > 1 else (20, 20, 16)
+        image = rng.rand(*shape).astype(np.float32)
+        affine = np.diag([1.2, 1.2, 2.0, 1.0])
+        nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / f"case_{i}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / f"case_{i}.nii.gz")
+        training.append({"image": f"./imagesTr/case_{i}.nii.gz", "label": f"./labelsTr/case_{i}.nii.gz"})
+    nib.save(nib.Nifti1Image(image, affine), root / "imagesTs" / "case_9.nii.gz")
+    modality = {str(c): name for c, name in enumerate(["FLAIR", "T1w", "t1gd", "T2w"][:channels])}
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "Task", "tensorImageSize": "4D" if channels > 1 else "3D", "modality": modality,
+        "labels": {"0": "background", "1": "a", "2": "b"}, "numTraining": 4, "numTest": 1,
+        "training": training, "test": ["./imagesTs/case_9.nii.gz"]}))
+    return root
+
+
+def test_an_msd_task_folder_is_a_site_as_it_comes(tmp_path):
+    for channels in (1, 4):  # Hippocampus-like, and BraTS-like four MRI channels in one 4D file
+        site = _msd_task(tmp_path / f"task{channels}", channels)
+        assert check_site(site) == []
+        spec = read_site(site)
+        assert spec.spatial_dims == 3 and len(spec.training) == 4 and spec.test == ()
+        assert image_channels(spec) == channels
+        data = eval_transforms(spec)({"image": str(spec.training[0].image), "label": str(spec.training[0].label)})
+        assert tuple(data["image"].shape) == (channels, 20, 20, 16) and tuple(data["label"].shape) == (1, 20, 20, 16)
+    assert spec.modality == "FLAIR, T1w, t1gd, T2w"
+
+
+def test_check_finds_an_image_and_label_in_different_physical_spaces(tmp_path):
+    site = _msd_task(tmp_path / "task", 1)
+    label = nib.load(site / "labelsTr" / "case_2.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj), np.diag([1.0, 1.2, 2.0, 1.0])),
+             site / "labelsTr" / "case_2.nii.gz")
+    (problem,) = check_site(site)
+    assert "labelsTr/case_2.nii.gz: spacing differ(s) from image" in problem
+    assert "imagesTr/case_2.nii.gz" in problem

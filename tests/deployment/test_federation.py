@@ -26,7 +26,7 @@ def federation(tmp_path):
 
 def _local_layers(state_dir, run_dir):
     info = json.loads((run_dir / "run.json").read_text())
-    return SiteState(state_dir).run(info["config"]["run-name"], info["run_id"]).local_layers_path
+    return SiteState(state_dir).run(info["config"]["run-name"], info["run_id"]).local_layers_path()
 
 
 def _rounds(run_dir):

@@ -4,6 +4,7 @@ is FedAvg's sample-weighted mean in a fixed site order; too few sites stop the r
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import GaussianPrivacyEvent
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAdam, FedProx
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -16,10 +17,11 @@ pytestmark = pytest.mark.usefixtures("server_identity")
 SITES = {11: "site-a", 22: "site-b", 33: "site-c"}
 
 
-def _build(cfg: RunConfig, heldout: set[int] = frozenset(), ended=None):
+def _build(cfg: RunConfig, heldout: set[int] = frozenset(), ended=None, resume_state=None):
     ended = [] if ended is None else ended
     strategy = build_strategy(cfg, SITES, set(heldout), RoundRecorder(),
-                              lambda r, aggregate, evaluated: ended.append(r), round_offset=2)
+                              lambda r, aggregate, evaluated, state: ended.append(r), round_offset=2,
+                              resume_state=resume_state)
     return strategy, ended
 
 
@@ -74,3 +76,25 @@ def test_heldout_sites_are_scored_but_not_averaged_and_the_round_end_hook_runs()
     assert metrics["dice"] == pytest.approx(0.7)  # the held-out site is not in the mean
     assert strategy.recorder.pop(3)["eval"]["site-c"]["dice"] == 0.1
     assert ended == [3]
+
+
+def test_server_state_carries_fedadam_moments_the_accountant_and_the_sampler():
+    import random
+
+    import numpy as np
+
+    from fedseg.server.strategies import server_state
+
+    adam, _ = _build(RunConfig(strategy="fedadam"))
+    adam.m_t, adam.v_t = {"w": np.full(2, 0.5)}, {"w": np.full(2, 0.25)}
+    random.seed(7)
+    state = server_state(adam)
+    expected = random.random()
+    fresh, _ = _build(RunConfig(strategy="fedadam"), resume_state=state)
+    assert np.array_equal(fresh.m_t["w"], adam.m_t["w"]) and np.array_equal(fresh.v_t["w"], adam.v_t["w"])
+    assert random.random() == expected  # Flower samples sites with `random`: same draw as before
+    dp, _ = _build(RunConfig(dp="client", dp_noise_multiplier=0.7))
+    dp.accountant.compose(GaussianPrivacyEvent(noise_multiplier=0.7, sample_size=3, population_size=3))
+    spent = dp.privacy_spent().epsilon
+    resumed, _ = _build(RunConfig(dp="client", dp_noise_multiplier=0.7), resume_state=server_state(dp))
+    assert resumed.privacy_spent().epsilon == pytest.approx(spent) and spent > 0
