@@ -14,7 +14,7 @@ from fedseg.client.audit import outbox_audit_mod
 from fedseg.client.client_level_dp import client_level_clipping_mod
 from fedseg.client.privacy import DPSession
 from fedseg.client.redaction import redaction_mod
-from fedseg.client.site import SiteLocation, describe_site, resolve_site
+from fedseg.client.site import SiteLocation, describe_site, resolve_site, site_device
 from fedseg.client.site_model import round_model
 from fedseg.client.state import run_key
 from fedseg.client.tasks import task_for
@@ -70,13 +70,14 @@ def _describe(msg: Message, node_config: dict) -> RecordDict:
     return RecordDict({CONFIG: ConfigRecord(info)})
 
 
-def _open_round(msg: Message, node_config: dict) -> tuple[SiteRoundConfig, SiteLocation, int]:
+def _open_round(msg: Message, node_config: dict) -> tuple[SiteRoundConfig, SiteLocation, int, str]:
     cfg = SiteRoundConfig.from_record(msg.content[CONFIG])
-    return cfg, resolve_site(node_config, cfg.data), int(msg.content[CONFIG]["server-round"])
+    site = resolve_site(node_config, cfg.data)
+    return cfg, site, int(msg.content[CONFIG]["server-round"]), site_device(site, cfg.device)
 
 
 def _train(msg: Message, node_config: dict) -> RecordDict:
-    cfg, site, server_round = _open_round(msg, node_config)
+    cfg, site, server_round, device = _open_round(msg, node_config)
     spec = read_site(site.ref, seed=cfg.data.seed)
     cases, _ = split_training(spec, cfg.data.val_fraction, cfg.data.seed)
     if not cases:
@@ -91,11 +92,12 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
     result = train_local(
         mine.model, task, spec, cases, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
         lr=cfg.lr, patch_size=cfg.patch_size, seed=case_seed(cfg.data.seed, spec.name, server_round),
-        proximal_mu=cfg.proximal_mu, global_params=mine.shared, device=site.device, dp=dp)
+        proximal_mu=cfg.proximal_mu, global_params=mine.shared, device=device, dp=dp)
     mine.save_local_layers(server_round)
     log.info("site %s round %d: loss %.4f over %d cases, %d steps", spec.name, server_round,
              result.loss, result.num_examples, result.steps)
-    metrics = {"train-loss": result.loss, NUM_EXAMPLES: result.num_examples, "steps": result.steps}
+    metrics = {"train-loss": result.loss, NUM_EXAMPLES: result.num_examples, "steps": result.steps,
+               "cuda": float(device.startswith("cuda"))}
     if dp is not None:
         metrics |= {"epsilon": result.epsilon, "delta": dp.plan.delta,
                     "noise-multiplier": dp.plan.noise_multiplier}
@@ -104,17 +106,17 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
 
 
 def _evaluate(msg: Message, node_config: dict) -> RecordDict:
-    cfg, site, server_round = _open_round(msg, node_config)
+    cfg, site, server_round, device = _open_round(msg, node_config)
     spec = read_site(site.ref, seed=cfg.data.seed)
     _, cases = split_training(spec, cfg.data.val_fraction, cfg.data.seed)
     model = round_model(cfg, site, msg.content[ARRAYS].to_torch_state_dict(), server_round).model
     task = task_for(cfg.model)
-    options = dict(patch_size=cfg.patch_size, device=site.device, min_group_cases=cfg.min_group_cases)
+    options = dict(patch_size=cfg.patch_size, device=device, min_group_cases=cfg.min_group_cases)
     scores = task.evaluate(model, spec, cases, **options)
     if spec.name in cfg.heldout_sites:  # an unseen hospital: also score after adapting norms
         adapted = scores  # no BatchNorm to adapt: the adapted model is the plain one
         if adapt_norm_statistics(model, spec, cases, patch_size=cfg.patch_size, seed=cfg.data.seed,
-                                 device=site.device):
+                                 device=device):
             adapted = task.evaluate(model, spec, cases, **options)
         scores |= {f"tta-{k}": v for k, v in adapted.items() if not k.startswith("group-")}
     return RecordDict({METRICS: scalar_metrics({**scores, NUM_EXAMPLES: len(cases)})})

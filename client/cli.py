@@ -26,7 +26,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--state-dir", default=None,
                          help="this site's state dir: its own local layers of that run (without it, "
                               "the site-local layers keep their initial values)")
-    predict.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    predict.add_argument("--device", default="auto", help="auto (CUDA where present), cpu, cuda or cuda:N")
     predict.add_argument("--overlay", action="store_true",
                          help="also write <case>_overlay.png: the prediction in colour over the image, "
                               "for a person to look at (label files stay label maps)")
@@ -169,7 +169,14 @@ def run_predict(args: argparse.Namespace) -> int:
         print("WARNING: no --state-dir: this site's own local layers (e.g. its normalization "
               "layers under FedBN) are missing, so predictions use their initial values and may "
               "be poor; pass the state dir the site trained with", file=sys.stderr)
-    done = predict_folder(args.model, args.state_dir, args.images_dir, args.out_dir, args.device,
+    from fedseg.common.devices import resolve_device
+
+    try:
+        device = resolve_device(args.device, "--device")
+    except ValueError as err:
+        print(str(err), file=sys.stderr)
+        return 2
+    done = predict_folder(args.model, args.state_dir, args.images_dir, args.out_dir, device,
                           overlay=args.overlay)
     for target, seconds in done:
         print(f"{target}  {seconds:.2f}s")

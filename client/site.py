@@ -9,6 +9,7 @@ from typing import Any
 
 from fedseg.client.privacy import SitePolicy
 from fedseg.common.config import SiteData
+from fedseg.common.devices import resolve_device
 from fedseg.common.data import (DataError, SiteRef, check_site, image_channels, read_site,
                                split_training, study_sites)
 
@@ -22,12 +23,13 @@ POLICY_KEYS = ("max-epsilon", "require-dp", "min-noise-multiplier")
 
 @dataclass(frozen=True)
 class SiteLocation:
-    """A site's data and its private state folder, plus the compute device it asked for and
-    its own pretrained weights file (node config ``pretrained-weights``; "" for none)."""
+    """A site's data and its private state folder, plus the compute device its node config sets
+    ("" when it leaves it to the run) and its own pretrained weights file (node config
+    ``pretrained-weights``; "" for none)."""
 
     ref: SiteRef
     state_dir: Path
-    device: str = "cpu"
+    device: str = ""
     policy: SitePolicy = SitePolicy()
     pretrained: str = ""
 
@@ -49,7 +51,7 @@ def resolve_site(node_config: dict[str, Any], data: SiteData | None) -> SiteLoca
     unknown = sorted(set(node_config) - set(NODE_CONFIG_KEYS) - set(FLOWER_NODE_KEYS))
     if unknown:  # a mistyped policy key (max_epsilon) would silently leave the budget unset
         raise DataError(f"node config has unknown key(s) {unknown}; fedseg reads {list(NODE_CONFIG_KEYS)}")
-    device = str(node_config.get("device", "cpu"))
+    device = str(node_config.get("device", ""))
     if "site-dir" in node_config:
         site_dir = Path(str(node_config["site-dir"]))
         if "state-dir" not in node_config:
@@ -81,7 +83,7 @@ def resolve_site(node_config: dict[str, Any], data: SiteData | None) -> SiteLoca
             raise DataError(f"{policies_file} [{ref.name}]: unknown key(s) {unknown}; a site policy "
                             f"has {list(POLICY_KEYS)}")
         policy = _policy(mine, f"{policies_file} [{ref.name}]")
-    return SiteLocation(ref, sim_state_dir(data.state_root, ref.name), device, policy)
+    return SiteLocation(ref, sim_state_dir(data.state_root, ref.name), "", policy)
 
 
 def site_of_message(node_config: dict[str, Any], msg: Any) -> SiteLocation | None:
@@ -103,6 +105,20 @@ def site_of_message(node_config: dict[str, Any], msg: Any) -> SiteLocation | Non
 def sim_state_dir(state_root: str | Path, site: str) -> Path:
     """Simulation: a virtual site's state folder under the run's state root."""
     return Path(state_root) / site.replace("#", "-part")
+
+
+def site_device(site: SiteLocation, run_device: str) -> str:
+    """The device this site computes on: its node config's ``device`` (the hospital owns its
+    hardware), else the run's; ``auto`` picks CUDA where present.
+
+    Raises:
+        DataError: CUDA asked for on a machine without it.
+    """
+    source = "node config 'device'" if site.device else "run-config 'device'"
+    try:
+        return resolve_device(site.device or run_device, source)
+    except ValueError as err:
+        raise DataError(f"site {site.ref.name}: {err}") from None
 
 
 def describe_site(site: SiteLocation, data: SiteData) -> tuple[dict[str, Any], list[str]]:

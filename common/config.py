@@ -12,6 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedseg.common.devices import DEVICE
+
 AUTO = -1  # a DP training setting left to fedseg's DP recipe (common/dp_recipe.py)
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean")
 LOCAL_LAYERS = ("none", "norm", "norm+head")
@@ -105,6 +107,10 @@ class RunConfig:
         heldout_sites: sites that only ever evaluate (scored plain and after test-time
             adaptation of BatchNorm statistics on their own unlabeled images).
         min_group_cases: fewest cases a fairness group needs before its Dice is reported, >= 1.
+        device: ``auto`` (CUDA where present), ``cpu``, ``cuda`` or ``cuda:N`` for training,
+            evaluation and prediction; a hospital's node config ``device`` wins.
+        gpus_per_site: simulation: GPU share of each virtual site (0.25 runs four sites on one GPU
+            at once); -1: 1.0 where a GPU is present, else 0.
         output_dir: parent folder of run folders (server only).
         run_name: run folder name; empty picks ``<study>-<strategy>-<timestamp>``.
         resume: continue ``output_dir/run_name`` from its last checkpoint (server only).
@@ -144,6 +150,8 @@ class RunConfig:
     dp_ema: float = -1.0
     heldout_sites: tuple[str, ...] = field(default_factory=tuple)
     min_group_cases: int = 5
+    device: str = "auto"
+    gpus_per_site: float = -1.0
     output_dir: str = "runs"
     run_name: str = ""
     resume: bool = False
@@ -191,6 +199,9 @@ class RunConfig:
              "must be in [0, 1) (0: no averaging; -1: fedseg's DP recipe)"),
             ("dp-delta", 0 < self.dp_delta < 1, "must be in (0, 1)"),
             ("min-group-cases", self.min_group_cases >= 1, "must be >= 1"),
+            ("device", DEVICE.fullmatch(self.device) is not None, "must be auto, cpu, cuda or cuda:N"),
+            ("gpus-per-site", self.gpus_per_site >= 0 or self.gpus_per_site == AUTO,
+             "must be >= 0 (or -1: 1.0 where a GPU is present)"),
             ("dp-target-epsilon", self.dp_target_epsilon >= 0, "must be >= 0 (0: use dp-noise-multiplier)"),
             ("norm", not (self.dp == "sample" and self.norm == "batch"),
              "BatchNorm cannot train under DP-SGD (a case's output depends on its batch-mates); "
@@ -253,7 +264,7 @@ class RunConfig:
             patch_size=self.patch_size,
             proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
             min_group_cases=self.min_group_cases, heldout_sites=self.heldout_sites,
-            data=self.site_data(state_root),
+            device=self.device, data=self.site_data(state_root),
             dp=DPSettings(self.dp, self.dp_noise_multiplier, self.dp_max_grad_norm, self.dp_delta,
                           self.dp_target_epsilon, self.num_server_rounds, self.dp_batch_size,
                           self.dp_lr, self.dp_momentum, self.dp_patches_per_case))
@@ -377,6 +388,7 @@ class SiteRoundConfig:
         proximal_mu: FedProx weight (0 unless the strategy is FedProx).
         min_group_cases: k-case threshold for fairness groups.
         heldout_sites: sites that only evaluate (they also score after norm adaptation).
+        device: the server's device wish (a site's own node config ``device`` wins).
         data: the site's data and split.
         dp: differential privacy asked for.
     """
@@ -392,6 +404,7 @@ class SiteRoundConfig:
     proximal_mu: float
     min_group_cases: int
     heldout_sites: tuple[str, ...]
+    device: str
     data: SiteData
     dp: DPSettings
 

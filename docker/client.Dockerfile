@@ -4,13 +4,15 @@
 # Build from the repository root: docker build -f docker/client.Dockerfile -t fedseg-client .
 FROM flwr/supernode:1.42.0
 
+USER root
+# Mount points owned by the non-root user, so named volumes start writable by it.
+RUN mkdir -p /data /state && chown app:app /data /state && chmod 700 /state
 WORKDIR /app
 COPY --chown=app:app setup.py pyproject.toml README.md ./
 COPY --chown=app:app common ./common
 COPY --chown=app:app client ./client
 RUN python -m pip install --no-cache-dir .
 
-# Flower's images run as the non-root user `app`; state and data are volumes it owns or reads.
 USER app
 VOLUME ["/data", "/state"]
 ENTRYPOINT ["flower-supernode"]

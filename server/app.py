@@ -100,7 +100,8 @@ def initial_model(run: OpenRun, sites: dict[int, dict[str, Any]]) -> Federation:
                 "versions": versions(), "sites": {i["site"]: _public(i) for i in sites.values()},
                 "training_sites": training, "heldout_sites": sorted(cfg.heldout_sites),
                 "seed": cfg.seed, "started": now(), "ended": None,
-                "pretrained": pretrained.to_dict() if pretrained else None, "dp_plan": dp_plans}
+                "pretrained": pretrained.to_dict() if pretrained else None, "dp_plan": dp_plans,
+                "device": cfg.device}
     run.folder.write_run_info(info)
     return fed
 

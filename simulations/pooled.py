@@ -12,9 +12,10 @@ import torch
 from fedseg.client.tasks import Task, task_for
 from fedseg.client.trainer import train_local
 from fedseg.common.atomic import atomic_torch_save
-from fedseg.common.config import ModelSpec, RunConfig
+from fedseg.common.config import ConfigError, ModelSpec, RunConfig
 from fedseg.common.data import (SiteRef, SiteSpec, case_seed, image_channels, read_site,
                                split_training, study_sites)
+from fedseg.common.devices import resolve_device
 from fedseg.common.models import build_model
 from fedseg.common.weights import load_pretrained
 
@@ -39,8 +40,20 @@ def train_pooled(cfg: RunConfig, sites: list[SiteSpec], seed_site: str) -> tuple
     task = task_for(spec)
     train_local(model, task, first, cases, epochs=cfg.num_server_rounds * cfg.local_epochs,
                 batch_size=cfg.batch_size, lr=cfg.lr, patch_size=cfg.patch_size,
-                seed=case_seed(cfg.seed, seed_site, 0))
+                seed=case_seed(cfg.seed, seed_site, 0), device=run_device(cfg))
     return model, task
+
+
+def run_device(cfg: RunConfig) -> str:
+    """The run's device on this machine (``auto``: CUDA where present).
+
+    Raises:
+        ConfigError: CUDA asked for on a machine without it.
+    """
+    try:
+        return resolve_device(cfg.device, "run-config 'device'")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def pretrain(public_dir: str | Path, output: str | Path, cfg: RunConfig) -> dict[str, Any]:
@@ -58,6 +71,6 @@ def pretrain(public_dir: str | Path, output: str | Path, cfg: RunConfig) -> dict
     model, task = train_pooled(cfg, sites, seed_site="public")
     atomic_torch_save(output, {k: v.detach().cpu() for k, v in model.state_dict().items()})
     val = {s.name: task.evaluate(model, s, split_training(s, cfg.val_fraction, cfg.seed)[1],
-                                 patch_size=cfg.patch_size)["dice"] for s in sites}
+                                 patch_size=cfg.patch_size, device=run_device(cfg))["dice"] for s in sites}
     return {"cases": sum(len(split_training(s, cfg.val_fraction, cfg.seed)[0]) for s in sites),
             "validation_dice": val}

@@ -12,7 +12,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from fedseg.client.app import app as client_app
-from fedseg.common.config import RunConfig
+from fedseg.common.config import ConfigError, RunConfig
+from fedseg.common.devices import resolve_device
 from fedseg.common.data import DataError, check_site, study_sites
 from fedseg.server.app import run_federation
 from fedseg.server.report import write_gallery, write_report
@@ -42,6 +43,11 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None) -> Path:
         raise DataError("simulation needs a study folder (run-config 'study-dir')")
     cfg = cfg.replace(study_dir=str(Path(cfg.study_dir).resolve()),
                       output_dir=str(Path(cfg.output_dir).resolve()))
+    try:  # every virtual site computes on this machine: a missing GPU stops the run before round 1
+        device = resolve_device(cfg.device, "run-config 'device'")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    gpus = cfg.gpus_per_site if cfg.gpus_per_site >= 0 else float(device.startswith("cuda"))
     sites = study_sites(cfg.study_dir, cfg.split_site)
     problems = [p for folder in sorted({s.site_dir for s in sites}) for p in check_site(folder)]
     if problems:
@@ -57,10 +63,11 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None) -> Path:
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     cpus = num_cpus or os.cpu_count() or 1
-    log.info("starting Flower's simulation engine (Ray, %d CPU(s), one per site at a time)...", cpus)
+    log.info("starting Flower's simulation engine (Ray, %d CPU(s), one per site at a time%s)...", cpus,
+             f", {gpus:g} GPU per site on {device}" if gpus else "")
     run_simulation(
         server_app=server_app, client_app=client_app, num_supernodes=len(sites),
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus},
                         "init_args": {"num_cpus": cpus, "logging_level": "ERROR",
                                       "log_to_driver": True}},  # the sites' own lines (fedseg's only)
     )

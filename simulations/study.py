@@ -23,7 +23,7 @@ from fedseg.common.data import SiteSpec, read_site, split_training, study_sites
 from fedseg.common.metrics import finite_mean
 from fedseg.server.summary import INSTANCE_METRICS, site_spread
 from fedseg.server.report import write_study_report
-from fedseg.simulations.pooled import train_pooled
+from fedseg.simulations.pooled import run_device, train_pooled
 from fedseg.simulations.simulate import simulate
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def _train_and_score(cfg: RunConfig, specs: dict[str, SiteSpec], train_at: list[
     federated run gives them (rounds x local epochs passes), scored at every site."""
     model, task = train_pooled(cfg, [specs[s] for s in train_at], seed_site)
     return {site: task.evaluate(model, spec, split_training(spec, cfg.val_fraction, cfg.seed)[1],
-                                patch_size=cfg.patch_size)
+                                patch_size=cfg.patch_size, device=run_device(cfg))
             for site, spec in specs.items()}
 
 
