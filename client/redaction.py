@@ -1,10 +1,12 @@
 """Nothing identifying leaves a site: every reply's text (error reasons, metric names, config
-values) is scrubbed of the site's paths and its cases' file names before it is sent. Hospital
-file names often hold patient names, record numbers or dates; a case is named by an opaque id
-(``case-7``) instead. The site's own log keeps the detail."""
+values) is scrubbed of the site's paths and its cases' file names before it is sent, and a
+fairness group whose name looks identifying is sent as an opaque id. Hospital file names often
+hold patient names, record numbers or dates; a case is named by an opaque id (``case-7``)
+instead. The site's own log keeps the detail."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedseg.client.site import SiteLocation, site_of_message
-from fedseg.common.data import case_files
+from fedseg.common.data import IDENTIFYING_NAME, case_files
 
 
 class Redactor:
@@ -56,10 +58,19 @@ def redaction_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
             reply = Message(Error(code=reply.error.code, reason=reason), reply_to=msg)
         return reply
     for name, record in list(reply.content.metric_records.items()):
-        reply.content[name] = MetricRecord({redact(k): v for k, v in record.items()})
+        reply.content[name] = MetricRecord({_group_name(redact(k)): v for k, v in record.items()})
     for name, record in list(reply.content.config_records.items()):
         reply.content[name] = ConfigRecord({redact(k): _redact_value(redact, v) for k, v in record.items()})
     return reply
+
+
+def _group_name(key: str) -> str:
+    """A fairness group's name is free text from dataset.json: one that looks like it holds a
+    date, a record number or a person's name is sent as an opaque ``group-<hash>`` instead."""
+    metric, sep, group = key.partition(":")
+    if not (sep and metric.startswith("group-") and IDENTIFYING_NAME.search(group)):
+        return key
+    return f"{metric}:group-{hashlib.sha256(group.encode()).hexdigest()[:8]}"
 
 
 def _redact_value(redact: Redactor, value: object) -> object:

@@ -81,3 +81,19 @@ def node_context(site_dir: Path, state_dir: Path, **node_config: object):
 
     config = {"site-dir": str(site_dir), "state-dir": str(state_dir), **node_config}
     return Context(run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config={})
+
+
+def rename_cases(site_dir: Path, prefix: str) -> None:
+    """Rename a site's case files to start with ``prefix`` (e.g. a patient's name) and use it as
+    their fairness group too, as a careless export would."""
+    import json
+    import shutil
+
+    meta = json.loads((site_dir / "dataset.json").read_text())
+    for i, entry in enumerate(meta["training"] + meta.get("test", [])):
+        for key in ("image", "label"):
+            new = str(Path(entry[key]).with_name(f"{prefix}_{Path(entry[key]).name}"))
+            shutil.move(site_dir / entry[key], site_dir / new)
+            entry[key] = new
+        entry["group"] = f"{prefix}_{i % 2}"
+    (site_dir / "dataset.json").write_text(json.dumps(meta))

@@ -1,9 +1,6 @@
 """Nothing identifying leaves a site: with case files named after a patient, no reply, error
 reason or metric name carries the name or a site path (the site's own log keeps the detail)."""
 
-import json
-import shutil
-
 import pytest
 
 from fedseg.client.app import app as client_app
@@ -11,7 +8,7 @@ from fedseg.client.privacy import LEDGER_FILE
 from fedseg.common.config import RunConfig
 from fedseg.common.models import ModelSpec
 from fedseg.simulations.synth import write_study
-from tests.conftest import node_context, round_message
+from tests.conftest import node_context, rename_cases, round_message
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 CANARY = "SMITH-JOHN-19550101"
@@ -20,14 +17,7 @@ CANARY = "SMITH-JOHN-19550101"
 def canary_site(root):
     """A site whose case files (and fairness groups) carry a patient's name and birth date."""
     (site,) = write_study(root, sites=1, dims=2, cases=6, size=32, seed=0)
-    meta = json.loads((site / "dataset.json").read_text())
-    for i, entry in enumerate(meta["training"]):
-        for key in ("image", "label"):
-            new = entry[key].replace("case", f"{CANARY}_case")
-            shutil.move(site / entry[key], site / new)
-            entry[key] = new
-        entry["group"] = f"{CANARY}_case00{i}"  # a site that (wrongly) groups cases by file name
-    (site / "dataset.json").write_text(json.dumps(meta))
+    rename_cases(site, CANARY)
     return site
 
 
@@ -40,7 +30,7 @@ def test_replies_and_errors_never_carry_file_names_or_paths(tmp_path):
     replies = [client_app(round_message(cfg, spec, message_type=t), node) for t in ("query", "train", "evaluate")]
     assert not any(r.has_error() for r in replies)
     group_keys = [k for k in replies[2].content["metrics"] if k.startswith("group-")]
-    assert group_keys and all(k.split(":")[1].startswith("case-") for k in group_keys)
+    assert group_keys and all(k.split(":")[1].startswith("group-") for k in group_keys)  # not "<name>_0"
     state.joinpath(LEDGER_FILE).write_text("{ torn")  # an error whose message names the ledger's path
     refused = client_app(round_message(cfg.replace(dp="sample"), spec), node)
     assert refused.has_error() and "privacy ledger unreadable" in refused.error.reason
