@@ -47,10 +47,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def run_check(args: argparse.Namespace) -> int:
     """Print every problem with its file, and identifying text as warnings; exit code 0 only
     when every site is clean (with ``--strict``, also free of identifying text)."""
+    folders = _site_folders(args.site_dirs)
+    if all(folder is None for folder in folders):
+        return 1
     from fedseg.common.data import check_site, identifying_text
 
     failed, warned = 0, False
-    for site_dir in _site_folders(args.site_dirs):
+    for site_dir in folders:
         if site_dir is None:
             failed += 1
             continue
@@ -89,14 +92,14 @@ def _site_folders(paths: list[str]) -> list[Path | None]:
 
 def run_privacy(args: argparse.Namespace) -> int:
     """Explain the ledger: epsilon and delta spent, rounds, steps, noise, budget left."""
-    from fedseg.client.privacy import LEDGER_FILE, PrivacyLedger
-    from fedseg.common.dp_recipe import NOISE_WARNING
-
-    path = Path(args.state_dir) / LEDGER_FILE
     if not Path(args.state_dir).is_dir():
         print(f"{args.state_dir}: not found (a site's state dir is its node config's state-dir)",
               file=sys.stderr)
         return 1
+    from fedseg.client.privacy import LEDGER_FILE, PrivacyLedger
+    from fedseg.common.dp_recipe import NOISE_WARNING
+
+    path = Path(args.state_dir) / LEDGER_FILE
     if not path.is_file():
         print(f"{path}: no privacy ledger (this site has not trained with dp=sample)")
         return 1

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     from fedseg.common.config import ConfigError
-    from fedseg.common.data import DataError
+    from fedseg.common.errors import DataError
 
     try:
         return args.func(args)

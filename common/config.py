@@ -267,7 +267,8 @@ class RunConfig:
             device=self.device, data=self.site_data(state_root),
             dp=DPSettings(self.dp, self.dp_noise_multiplier, self.dp_max_grad_norm, self.dp_delta,
                           self.dp_target_epsilon, self.num_server_rounds, self.dp_batch_size,
-                          self.dp_lr, self.dp_momentum, self.dp_patches_per_case))
+                          self.dp_lr, self.dp_momentum, self.dp_patches_per_case,
+                          bool(self.pretrained_weights)))
 
 
 @dataclass(frozen=True)
@@ -361,6 +362,7 @@ class DPSettings:
         lr: SGD learning rate under DP.
         momentum: SGD momentum under DP.
         patches_per_case: patches per case whose gradients are averaged before clipping.
+        warm_start: the run starts from pretrained weights (the recipe then takes smaller steps).
     """
 
     mode: str = "off"
@@ -373,6 +375,7 @@ class DPSettings:
     lr: float = AUTO
     momentum: float = AUTO
     patches_per_case: int = AUTO
+    warm_start: bool = False
 
 
 @dataclass(frozen=True)

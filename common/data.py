@@ -29,13 +29,11 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from fedseg.common.errors import DataError  # the contract's error, importable without torch
+
 PNG_SUFFIXES = (".png", ".jpg", ".jpeg")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TASKS = ("semantic", "instance")
-
-
-class DataError(ValueError):
-    """A site's data breaks the contract; the message lists every problem with its file."""
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,8 @@ def _study(args: argparse.Namespace) -> int:
     from fedseg.simulations.study import run_study
 
     cfg = RunConfig.from_dict({**_given(args), "study-dir": args.study_dir})
+    if not Path(args.study_dir).is_dir():
+        raise ConfigError(f"{args.study_dir}: study folder not found")
     try:
         out = run_study(cfg, [b.strip() for b in args.baselines.split(",") if b.strip()], args.num_cpus)
     except ValueError as err:
@@ -118,6 +120,8 @@ def _simulate(args: argparse.Namespace) -> int:
         cfg = resume_config(args.resume_run, _given(args))
     elif args.study_dir:
         cfg = RunConfig.from_dict({**_given(args), "study-dir": args.study_dir})
+        if not Path(args.study_dir).is_dir():
+            raise ConfigError(f"{args.study_dir}: study folder not found")
     else:
         raise ConfigError("give a STUDY_DIR, or --resume-run RUN_DIR")
     return _run_and_report(cfg, args.num_cpus)

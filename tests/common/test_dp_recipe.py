@@ -22,6 +22,15 @@ def test_recipe_keeps_the_steps_and_takes_a_third_of_the_cases_per_step():
     assert dp_training(DPSettings("sample"), 3, 8, 1).expected_batch == 3
 
 
+def test_a_warm_started_run_takes_smaller_steps():
+    assert dp_training(DPSettings("sample", warm_start=True), 98, 8, 2).lr == RECIPE["lr_warm"] < RECIPE["lr"]
+    from fedseg.common.config import ModelSpec
+
+    spec = ModelSpec(3, 1, 3, (16, 32, 64))
+    assert RunConfig(dp="sample", pretrained_weights="public.pt").site_round(spec, "id").dp.warm_start
+    assert not RunConfig(dp="sample").site_round(spec, "id").dp.warm_start
+
+
 def test_a_setting_the_run_gives_always_wins():
     dp = DPSettings("sample", max_grad_norm=1.5, batch_size=10, lr=0.02, momentum=0.9, patches_per_case=3)
     training = dp_training(dp, num_cases=98, batch_size=8, epochs=2)

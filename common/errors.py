@@ -1,0 +1,5 @@
+"""The errors a user sees as one clear line (the CLI imports them without the heavy libraries)."""
+
+
+class DataError(ValueError):
+    """A site's data breaks the contract; the message lists every problem with its file."""
