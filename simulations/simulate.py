@@ -62,6 +62,7 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None) -> Path:
         result["run_dir"] = run_federation(grid, cfg)
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # sites' lines look alike; Ray would fold them
     cpus = num_cpus or os.cpu_count() or 1
     log.info("starting Flower's simulation engine (Ray, %d CPU(s), one per site at a time%s)...", cpus,
              f", {gpus:g} GPU per site on {device}" if gpus else "")
