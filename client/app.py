@@ -22,7 +22,7 @@ from fedseg.client.trainer import train_local
 from fedseg.common.config import SiteData, SiteRoundConfig
 from fedseg.common.data import DataError, case_seed, read_site, split_training
 from fedseg.common.logs import setup_logging
-from fedseg.common.models import split_state
+from fedseg.common.models import split_state, unseen_norm_set
 from fedseg.common.records import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PrivacyBoundaryError,
                                    scalar_metrics, shared_record)
 
@@ -102,6 +102,8 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
         metrics |= {"epsilon": result.epsilon, "delta": dp.plan.delta,
                     "noise-multiplier": dp.plan.noise_multiplier}
     shared, _ = split_state(mine.model, mine.local)
+    if cfg.local_layers == "norm":  # a copy of the norms for the unseen-site set (never sent back here)
+        shared |= unseen_norm_set(mine.model.state_dict(), mine.local)
     return RecordDict({ARRAYS: shared_record(shared, mine.local), METRICS: scalar_metrics(metrics)})
 
 

@@ -19,9 +19,10 @@ OUTBOX_FILE = "outbox.jsonl"
 def outbox_audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Append to ``state-dir/outbox.jsonl`` the inventory of the reply that is about to leave.
 
-    One line per reply: message type, server round, and for every record its kind and contents
-    (array names, shapes, dtypes and bytes; metric and config names with their values). Hospital
-    IT can read exactly what crossed the wire; tests use it to prove the privacy boundary.
+    One line per reply: message type, server round, for every record its kind and contents (array
+    names, shapes, dtypes and bytes; metric and config names with their values), and the names of
+    the arrays the message brought. Hospital IT can read exactly what crossed the wire; tests use
+    it to prove the privacy boundary.
     """
     reply = call_next(msg, context)
     site = site_of_message(dict(context.node_config), msg)
@@ -30,7 +31,9 @@ def outbox_audit_mod(msg: Message, context: Context, call_next: ClientAppCallabl
     state_dir = site.state_dir
     config = dict(msg.content[CONFIG]) if CONFIG in msg.content.config_records else {}
     entry: dict[str, Any] = {"type": msg.metadata.message_type,
-                             "round": config.get("server-round"), "error": None, "records": {}}
+                             "round": config.get("server-round"), "error": None, "records": {},
+                             "received": {name: sorted(record.keys())
+                                          for name, record in msg.content.array_records.items()}}
     if reply.has_error():
         entry["error"] = reply.error.reason
     else:

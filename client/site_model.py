@@ -13,7 +13,7 @@ from fedseg.client.site import SiteLocation
 from fedseg.client.state import RunState, SiteState
 from fedseg.common.config import ModelSpec, SiteRoundConfig
 from fedseg.common.data import DataError
-from fedseg.common.models import build_model, local_keys, model_signature
+from fedseg.common.models import build_model, local_keys, model_signature, unseen_norms
 from fedseg.common.weights import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,9 @@ class SiteModel:
 def round_model(cfg: SiteRoundConfig, site: SiteLocation, received: dict[str, torch.Tensor],
                 local_round: int) -> SiteModel:
     """Build the run's model: the site's local layers of this run as they were after round
-    ``local_round`` (or, before its first round, the site's own pretrained file), then the
-    global shared weights ``received`` (anything sent for a site-local key is ignored)."""
+    ``local_round`` (before its first round: the site's own pretrained file, else the unseen-site
+    norm set if the message carries one, as it does for sites that never train), then the global
+    shared weights ``received`` (anything sent for a site-local key is ignored)."""
     model = build_model(cfg.model)
     local = local_keys(model, cfg.model, cfg.local_layers)
     signature = _signature(model, cfg.model, cfg.local_layers, local)
@@ -57,6 +58,8 @@ def round_model(cfg: SiteRoundConfig, site: SiteLocation, received: dict[str, to
         model.load_state_dict(saved, strict=False)
     elif site.pretrained:  # until the site has its own local layers, its file fills them
         load_pretrained(model, site.pretrained)
+    else:
+        model.load_state_dict({k: v for k, v in unseen_norms(received).items() if k in local}, strict=False)
     shared = {k: v for k, v in received.items() if k in model.state_dict() and k not in local}
     model.load_state_dict(shared, strict=False)
     return SiteModel(model, local, shared, run, signature)
@@ -85,8 +88,13 @@ def saved_model(model_path: str | Path, state_dir: str | Path | None) -> tuple[n
     if state_dir:
         run = SiteState(state_dir).run(run_name, run_id)
         mine = run.load_local_layers(_signature(model, spec, local_layers, local))
+    unseen = {k: v for k, v in unseen_norms(saved["state_dict"]).items() if k in local}
     if mine:
         model.load_state_dict(mine, strict=False)
+    elif unseen:
+        model.load_state_dict(unseen, strict=False)
+        log.info("no local layers of run %s in %s: using the federation's unseen-site norm set",
+                 run_name, state_dir)
     elif any(torch.is_floating_point(v) for k, v in model.state_dict().items() if k in local):
         log.warning("no local layers of run %s in %s: site-local layers keep their initial values",
                     run_name, state_dir)

@@ -16,9 +16,13 @@ from torch import nn
 from fedseg.common.config import MODEL_KINDS, ModelSpec
 from fedseg.common.maskrcnn import HEAD_PREFIXES, build_maskrcnn
 
-__all__ = ["ModelSpec", "build_model", "local_keys", "model_signature", "split_state"]
+__all__ = ["ModelSpec", "UNSEEN_PREFIX", "build_model", "local_keys", "model_signature", "split_state",
+           "unseen_norm_set", "unseen_norms"]
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+# With local-layers=norm, a site also sends a copy of its norm tensors under this prefix; the
+# server averages them into the unseen-site norm set, which only sites that never trained receive.
+UNSEEN_PREFIX = "unseen-norm/"
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,18 @@ def split_state(model: nn.Module, local: set[str]) -> tuple[dict[str, torch.Tens
     for key, value in model.state_dict().items():
         (kept if key in local else shared)[key] = value.detach().clone()
     return shared, kept
+
+
+def unseen_norm_set(state: dict[str, torch.Tensor], local: set[str]) -> dict[str, torch.Tensor]:
+    """A site's contribution to the unseen-site norm set: its floating-point norm tensors (affine
+    parameters, running statistics), renamed under ``UNSEEN_PREFIX``."""
+    return {UNSEEN_PREFIX + k: v.detach().cpu().clone() for k, v in state.items()
+            if k in local and torch.is_floating_point(v)}
+
+
+def unseen_norms(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The unseen-site norm set of a global state dict, under the model's own key names."""
+    return {k[len(UNSEEN_PREFIX):]: v for k, v in state.items() if k.startswith(UNSEEN_PREFIX)}
 
 
 def model_signature(spec: ModelSpec, local_layers: str, local: dict[str, torch.Tensor]) -> str:

@@ -17,7 +17,7 @@ from fedseg.common.config import ModelSpec, RunConfig, SiteRoundConfig
 from fedseg.common.logs import setup_logging
 from fedseg.common.dp_recipe import (describe, dp_training, ema_decay, noise_to_signal, plan_round,
                                      warning)
-from fedseg.common.models import build_model, local_keys, split_state
+from fedseg.common.models import UNSEEN_PREFIX, build_model, local_keys, split_state, unseen_norm_set
 from fedseg.common.records import shared_record
 from fedseg.common.weights import load_pretrained
 from fedseg.server.checkpoints import save_global_model
@@ -90,6 +90,9 @@ def initial_model(run: OpenRun, sites: dict[int, dict[str, Any]]) -> Federation:
         pretrained = load_pretrained(model, cfg.pretrained_weights)
     local = local_keys(model, spec, cfg.local_layers)
     shared, _ = split_state(model, local)
+    if cfg.local_layers == "norm":  # the unseen-site norm set: from the checkpoint, or the initial norms
+        shared |= ({k: v for k, v in run.start_state.items() if k.startswith(UNSEEN_PREFIX)}
+                   if run.start_state is not None else unseen_norm_set(model.state_dict(), local))
     fed = Federation(sites, site_of, heldout, training, spec, local, shared)
     dp_plans = dp_plan(cfg.site_round(spec, run.run_id), fed) if cfg.dp == "sample" else None
     if run.done:

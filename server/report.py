@@ -129,8 +129,10 @@ def write_report(run_dir: str | Path) -> Path:
                         + [final.get(s, {}).get(k) for k in labels] for s in training]))
     if heldout:
         body.append("<h2>Held-out sites (never trained)</h2>")
-        body.append(_para("Scored twice: plain, and after test-time adaptation of normalization "
-                          "statistics on the site's own unlabeled images (a no-op for instance norm)."))
+        body.append(_para("Scored twice: plain (under FedBN with the unseen-site norm set the server "
+                          "averaged from the training sites' norms), and after test-time adaptation "
+                          "of normalization statistics on the site's own unlabeled images (a no-op "
+                          "for instance norm)."))
         body.append(_table(["site", "Dice", "Dice after norm adaptation", "HD95"],
                            [[s, final.get(s, {}).get("dice"), final.get(s, {}).get("tta-dice"),
                              final.get(s, {}).get("hd95")] for s in heldout]))

@@ -11,12 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg,
                                      FedMedian, FedProx, FedTrimmedAvg, Strategy)
 
 from fedseg.common.config import RunConfig
+from fedseg.common.models import UNSEEN_PREFIX
+from fedseg.common.records import ARRAYS
 from fedseg.server.model_average import ModelAverage
 from fedseg.server.rounds import RoundRecorder
 
@@ -77,8 +79,8 @@ class SiteHooks:
                         grid: Grid) -> Iterable[Message]:
         view = _SiteView(grid, self.site_of, self.heldout_nodes)
         self._wait_for_sites(view, server_round + self.round_offset)
-        messages = list(super().configure_train(  # type: ignore[misc]
-            server_round + self.round_offset, arrays, config, view))
+        messages = [_without_unseen_set(m) for m in super().configure_train(  # type: ignore[misc]
+            server_round + self.round_offset, arrays, config, view)]
         for m in messages:
             self.recorder.sent(server_round + self.round_offset, self.site_of[m.metadata.dst_node_id],
                                m.content)
@@ -107,8 +109,11 @@ class SiteHooks:
                            grid: Grid) -> Iterable[Message]:
         evaluated = self.average.model(arrays)
         self._round_arrays = (arrays, evaluated)  # the round's aggregate and the model sites score
-        return super().configure_evaluate(  # type: ignore[misc]
+        messages = super().configure_evaluate(  # type: ignore[misc]
             server_round + self.round_offset, evaluated, config, _SiteView(grid, self.site_of, set()))
+        # only sites that never train get the unseen-site norm set
+        return [m if m.metadata.dst_node_id in self.heldout_nodes else _without_unseen_set(m)
+                for m in messages]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = self._ordered(replies)
@@ -137,6 +142,17 @@ class SiteHooks:
 
     def _ordered(self, replies: Iterable[Message]) -> list[Message]:
         return sorted(replies, key=lambda m: self.site_of.get(m.metadata.src_node_id, ""))
+
+
+def _without_unseen_set(msg: Message) -> Message:
+    """The same message without the unseen-site norm set (a training site keeps its own norms)."""
+    arrays = msg.content.array_records.get(ARRAYS)
+    if arrays is None or not any(k.startswith(UNSEEN_PREFIX) for k in arrays.keys()):
+        return msg
+    content = RecordDict(dict(msg.content))
+    content[ARRAYS] = ArrayRecord({k: v for k, v in arrays.items() if not k.startswith(UNSEEN_PREFIX)})
+    return Message(content=content, message_type=msg.metadata.message_type,
+                   dst_node_id=msg.metadata.dst_node_id)
 
 
 def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[int],

@@ -8,7 +8,8 @@ from PIL import Image
 
 from fedseg.client.site_model import saved_model
 from fedseg.client.state import SiteState
-from fedseg.common.models import ModelSpec, build_model, local_keys, model_signature, split_state
+from fedseg.common.models import (ModelSpec, build_model, local_keys, model_signature, split_state,
+                                  unseen_norm_set)
 from fedseg.server.checkpoints import save_global_model
 from fedseg.common.cli import main
 from fedseg.simulations.synth import write_study
@@ -72,3 +73,21 @@ def test_a_file_that_is_not_a_model_is_a_clear_error(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "imgs"), str(tmp_path / "out"), "--model",
                  str(tmp_path / "run" / "model" / "global.pt")]) == 2
     assert "global.pt: not found; a run writes its global model to RUN_DIR/model/global.pt" in capsys.readouterr().err
+
+
+def test_a_new_site_predicts_with_the_unseen_site_norm_set(tmp_path):
+    """A hospital that never trained has no local layers of its own: it gets the norms the
+    federation averaged for unseen sites, not untrained (identity) ones."""
+    spec = ModelSpec(2, 1, 2, (4, 8), "instance")
+    torch.manual_seed(0)
+    model = build_model(spec)
+    local = local_keys(model, spec, "norm")
+    shared, kept = split_state(model, local)
+    unseen = {k: v + 0.25 for k, v in unseen_norm_set(model.state_dict(), local).items()}
+    meta = {"model": spec.to_dict(), "local_layers": "norm", "local_keys": sorted(local),
+            "patch_size": 16, "run_name": "study", "run_id": "feedface00000000"}
+    save_global_model(tmp_path / "run", 1, ArrayRecord({**shared, **unseen}), meta)
+    new_site, _, _ = saved_model(tmp_path / "run" / "model" / "global.pt", tmp_path / "never-trained")
+    for key, value in kept.items():
+        if value.is_floating_point():
+            assert torch.equal(new_site.state_dict()[key], value + 0.25), key

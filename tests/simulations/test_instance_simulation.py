@@ -10,7 +10,7 @@ from PIL import Image
 
 from fedseg.client.audit import OUTBOX_FILE
 from fedseg.client.privacy import LEDGER_FILE
-from fedseg.common.models import ModelSpec, build_model, local_keys
+from fedseg.common.models import UNSEEN_PREFIX, ModelSpec, build_model, local_keys
 from fedseg.common.cli import main
 from fedseg.simulations.simulate import simulate
 from tests.conftest import tiny_config
@@ -65,11 +65,12 @@ def test_only_shared_tensors_leave_a_site(dp_run):
     norms = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, torch.nn.GroupNorm)
              for p in ("weight", "bias")}
     assert local == norms  # FedBN for Mask R-CNN: the GroupNorm affines stay home
+    unseen = {UNSEEN_PREFIX + k for k in norms}  # their copy for the unseen-site set
     for site in SITES + ["site-c"]:
         for reply in map(json.loads, (dp_run / "site-state" / site / OUTBOX_FILE).read_text().splitlines()):
             for record in reply["records"].values():
                 if record["kind"] == "arrays":
-                    assert set(record["items"]) == shared
+                    assert set(record["items"]) == shared | unseen
                     assert all(tuple(i["shape"])[-2:] != (SIZE, SIZE) for i in record["items"].values())
                 else:
                     assert all(isinstance(v, (int, float, str)) or (isinstance(v, list) and len(v) <= 3)
@@ -78,7 +79,7 @@ def test_only_shared_tensors_leave_a_site(dp_run):
         assert len(json.loads((dp_run / "site-state" / site / LEDGER_FILE).read_text())["rounds"]) == 2
     assert not (dp_run / "site-state" / "site-c" / LEDGER_FILE).exists()  # held out: never trained
     saved = torch.load(dp_run / "model" / "global.pt", weights_only=True)
-    assert set(saved["state_dict"]) == shared and set(saved["local_keys"]) == local
+    assert set(saved["state_dict"]) == shared | unseen and set(saved["local_keys"]) == local
 
 
 def test_predict_writes_instance_masks(dp_run, study_instance, tmp_path, capsys):

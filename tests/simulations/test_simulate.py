@@ -10,7 +10,7 @@ from fedseg.client.audit import OUTBOX_FILE
 from fedseg.client.state import SiteState
 from fedseg.common.config import keys
 from fedseg.common.data import DataError, read_site, split_training
-from fedseg.common.models import ModelSpec, build_model, local_keys
+from fedseg.common.models import UNSEEN_PREFIX, ModelSpec, build_model, local_keys
 from fedseg.common.cli import main
 from fedseg.simulations.simulate import simulate
 from tests.conftest import tiny_config
@@ -61,21 +61,27 @@ def test_run_folder_holds_the_output_contract(fedbn_run, study_2d):
 
 
 def test_fedbn_norm_layers_never_leave_a_site(fedbn_run):
+    """FedBN: each site's norms stay with it; a copy of them, under the unseen-site prefix, is
+    averaged by the server into the set only sites that never trained receive."""
     spec = ModelSpec(2, 1, 3, (8, 16), "instance")
     model = build_model(spec)
     local = local_keys(model, spec, "norm")
     shared_keys = set(model.state_dict()) - local
+    unseen_keys = {UNSEEN_PREFIX + k for k in local if model.state_dict()[k].is_floating_point()}
+    sent_keys = shared_keys | unseen_keys
     float32_bytes = sum(v.numel() * 4 for k, v in model.state_dict().items() if k in shared_keys)
+    float32_bytes += sum(model.state_dict()[k[len(UNSEEN_PREFIX):]].numel() * 4 for k in unseen_keys)
     image_shapes = {(32, 32), (1, 32, 32)}
     for site in ("site-a", "site-b", "site-c"):
         replies = _outbox(fedbn_run, site)
         trains = [r for r in replies if r["type"] == "train"]
         assert len(trains) == 2 and {r["type"] for r in replies} == {"query", "train", "evaluate"}
         for reply in replies:
+            assert not any(k.startswith(UNSEEN_PREFIX) for k in reply["received"].get("arrays", []))
             for record in reply["records"].values():
                 if record["kind"] == "arrays":
                     keys = set(record["items"])
-                    assert keys == shared_keys and not keys & local
+                    assert keys == sent_keys and not keys & local
                     assert all(tuple(i["shape"]) not in image_shapes for i in record["items"].values())
                     sent = sum(i["bytes"] for i in record["items"].values())
                     # float32 payload plus one .npy header (128 bytes) per tensor, nothing else
@@ -89,7 +95,7 @@ def test_fedbn_norm_layers_never_leave_a_site(fedbn_run):
     a, b = (_local_layers(fedbn_run, s)["tensors"] for s in ("site-a", "site-b"))
     assert any(not torch.equal(a[k], b[k]) for k in a)  # each site learned its own norms
     global_model = torch.load(fedbn_run / "model" / "global.pt", weights_only=True)
-    assert set(global_model["state_dict"]) == shared_keys
+    assert set(global_model["state_dict"]) == sent_keys
     assert set(global_model["local_keys"]) == local
 
 
@@ -127,6 +133,12 @@ def test_fedadam_with_a_heldout_site(study_2d, tmp_path):
     (record,) = _rounds(run_dir)
     assert sorted(record["train"]) == ["site-a", "site-b"]  # the held-out site never trains
     assert sorted(record["eval"]) == ["site-a", "site-b", "site-c"]
+    # FedBN: only the site that never trains receives the unseen-site norm set, and uses it
+    (heldout_eval,) = [r for r in _outbox(run_dir, "site-c") if r["type"] == "evaluate"]
+    assert any(k.startswith(UNSEEN_PREFIX) for k in heldout_eval["received"]["arrays"])
+    for site in ("site-a", "site-b"):
+        assert not any(k.startswith(UNSEEN_PREFIX) for r in _outbox(run_dir, site)
+                       for k in r["received"].get("arrays", []))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["heldout"]) == {"site-c"} and set(summary["sites"]) == {"site-a", "site-b"}
 
