@@ -83,6 +83,8 @@ class RunConfig:
             (Mask R-CNN only: BatchNorm statistics frozen at their pretrained values).
         strategy: one of ``fedavg``, ``fedprox``, ``fedadam``, ``fedmedian``, ``trimmed-mean``.
         proximal_mu: FedProx proximal weight, >= 0.
+        trim_fraction: trimmed-mean: share of the sites' values cut from each end per weight, in
+            (0, 0.5); a run where it cuts no site (fraction x training sites < 1) is refused.
         server_lr: FedAdam server learning rate (eta), > 0.
         local_layers: ``none``, ``norm`` (FedBN) or ``norm+head``: layers that never leave a site.
         fraction_train: fraction of training sites sampled per round, in (0, 1].
@@ -132,6 +134,7 @@ class RunConfig:
     norm: str = "instance"
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
+    trim_fraction: float = 0.2
     server_lr: float = 0.01
     local_layers: str = "norm"
     fraction_train: float = 1.0
@@ -178,6 +181,7 @@ class RunConfig:
              "needs at least two positive channel counts, e.g. '8,16,32'"),
             ("strategy", self.strategy in STRATEGIES, f"must be one of {STRATEGIES}"),
             ("proximal-mu", self.proximal_mu >= 0, "must be >= 0"),
+            ("trim-fraction", 0 < self.trim_fraction < 0.5, "must be in (0, 0.5)"),
             ("server-lr", self.server_lr > 0, "must be > 0"),
             ("local-layers", self.local_layers in LOCAL_LAYERS, f"must be one of {LOCAL_LAYERS}"),
             ("fraction-train", 0 < self.fraction_train <= 1, "must be in (0, 1]"),

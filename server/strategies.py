@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, NeighboringRelation, PrivacyConfig, RdpAccounta
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg,
                                      FedMedian, FedProx, FedTrimmedAvg, Strategy)
 
-from fedseg.common.config import RunConfig
+from fedseg.common.config import ConfigError, RunConfig
 from fedseg.common.models import UNSEEN_PREFIX
 from fedseg.common.records import ARRAYS
 from fedseg.server.model_average import ModelAverage
@@ -182,6 +182,13 @@ def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[i
         kwargs["proximal_mu"] = cfg.proximal_mu
     if base is FedAdam:
         kwargs["eta"] = cfg.server_lr
+    if base is FedTrimmedAvg:
+        n_train = len(site_of) - len(heldout_nodes)
+        if int(cfg.trim_fraction * n_train) == 0:
+            raise ConfigError(f"run-config 'trim-fraction' = {cfg.trim_fraction:g} cuts no site with "
+                              f"{n_train} training sites (it cuts floor(fraction x sites) from each "
+                              f"end): use at least {1 / n_train:.3g}, or strategy=fedmedian")
+        kwargs["beta"] = cfg.trim_fraction
     if cfg.dp == "client":
         # Flower's site-level DP: sites clip their update (client mod), the server adds noise
         # and accounts epsilon over rounds; the wrapper needs the stock FedAvg aggregation inside.

@@ -98,3 +98,24 @@ def test_server_state_carries_fedadam_moments_the_accountant_and_the_sampler():
     spent = dp.privacy_spent().epsilon
     resumed, _ = _build(RunConfig(dp="client", dp_noise_multiplier=0.7), resume_state=server_state(dp))
     assert resumed.privacy_spent().epsilon == pytest.approx(spent) and spent > 0
+
+
+@pytest.mark.parametrize("strategy, extra", [("fedmedian", {}), ("trimmed-mean", {"trim_fraction": 0.34})])
+def test_robust_strategies_withstand_a_poisoned_update_and_fedavg_does_not(strategy, extra):
+    """Site c sends its weights scaled by 100 (a broken or hostile site)."""
+    def replies():  # fresh each time: Flower's robust strategies consume the replies' arrays
+        return [_train_reply(11, 1.0, 4), _train_reply(22, 1.2, 4), _train_reply(33, 100 * 1.1, 4)]
+
+    robust, _ = _build(RunConfig(strategy=strategy, **extra))
+    value = robust.aggregate_train(1, replies())[0].to_torch_state_dict()["w"]
+    assert torch.allclose(value, torch.full((2,), 1.2))  # the median / the middle site's
+    fedavg, _ = _build(RunConfig())
+    mean = fedavg.aggregate_train(1, replies())[0].to_torch_state_dict()["w"]
+    assert torch.allclose(mean, torch.full((2,), (1.0 + 1.2 + 110.0) / 3))  # dragged away
+
+
+def test_a_trimmed_mean_that_trims_nothing_is_refused():
+    from fedseg.common.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'trim-fraction' = 0.2 cuts no site with 3 training sites"):
+        _build(RunConfig(strategy="trimmed-mean"))  # Flower's default 0.2 x 3 sites = 0
