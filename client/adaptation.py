@@ -1,4 +1,6 @@
-"""Test-time adaptation at a site that never trained: norm statistics from its own unlabeled images."""
+"""Test-time adaptation at a site that never trained, on its own unlabeled images (no label is
+used, nothing leaves the site): BatchNorm statistics, then the norm layers' affine parameters by
+entropy minimization (TENT, Wang et al. 2021) for every norm kind."""
 
 from __future__ import annotations
 
@@ -7,6 +9,10 @@ from monai.transforms import RandSpatialCrop, SpatialPad
 from torch import nn
 
 from fedseg.common.data import Case, SiteSpec, eval_transforms, to_dicts
+from fedseg.common.models import NORM_TYPES
+
+TENT_STEPS = 10  # bounded: a few steps, so a site cannot drift far from the federated model
+TENT_LR = 1e-3
 
 
 @torch.no_grad()
@@ -14,9 +20,9 @@ def adapt_norm_statistics(model: nn.Module, spec: SiteSpec, cases: list[Case], *
                           seed: int, patches_per_case: int = 4, device: str = "cpu") -> int:
     """Recompute BatchNorm running statistics on a site's own images.
 
-    Labels are not used. Only running means/variances (and their counters) change; no weight
-    does. Instance/group norm already normalizes with each image's own statistics, so models
-    without BatchNorm are returned unchanged.
+    Only running means/variances (and their counters) change; no weight does. Instance/group
+    norm already normalizes with each image's own statistics, so models without BatchNorm are
+    returned unchanged.
 
     Returns:
         The number of BatchNorm layers adapted.
@@ -27,12 +33,53 @@ def adapt_norm_statistics(model: nn.Module, spec: SiteSpec, cases: list[Case], *
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over every patch seen
+    model.to(device).train()
+    for patches in _patches(spec, cases, patch_size, seed, patches_per_case):
+        model(patches.to(device))
+    model.eval()
+    return len(bns)
+
+
+def adapt_norm_affines(model: nn.Module, spec: SiteSpec, cases: list[Case], *, patch_size: int,
+                       seed: int, steps: int = TENT_STEPS, lr: float = TENT_LR,
+                       device: str = "cpu") -> float:
+    """TENT: a few Adam steps on the norm layers' affine parameters (every norm kind) that lower
+    the entropy of the model's per-pixel predictions on the site's own images. Every other
+    parameter and every statistic stays as it is.
+
+    Returns:
+        Mean prediction entropy (nats per pixel) after adaptation, on the last batch.
+    """
+    affines = [p for m in model.modules() if isinstance(m, NORM_TYPES)
+               for p in (m.weight, m.bias) if p is not None]
+    if not affines:
+        return float("nan")
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in affines:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(affines, lr=lr)
+    model.to(device).eval()  # BatchNorm keeps its (adapted) statistics; the affines learn
+    batches = list(_patches(spec, cases, patch_size, seed, patches_per_case=2))
+    entropy = torch.tensor(float("nan"))
+    try:
+        for step in range(steps):
+            probs = model(batches[step % len(batches)].to(device)).softmax(dim=1)
+            entropy = -(probs * probs.clamp_min(1e-8).log()).sum(dim=1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            entropy.backward()
+            optimizer.step()
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+    return float(entropy.detach())
+
+
+def _patches(spec: SiteSpec, cases: list[Case], patch_size: int, seed: int, patches_per_case: int):
     crop = RandSpatialCrop((patch_size,) * spec.spatial_dims, random_size=False)
     crop.set_random_state(seed=seed)
     transform = eval_transforms(spec)
-    model.to(device).train()
     for item in to_dicts(cases):
         image = SpatialPad((patch_size,) * spec.spatial_dims)(transform(item)["image"])
-        model(torch.stack([crop(image) for _ in range(patches_per_case)]).to(device))
-    model.eval()
-    return len(bns)
+        yield torch.stack([crop(image) for _ in range(patches_per_case)])

@@ -39,3 +39,32 @@ def test_norm_adaptation_changes_only_batchnorm_statistics(tmp_path):
     assert not model.training
     instance = build_model(ModelSpec(2, 1, 3, (8, 16), "instance"))
     assert adapt_norm_statistics(instance, spec, list(spec.training), patch_size=32, seed=0) == 0
+
+
+def test_entropy_adaptation_moves_only_norm_affines_and_lowers_entropy(tmp_path):
+    """TENT at an unseen site: no label is read, only the norms' scales and shifts change, and
+    the model's per-pixel predictions become more confident on the site's own images."""
+    from fedseg.client.adaptation import _patches, adapt_norm_affines
+
+    (site,) = write_study(tmp_path, sites=1, dims=2, cases=3, size=32, shift=1.0, seed=3)
+    spec = read_site(site)
+    images = torch.cat(list(_patches(spec, list(spec.training), 32, seed=1, patches_per_case=2)))
+
+    def entropy(model):
+        with torch.no_grad():
+            probs = model.eval()(images).softmax(dim=1)
+            return float(-(probs * probs.clamp_min(1e-8).log()).sum(dim=1).mean())
+
+    for norm in ("instance", "group", "batch"):
+        torch.manual_seed(0)
+        model = build_model(ModelSpec(2, 1, 3, (8, 16), norm))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        start = entropy(model)
+        adapt_norm_affines(model, spec, list(spec.training), patch_size=32, seed=0, steps=20)
+        assert entropy(model) < start, norm
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+        affines = {f"{n}.{p}" for n, m in model.named_modules()
+                   if isinstance(m, (torch.nn.InstanceNorm2d, torch.nn.GroupNorm, torch.nn.BatchNorm2d))
+                   for p in ("weight", "bias")}
+        assert changed and changed <= affines, (norm, changed - affines)
+        assert all(p.requires_grad for p in model.parameters())  # training can go on afterwards
