@@ -30,6 +30,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--overlay", action="store_true",
                          help="also write <case>_overlay.png: the prediction in colour over the image, "
                               "for a person to look at (label files stay label maps)")
+    predict.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL",
+                         help="more fedseg models whose class probabilities are averaged with --model's")
+    predict.add_argument("--last-rounds", type=int, default=0, metavar="K",
+                         help="add the run's last K round checkpoints (RUN_DIR/checkpoints) to the ensemble")
+    predict.add_argument("--uncertainty", action="store_true",
+                         help="also write <case>_uncertainty maps (per-pixel entropy of the ensemble, "
+                              "or of test-time flips; same geometry as the image) and a score per case")
+    predict.add_argument("--pre-annotate", action="store_true",
+                         help="write pre_annotations.json: the predicted labels as a dataset.json "
+                              "fragment, most uncertain case first, for annotators to correct")
     predict.set_defaults(func=run_predict)
     privacy = sub.add_parser("privacy", help="print a site's privacy ledger in plain words")
     privacy.add_argument("state_dir", metavar="STATE_DIR")
@@ -179,10 +189,18 @@ def run_predict(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(str(err), file=sys.stderr)
         return 2
+    checkpoints = sorted((Path(args.model).parent.parent / "checkpoints").glob("round-*.pt"),
+                         key=lambda p: int(p.stem.split("-")[1]))
+    ensemble = [Path(p) for p in args.ensemble] + (checkpoints[-args.last_rounds:] if args.last_rounds else [])
     done = predict_folder(args.model, args.state_dir, args.images_dir, args.out_dir, device,
-                          overlay=args.overlay)
-    for target, seconds in done:
-        print(f"{target}  {seconds:.2f}s")
-    total = sum(s for _, s in done)
-    print(f"{len(done)} case(s), {total / len(done):.2f}s per case")
+                          overlay=args.overlay, ensemble=ensemble, uncertainty=args.uncertainty,
+                          pre_annotate=args.pre_annotate)
+    for case in done:
+        score = f"  uncertainty {case.uncertainty:.4f}" if case.uncertainty is not None else ""
+        print(f"{case.labels}  {case.seconds:.2f}s{score}")
+    total = sum(case.seconds for case in done)
+    members = f", ensemble of {1 + len(ensemble)} models" if ensemble else ""
+    print(f"{len(done)} case(s), {total / len(done):.2f}s per case{members}")
+    if args.pre_annotate:
+        print(f"pre-annotations, most uncertain first: {Path(args.out_dir) / 'pre_annotations.json'}")
     return 0

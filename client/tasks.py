@@ -125,10 +125,24 @@ class SemanticTask(Task):
 
     @torch.no_grad()
     def infer(self, model: nn.Module, image: torch.Tensor, patch_size: int, device: str) -> Prediction:
+        return Prediction(self.probabilities([model], image, patch_size, device).argmax(dim=0))
+
+    @torch.no_grad()
+    def probabilities(self, models: list[nn.Module], image: torch.Tensor, patch_size: int, device: str,
+                      flips: bool = False) -> torch.Tensor:
+        """Class probabilities (C, *spatial) of a whole image by sliding windows, averaged over
+        ``models`` (an ensemble) and, with ``flips``, over the image flipped along each axis."""
         roi = (patch_size,) * (image.ndim - 1)
-        logits = sliding_window_inference(image[None].to(device), roi_size=roi, sw_batch_size=4,
-                                          predictor=model, overlap=0.25)
-        return Prediction(logits.argmax(dim=1)[0].cpu())
+        views = [()] + ([(axis,) for axis in range(2, image.ndim + 1)] if flips else [])
+        total = torch.zeros(())
+        for model in models:
+            for axes in views:
+                x = image[None].to(device)
+                logits = sliding_window_inference(x.flip(axes) if axes else x, roi_size=roi,
+                                                  sw_batch_size=4, predictor=model, overlap=0.25)
+                probs = logits.softmax(dim=1)
+                total = total + (probs.flip(axes) if axes else probs).cpu()
+        return (total / (len(models) * len(views)))[0]
 
     def new_scores(self, site: SiteSpec, min_group_cases: int) -> SegmentationScores:
         return SegmentationScores(site.num_classes, min_group_cases)
