@@ -152,6 +152,15 @@ def write_report(run_dir: str | Path) -> Path:
                           f"{html.escape(worst[0])} ({_fmt(worst[2])})."))
         body.append(_table(["site", "group", "Dice", "cases"],
                            [[s, g, v, final[s].get(f"group-cases:{g}")] for s, g, v in groups]))
+        federation = summary.get("groups", {})
+        if federation:
+            body.append(_para(f"Across the federation (each group's Dice over the sites that report "
+                              f"it, weighted by cases): worst group "
+                              f"{html.escape(federation['worst_group'])} ({_fmt(federation['worst_dice'])}), "
+                              f"best-worst gap {_fmt(federation['gap'])}."))
+            body.append(_table(["group", "Dice", "cases", "sites"],
+                               [[g, e["dice"], e["cases"], ", ".join(e["sites"])]
+                                for g, e in federation["per_group"].items()]))
     if summary.get("record_level_dp"):
         dp = summary["record_level_dp"]
         body.append("<h2>Privacy</h2>")

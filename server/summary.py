@@ -37,6 +37,8 @@ def summarize(rounds: list[dict[str, Any]], training_sites: list[str],
                                       "max_epsilon": max(epsilon.values())}
     if "client-level-dp" in last:
         summary["client_level_dp"] = last["client-level-dp"]
+    if groups := federation_groups({s: last["eval"].get(s, {}) for s in training_sites + heldout_sites}):
+        summary["groups"] = groups
     means = [(r["round"], site_spread({s: r["eval"].get(s, {}).get("dice") for s in training_sites})["mean"])
              for r in rounds]
     scored = [(rnd, m) for rnd, m in means if m is not None]
@@ -44,6 +46,35 @@ def summarize(rounds: list[dict[str, Any]], training_sites: list[str],
         best = max(scored, key=lambda x: x[1])
         summary["best_round"] = {"round": best[0], "mean_dice": best[1]}
     return summary
+
+
+def federation_groups(per_site: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Fairness across the federation: each group's Dice over every site that reported it (each
+    site only reports a group with at least ``min-group-cases`` cases), weighted by its cases;
+    the worst group and the best-worst gap.
+
+    Returns:
+        ``{"per_group": {group: {"dice", "cases", "sites"}}, "worst_group", "worst_dice", "gap"}``,
+        or {} when no site reported a group.
+    """
+    per_group: dict[str, dict[str, Any]] = {}
+    for site, metrics in sorted(per_site.items()):
+        for key, dice in metrics.items():
+            if not key.startswith("group-dice:") or dice is None or not math.isfinite(dice):
+                continue
+            group = key.split(":", 1)[1]
+            cases = metrics.get(f"group-cases:{group}", 0)
+            entry = per_group.setdefault(group, {"weighted": 0.0, "cases": 0, "sites": []})
+            entry["weighted"] += dice * cases
+            entry["cases"] += cases
+            entry["sites"].append(site)
+    if not per_group:
+        return {}
+    groups = {g: {"dice": e["weighted"] / e["cases"], "cases": e["cases"], "sites": e["sites"]}
+              for g, e in sorted(per_group.items()) if e["cases"]}
+    worst = min(groups, key=lambda g: groups[g]["dice"])
+    return {"per_group": groups, "worst_group": worst, "worst_dice": groups[worst]["dice"],
+            "gap": max(g["dice"] for g in groups.values()) - groups[worst]["dice"]}
 
 
 def _instance_means(per_site: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:

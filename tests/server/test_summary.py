@@ -62,3 +62,17 @@ def test_client_level_epsilon_comes_from_the_last_round():
               _round(2, {"a": 0.5}, **{"client-level-dp": {"epsilon": 1.7}})]
     assert summarize(rounds, ["a"], [])["client_level_dp"] == {"epsilon": 1.7}
     assert summarize([], ["a"], []) == {"rounds": 0}
+
+
+def test_fairness_groups_are_combined_across_sites_by_their_cases():
+    rounds = [{"round": 1, "train": {}, "errors": {}, "eval": {
+        "a": {"dice": 0.8, "group-dice:liver": 0.9, "group-cases:liver": 6.0,
+              "group-dice:lung": 0.6, "group-cases:lung": 5.0},
+        "b": {"dice": 0.7, "group-dice:liver": 0.7, "group-cases:liver": 10.0},
+        "h": {"dice": 0.5, "group-dice:lung": 0.3, "group-cases:lung": 5.0}}}]
+    groups = summarize(rounds, ["a", "b"], ["h"])["groups"]
+    # liver: (0.9 * 6 + 0.7 * 10) / 16 = 0.775; lung: (0.6 * 5 + 0.3 * 5) / 10 = 0.45
+    assert groups["per_group"]["liver"] == {"dice": pytest.approx(0.775), "cases": 16.0, "sites": ["a", "b"]}
+    assert groups["per_group"]["lung"]["dice"] == pytest.approx(0.45)
+    assert groups["worst_group"] == "lung" and groups["gap"] == pytest.approx(0.325)
+    assert "groups" not in summarize([_round(1, {"a": 0.5})], ["a"], [])
