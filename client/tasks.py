@@ -61,9 +61,11 @@ class Task(ABC):
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
 
-    def training_data(self, site: SiteSpec, cases: list[Case], patch_size: int, seed: int) -> Sequence[Any]:
-        """Cases decoded once; indexing one draws a fresh random patch of it."""
-        transform = train_transforms(site, patch_size, keep_instances=self.keep_instances)
+    def training_data(self, site: SiteSpec, cases: list[Case], patch_size: int, seed: int,
+                      augment: bool = False) -> Sequence[Any]:
+        """Cases decoded once; indexing one draws a fresh random patch of it (with ``augment``,
+        also a random appearance)."""
+        transform = train_transforms(site, patch_size, keep_instances=self.keep_instances, augment=augment)
         transform.set_random_state(seed=seed)
         return _FirstPatch(CacheDataset(to_dicts(cases), transform=transform, cache_rate=1.0,
                                         num_workers=0, progress=False))

@@ -50,6 +50,7 @@ def train_local(
     global_params: dict[str, torch.Tensor] | None = None,
     device: str = "cpu",
     dp: DPSession | None = None,
+    augment: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place on ``cases``: one random patch per case per step it is in.
 
@@ -71,13 +72,15 @@ def train_local(
             per case whose gradients are averaged before clipping), Poisson batches, clipped
             and noised steps, accounting; the ledger is written after the last step, before
             anything is returned.
+        augment: random appearance changes (intensity, contrast, noise, blur, bias field; colour
+            jitter for RGB) on every patch.
 
     Returns:
         Mean training loss, number of cases (FedAvg's weight), optimizer steps, and the
         site's cumulative epsilon when ``dp`` is set.
     """
     set_determinism(seed=seed)
-    data = task.training_data(site, cases, patch_size, seed)
+    data = task.training_data(site, cases, patch_size, seed, augment)
     model.to(device).train()
     if dp is None:
         step: Step = PlainStep(task, model, device, proximal_anchors(model, proximal_mu, global_params, device),

@@ -91,6 +91,8 @@ class RunConfig:
         min_train_sites: fewest training sites a round needs, >= 1.
         round_timeout: seconds to wait for site replies per round, > 0.
         val_fraction: share of a site's training cases held out for its validation, in (0, 1).
+        augment: random appearance changes while training (intensity, contrast, noise, blur, a
+            bias field for MRI/CT, a colour jitter for RGB H&E): robustness to other hospitals.
         dp: ``off``; ``sample``: record-level DP-SGD at every site (Opacus, one case = one unit);
             ``client``: site-level DP, Flower's client-side clipping + server-side noise.
         dp_noise_multiplier: Gaussian noise / clipping norm, >= 0 (> 0 for ``client``).
@@ -141,6 +143,7 @@ class RunConfig:
     min_train_sites: int = 2
     round_timeout: float = 3600.0
     val_fraction: float = 0.25
+    augment: bool = False
     dp: str = "off"
     dp_noise_multiplier: float = 1.0
     dp_max_grad_norm: float = -1.0
@@ -265,7 +268,7 @@ class RunConfig:
         return SiteRoundConfig(
             run_name=self.run_name, run_id=run_id, model=model, local_layers=self.local_layers,
             local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
-            patch_size=self.patch_size,
+            patch_size=self.patch_size, augment=self.augment,
             proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
             min_group_cases=self.min_group_cases, heldout_sites=self.heldout_sites,
             device=self.device, data=self.site_data(state_root),
@@ -391,7 +394,7 @@ class SiteRoundConfig:
         run_id: unique id of the run, fixed at its start and kept across resumes.
         model: the network to build.
         local_layers: which layers stay at the site.
-        local_epochs, batch_size, lr, patch_size: training schedule.
+        local_epochs, batch_size, lr, patch_size, augment: training schedule.
         proximal_mu: FedProx weight (0 unless the strategy is FedProx).
         min_group_cases: k-case threshold for fairness groups.
         heldout_sites: sites that only evaluate (they also score after norm adaptation).
@@ -408,6 +411,7 @@ class SiteRoundConfig:
     batch_size: int
     lr: float
     patch_size: int
+    augment: bool
     proximal_mu: float
     min_group_cases: int
     heldout_sites: tuple[str, ...]

@@ -24,8 +24,14 @@ from monai.transforms import (
     LoadImaged,
     NormalizeIntensity,
     NormalizeIntensityd,
+    RandAdjustContrastd,
+    RandBiasFieldd,
     RandCropByPosNegLabeld,
     RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
     SpatialPadd,
 )
 
@@ -257,15 +263,33 @@ def image_channels(spec: SiteSpec) -> int:
     return int(eval_transforms(spec)(to_dicts([first])[0])["image"].shape[0])
 
 
-def train_transforms(spec: SiteSpec, patch_size: int, keep_instances: bool = False) -> Compose:
-    """Loading plus a foreground-balanced random patch per case and random flips."""
+def train_transforms(spec: SiteSpec, patch_size: int, keep_instances: bool = False,
+                     augment: bool = False) -> Compose:
+    """Loading plus a foreground-balanced random patch per case and random flips; with
+    ``augment``, the appearance changes hospitals differ by (``appearance_transforms``)."""
     roi = (patch_size,) * spec.spatial_dims
     aug = [
         SpatialPadd(keys=("image", "label"), spatial_size=roi),
         RandCropByPosNegLabeld(keys=("image", "label"), label_key="label", spatial_size=roi,
                                pos=1, neg=1, num_samples=1),
     ] + [RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=a) for a in range(spec.spatial_dims)]
-    return Compose(base_transforms(spec, keep_instances) + aug)
+    return Compose(base_transforms(spec, keep_instances) + aug + (appearance_transforms(spec) if augment else []))
+
+
+def appearance_transforms(spec: SiteSpec) -> list[Any]:
+    """Scanner and stain differences, applied to the (z-scored) image only: intensity scale and
+    shift (per channel: a colour/stain jitter for RGB H&E), contrast, noise, blur, and a smooth
+    bias field for MRI/CT."""
+    histology = any(word in spec.modality.upper() for word in ("H&E", "HISTO", "PATHOLOGY", "STAIN"))
+    out = [RandScaleIntensityd(keys="image", factors=0.15, prob=0.5, channel_wise=True),
+           RandShiftIntensityd(keys="image", offsets=0.15, prob=0.5, channel_wise=True),
+           RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.3),
+           RandGaussianNoised(keys="image", std=0.05, prob=0.2),
+           RandGaussianSmoothd(keys="image", sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0),
+                               sigma_z=(0.25, 1.0), prob=0.2)]
+    if not histology:  # scanners' smooth intensity inhomogeneity
+        out.append(RandBiasFieldd(keys="image", coeff_range=(0.0, 0.1), prob=0.3))
+    return out
 
 
 def eval_transforms(spec: SiteSpec, keep_instances: bool = False) -> Compose:

@@ -40,7 +40,7 @@ def train_pooled(cfg: RunConfig, sites: list[SiteSpec], seed_site: str) -> tuple
     task = task_for(spec)
     train_local(model, task, first, cases, epochs=cfg.num_server_rounds * cfg.local_epochs,
                 batch_size=cfg.batch_size, lr=cfg.lr, patch_size=cfg.patch_size,
-                seed=case_seed(cfg.seed, seed_site, 0), device=run_device(cfg))
+                seed=case_seed(cfg.seed, seed_site, 0), device=run_device(cfg), augment=cfg.augment)
     return model, task
 
 

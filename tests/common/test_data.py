@@ -6,10 +6,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
-from fedseg.common.data import (DataError, check_site, eval_transforms, image_channels, read_site,
+from fedseg.common.data import (DataError, check_site, eval_transforms, image_channels, read_site, train_transforms,
                                 split_training,
                                 study_sites, to_dicts)
 from fedseg.common.cli import main
@@ -233,3 +234,15 @@ def test_check_finds_an_image_and_label_in_different_physical_spaces(tmp_path):
     (problem,) = check_site(site)
     assert "labelsTr/case_2.nii.gz: spacing differ(s) from image" in problem
     assert "imagesTr/case_2.nii.gz" in problem
+
+
+def test_augmentation_changes_only_the_image_and_keeps_the_label(tmp_path):
+    (site,) = write_study(tmp_path, sites=1, dims=3, cases=2, size=24, seed=0)
+    spec = read_site(site)
+    item = to_dicts(list(spec.training))[0]
+    plain, augmented = (train_transforms(spec, 16, augment=a) for a in (False, True))
+    for transform in (plain, augmented):
+        transform.set_random_state(seed=3)
+    a, b = plain(item)[0], augmented(item)[0]
+    assert torch.equal(a["label"], b["label"])  # the same crop and flips
+    assert not torch.equal(a["image"], b["image"])  # another appearance
