@@ -51,6 +51,7 @@ def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None)
     out.mkdir(parents=True, exist_ok=True)
     scores: dict[str, dict[str, dict[str, float]]] = {}
     matrix: list[list[float | None]] = []
+    rising: list[str] = []
     started = time.monotonic()
     for index, baseline in enumerate(baselines):
         elapsed = time.monotonic() - started
@@ -59,8 +60,12 @@ def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None)
         if baseline in FEDERATED:
             run = simulate(cfg.replace(output_dir=str(out / "runs"), run_name=baseline, resume=False,
                                        **FEDERATED[baseline]), num_cpus=num_cpus)
-            final = json.loads((run / "rounds.jsonl").read_text().splitlines()[-1])["eval"]
-            scores[baseline] = {s: final.get(s, {}) for s in specs}
+            rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
+            scores[baseline] = {s: rounds[-1]["eval"].get(s, {}) for s in specs}
+            if still_rising(rounds, training):
+                rising.append(baseline)
+                log.warning("study: %s's mean Dice was still rising in its last round; its budget "
+                            "(rounds x local epochs) is too short to compare baselines fairly", baseline)
         elif baseline == "pooled":
             scores[baseline] = _train_and_score(cfg, specs, training, seed_site="pooled")
         else:
@@ -78,9 +83,20 @@ def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None)
         atomic_write_json(out / "cross_site.json", cross)
         _write_csv(out / "cross_site.csv", [{"trained_at": t, **dict(zip(specs, row))}
                                             for t, row in zip(training, matrix)])
-    write_study_report(out, comparison, cross if matrix else None)
+    budget = {"rounds": cfg.num_server_rounds, "local epochs": cfg.local_epochs, "batch size": cfg.batch_size,
+              "steps per site": {s: cfg.num_server_rounds * cfg.local_epochs
+                                 * -(-len(split_training(specs[s], cfg.val_fraction, cfg.seed)[0]) // cfg.batch_size)
+                                 for s in training}}
+    write_study_report(out, comparison, cross if matrix else None, budget, rising)
     log.info("study done in %.0fs: %s", time.monotonic() - started, out)
     return out
+
+
+def still_rising(rounds: list[dict[str, Any]], sites: list[str], margin: float = 0.01) -> bool:
+    """Whether the mean validation Dice over ``sites`` still rose by more than ``margin`` in the
+    last round (a baseline that has not reached its plateau)."""
+    means = [site_spread({s: r["eval"].get(s, {}).get("dice") for s in sites})["mean"] for r in rounds[-2:]]
+    return len(means) == 2 and None not in means and means[1] - means[0] > margin
 
 
 def _train_and_score(cfg: RunConfig, specs: dict[str, SiteSpec], train_at: list[str],
