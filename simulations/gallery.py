@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from monai.visualize import OcclusionSensitivity  # noqa: E402
 
+from fedseg.client.predict import overlay_image  # noqa: E402
 from fedseg.client.site import sim_state_dir  # noqa: E402
 from fedseg.client.site_model import saved_model  # noqa: E402
 from fedseg.client.tasks import task_for  # noqa: E402
@@ -45,13 +46,15 @@ class _ForegroundScore(torch.nn.Module):
 
 @torch.no_grad()
 def make_gallery(run_dir: str | Path, max_sites: int = 4) -> list[dict[str, Any]]:
-    """Best and worst validation case of up to ``max_sites`` sites (empty outside simulation)."""
+    """Best and worst validation case of up to ``max_sites`` sites (empty outside simulation):
+    ground truth and prediction over the image (every instance in its own colour for Mask
+    R-CNN), and, for per-pixel models, an occlusion-sensitivity map."""
     run_dir = Path(run_dir)
     info = json.loads((run_dir / "run.json").read_text())
     cfg = info["config"]
     task = task_for(ModelSpec.from_dict(info["model"]))
-    if not cfg.get("study-dir") or not Path(cfg["study-dir"]).is_dir() or not task.dense_logits:
-        return []  # occlusion maps explain per-pixel logits; a detector has none
+    if not cfg.get("study-dir") or not Path(cfg["study-dir"]).is_dir():
+        return []
     items = []
     refs = {r.name: r for r in study_sites(cfg["study-dir"], cfg.get("split-site", 0))}
     for site in (info["training_sites"] + info["heldout_sites"])[:max_sites]:
@@ -74,47 +77,50 @@ def make_gallery(run_dir: str | Path, max_sites: int = 4) -> list[dict[str, Any]
             continue
         scored.sort(key=lambda s: s[0])
         for tag, (dice, image, label, pred) in (("worst", scored[0]), ("best", scored[-1])):
+            explain = task.dense_logits  # occlusion maps explain per-pixel logits; a detector has none
             items.append({"title": f"{site}: {tag} validation case (Dice {dice:.3f})",
-                          "caption": "image | ground truth | prediction | occlusion sensitivity (red: hiding the region lowers the predicted foreground)",
-                          "png": _figure(model, image, label, pred, patch, spec.spatial_dims)})
+                          "caption": "image | ground truth | prediction" + (
+                              " | occlusion sensitivity (red: hiding the region lowers the predicted "
+                              "foreground)" if explain else " (each instance in its own colour)"),
+                          "png": _figure(model if explain else None, image, label, pred, patch,
+                                         spec.spatial_dims)})
             if len(scored) == 1:
                 break
     return items
 
 
-def _figure(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor,
+def _figure(model: torch.nn.Module | None, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor,
             patch: int, dims: int) -> bytes:
+    """Image, ground truth and prediction over it, and (``model`` given, 2D) occlusion sensitivity."""
+    occlusion = None
     if dims == 3:  # show the middle slice along the last axis
         mid = image.shape[-1] // 2
         image, label, pred = image[..., mid], label[..., mid], pred[..., mid]
-        occlusion = None
     else:
         # one patch around the centre of the case: the occlusion map costs ~200 patch-sized
         # forward passes (a 1/8-patch mask at 50% overlap), a small share of a run's training
         centre = [max(0, (s - patch) // 2) for s in image.shape[2:]]
         crop = tuple(slice(c, c + min(s, patch)) for c, s in zip(centre, image.shape[2:]))
         image, label, pred = (t[(slice(None), slice(None), *crop)] for t in (image, label, pred))
-        score = _ForegroundScore(model)
-        # activate=False: MONAI's default softmax over a single score would make every map 1.0
-        sens = OcclusionSensitivity(score, mask_size=max(4, patch // 8), n_batch=16, verbose=False,
-                                    overlap=0.5, activate=False)
-        with warnings.catch_warnings():  # MONAI's own indexing deprecation notices
-            warnings.simplefilter("ignore", UserWarning)
-            occlusion = None
-            if image.shape[2] >= patch:  # how much hiding each region lowers the foreground score
+        if model is not None and image.shape[2] >= patch:
+            score = _ForegroundScore(model)
+            # activate=False: MONAI's default softmax over a single score would make every map 1.0
+            sens = OcclusionSensitivity(score, mask_size=max(4, patch // 8), n_batch=16, verbose=False,
+                                        overlap=0.5, activate=False)
+            with warnings.catch_warnings():  # MONAI's own indexing deprecation notices
+                warnings.simplefilter("ignore", UserWarning)
+                # how much hiding each region lowers the foreground score
                 occlusion = (score(image.float())[0, 0] - sens(image.float())[0][0, 0]).detach().numpy()
-    shown = image[0].permute(1, 2, 0).numpy() if image.shape[1] == 3 else image[0, 0].numpy()
-    low, high = shown.min(axis=(0, 1)), shown.max(axis=(0, 1))  # per channel: z-scored colours back
-    shown = (shown - low) / (high - low + 1e-6)
-    classes = max(int(label.max()), int(pred.max()), 1)
-    panels = [(shown, "gray", {}), (label[0, 0].numpy(), "viridis", {"vmin": 0, "vmax": classes}),
-              (pred[0, 0].numpy(), "viridis", {"vmin": 0, "vmax": classes})]
+    pixels = image[0].numpy()
+    panels = [(overlay_image(pixels, np.zeros(pixels.shape[1:], np.int64)), None, {}),
+              (overlay_image(pixels, label[0, 0].numpy()), None, {}),
+              (overlay_image(pixels, pred[0, 0].numpy()), None, {})]
     if occlusion is not None:
         bound = float(np.abs(occlusion).max()) or 1.0
         panels.append((occlusion, "coolwarm", {"vmin": -bound, "vmax": bound}))
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.6), dpi=90)
     for ax, (data, cmap, limits) in zip(axes, panels):
-        ax.imshow(data, cmap=None if data.ndim == 3 else cmap, **limits)
+        ax.imshow(data, cmap=cmap, **limits)
         ax.axis("off")
     buffer = io.BytesIO()
     fig.tight_layout()
