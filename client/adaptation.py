@@ -4,6 +4,8 @@ entropy minimization (TENT, Wang et al. 2021) for every norm kind."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from monai.transforms import RandSpatialCrop, SpatialPad
 from torch import nn
@@ -74,6 +76,20 @@ def adapt_norm_affines(model: nn.Module, spec: SiteSpec, cases: list[Case], *, p
         for p, flag in frozen.items():
             p.requires_grad_(flag)
     return float(entropy.detach())
+
+
+def adapt_to_site(model: nn.Module, task: Any, spec: SiteSpec, cases: list[Case], *, patch_size: int,
+                  seed: int, device: str = "cpu") -> bool:
+    """Both adaptations a model allows: BatchNorm statistics, then (per-pixel models; a detector
+    has no per-pixel entropy) the norm affines.
+
+    Returns:
+        Whether anything changed (else the adapted model is the plain one).
+    """
+    statistics = adapt_norm_statistics(model, spec, cases, patch_size=patch_size, seed=seed, device=device)
+    if task.dense_logits:
+        adapt_norm_affines(model, spec, cases, patch_size=patch_size, seed=seed, device=device)
+    return bool(statistics) or task.dense_logits
 
 
 def _patches(spec: SiteSpec, cases: list[Case], patch_size: int, seed: int, patches_per_case: int):

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedseg.client.adaptation import adapt_norm_affines, adapt_norm_statistics
+from fedseg.client.adaptation import adapt_to_site
 from fedseg.client.audit import outbox_audit_mod
 from fedseg.client.client_level_dp import client_level_clipping_mod
 from fedseg.client.privacy import DPSession
@@ -116,13 +116,8 @@ def _evaluate(msg: Message, node_config: dict) -> RecordDict:
     options = dict(patch_size=cfg.patch_size, device=device, min_group_cases=cfg.min_group_cases)
     scores = task.evaluate(model, spec, cases, **options)
     if spec.name in cfg.heldout_sites:  # an unseen hospital: also score after adapting its norms
-        adapted = scores  # nothing to adapt (no BatchNorm, no per-pixel logits): the plain model
-        statistics = adapt_norm_statistics(model, spec, cases, patch_size=cfg.patch_size,
-                                           seed=cfg.data.seed, device=device)
-        if task.dense_logits:  # entropy of per-pixel predictions: a detector has none
-            adapt_norm_affines(model, spec, cases, patch_size=cfg.patch_size, seed=cfg.data.seed,
-                               device=device)
-        if statistics or task.dense_logits:
-            adapted = task.evaluate(model, spec, cases, **options)
+        changed = adapt_to_site(model, task, spec, cases, patch_size=cfg.patch_size, seed=cfg.data.seed,
+                                device=device)
+        adapted = task.evaluate(model, spec, cases, **options) if changed else scores
         scores |= {f"tta-{k}": v for k, v in adapted.items() if not k.startswith("group-")}
     return RecordDict({METRICS: scalar_metrics({**scores, NUM_EXAMPLES: len(cases)})})
