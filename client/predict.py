@@ -127,6 +127,11 @@ def _write_map(source: Path, values: np.ndarray, out_dir: Path, stem: str) -> Pa
     return target
 
 
+# the colour of label (or instance) k is PALETTE[(k - 1) % len(PALETTE)]
+PALETTE = np.array([[0.9, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.3, 0.95], [0.95, 0.8, 0.1],
+                    [0.8, 0.1, 0.8], [0.1, 0.85, 0.85]])
+
+
 def overlay_image(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """RGB uint8: the image (channel-first, z-scored; a volume's middle slice) in grey or its own
     colours, each label (class or instance) tinted in a distinct colour at 45% opacity."""
@@ -136,9 +141,7 @@ def overlay_image(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     shown = image[:3].transpose(1, 2, 0) if image.shape[0] >= 3 else np.repeat(image[:1].transpose(1, 2, 0), 3, -1)
     low, high = shown.min(axis=(0, 1)), shown.max(axis=(0, 1))
     rgb = (shown - low) / (high - low + 1e-6)
-    palette = np.array([[0.9, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.3, 0.95], [0.95, 0.8, 0.1],
-                        [0.8, 0.1, 0.8], [0.1, 0.85, 0.85]])
     for value in np.unique(labels[labels > 0]):
         mask = labels == value
-        rgb[mask] = 0.55 * rgb[mask] + 0.45 * palette[(int(value) - 1) % len(palette)]
+        rgb[mask] = 0.55 * rgb[mask] + 0.45 * PALETTE[(int(value) - 1) % len(PALETTE)]
     return (rgb * 255).clip(0, 255).astype(np.uint8)

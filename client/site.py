@@ -10,8 +10,8 @@ from typing import Any
 from fedseg.client.privacy import SitePolicy
 from fedseg.common.config import SiteData
 from fedseg.common.devices import resolve_device
-from fedseg.common.data import (DataError, SiteRef, check_site, image_channels, read_site,
-                               split_training, study_sites)
+from fedseg.common.data import (NIFTI_SUFFIXES, DataError, SiteRef, SiteSpec, check_site, image_channels,
+                               read_site, split_training, study_sites)
 
 SIM_POLICIES_FILE = "site_policies.json"
 # What a hospital may set in its SuperNode's node config (Flower adds the partition keys in simulation).
@@ -132,6 +132,7 @@ def describe_site(site: SiteLocation, data: SiteData) -> tuple[dict[str, Any], l
     return {"site": site.ref.name, "problems": 0, "spatial-dims": spec.spatial_dims,
             "in-channels": image_channels(spec), "num-classes": spec.num_classes, "task": spec.task,
             "label-names": [spec.labels.get(i, str(i)) for i in range(spec.num_classes)],
+            "distance-unit": distance_unit(spec),
             "num-train": len(train) if spec.training else 0, "num-val": len(val)}, []
 
 
@@ -140,3 +141,9 @@ def _policy(raw: dict[str, Any], source: str) -> SitePolicy:
         return SitePolicy.from_config(raw, source)
     except ValueError as err:
         raise DataError(str(err)) from None
+
+
+def distance_unit(spec: SiteSpec) -> str:
+    """The unit of the site's HD95: NIfTI voxel spacing is in mm, PNG/JPEG pixels have none."""
+    cases = spec.training or spec.test
+    return "mm" if cases and cases[0].image.name.lower().endswith(NIFTI_SUFFIXES) else "px"

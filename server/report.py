@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedseg.common.atomic import atomic_write_bytes  # noqa: E402
+from fedseg.common.records import NUM_EXAMPLES  # noqa: E402
 from fedseg.server.run_folder import RunFolder  # noqa: E402
 from fedseg.server.summary import INSTANCE_METRICS  # noqa: E402
 
@@ -32,7 +33,7 @@ def site_table(run_dir: str | Path) -> str:
     sites = info["training_sites"] + info["heldout_sites"]
     epsilon = summary.get("record_level_dp", {}).get("epsilon", {})
     instance = [m for m in INSTANCE_METRICS if rounds and any(m in e for e in rounds[-1]["eval"].values())]
-    head = ["site"] + [f"r{r['round']}" for r in rounds] + ["final dice", "final hd95"]
+    head = ["site"] + [f"r{r['round']}" for r in rounds] + ["final dice", f"final hd95 ({distance_unit(info)})"]
     head += [f"final {m}" for m in instance] + (["epsilon"] if epsilon else [])
     rows = []
     for site in sites:
@@ -55,6 +56,22 @@ def site_table(run_dir: str | Path) -> str:
         lines.append(f"client-level DP: epsilon {spent['epsilon']:.3f} at delta={spent['delta']:g} "
                      "(Flower RDP accountant, server-side noise)")
     return "\n".join(lines)
+
+
+UNIT_WORDS = {"mm": "millimetres (NIfTI voxel spacing)", "px": "pixels",
+              "mm or px": "millimetres for NIfTI sites and pixels for PNG/JPEG sites"}
+
+
+def label_names(info: dict[str, Any]) -> dict[str, str]:
+    """Label value (as in ``dice-<value>``) -> the name the sites' dataset.json gives it."""
+    reported = next((s.get("label-names") for s in info.get("sites", {}).values() if s.get("label-names")), [])
+    return {str(value): name for value, name in enumerate(reported)}
+
+
+def distance_unit(info: dict[str, Any]) -> str:
+    """HD95's unit as the sites report it: mm for NIfTI spacing, px for PNG/JPEG."""
+    units = {s.get("distance-unit") for s in info.get("sites", {}).values()} - {None}
+    return units.pop() if len(units) == 1 else "mm or px"
 
 
 def write_gallery(run_dir: str | Path, items: list[dict[str, Any]]) -> None:
@@ -123,10 +140,16 @@ def write_report(run_dir: str | Path) -> Path:
     body += [_img(png, name) for name, png in figures.items()]
     body.append("<h2>Per-site results (final round)</h2>")
     final = rounds[-1]["eval"] if rounds else {}
-    labels = sorted({k for m in final.values() for k in m if k.startswith("dice-")})
-    body.append(_table(["site", "Dice", "HD95"] + labels,
-                       [[s, final.get(s, {}).get("dice"), final.get(s, {}).get("hd95")]
+    labels = sorted({k for m in final.values() for k in m if k.startswith("dice-")},
+                    key=lambda k: int(k.split("-", 1)[1]) if k.split("-", 1)[1].isdigit() else 0)
+    names, unit = label_names(info), distance_unit(info)
+    body.append(_table(["site", "validation cases", "Dice", f"HD95 ({unit})"]
+                       + [f"Dice {names.get(k.split('-', 1)[1], k)}" for k in labels],
+                       [[s, final.get(s, {}).get(NUM_EXAMPLES), final.get(s, {}).get("dice"),
+                         final.get(s, {}).get("hd95")]
                         + [final.get(s, {}).get(k) for k in labels] for s in training]))
+    body.append(_para(f"Dice and HD95 are means over the foreground labels; HD95 is the 95th "
+                      f"percentile Hausdorff distance in {UNIT_WORDS.get(unit, UNIT_WORDS['mm or px'])}."))
     if heldout:
         body.append("<h2>Held-out sites (never trained)</h2>")
         body.append(_para("Scored twice: plain (under FedBN with the unseen-site norm set the server "
@@ -136,8 +159,8 @@ def write_report(run_dir: str | Path) -> Path:
                           "no label used, nothing sent)."))
         rows = [[s, final.get(s, {}).get("dice"), final.get(s, {}).get("tta-dice"),
                  _delta(final.get(s, {}).get("tta-dice"), final.get(s, {}).get("dice")),
-                 final.get(s, {}).get("hd95")] for s in heldout]
-        body.append(_table(["site", "Dice", "Dice after adaptation", "change", "HD95"], rows))
+                 final.get(s, {}).get("hd95"), final.get(s, {}).get(NUM_EXAMPLES)] for s in heldout]
+        body.append(_table(["site", "Dice", "Dice after adaptation", "change", f"HD95 ({unit})", "cases"], rows))
         hurt = [row[0] for row in rows if row[3] is not None and row[3] < 0]
         if hurt:
             body.append(_para(f"Adaptation lowered the Dice at {', '.join(hurt)}: use the plain model "
@@ -174,8 +197,9 @@ def write_report(run_dir: str | Path) -> Path:
     if gallery:
         body.append("<h2>Gallery (simulation only)</h2>")
         body.append(_para("Best and worst validation case per site: image, ground truth, prediction, "
-                          "and MONAI occlusion sensitivity (how much hiding each region lowers the "
-                          "predicted foreground). Shown only in simulation, where images may be seen."))
+                          "and MONAI's explanation maps: occlusion sensitivity (how much hiding each "
+                          "region lowers the predicted foreground; 2D) and SmoothGrad gradient "
+                          "saliency. Shown only in simulation, where images may be seen."))
         for item in gallery:
             body.append(f"<h3>{html.escape(item['title'])}</h3>{_para(item['caption'])}"
                         f"{_img(item['png'], item['title'])}")

@@ -19,9 +19,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from monai.visualize import OcclusionSensitivity  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from monai.visualize import OcclusionSensitivity, SmoothGrad  # noqa: E402
 
-from fedseg.client.predict import overlay_image  # noqa: E402
+from fedseg.client.predict import PALETTE, overlay_image  # noqa: E402
 from fedseg.client.site import sim_state_dir  # noqa: E402
 from fedseg.client.site_model import saved_model  # noqa: E402
 from fedseg.client.tasks import task_for  # noqa: E402
@@ -48,7 +49,7 @@ class _ForegroundScore(torch.nn.Module):
 def make_gallery(run_dir: str | Path, max_sites: int = 4) -> list[dict[str, Any]]:
     """Best and worst validation case of up to ``max_sites`` sites (empty outside simulation):
     ground truth and prediction over the image (every instance in its own colour for Mask
-    R-CNN), and, for per-pixel models, an occlusion-sensitivity map."""
+    R-CNN), and, for per-pixel models, an occlusion map (2D) and a gradient saliency map."""
     run_dir = Path(run_dir)
     info = json.loads((run_dir / "run.json").read_text())
     cfg = info["config"]
@@ -76,54 +77,100 @@ def make_gallery(run_dir: str | Path, max_sites: int = 4) -> list[dict[str, Any]
         if not scored:
             continue
         scored.sort(key=lambda s: s[0])
+        names = {i: spec.labels.get(i, str(i)) for i in range(1, spec.num_classes)}
         for tag, (dice, image, label, pred) in (("worst", scored[0]), ("best", scored[-1])):
-            explain = task.dense_logits  # occlusion maps explain per-pixel logits; a detector has none
+            view = case_view(image, label, pred, patch, spec.spatial_dims)
+            maps = explanation_maps(model, view, patch) if task.dense_logits else {}
             items.append({"title": f"{site}: {tag} validation case (Dice {dice:.3f})",
-                          "caption": "image | ground truth | prediction" + (
-                              " | occlusion sensitivity (red: hiding the region lowers the predicted "
-                              "foreground)" if explain else " (each instance in its own colour)"),
-                          "png": _figure(model if explain else None, image, label, pred, patch,
-                                         spec.spatial_dims)})
+                          "caption": _caption(view, maps, instances=not task.dense_logits),
+                          "png": _figure(view, maps, names, instances=not task.dense_logits)})
             if len(scored) == 1:
                 break
     return items
 
 
-def _figure(model: torch.nn.Module | None, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor,
-            patch: int, dims: int) -> bytes:
-    """Image, ground truth and prediction over it, and (``model`` given, 2D) occlusion sensitivity."""
-    occlusion = None
-    if dims == 3:  # show the middle slice along the last axis
-        mid = image.shape[-1] // 2
-        image, label, pred = image[..., mid], label[..., mid], pred[..., mid]
-    else:
-        # one patch around the centre of the case: the occlusion map costs ~200 patch-sized
-        # forward passes (a 1/8-patch mask at 50% overlap), a small share of a run's training
-        centre = [max(0, (s - patch) // 2) for s in image.shape[2:]]
-        crop = tuple(slice(c, c + min(s, patch)) for c, s in zip(centre, image.shape[2:]))
-        image, label, pred = (t[(slice(None), slice(None), *crop)] for t in (image, label, pred))
-        if model is not None and image.shape[2] >= patch:
-            score = _ForegroundScore(model)
-            # activate=False: MONAI's default softmax over a single score would make every map 1.0
-            sens = OcclusionSensitivity(score, mask_size=max(4, patch // 8), n_batch=16, verbose=False,
-                                        overlap=0.5, activate=False)
-            with warnings.catch_warnings():  # MONAI's own indexing deprecation notices
-                warnings.simplefilter("ignore", UserWarning)
-                # how much hiding each region lowers the foreground score
-                occlusion = (score(image.float())[0, 0] - sens(image.float())[0][0, 0]).detach().numpy()
-    pixels = image[0].numpy()
-    panels = [(overlay_image(pixels, np.zeros(pixels.shape[1:], np.int64)), None, {}),
-              (overlay_image(pixels, label[0, 0].numpy()), None, {}),
-              (overlay_image(pixels, pred[0, 0].numpy()), None, {})]
-    if occlusion is not None:
-        bound = float(np.abs(occlusion).max()) or 1.0
-        panels.append((occlusion, "coolwarm", {"vmin": -bound, "vmax": bound}))
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.6), dpi=90)
-    for ax, (data, cmap, limits) in zip(axes, panels):
-        ax.imshow(data, cmap=cmap, **limits)
+def case_view(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor, patch: int,
+              dims: int) -> dict[str, Any]:
+    """One patch-sized crop of a case (batch-first tensors) around its centre and, for a volume,
+    the slice along the last axis with the most ground-truth foreground: what the figure shows
+    and the maps explain (~200 patch-sized passes for occlusion, a small share of a run)."""
+    spatial = image.shape[2:]
+    focus = [s // 2 for s in spatial]
+    if dims == 3:
+        area = (label[0, 0] > 0).flatten(0, 1).sum(0)
+        if area.max() > 0:
+            focus[-1] = int(area.argmax())
+    start = [min(max(0, f - patch // 2), max(0, s - patch)) for f, s in zip(focus, spatial)]
+    crop = (slice(None), slice(None), *(slice(b, b + min(s, patch)) for b, s in zip(start, spatial)))
+    image, label, pred = (t[crop] for t in (image, label, pred))
+    return {"image": image.float(), "label": label, "pred": pred, "dims": dims,
+            "slice": focus[-1] - start[-1] if dims == 3 else None,
+            "fits": all(s >= patch for s in image.shape[2:])}
+
+
+def explanation_maps(model: torch.nn.Module, view: dict[str, Any], patch: int) -> dict[str, np.ndarray]:
+    """What drives the predicted foreground in the crop, each map 2D (a volume's shown slice):
+    ``occlusion`` (2D only: how much hiding each region lowers the foreground score) and
+    ``gradient`` (MONAI's SmoothGrad: the squared gradient of the foreground score per pixel,
+    averaged over 16 noisy copies of the crop, max over channels). Empty when the crop is smaller than the model's patch."""
+    if not view["fits"]:
+        return {}
+    score, image, maps = _ForegroundScore(model).eval(), view["image"], {}
+    if view["dims"] == 2:
+        # activate=False: MONAI's default softmax over a single score would make every map 1.0
+        sens = OcclusionSensitivity(score, mask_size=max(4, patch // 8), n_batch=16, verbose=False,
+                                    overlap=0.5, activate=False)
+        with warnings.catch_warnings():  # MONAI's own indexing deprecation notices
+            warnings.simplefilter("ignore", UserWarning)
+            maps["occlusion"] = (score(image)[0, 0] - sens(image)[0][0, 0]).detach().numpy()
+    with torch.enable_grad():
+        grad = SmoothGrad(score, n_samples=16, verbose=False)(image.clone(), index=0).amax(1)[0]
+    maps["gradient"] = _shown(grad.numpy(), view)
+    return maps
+
+
+def _shown(array: np.ndarray, view: dict[str, Any]) -> np.ndarray:
+    """The slice of a (spatial) array that the figure shows."""
+    return array[..., view["slice"]] if view["dims"] == 3 else array
+
+
+def _caption(view: dict[str, Any], maps: dict[str, np.ndarray], instances: bool) -> str:
+    where = (f"slice {view['slice']} of the crop along the last axis (the one with the most ground "
+             f"truth)" if view["dims"] == 3 else "a patch-sized crop around the centre")
+    parts = ["image", "ground truth", "prediction"] + [
+        {"occlusion": "occlusion (red: hiding the region lowers the predicted foreground; blue: raises it)",
+         "gradient": "gradient saliency (bright: pixels the foreground score is most sensitive to)"}[k]
+        for k in maps]
+    return " | ".join(parts) + f"; {where}" + ("; each instance in its own colour" if instances else "")
+
+
+def _figure(view: dict[str, Any], maps: dict[str, np.ndarray], names: dict[int, str], instances: bool) -> bytes:
+    """Image, ground truth and prediction over it, and the explanation maps with colour bars."""
+    pixels = _shown(view["image"][0].numpy(), view)
+    label, pred = (_shown(view[k][0, 0].numpy(), view) for k in ("label", "pred"))
+    panels = [("image", overlay_image(pixels, np.zeros(pixels.shape[1:], np.int64)), None),
+              ("ground truth", overlay_image(pixels, label), None),
+              ("prediction", overlay_image(pixels, pred), None)]
+    if "occlusion" in maps:
+        bound = float(np.abs(maps["occlusion"]).max()) or 1.0
+        panels.append(("occlusion: drop in\nforeground score", maps["occlusion"],
+                       dict(cmap="coolwarm", vmin=-bound, vmax=bound)))
+    if "gradient" in maps:
+        peak = float(maps["gradient"].max()) or 1.0
+        panels.append(("gradient saliency (SmoothGrad),\nrelative to its peak", maps["gradient"] / peak,
+                       dict(cmap="magma", vmin=0, vmax=1)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.8 * len(panels), 3.3), dpi=90)
+    for ax, (title, data, style) in zip(axes, panels):
+        shown = ax.imshow(data, **(style or {}))
+        ax.set_title(title, fontsize=8)
         ax.axis("off")
+        if style:
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
+    if not instances:
+        handles = [Patch(color=PALETTE[(i - 1) % len(PALETTE)], label=name) for i, name in names.items()]
+        fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=7, frameon=False)
     buffer = io.BytesIO()
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07 if not instances else 0, 1, 1))
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()

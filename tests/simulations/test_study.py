@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import torch
+
+from fedseg.client.site import sim_state_dir
+from fedseg.client.site_model import saved_model
+from fedseg.client.tasks import task_for
 from fedseg.common.cli import main
+from fedseg.common.config import ModelSpec
+from fedseg.common.data import read_site, study_sites, to_dicts
+from fedseg.simulations.gallery import case_view, explanation_maps
 from fedseg.simulations.synth import write_study
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -69,6 +77,8 @@ def test_report_renders_in_a_real_browser(study_out, tmp_path):
     dom = subprocess.run([CHROMIUM, *HEADLESS, f"--user-data-dir={tmp_path / 'p'}", "--dump-dom",
                           (run / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert "Held-out sites" in dom and "site-d" in dom and "Gallery" in dom
+    # the per-site table names the labels as dataset.json does, HD95's unit, and the cases behind each Dice
+    assert all(h in dom for h in ("Dice structure-1", "Dice structure-2", "HD95 (px)", "validation cases")), dom
     shot = tmp_path / "shot.png"
     subprocess.run([CHROMIUM, *HEADLESS, f"--user-data-dir={tmp_path / 'q'}", "--window-size=1000,5000",
                     f"--screenshot={shot}", (run / "report.html").as_uri()], capture_output=True, timeout=120)
@@ -77,21 +87,29 @@ def test_report_renders_in_a_real_browser(study_out, tmp_path):
     assert colourful > 0.02  # the embedded plots and overlays were decoded and painted
 
 
-def test_gallery_overlays_show_what_the_model_sees(study_out):
-    """Each gallery figure's explanation panel (the right quarter) varies: a blank map would
-    explain nothing (MONAI's default softmax over one score once made every map 1.0)."""
-    gallery = study_out / "runs" / "fedbn" / "plots" / "gallery"
-    index = json.loads((gallery / "gallery.json").read_text())
-    assert index and all("occlusion" in item["caption"] for item in index)
-    for item in index:
-        assert _last_panel(Image.open(gallery / item["file"])).std(axis=(0, 1)).max() > 2, item["title"]
+def test_gallery_explains_the_prediction_with_maps_that_are_not_blank(study_out):
+    """Each figure names its maps, and the maps for a real case vary across the image: a blank map
+    explains nothing (MONAI's default softmax over one score once made every occlusion map 1.0)."""
+    run = study_out / "runs" / "fedbn"
+    info = json.loads((run / "run.json").read_text())
+    index = json.loads((run / "plots" / "gallery" / "gallery.json").read_text())
+    assert index and all("occlusion" in i["caption"] and "gradient saliency" in i["caption"] for i in index)
+    model, _, patch = saved_model(run / "model" / "global.pt", sim_state_dir(run / "site-state", "site-a"))
+    site = read_site(study_sites(info["config"]["study-dir"])[0], seed=0)
+    data = task_for(ModelSpec.from_dict(info["model"])).eval_data(site)(to_dicts(site.training)[0])
+    image = data["image"][None]
+    view = case_view(image, data["label"][None], torch.zeros_like(data["label"][None]), patch, 2)
+    maps = explanation_maps(model, view, patch)
+    assert set(maps) == {"occlusion", "gradient"}
+    for name, values in maps.items():
+        assert values.shape == image.shape[2:] and np.isfinite(values).all() and values.std() > 1e-6, name
 
 
-def _last_panel(figure: Image.Image) -> np.ndarray:
-    """The pixels inside the rightmost panel of a gallery figure (white margins cut away)."""
-    pixels = np.asarray(figure.convert("RGB")).astype(float)
-    inked = (pixels < 245).any(-1)
-    cols = np.nonzero(inked.any(0))[0]
-    start = cols[np.nonzero(np.diff(cols) > 1)[0][-1] + 1]  # the last run of inked columns
-    rows = np.nonzero(inked[:, start:].any(1))[0]
-    return pixels[rows.min() + 3: rows.max() - 3, start + 3: cols.max() - 3]
+def test_a_volume_is_shown_at_its_slice_with_the_most_foreground():
+    image = torch.rand(1, 1, 40, 40, 40)
+    label = torch.zeros(1, 1, 40, 40, 40, dtype=torch.long)
+    label[..., 10:14, 12:20, 31] = 1
+    label[..., 10:12, 12:14, 5] = 1
+    view = case_view(image, label, label, 32, 3)
+    assert view["image"].shape[2:] == (32, 32, 32)
+    assert view["label"][0, 0, ..., view["slice"]].sum() == 4 * 8  # slice 31 of the volume
