@@ -40,7 +40,8 @@ def main() -> None:
     comparison = json.loads((out / "comparison.json").read_text())["baselines"]
     rows = [{"baseline": r["baseline"], "in-federation mean Dice": r["mean_dice"],
              "worst site": r["worst_site"], "worst Dice": r["worst_dice"],
-             "held-out Dice": r["heldout_mean_dice"],
+             "held-out Dice": r["heldout_mean_dice"], "held-out adapted": r["heldout_adapted_dice"],
+             "held-out ensemble (last 3 rounds)": r["heldout_ensemble_dice"],
              "held-out - in-fed": (r["heldout_mean_dice"] - r["mean_dice"])
              if r["heldout_mean_dice"] is not None else None} for r in comparison]
     dice = {r["baseline"]: r["in-federation mean Dice"] for r in rows}

@@ -96,15 +96,21 @@ class Task(ABC):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, site: SiteSpec, cases: list[Case], *, patch_size: int,
-                 device: str = "cpu", min_group_cases: int = 5) -> dict[str, float]:
+                 device: str = "cpu", min_group_cases: int = 5,
+                 ensemble: Sequence[nn.Module] = ()) -> dict[str, float]:
         """Score whole cases: Dice/HD95 per label (and PQ/AJI/AP for instances), groups with at
-        least ``min_group_cases`` cases."""
-        model.to(device).eval()
+        least ``min_group_cases`` cases; with ``ensemble``, the prediction is the argmax of the
+        class probabilities averaged over ``model`` and those models (per-pixel tasks only)."""
+        if ensemble and not self.dense_logits:
+            raise ValueError(f"a {self.spec.model} model has no per-pixel class probabilities to ensemble")
+        members = [m.to(device).eval() for m in (model, *ensemble)]
         scores = self.new_scores(site, min_group_cases)
         transform = self.eval_data(site)
         for case, item in zip(cases, to_dicts(cases)):
             data = transform(item)
-            self.add_case(scores, self.infer(model, data["image"], patch_size, device), data, case.group)
+            prediction = (Prediction(self.probabilities(members, data["image"], patch_size, device).argmax(0))
+                          if ensemble else self.infer(model, data["image"], patch_size, device))
+            self.add_case(scores, prediction, data, case.group)
         return scores.result()
 
 

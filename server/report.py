@@ -210,7 +210,8 @@ def write_report(run_dir: str | Path) -> Path:
 
 STUDY_HEADERS = {"baseline": "baseline", "mean_dice": "mean Dice (in federation)", "worst_site": "worst site",
                  "worst_dice": "worst-site Dice", "gap": "max-min gap", "heldout_mean_dice": "held-out Dice",
-                 "rank": "rank"}
+                 "heldout_adapted_dice": "held-out Dice, norms adapted at the site",
+                 "heldout_ensemble_dice": "held-out Dice, ensemble of the last 3 rounds", "rank": "rank"}
 
 
 def write_study_report(out_dir: Path, comparison: list[dict[str, Any]], matrix: dict[str, Any] | None,

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 
+from fedseg.client.site_model import saved_model
+from fedseg.client.tasks import task_for
 from fedseg.common.atomic import atomic_write_bytes, atomic_write_json
 from fedseg.common.config import RunConfig
 from fedseg.common.data import SiteSpec, read_site, split_training, study_sites
@@ -28,6 +30,7 @@ from fedseg.simulations.simulate import simulate
 
 log = logging.getLogger(__name__)
 BASELINES = ("local", "pooled", "fedavg", "fedprox", "fedbn")
+ENSEMBLE_ROUNDS = 3  # held-out sites are also scored by the average of the last 3 rounds' models
 FEDERATED = {"fedavg": dict(strategy="fedavg", local_layers="none"),
              "fedprox": dict(strategy="fedprox", local_layers="none"),
              "fedbn": dict(strategy="fedavg", local_layers="norm")}
@@ -62,6 +65,8 @@ def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None)
                                        **FEDERATED[baseline]), num_cpus=num_cpus)
             rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
             scores[baseline] = {s: rounds[-1]["eval"].get(s, {}) for s in specs}
+            for site, dice in heldout_ensemble_dice(run, cfg, specs, heldout).items():
+                scores[baseline][site] = {**scores[baseline][site], "ensemble-dice": dice}
             if still_rising(rounds, training):
                 rising.append(baseline)
                 log.warning("study: %s's mean Dice was still rising in its last round; its budget "
@@ -92,6 +97,25 @@ def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None)
     return out
 
 
+def heldout_ensemble_dice(run: Path, cfg: RunConfig, specs: dict[str, SiteSpec], heldout: list[str],
+                          rounds: int = ENSEMBLE_ROUNDS) -> dict[str, float]:
+    """Held-out Dice of the ensemble an unseen hospital gets from ``fedseg predict --last-rounds``:
+    class probabilities averaged over the run's last ``rounds`` round checkpoints (each with the
+    unseen-site norm set under FedBN). Empty for detectors or runs with fewer rounds."""
+    checkpoints = sorted((run / "checkpoints").glob("round-*.pt"),
+                         key=lambda p: int(p.stem.split("-")[1]))[-rounds:]
+    if not heldout or len(checkpoints) < 2:
+        return {}
+    members = [saved_model(path, None) for path in checkpoints]
+    task = task_for(members[-1][1])
+    if not task.dense_logits:
+        return {}
+    models, patch = [m for m, _, _ in members], members[-1][2]
+    return {site: task.evaluate(models[-1], specs[site], split_training(specs[site], cfg.val_fraction, cfg.seed)[1],
+                                patch_size=patch, device=run_device(cfg), ensemble=models[:-1])["dice"]
+            for site in heldout}
+
+
 def still_rising(rounds: list[dict[str, Any]], sites: list[str], margin: float = 0.01) -> bool:
     """Whether the mean validation Dice over ``sites`` still rose by more than ``margin`` in the
     last round (a baseline that has not reached its plateau)."""
@@ -117,7 +141,9 @@ def _rank(scores: dict[str, dict[str, dict[str, float]]], training: list[str],
         fed = site_spread({s: per_site[s] for s in training})
         held = site_spread({s: per_site[s] for s in heldout}) if heldout else {}
         row = {"baseline": baseline, "mean_dice": fed["mean"], "worst_site": fed["worst_site"],
-               "worst_dice": fed["worst_dice"], "gap": fed["gap"], "heldout_mean_dice": held.get("mean")}
+               "worst_dice": fed["worst_dice"], "gap": fed["gap"], "heldout_mean_dice": held.get("mean"),
+               "heldout_adapted_dice": _mean([metrics.get(s, {}).get("tta-dice") for s in heldout]),
+               "heldout_ensemble_dice": _mean([metrics.get(s, {}).get("ensemble-dice") for s in heldout])}
         for metric in INSTANCE_METRICS:  # Mask R-CNN studies: PQ, AJI, AP@0.5 beside Dice
             if any(metric in metrics.get(s, {}) for s in training):
                 row[f"mean_{metric}"] = _mean([metrics.get(s, {}).get(metric) for s in training])

@@ -6,7 +6,7 @@ import torch
 
 from fedseg.client.adaptation import adapt_norm_statistics
 from fedseg.client.tasks import task_for
-from fedseg.common.data import read_site
+from fedseg.common.data import read_site, to_dicts
 from fedseg.common.models import ModelSpec, build_model
 from fedseg.simulations.synth import write_study
 
@@ -68,3 +68,21 @@ def test_entropy_adaptation_moves_only_norm_affines_and_lowers_entropy(tmp_path)
                    for p in ("weight", "bias")}
         assert changed and changed <= affines, (norm, changed - affines)
         assert all(p.requires_grad for p in model.parameters())  # training can go on afterwards
+
+
+def test_an_ensemble_averages_probabilities_before_the_argmax(tmp_path):
+    """A model ensembled with itself scores as the model alone; with another model, each pixel
+    takes the class of the averaged probabilities (which neither model alone need predict)."""
+    (site,) = write_study(tmp_path, sites=1, dims=2, cases=3, size=32, seed=1)
+    spec = read_site(site)
+    model_spec = ModelSpec(2, 1, 3, (8, 16), "instance")
+    task = task_for(model_spec)
+    torch.manual_seed(0)
+    first, second = build_model(model_spec), build_model(model_spec)
+    cases = list(spec.training)
+    alone = task.evaluate(first, spec, cases, patch_size=32)
+    assert task.evaluate(first, spec, cases, patch_size=32, ensemble=[first]) == alone
+    image = task.eval_data(spec)(to_dicts(cases)[:1][0])["image"]
+    averaged = (task.probabilities([first], image, 32, "cpu") + task.probabilities([second], image, 32, "cpu")) / 2
+    assert torch.allclose(task.probabilities([first, second], image, 32, "cpu"), averaged, atol=1e-6)
+    assert task.evaluate(first, spec, cases, patch_size=32, ensemble=[second]) != alone

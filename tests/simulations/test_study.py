@@ -29,7 +29,7 @@ HEADLESS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--
 def study_out(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     write_study(root / "data", sites=4, dims=2, cases=5, size=32, shift=0.6, seed=7)
-    assert main(["study", str(root / "data"), "--rounds", "1", "--heldout-sites", "site-d",
+    assert main(["study", str(root / "data"), "--rounds", "2", "--heldout-sites", "site-d",
                  "--patch-size", "32", "--channels", "8,16", "--batch-size", "2",
                  "--output-dir", str(root / "out"), "--run-name", "s", "--num-cpus", "2"]) == 0
     return root / "out" / "s"
@@ -46,6 +46,10 @@ def test_study_compares_every_baseline_on_every_site(study_out):
         for site in ("site-a", "site-b", "site-c"):
             assert 0 <= row[f"dice:{site}"] <= 1, (name, site)
         assert 0 <= row["heldout_mean_dice"] <= 1, name
+        if name in ("fedavg", "fedprox", "fedbn"):  # an unseen site also gets the last rounds' ensemble
+            assert 0 <= row["heldout_ensemble_dice"] <= 1 and 0 <= row["heldout_adapted_dice"] <= 1, name
+        else:
+            assert row["heldout_ensemble_dice"] is None, name
     assert (study_out / "comparison.csv").read_text().startswith("baseline,mean_dice")
 
 
