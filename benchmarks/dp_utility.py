@@ -1,10 +1,12 @@
 """Dice with record-level DP vs without, on real data, same command, rounds and seed.
 
 Usage: python -m benchmarks.dp_utility [--dataset hippocampus|monuseg --sites 2 --rounds 10
-       --local-epochs 2 --targets 8,4,2 --warm none,public,synthetic]
+       --local-epochs 2 --targets 8,4,2 --warm none,public,synthetic --public-cases 60]
 
-hippocampus: 60 seeded MSD Hippocampus cases form a *public* site (a disjoint split of the same
-data, labelled so); the other 200 are one private site split into ``--sites`` virtual sites.
+hippocampus: ``--public-cases`` seeded MSD Hippocampus cases (default 60) form a *public* site (a
+disjoint split of the same data, labelled so); the others are one private site split into
+``--sites`` virtual sites. ``--public-cases 0`` keeps all 260 private (~97 training volumes per
+site for 2 sites, the setting of issue #12's scratch goal; no ``--warm public`` then).
 Every DP run adds only ``dp=sample dp-target-epsilon=E`` to the non-private run's config: fedseg's
 DP recipe chooses the rest. ``--warm public`` starts both the non-private and the DP runs from a
 model pretrained on the public site (``fedseg pretrain``), ``--warm synthetic`` from one
@@ -35,17 +37,14 @@ from fedseg.simulations.pooled import pretrain
 from fedseg.simulations.simulate import simulate
 from fedseg.simulations.synth import write_study
 
-PUBLIC_CASES = 60
-
-
-def hippocampus_split(work: Path) -> tuple[Path, Path]:
+def hippocampus_split(work: Path, public_cases: int) -> tuple[Path, Path]:
     """(public site folder, private study folder): a seeded disjoint split of MSD Hippocampus,
     copied (the data contract refuses paths that leave a site folder)."""
     source = SHARED_DATA / "hippocampus" / "site-msd"
     meta = json.loads((source / "dataset.json").read_text())
     cases = list(meta["training"])
     random.Random(0).shuffle(cases)
-    parts = {work / "public": cases[:PUBLIC_CASES], work / "private" / "site-msd": cases[PUBLIC_CASES:]}
+    parts = {work / "public": cases[:public_cases], work / "private" / "site-msd": cases[public_cases:]}
     for folder, entries in parts.items():
         for sub in ("images", "labels"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -90,6 +89,8 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--targets", default="8,4,2")
     parser.add_argument("--warm", default="none,public,synthetic")
+    parser.add_argument("--public-cases", type=int, default=60,
+                        help="Hippocampus cases held back as public data (0: all private)")
     parser.add_argument("--pretrain-epochs", type=int, default=40,
                         help="passes over the public data when pretraining")
     args = parser.parse_args()
@@ -101,7 +102,8 @@ def main() -> None:
         shape = dict(study_dir=str(study), batch_size=2, patch_size=128)
         public = None
     else:
-        public, private = hippocampus_split(work)
+        public, private = hippocampus_split(work, args.public_cases)
+        public = public if args.public_cases else None
         shape = dict(study_dir=str(private), split_site=args.sites, batch_size=8, patch_size=32)
     base = RunConfig(output_dir=str(work / "runs"), num_server_rounds=args.rounds,
                      local_epochs=args.local_epochs, lr=0.05, channels=(16, 32, 64),
@@ -110,11 +112,11 @@ def main() -> None:
     rows: list[dict] = []
     for warm in args.warm.split(","):
         cfg, init = base, "scratch"
-        if warm in ("public", "synthetic") and public is not None:
+        if (warm == "synthetic" and args.dataset == "hippocampus") or (warm == "public" and public is not None):
             source = public
             if warm == "synthetic":
                 source = work / "synthetic"
-                write_study(source, sites=1, dims=3, cases=PUBLIC_CASES, size=40, num_labels=2, seed=3)
+                write_study(source, sites=1, dims=3, cases=60, size=40, num_labels=2, seed=3)
             weights = work / f"{warm}.pt"
             pretrain(source, weights, base.replace(split_site=0, pretrained_weights="", num_server_rounds=1,
                                                    local_epochs=args.pretrain_epochs, val_fraction=0.1))
@@ -133,9 +135,9 @@ def main() -> None:
     for row in rows:
         reference = next(r for r in rows if r["init"] == row["init"] and r["run"] == "no DP")
         row["vs no DP"] = row["mean dice"] / reference["mean dice"] if reference["mean dice"] else None
-    report(f"dp_utility_{args.dataset}_{args.sites}sites", rows,
+    report(f"dp_utility_{args.dataset}_{args.sites}sites_{args.warm.replace(',', '-')}", rows,
            {"rounds": args.rounds, "local_epochs": args.local_epochs, "delta": base.dp_delta,
-            "batch_size": base.batch_size, "public_cases": PUBLIC_CASES if public else 0,
+            "batch_size": base.batch_size, "public_cases": args.public_cases if public else 0,
             "pretrain_epochs": args.pretrain_epochs,
             "goal": "scratch >= 0.60x at eps 8; warm >= 0.90x at eps 8, >= 0.80x at eps 4"})
 

@@ -75,7 +75,7 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None) -> Path:
     if "run_dir" not in result:
         raise RuntimeError("the simulation ended without finishing the run; see the log above")
     started = time.monotonic()
-    log.info("building the report gallery (best/worst validation cases, occlusion maps)...")
+    log.info("building the report gallery (best/worst validation cases, explanation maps)...")
     write_gallery(result["run_dir"], make_gallery(result["run_dir"]))
     write_report(result["run_dir"])
     log.info("report gallery built in %.0fs", time.monotonic() - started)
