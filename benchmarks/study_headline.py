@@ -1,7 +1,7 @@
 """Headline table: every baseline on real data, in-federation vs held-out Dice and the worst site.
 
 Usage: python -m benchmarks.study_headline [--dataset monuseg|hippocampus|synthetic --rounds 5
-       --local-epochs 4 --baselines local,pooled,fedavg,fedprox,fedbn]
+       --local-epochs 4 --baselines local,pooled,fedavg,fedprox,fedbn --norm instance|batch|group]
 monuseg: the four client sites + the official-test `heldout` site (hospitals and organs no client
 has). hippocampus: MSD Hippocampus split into 4 virtual sites, the last one held out. synthetic:
 `fedseg synth` with strong shift (5 sites of 24 64-px 2D cases, shift 1.0), the last site held
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-epochs", type=int, default=4)
     parser.add_argument("--baselines", default="local,pooled,fedavg,fedprox,fedbn")
+    parser.add_argument("--norm", default="instance", choices=("instance", "batch", "group"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedseg-headline-"))
     if args.dataset == "monuseg":
@@ -43,7 +44,8 @@ def main() -> None:
         shape = dict(study_dir=str(SHARED_DATA / "hippocampus"), split_site=4,
                      heldout_sites=("site-msd#3",), batch_size=8, patch_size=32)
     cfg = RunConfig(output_dir=str(work), run_name=args.dataset, num_server_rounds=args.rounds,
-                    local_epochs=args.local_epochs, lr=0.05, channels=(16, 32, 64), seed=0, **shape)
+                    local_epochs=args.local_epochs, lr=0.05, channels=(16, 32, 64), seed=0, norm=args.norm,
+                    **shape)
     out = run_study(cfg, args.baselines.split(","))
     comparison = json.loads((out / "comparison.json").read_text())["baselines"]
     rows = [{"baseline": r["baseline"], "in-federation mean Dice": r["mean_dice"],
@@ -54,8 +56,9 @@ def main() -> None:
              if r["heldout_mean_dice"] is not None else None} for r in comparison]
     dice = {r["baseline"]: r["in-federation mean Dice"] for r in rows}
     ratio = dice["fedbn"] / dice["pooled"] if {"fedbn", "pooled"} <= set(dice) else None
-    report(f"study_headline_{args.dataset}", rows, {"rounds": args.rounds, "local_epochs": args.local_epochs,
-                                                    "fedbn_vs_pooled": ratio, "study_dir": str(out)})
+    name = f"study_headline_{args.dataset}" + ("" if args.norm == "instance" else f"_{args.norm}")
+    report(name, rows, {"rounds": args.rounds, "local_epochs": args.local_epochs, "norm": args.norm,
+                        "fedbn_vs_pooled": ratio, "study_dir": str(out)})
 
 
 if __name__ == "__main__":

@@ -93,11 +93,11 @@ def saved_model(model_path: str | Path, state_dir: str | Path | None) -> tuple[n
         model.load_state_dict(mine, strict=False)
     elif unseen:
         model.load_state_dict(unseen, strict=False)
-        log.info("no local layers of run %s in %s: using the federation's unseen-site norm set",
-                 run_name, state_dir)
+        log.info("no local layers of run %s %s: using the federation's unseen-site norm set",
+                 run_name, f"in {state_dir}" if state_dir else "(no site state dir given)")
     elif any(torch.is_floating_point(v) for k, v in model.state_dict().items() if k in local):
-        log.warning("no local layers of run %s in %s: site-local layers keep their initial values",
-                    run_name, state_dir)
+        log.warning("no local layers of run %s %s: site-local layers keep their initial values",
+                    run_name, f"in {state_dir}" if state_dir else "(no site state dir given)")
     return model.eval(), spec, int(saved["patch_size"])
 
 
