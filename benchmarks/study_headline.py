@@ -1,7 +1,7 @@
 """Headline table: every baseline on real data, in-federation vs held-out Dice and the worst site.
 
 Usage: python -m benchmarks.study_headline [--dataset monuseg|hippocampus|synthetic --rounds 5
-       --local-epochs 4 --baselines local,pooled,fedavg,fedprox,fedbn --norm instance|batch|group]
+       --local-epochs 4 --baselines local,pooled,fedavg,fedprox,fedbn --norm instance|batch|group --augment]
 monuseg: the four client sites + the official-test `heldout` site (hospitals and organs no client
 has). hippocampus: MSD Hippocampus split into 4 virtual sites, the last one held out. synthetic:
 `fedseg synth` with strong shift (5 sites of 24 64-px 2D cases, shift 1.0), the last site held
@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=4)
     parser.add_argument("--baselines", default="local,pooled,fedavg,fedprox,fedbn")
     parser.add_argument("--norm", default="instance", choices=("instance", "batch", "group"))
+    parser.add_argument("--augment", action="store_true", help="run-config augment=true for every baseline")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedseg-headline-"))
     if args.dataset == "monuseg":
@@ -45,7 +46,7 @@ def main() -> None:
                      heldout_sites=("site-msd#3",), batch_size=8, patch_size=32)
     cfg = RunConfig(output_dir=str(work), run_name=args.dataset, num_server_rounds=args.rounds,
                     local_epochs=args.local_epochs, lr=0.05, channels=(16, 32, 64), seed=0, norm=args.norm,
-                    **shape)
+                    augment=args.augment, **shape)
     out = run_study(cfg, args.baselines.split(","))
     comparison = json.loads((out / "comparison.json").read_text())["baselines"]
     rows = [{"baseline": r["baseline"], "in-federation mean Dice": r["mean_dice"],
@@ -56,8 +57,10 @@ def main() -> None:
              if r["heldout_mean_dice"] is not None else None} for r in comparison]
     dice = {r["baseline"]: r["in-federation mean Dice"] for r in rows}
     ratio = dice["fedbn"] / dice["pooled"] if {"fedbn", "pooled"} <= set(dice) else None
-    name = f"study_headline_{args.dataset}" + ("" if args.norm == "instance" else f"_{args.norm}")
+    name = (f"study_headline_{args.dataset}" + ("" if args.norm == "instance" else f"_{args.norm}")
+            + ("_augment" if args.augment else ""))
     report(name, rows, {"rounds": args.rounds, "local_epochs": args.local_epochs, "norm": args.norm,
+                        "augment": args.augment,
                         "fedbn_vs_pooled": ratio, "study_dir": str(out)})
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fedseg.client.site import SIM_POLICIES_FILE, resolve_site
+from fedseg.client.site import SIM_POLICIES_FILE, describe_site, resolve_site
 from fedseg.common.config import SiteData
 from fedseg.common.data import DataError
 from fedseg.simulations.synth import write_study
@@ -33,3 +33,16 @@ def test_a_hospital_node_config_wins_and_unknown_keys_are_refused(tmp_path):
         resolve_site({"site-dir": "/data"}, sent)
     with pytest.raises(DataError, match=r"unknown key\(s\) \['require_dp'\]"):
         resolve_site({**node, "require_dp": True}, sent)
+
+
+def test_a_site_reports_hd95_in_mm_for_nifti_and_in_pixels_for_png(tmp_path):
+    """The report labels HD95 with the unit the site's data gives it (NIfTI spacing is in mm)."""
+    write_study(tmp_path / "s2", sites=1, dims=2, cases=2, size=16, seed=0)
+    write_study(tmp_path / "s3", sites=1, dims=3, cases=2, size=16, seed=0)
+    units = {}
+    for name in ("s2", "s3"):
+        data = SiteData(0, 0.25, str(tmp_path / name), 0, str(tmp_path / "state"))
+        info, problems = describe_site(resolve_site({"partition-id": 0}, data), data)
+        assert not problems
+        units[name] = info["distance-unit"]
+    assert units == {"s2": "px", "s3": "mm"}
