@@ -82,19 +82,22 @@ def main() -> None:
                         num_server_rounds=args.rounds, local_epochs=epochs, batch_size=4,
                         lr=0.05, patch_size=48, channels=(16, 32, 64), local_layers="none", seed=0)
         plain_s, plain_steps = plain_monai_loop(cfg, ModelSpec(2, 1, 3, cfg.channels, cfg.norm))
-        start = time.perf_counter()
-        run_dir = simulate(cfg, num_cpus=1)
-        sim_s = time.perf_counter() - start
-        rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
-        rounds_s = sum(r["seconds"] for r in rounds)
-        sim_steps = sum(m["steps"] for r in rounds for m in r["train"].values())
-        assert sim_steps == plain_steps, (sim_steps, plain_steps)
-        rows += [{"local epochs": epochs, "what": "plain MONAI loop", "seconds": plain_s,
-                  "optimizer steps": plain_steps, "ratio": 1.0},
-                 {"local epochs": epochs, "what": "fedseg rounds (Flower sim)", "seconds": rounds_s,
-                  "optimizer steps": sim_steps, "ratio": rounds_s / plain_s},
-                 {"local epochs": epochs, "what": "fedseg whole run (+Ray start, discovery)",
-                  "seconds": sim_s, "optimizer steps": sim_steps, "ratio": sim_s / plain_s}]
+        rows.append({"local epochs": epochs, "what": "plain MONAI loop", "seconds": plain_s,
+                     "optimizer steps": plain_steps, "ratio": 1.0})
+        for cache_mb in (cfg.site_cache_mb, 0):  # decoded cases kept across rounds, and read every round
+            tag = f"site-cache-mb={cache_mb}"
+            start = time.perf_counter()
+            run_dir = simulate(cfg.replace(site_cache_mb=cache_mb, run_name=f"sim-e{epochs}-c{cache_mb}"),
+                               num_cpus=1)
+            sim_s = time.perf_counter() - start
+            rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+            rounds_s = sum(r["seconds"] for r in rounds)
+            sim_steps = sum(m["steps"] for r in rounds for m in r["train"].values())
+            assert sim_steps == plain_steps, (sim_steps, plain_steps)
+            rows += [{"local epochs": epochs, "what": f"fedseg rounds (Flower sim, {tag})", "seconds": rounds_s,
+                      "optimizer steps": sim_steps, "ratio": rounds_s / plain_s},
+                     {"local epochs": epochs, "what": f"fedseg whole run (+Ray start, discovery; {tag})",
+                      "seconds": sim_s, "optimizer steps": sim_steps, "ratio": sim_s / plain_s}]
     report("sim_overhead", rows, {"rounds": args.rounds, "sites": args.sites, "target_ratio": 1.15})
 
 

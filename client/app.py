@@ -92,7 +92,8 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
     result = train_local(
         mine.model, task, spec, cases, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
         lr=cfg.lr, patch_size=cfg.patch_size, seed=case_seed(cfg.data.seed, spec.name, server_round),
-        proximal_mu=cfg.proximal_mu, global_params=mine.shared, device=device, dp=dp, augment=cfg.augment)
+        proximal_mu=cfg.proximal_mu, global_params=mine.shared, device=device, dp=dp, augment=cfg.augment,
+        cache_mb=cfg.site_cache_mb)
     mine.save_local_layers(server_round)
     log.info("site %s round %d: loss %.4f over %d cases, %d steps", spec.name, server_round,
              result.loss, result.num_examples, result.steps)

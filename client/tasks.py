@@ -20,6 +20,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from fedseg.client.privacy import OpacusStep, PerCaseStep
+from fedseg.client.site_cache import cached_dataset
 from fedseg.common.config import MODEL_KINDS, ModelSpec
 from fedseg.common.data import Case, SiteSpec, eval_transforms, to_dicts, train_transforms
 from fedseg.common.instance_metrics import InstanceScores
@@ -62,13 +63,17 @@ class Task(ABC):
         self.spec = spec
 
     def training_data(self, site: SiteSpec, cases: list[Case], patch_size: int, seed: int,
-                      augment: bool = False) -> Sequence[Any]:
-        """Cases decoded once; indexing one draws a fresh random patch of it (with ``augment``,
-        also a random appearance)."""
-        transform = train_transforms(site, patch_size, keep_instances=self.keep_instances, augment=augment)
-        transform.set_random_state(seed=seed)
-        return _FirstPatch(CacheDataset(to_dicts(cases), transform=transform, cache_rate=1.0,
-                                        num_workers=0, progress=False))
+                      augment: bool = False, cache_mb: int = 0) -> Sequence[Any]:
+        """Cases decoded once (and, with ``cache_mb``, kept for later rounds in this process);
+        indexing one draws a fresh random patch of it (with ``augment``, also a random
+        appearance), the random stream starting from ``seed`` either way."""
+        dataset, _ = cached_dataset(site, cases, (patch_size, self.keep_instances, augment), cache_mb,
+                                    lambda: CacheDataset(to_dicts(cases), cache_rate=1.0, num_workers=0,
+                                                         progress=False, transform=train_transforms(
+                                                             site, patch_size, keep_instances=self.keep_instances,
+                                                             augment=augment)))
+        dataset.transform.set_random_state(seed=seed)
+        return _FirstPatch(dataset)
 
     def eval_data(self, site: SiteSpec) -> Any:
         """Transform of a whole labeled case (dict item -> image and label)."""

@@ -51,6 +51,7 @@ def train_local(
     device: str = "cpu",
     dp: DPSession | None = None,
     augment: bool = False,
+    cache_mb: int = 0,
 ) -> TrainResult:
     """Train ``model`` in place on ``cases``: one random patch per case per step it is in.
 
@@ -74,13 +75,15 @@ def train_local(
             anything is returned.
         augment: random appearance changes (intensity, contrast, noise, blur, bias field; colour
             jitter for RGB) on every patch.
+        cache_mb: keep the decoded cases for later rounds in this process, up to this many
+            MiB in all (``client/site_cache.py``; 0: off).
 
     Returns:
         Mean training loss, number of cases (FedAvg's weight), optimizer steps, and the
         site's cumulative epsilon when ``dp`` is set.
     """
     set_determinism(seed=seed)
-    data = task.training_data(site, cases, patch_size, seed, augment)
+    data = task.training_data(site, cases, patch_size, seed, augment, cache_mb)
     model.to(device).train()
     if dp is None:
         step: Step = PlainStep(task, model, device, proximal_anchors(model, proximal_mu, global_params, device),

@@ -93,6 +93,8 @@ class RunConfig:
         val_fraction: share of a site's training cases held out for its validation, in (0, 1).
         augment: random appearance changes while training (intensity, contrast, noise, blur, a
             bias field for MRI/CT, a colour jitter for RGB H&E): robustness to other hospitals.
+        site_cache_mb: MiB of decoded training cases a site process keeps across rounds
+            (simulation workers; 0: read from disk every round), >= 0.
         dp: ``off``; ``sample``: record-level DP-SGD at every site (Opacus, one case = one unit);
             ``client``: site-level DP, Flower's client-side clipping + server-side noise.
         dp_noise_multiplier: Gaussian noise / clipping norm, >= 0 (> 0 for ``client``).
@@ -144,6 +146,7 @@ class RunConfig:
     round_timeout: float = 3600.0
     val_fraction: float = 0.25
     augment: bool = False
+    site_cache_mb: int = 1024
     dp: str = "off"
     dp_noise_multiplier: float = 1.0
     dp_max_grad_norm: float = -1.0
@@ -191,6 +194,7 @@ class RunConfig:
             ("min-train-sites", self.min_train_sites >= 1, "must be >= 1"),
             ("round-timeout", self.round_timeout > 0, "must be > 0"),
             ("val-fraction", 0 < self.val_fraction < 1, "must be in (0, 1)"),
+            ("site-cache-mb", self.site_cache_mb >= 0, "must be >= 0 (0: no cache)"),
             ("dp", self.dp in DP_MODES, f"must be one of {DP_MODES}"),
             ("dp-noise-multiplier", self.dp_noise_multiplier >= 0, "must be >= 0"),
             ("dp-max-grad-norm", self.dp_max_grad_norm > 0 or self.dp_max_grad_norm == AUTO,
@@ -268,7 +272,7 @@ class RunConfig:
         return SiteRoundConfig(
             run_name=self.run_name, run_id=run_id, model=model, local_layers=self.local_layers,
             local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
-            patch_size=self.patch_size, augment=self.augment,
+            patch_size=self.patch_size, augment=self.augment, site_cache_mb=self.site_cache_mb,
             proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
             min_group_cases=self.min_group_cases, heldout_sites=self.heldout_sites,
             device=self.device, data=self.site_data(state_root),
@@ -395,6 +399,7 @@ class SiteRoundConfig:
         model: the network to build.
         local_layers: which layers stay at the site.
         local_epochs, batch_size, lr, patch_size, augment: training schedule.
+        site_cache_mb: decoded training cases kept across rounds in one process.
         proximal_mu: FedProx weight (0 unless the strategy is FedProx).
         min_group_cases: k-case threshold for fairness groups.
         heldout_sites: sites that only evaluate (they also score after norm adaptation).
@@ -412,6 +417,7 @@ class SiteRoundConfig:
     lr: float
     patch_size: int
     augment: bool
+    site_cache_mb: int
     proximal_mu: float
     min_group_cases: int
     heldout_sites: tuple[str, ...]

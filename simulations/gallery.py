@@ -112,7 +112,8 @@ def explanation_maps(model: torch.nn.Module, view: dict[str, Any], patch: int) -
     """What drives the predicted foreground in the crop, each map 2D (a volume's shown slice):
     ``occlusion`` (2D only: how much hiding each region lowers the foreground score) and
     ``gradient`` (MONAI's SmoothGrad: the squared gradient of the foreground score per pixel,
-    averaged over 16 noisy copies of the crop, max over channels). Empty when the crop is smaller than the model's patch."""
+    averaged over 16 noisy copies of the crop, max over channels). Empty when the crop is
+    smaller than the model's patch."""
     if not view["fits"]:
         return {}
     score, image, maps = _ForegroundScore(model).eval(), view["image"], {}

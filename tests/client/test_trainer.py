@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from fedseg.client import site_cache
 from fedseg.client.tasks import task_for
 from fedseg.client.trainer import train_local
 from fedseg.common.data import read_site, split_training
@@ -51,3 +52,38 @@ def test_evaluation_scores_every_label_on_whole_images(site):
     _, val = split_training(site, 0.5, 0)
     scores = task_for(SPEC).evaluate(model, site, val, patch_size=16)
     assert {"dice-1", "dice-2", "hd95-1", "hd95-2", "dice", "hd95"} == set(scores)
+
+
+def _trained(site, cache_mb: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = build_model(SPEC)
+    train_local(model, task_for(SPEC), site, list(site.training), epochs=2, batch_size=2, lr=0.1,
+                patch_size=32, seed=5, cache_mb=cache_mb)
+    return model.state_dict()
+
+
+def test_cached_cases_train_exactly_as_cases_read_from_disk_and_edited_files_are_read_again(site):
+    """A later round in the same process reuses the decoded cases, with the same random patches
+    as a fresh read; a label a site corrects (or any file it changes) is read again."""
+    before = site_cache.cached_bytes()
+    from_disk = _trained(site, cache_mb=0)
+    assert site_cache.cached_bytes() == before  # cache off: nothing kept
+    first = _trained(site, cache_mb=64)
+    held = site_cache.cached_bytes()
+    assert held > before
+    again = _trained(site, cache_mb=64)  # served from the cache
+    assert site_cache.cached_bytes() == held
+    for k in from_disk:
+        assert torch.equal(first[k], from_disk[k]) and torch.equal(again[k], from_disk[k]), k
+    label = site.training[0].label
+    label.write_bytes(label.read_bytes())  # same content, a new modification time
+    _trained(site, cache_mb=64)
+    assert site_cache.cached_bytes() > held  # a second entry, for the files as they are now
+
+
+def test_the_cache_stays_within_its_budget(site):
+    _trained(site, cache_mb=64)
+    assert 0 < site_cache.cached_bytes() <= 64 * 2**20
+    tiny = task_for(SPEC).training_data(site, list(site.training), 32, seed=0, cache_mb=1)
+    assert len(tiny) == len(site.training)
+    assert site_cache.cached_bytes() <= 1 * 2**20  # older entries dropped to fit the new budget
