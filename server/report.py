@@ -210,8 +210,8 @@ def write_report(run_dir: str | Path) -> Path:
 
 STUDY_HEADERS = {"baseline": "baseline", "mean_dice": "mean Dice (in federation)", "worst_site": "worst site",
                  "worst_dice": "worst-site Dice", "gap": "max-min gap", "heldout_mean_dice": "held-out Dice",
-                 "heldout_adapted_dice": "held-out Dice, norms adapted at the site",
-                 "heldout_ensemble_dice": "held-out Dice, ensemble of the last 3 rounds", "rank": "rank"}
+                 "heldout_adapted_dice": "held-out Dice, adapted",
+                 "heldout_ensemble_dice": "held-out Dice, last-3-rounds ensemble", "rank": "rank"}
 
 
 def write_study_report(out_dir: Path, comparison: list[dict[str, Any]], matrix: dict[str, Any] | None,
@@ -229,7 +229,10 @@ def write_study_report(out_dir: Path, comparison: list[dict[str, Any]], matrix: 
                      f"{budget['batch size']}, so {_span(steps.values())} optimizer steps per site "
                      "(local-only and pooled models take the same passes over their cases)"
                      if steps else "")
-                  + ". In-federation Dice is each site's validation split; held-out sites never trained."),
+                  + ". In-federation Dice is each site's validation split; held-out sites never trained. "
+                  "Federated models are scored there plain, after adapting their norm layers to the "
+                  "site's own unlabeled images (adapted), and as the average of their last three "
+                  "rounds' models (what fedseg predict --last-rounds 3 gives a new hospital)."),
             "<h2>Baselines, ranked by mean in-federation Dice</h2>",
             _table(heads, [[row[c] for c in cols] for row in comparison])]
     if rising:

@@ -192,30 +192,32 @@ def test_a_run_killed_mid_round_resumes_to_the_same_model(study_2d, tmp_path):
     """kill -9 the whole simulation while round 2 of 3 trains (a site has already saved its
     round-2 local layers); `--resume-run` finishes it like an uninterrupted run, FedAdam's
     moments included: the interrupted round comes out bit for bit the same, and the final model
-    equal up to float32 rounding (CPU kernels may sum in another order in another Ray worker)."""
+    equal up to float32 rounding (CPU kernels may sum in another order in another Ray worker).
+    One Ray CPU, so sites train in turn: from the first site's round-2 layers to the end of round
+    2 there is a whole site's training and both evaluations, time enough to kill in between."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    flags = dict(strategy="fedadam", num_server_rounds=3)
-    whole = simulate(tiny_config(study_2d, tmp_path / "whole", run_name="run", **flags), num_cpus=2)
+    flags = dict(strategy="fedadam", num_server_rounds=3, local_epochs=3)
+    whole = simulate(tiny_config(study_2d, tmp_path / "whole", run_name="run", **flags), num_cpus=1)
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "fedseg.common.cli", "simulate", str(study_2d), "--output-dir", str(out),
-           "--run-name", "run", "--num-cpus", "2", "--strategy", "fedadam", "--rounds", "3",
-           "--local-epochs", "1", "--batch-size", "2", "--lr", "0.05", "--patch-size", "32",
+           "--run-name", "run", "--num-cpus", "1", "--strategy", "fedadam", "--rounds", "3",
+           "--local-epochs", "3", "--batch-size", "2", "--lr", "0.05", "--patch-size", "32",
            "--channels", "8,16", "--seed", "3"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = out / "run"
     deadline = time.monotonic() + 300
     while not list((run_dir / "site-state").glob("*/runs/*/local_layers-2.pt")):
         assert proc.poll() is None and time.monotonic() < deadline, "round 2 never started"
-        time.sleep(0.2)
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert len(_rounds(run_dir)) == 1 and not (run_dir / "summary.json").exists()
-    assert main(["simulate", "--resume-run", str(run_dir), "--num-cpus", "2"]) == 0
+    assert main(["simulate", "--resume-run", str(run_dir), "--num-cpus", "1"]) == 0
     resumed, uninterrupted = _rounds(run_dir), _rounds(whole)
     assert [r["round"] for r in resumed] == [1, 2, 3]
     for r1, r2 in zip(resumed[:2], uninterrupted[:2]):
