@@ -25,21 +25,17 @@ _entries: OrderedDict[Hashable, tuple[CacheDataset, int]] = OrderedDict()
 
 
 def cached_dataset(site: SiteSpec, cases: list[Case], settings: tuple, budget_mb: int,
-                   build: Callable[[], CacheDataset]) -> tuple[CacheDataset, bool]:
+                   build: Callable[[], CacheDataset]) -> CacheDataset:
     """``build()``'s dataset, or the one this process built before for the same site, cases,
     files and ``settings``; least recently used entries are dropped beyond ``budget_mb`` MiB in
-    all (0: never keep anything).
-
-    Returns:
-        (the dataset, whether it came from the cache).
-    """
+    all (0: never keep anything)."""
     if budget_mb <= 0:
-        return build(), False
+        return build()
     key = (site.name, _stat(site.root / "dataset.json"), settings,
            tuple((_stat(c.image), _stat(c.label)) for c in cases))
     if key in _entries:
         _entries.move_to_end(key)
-        return _entries[key][0], True
+        return _entries[key][0]
     dataset = build()
     size = sum(_nbytes(item) for item in getattr(dataset, "_cache", []))
     budget = budget_mb * 2**20
@@ -50,7 +46,7 @@ def cached_dataset(site: SiteSpec, cases: list[Case], settings: tuple, budget_mb
     else:
         log.info("site %s: %.0f MiB of decoded cases exceed site-cache-mb=%d; reading from disk each round",
                  site.name, size / 2**20, budget_mb)
-    return dataset, False
+    return dataset
 
 
 def cached_bytes() -> int:

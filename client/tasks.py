@@ -67,7 +67,7 @@ class Task(ABC):
         """Cases decoded once (and, with ``cache_mb``, kept for later rounds in this process);
         indexing one draws a fresh random patch of it (with ``augment``, also a random
         appearance), the random stream starting from ``seed`` either way."""
-        dataset, _ = cached_dataset(site, cases, (patch_size, self.keep_instances, augment), cache_mb,
+        dataset = cached_dataset(site, cases, (patch_size, self.keep_instances, augment), cache_mb,
                                     lambda: CacheDataset(to_dicts(cases), cache_rate=1.0, num_workers=0,
                                                          progress=False, transform=train_transforms(
                                                              site, patch_size, keep_instances=self.keep_instances,

@@ -141,10 +141,10 @@ def write_report(run_dir: str | Path) -> Path:
     body.append("<h2>Per-site results (final round)</h2>")
     final = rounds[-1]["eval"] if rounds else {}
     labels = sorted({k for m in final.values() for k in m if k.startswith("dice-")},
-                    key=lambda k: int(k.split("-", 1)[1]) if k.split("-", 1)[1].isdigit() else 0)
+                    key=lambda k: int(k.removeprefix("dice-")))  # dice-<label value>, in label order
     names, unit = label_names(info), distance_unit(info)
     body.append(_table(["site", "validation cases", "Dice", f"HD95 ({unit})"]
-                       + [f"Dice {names.get(k.split('-', 1)[1], k)}" for k in labels],
+                       + [f"Dice {names.get(k.removeprefix('dice-'), k)}" for k in labels],
                        [[s, final.get(s, {}).get(NUM_EXAMPLES), final.get(s, {}).get("dice"),
                          final.get(s, {}).get("hd95")]
                         + [final.get(s, {}).get(k) for k in labels] for s in training]))
