@@ -170,6 +170,7 @@ def run_state(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     """Segment every image in IMAGES_DIR; print seconds per case."""
     from fedseg.client.predict import predict_folder
+    from fedseg.client.site_model import round_checkpoints
 
     if not Path(args.model).is_file():
         print(f"{args.model}: not found; a run writes its global model to RUN_DIR/model/global.pt",
@@ -189,8 +190,7 @@ def run_predict(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(str(err), file=sys.stderr)
         return 2
-    checkpoints = sorted((Path(args.model).parent.parent / "checkpoints").glob("round-*.pt"),
-                         key=lambda p: int(p.stem.split("-")[1]))
+    checkpoints = round_checkpoints(Path(args.model).parent.parent)
     ensemble = [Path(p) for p in args.ensemble] + (checkpoints[-args.last_rounds:] if args.last_rounds else [])
     done = predict_folder(args.model, args.state_dir, args.images_dir, args.out_dir, device,
                           overlay=args.overlay, ensemble=ensemble, uncertainty=args.uncertainty,

@@ -65,6 +65,11 @@ def round_model(cfg: SiteRoundConfig, site: SiteLocation, received: dict[str, to
     return SiteModel(model, local, shared, run, signature)
 
 
+def round_checkpoints(run_dir: str | Path) -> list[Path]:
+    """A run's ``checkpoints/round-N.pt`` files, oldest round first (ensemble members)."""
+    return sorted(Path(run_dir, "checkpoints").glob("round-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+
+
 def saved_model(model_path: str | Path, state_dir: str | Path | None) -> tuple[nn.Module, ModelSpec, int]:
     """A run's ``model/global.pt`` (or checkpoint) plus this site's local layers of that run.
 

@@ -232,7 +232,7 @@ def write_study_report(out_dir: Path, comparison: list[dict[str, Any]], matrix: 
                   + ". In-federation Dice is each site's validation split; held-out sites never trained. "
                   "Federated models are scored there plain, after adapting their norm layers to the "
                   "site's own unlabeled images (adapted), and as the average of their last three "
-                  "rounds' models (what fedseg predict --last-rounds 3 gives a new hospital)."),
+                  "rounds' checkpoints (fedseg predict builds such ensembles at a new hospital)."),
             "<h2>Baselines, ranked by mean in-federation Dice</h2>",
             _table(heads, [[row[c] for c in cols] for row in comparison])]
     if rising:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 
-from fedseg.client.site_model import saved_model
+from fedseg.client.site_model import round_checkpoints, saved_model
 from fedseg.client.tasks import task_for
 from fedseg.common.atomic import atomic_write_bytes, atomic_write_json
 from fedseg.common.config import RunConfig
@@ -99,11 +99,11 @@ def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None)
 
 def heldout_ensemble_dice(run: Path, cfg: RunConfig, specs: dict[str, SiteSpec], heldout: list[str],
                           rounds: int = ENSEMBLE_ROUNDS) -> dict[str, float]:
-    """Held-out Dice of the ensemble an unseen hospital gets from ``fedseg predict --last-rounds``:
-    class probabilities averaged over the run's last ``rounds`` round checkpoints (each with the
-    unseen-site norm set under FedBN). Empty for detectors or runs with fewer rounds."""
-    checkpoints = sorted((run / "checkpoints").glob("round-*.pt"),
-                         key=lambda p: int(p.stem.split("-")[1]))[-rounds:]
+    """Held-out Dice of an ensemble of the run's last ``rounds`` round checkpoints (class
+    probabilities averaged; each with the unseen-site norm set under FedBN), the kind of ensemble
+    ``fedseg predict --ensemble/--last-rounds`` builds at a new hospital. Empty for detectors or
+    runs with fewer rounds."""
+    checkpoints = round_checkpoints(run)[-rounds:]
     if not heldout or len(checkpoints) < 2:
         return {}
     members = [saved_model(path, None) for path in checkpoints]
