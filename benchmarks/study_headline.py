@@ -1,7 +1,8 @@
 """Headline table: every baseline on real data, in-federation vs held-out Dice and the worst site.
 
 Usage: python -m benchmarks.study_headline [--dataset monuseg|hippocampus|synthetic --rounds 5
-       --local-epochs 4 --baselines local,pooled,fedavg,fedprox,fedbn --norm instance|batch|group --augment]
+       --local-epochs 4 --baselines local,pooled,fedavg,fedprox,fedbn --norm instance|batch|group --augment
+       --channels 16,32,64 --patch-size N]
 monuseg: the four client sites + the official-test `heldout` site (hospitals and organs no client
 has). hippocampus: MSD Hippocampus split into 4 virtual sites, the last one held out. synthetic:
 `fedseg synth` with strong shift (5 sites of 24 64-px 2D cases, shift 1.0), the last site held
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("--baselines", default="local,pooled,fedavg,fedprox,fedbn")
     parser.add_argument("--norm", default="instance", choices=("instance", "batch", "group"))
     parser.add_argument("--augment", action="store_true", help="run-config augment=true for every baseline")
+    parser.add_argument("--channels", default="16,32,64", help="U-Net channels per level")
+    parser.add_argument("--patch-size", type=int, default=None, help="default: the dataset's (128/64/32)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedseg-headline-"))
     if args.dataset == "monuseg":
@@ -44,8 +47,11 @@ def main() -> None:
     else:
         shape = dict(study_dir=str(SHARED_DATA / "hippocampus"), split_site=4,
                      heldout_sites=("site-msd#3",), batch_size=8, patch_size=32)
+    if args.patch_size:
+        shape["patch_size"] = args.patch_size
+    channels = tuple(int(c) for c in args.channels.split(","))
     cfg = RunConfig(output_dir=str(work), run_name=args.dataset, num_server_rounds=args.rounds,
-                    local_epochs=args.local_epochs, lr=0.05, channels=(16, 32, 64), seed=0, norm=args.norm,
+                    local_epochs=args.local_epochs, lr=0.05, channels=channels, seed=0, norm=args.norm,
                     augment=args.augment, **shape)
     out = run_study(cfg, args.baselines.split(","))
     comparison = json.loads((out / "comparison.json").read_text())["baselines"]
@@ -58,9 +64,10 @@ def main() -> None:
     dice = {r["baseline"]: r["in-federation mean Dice"] for r in rows}
     ratio = dice["fedbn"] / dice["pooled"] if {"fedbn", "pooled"} <= set(dice) else None
     name = (f"study_headline_{args.dataset}" + ("" if args.norm == "instance" else f"_{args.norm}")
-            + ("_augment" if args.augment else ""))
+            + ("_augment" if args.augment else "") + ("" if channels == (16, 32, 64) else f"_{channels[-1]}ch")
+            + (f"_p{args.patch_size}" if args.patch_size else ""))
     report(name, rows, {"rounds": args.rounds, "local_epochs": args.local_epochs, "norm": args.norm,
-                        "augment": args.augment,
+                        "augment": args.augment, "channels": channels, "patch_size": cfg.patch_size,
                         "fedbn_vs_pooled": ratio, "study_dir": str(out)})
 
 

@@ -4,6 +4,7 @@ entropy minimization (TENT, Wang et al. 2021) for every norm kind."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -18,9 +19,15 @@ TENT_LR = 1e-3
 
 
 @torch.no_grad()
-def adapt_norm_statistics(model: nn.Module, spec: SiteSpec, cases: list[Case], *, patch_size: int,
+def site_images(spec: SiteSpec, cases: list[Case]) -> list[torch.Tensor]:
+    """A site's images (channel-first, normalized as for training); their labels are not read."""
+    transform = eval_transforms(spec)
+    return [transform(item)["image"] for item in to_dicts(cases)]
+
+
+def adapt_norm_statistics(model: nn.Module, images: list[torch.Tensor], *, patch_size: int,
                           seed: int, patches_per_case: int = 4, device: str = "cpu") -> int:
-    """Recompute BatchNorm running statistics on a site's own images.
+    """Recompute BatchNorm running statistics on a site's own unlabeled images.
 
     Only running means/variances (and their counters) change; no weight does. Instance/group
     norm already normalizes with each image's own statistics, so models without BatchNorm are
@@ -36,13 +43,13 @@ def adapt_norm_statistics(model: nn.Module, spec: SiteSpec, cases: list[Case], *
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over every patch seen
     model.to(device).train()
-    for patches in _patches(spec, cases, patch_size, seed, patches_per_case):
+    for patches in _patches(images, patch_size, seed, patches_per_case):
         model(patches.to(device))
     model.eval()
     return len(bns)
 
 
-def adapt_norm_affines(model: nn.Module, spec: SiteSpec, cases: list[Case], *, patch_size: int,
+def adapt_norm_affines(model: nn.Module, images: list[torch.Tensor], *, patch_size: int,
                        seed: int, steps: int = TENT_STEPS, lr: float = TENT_LR,
                        device: str = "cpu") -> float:
     """TENT: a few Adam steps on the norm layers' affine parameters (every norm kind) that lower
@@ -63,22 +70,23 @@ def adapt_norm_affines(model: nn.Module, spec: SiteSpec, cases: list[Case], *, p
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(affines, lr=lr)
     model.to(device).eval()  # BatchNorm keeps its (adapted) statistics; the affines learn
-    batches = list(_patches(spec, cases, patch_size, seed, patches_per_case=2))
+    batches = list(_patches(images, patch_size, seed, patches_per_case=2))
     entropy = torch.tensor(float("nan"))
     try:
-        for step in range(steps):
-            probs = model(batches[step % len(batches)].to(device)).softmax(dim=1)
-            entropy = -(probs * probs.clamp_min(1e-8).log()).sum(dim=1).mean()
-            optimizer.zero_grad(set_to_none=True)
-            entropy.backward()
-            optimizer.step()
+        with torch.enable_grad():  # also when called from inference code running under no_grad
+            for step in range(steps):
+                probs = model(batches[step % len(batches)].to(device)).softmax(dim=1)
+                entropy = -(probs * probs.clamp_min(1e-8).log()).sum(dim=1).mean()
+                optimizer.zero_grad(set_to_none=True)
+                entropy.backward()
+                optimizer.step()
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
     return float(entropy.detach())
 
 
-def adapt_to_site(model: nn.Module, task: Any, spec: SiteSpec, cases: list[Case], *, patch_size: int,
+def adapt_to_site(model: nn.Module, task: Any, images: list[torch.Tensor], *, patch_size: int,
                   seed: int, device: str = "cpu") -> bool:
     """Both adaptations a model allows: BatchNorm statistics, then (per-pixel models; a detector
     has no per-pixel entropy) the norm affines.
@@ -86,16 +94,21 @@ def adapt_to_site(model: nn.Module, task: Any, spec: SiteSpec, cases: list[Case]
     Returns:
         Whether anything changed (else the adapted model is the plain one).
     """
-    statistics = adapt_norm_statistics(model, spec, cases, patch_size=patch_size, seed=seed, device=device)
+    statistics = adapt_norm_statistics(model, images, patch_size=patch_size, seed=seed, device=device)
     if task.dense_logits:
-        adapt_norm_affines(model, spec, cases, patch_size=patch_size, seed=seed, device=device)
+        adapt_norm_affines(model, images, patch_size=patch_size, seed=seed, device=device)
     return bool(statistics) or task.dense_logits
 
 
-def _patches(spec: SiteSpec, cases: list[Case], patch_size: int, seed: int, patches_per_case: int):
-    crop = RandSpatialCrop((patch_size,) * spec.spatial_dims, random_size=False)
+def _patches(images: list[torch.Tensor], patch_size: int, seed: int,
+             patches_per_case: int) -> Iterator[torch.Tensor]:
+    """Per image, a batch of random patches (padded where the image is smaller)."""
+    if not images:
+        return
+    dims = images[0].ndim - 1
+    crop = RandSpatialCrop((patch_size,) * dims, random_size=False)
     crop.set_random_state(seed=seed)
-    transform = eval_transforms(spec)
-    for item in to_dicts(cases):
-        image = SpatialPad((patch_size,) * spec.spatial_dims)(transform(item)["image"])
-        yield torch.stack([crop(image) for _ in range(patches_per_case)])
+    pad = SpatialPad((patch_size,) * dims)
+    for image in images:
+        padded = pad(image)
+        yield torch.stack([torch.as_tensor(crop(padded)) for _ in range(patches_per_case)])

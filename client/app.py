@@ -9,7 +9,7 @@ from collections.abc import Callable
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedseg.client.adaptation import adapt_to_site
+from fedseg.client.adaptation import adapt_to_site, site_images
 from fedseg.client.audit import outbox_audit_mod
 from fedseg.client.client_level_dp import client_level_clipping_mod
 from fedseg.client.privacy import DPSession
@@ -117,8 +117,8 @@ def _evaluate(msg: Message, node_config: dict) -> RecordDict:
     options = dict(patch_size=cfg.patch_size, device=device, min_group_cases=cfg.min_group_cases)
     scores = task.evaluate(model, spec, cases, **options)
     if spec.name in cfg.heldout_sites:  # an unseen hospital: also score after adapting its norms
-        changed = adapt_to_site(model, task, spec, cases, patch_size=cfg.patch_size, seed=cfg.data.seed,
-                                device=device)
-        adapted = task.evaluate(model, spec, cases, **options) if changed else scores
-        scores |= {f"tta-{k}": v for k, v in adapted.items() if not k.startswith("group-")}
+        if adapt_to_site(model, task, site_images(spec, cases), patch_size=cfg.patch_size,
+                         seed=cfg.data.seed, device=device):  # else nothing applies (no BatchNorm, no per-pixel entropy)
+            adapted = task.evaluate(model, spec, cases, **options)
+            scores |= {f"tta-{k}": v for k, v in adapted.items() if not k.startswith("group-")}
     return RecordDict({METRICS: scalar_metrics({**scores, NUM_EXAMPLES: len(cases)})})

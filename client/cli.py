@@ -40,6 +40,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--pre-annotate", action="store_true",
                          help="write pre_annotations.json: the predicted labels as a dataset.json "
                               "fragment, most uncertain case first, for annotators to correct")
+    predict.add_argument("--adapt", action="store_true",
+                         help="adapt the model's norm layers to these images first (a hospital that "
+                              "never trained: BatchNorm statistics + a few entropy-minimization steps; "
+                              "no label is read, the model files are not changed)")
     predict.set_defaults(func=run_predict)
     privacy = sub.add_parser("privacy", help="print a site's privacy ledger in plain words")
     privacy.add_argument("state_dir", metavar="STATE_DIR")
@@ -180,9 +184,10 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"{args.images_dir}: not found", file=sys.stderr)
         return 2
     if args.state_dir is None:
-        print("WARNING: no --state-dir: this site's own local layers (e.g. its normalization "
-              "layers under FedBN) are missing, so predictions use their initial values and may "
-              "be poor; pass the state dir the site trained with", file=sys.stderr)
+        print("WARNING: no --state-dir: a site that trained in this run should pass it (its own "
+              "local layers, e.g. its norms under FedBN); without it a FedBN model uses the "
+              "federation's unseen-site norm set (add --adapt to fit it to these images)",
+              file=sys.stderr)
     from fedseg.common.devices import resolve_device
 
     try:
@@ -194,12 +199,13 @@ def run_predict(args: argparse.Namespace) -> int:
     ensemble = [Path(p) for p in args.ensemble] + (checkpoints[-args.last_rounds:] if args.last_rounds else [])
     done = predict_folder(args.model, args.state_dir, args.images_dir, args.out_dir, device,
                           overlay=args.overlay, ensemble=ensemble, uncertainty=args.uncertainty,
-                          pre_annotate=args.pre_annotate)
+                          pre_annotate=args.pre_annotate, adapt=args.adapt)
     for case in done:
         score = f"  uncertainty {case.uncertainty:.4f}" if case.uncertainty is not None else ""
         print(f"{case.labels}  {case.seconds:.2f}s{score}")
     total = sum(case.seconds for case in done)
-    members = f", ensemble of {1 + len(ensemble)} models" if ensemble else ""
+    members = (f", ensemble of {1 + len(ensemble)} models" if ensemble else "") + (
+        ", norms adapted to these images" if args.adapt else "")
     print(f"{len(done)} case(s), {total / len(done):.2f}s per case{members}")
     if args.pre_annotate:
         print(f"pre-annotations, most uncertain first: {Path(args.out_dir) / 'pre_annotations.json'}")

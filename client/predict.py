@@ -15,12 +15,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fedseg.client.adaptation import adapt_to_site
 from fedseg.client.site_model import saved_model
 from fedseg.client.tasks import task_for
 from fedseg.common.atomic import atomic_write_json
 from fedseg.common.data import NIFTI_SUFFIXES, PNG_SUFFIXES, DataError, image_transforms
 
 PRE_ANNOTATIONS = "pre_annotations.json"
+ADAPT_IMAGES = 32  # images (spread over the folder) the norms adapt on: bounded memory and time
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class Predicted:
 def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_dir: str | Path,
                    out_dir: str | Path, device: str = "cpu", overlay: bool = False,
                    ensemble: list[Path] | None = None, uncertainty: bool = False,
-                   pre_annotate: bool = False) -> list[Predicted]:
+                   pre_annotate: bool = False, adapt: bool = False) -> list[Predicted]:
     """Write one label map per image: NIfTI with the input's affine, PNG for 2D images (a Mask
     R-CNN model writes instance maps: 16-bit PNG, ids 1..N).
 
@@ -54,6 +56,9 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
             probabilities (of the ensemble, else of test-time flips), same geometry as the image.
         pre_annotate: write ``pre_annotations.json``, the predicted labels as a dataset.json
             fragment, most uncertain case first, so annotators correct the worst cases first.
+        adapt: first adapt each model's norm layers to this folder's images (BatchNorm
+            statistics, then a few bounded entropy-minimization steps on the norm affines; no
+            label is read, the saved models are not changed).
 
     Returns:
         What was written for each case, in file order.
@@ -70,6 +75,8 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
                     if p.name.lower().endswith(PNG_SUFFIXES + NIFTI_SUFFIXES) and not p.name.startswith("."))
     if not images:
         raise DataError(f"{images_dir}: no .png/.jpg/.nii.gz images")
+    if adapt:
+        adapt_members(members, task, images, patch, device, model_path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = []
@@ -100,6 +107,18 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
     if pre_annotate:
         write_pre_annotations(done, out_dir)
     return done
+
+
+def adapt_members(members: list[torch.nn.Module], task, images: list[Path], patch: int, device: str,
+                  model_path: str | Path) -> None:
+    """Test-time adaptation of every model to (up to ``ADAPT_IMAGES`` of) the folder's images."""
+    chosen = images[:: max(1, -(-len(images) // ADAPT_IMAGES))]
+    pixels = [image_transforms(path)(str(path)) for path in chosen]
+    for member in members:
+        if not adapt_to_site(member, task, pixels, patch_size=patch, seed=0, device=device):
+            raise DataError(f"{model_path}: --adapt does not apply to this model (no BatchNorm statistics "
+                            f"and no per-pixel class probabilities)")
+        member.eval()
 
 
 def write_pre_annotations(done: list[Predicted], out_dir: Path) -> Path:

@@ -161,6 +161,11 @@ def write_report(run_dir: str | Path) -> Path:
                  _delta(final.get(s, {}).get("tta-dice"), final.get(s, {}).get("dice")),
                  final.get(s, {}).get("hd95"), final.get(s, {}).get(NUM_EXAMPLES)] for s in heldout]
         body.append(_table(["site", "Dice", "Dice after adaptation", "change", f"HD95 ({unit})", "cases"], rows))
+        if all(row[2] is None for row in rows):
+            body.append(_para("Adaptation does not apply to this model: it has no BatchNorm statistics "
+                              "to re-estimate and no per-pixel class distribution whose entropy could "
+                              "be lowered (a detector such as Mask R-CNN), so only the plain Dice is "
+                              "shown."))
         hurt = [row[0] for row in rows if row[3] is not None and row[3] < 0]
         if hurt:
             body.append(_para(f"Adaptation lowered the Dice at {', '.join(hurt)}: use the plain model "

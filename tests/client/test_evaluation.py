@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from fedseg.client.adaptation import adapt_norm_statistics
+from fedseg.client.adaptation import adapt_norm_statistics, site_images
 from fedseg.client.tasks import task_for
 from fedseg.common.data import read_site, to_dicts
 from fedseg.common.models import ModelSpec, build_model
@@ -32,13 +32,13 @@ def test_norm_adaptation_changes_only_batchnorm_statistics(tmp_path):
     spec = read_site(site)
     model = build_model(ModelSpec(2, 1, 3, (8, 16), "batch"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert adapt_norm_statistics(model, spec, list(spec.training), patch_size=32, seed=0) > 0
+    assert adapt_norm_statistics(model, site_images(spec, list(spec.training)), patch_size=32, seed=0) > 0
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked"))
                            for k in changed)
     assert not model.training
     instance = build_model(ModelSpec(2, 1, 3, (8, 16), "instance"))
-    assert adapt_norm_statistics(instance, spec, list(spec.training), patch_size=32, seed=0) == 0
+    assert adapt_norm_statistics(instance, site_images(spec, list(spec.training)), patch_size=32, seed=0) == 0
 
 
 def test_entropy_adaptation_moves_only_norm_affines_and_lowers_entropy(tmp_path):
@@ -48,7 +48,8 @@ def test_entropy_adaptation_moves_only_norm_affines_and_lowers_entropy(tmp_path)
 
     (site,) = write_study(tmp_path, sites=1, dims=2, cases=3, size=32, shift=1.0, seed=3)
     spec = read_site(site)
-    images = torch.cat(list(_patches(spec, list(spec.training), 32, seed=1, patches_per_case=2)))
+    site = site_images(spec, list(spec.training))
+    images = torch.cat(list(_patches(site, 32, seed=1, patches_per_case=2)))
 
     def entropy(model):
         with torch.no_grad():
@@ -60,7 +61,7 @@ def test_entropy_adaptation_moves_only_norm_affines_and_lowers_entropy(tmp_path)
         model = build_model(ModelSpec(2, 1, 3, (8, 16), norm))
         before = {k: v.clone() for k, v in model.state_dict().items()}
         start = entropy(model)
-        adapt_norm_affines(model, spec, list(spec.training), patch_size=32, seed=0, steps=20)
+        adapt_norm_affines(model, site, patch_size=32, seed=0, steps=20)
         assert entropy(model) < start, norm
         changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
         affines = {f"{n}.{p}" for n, m in model.named_modules()

@@ -91,3 +91,34 @@ def test_a_new_site_predicts_with_the_unseen_site_norm_set(tmp_path):
     for key, value in kept.items():
         if value.is_floating_point():
             assert torch.equal(new_site.state_dict()[key], value + 0.25), key
+
+
+def test_adapt_fits_the_norms_to_a_new_sites_images_without_changing_the_model_file(tmp_path, capsys):
+    """`predict --adapt` at a hospital that never trained: BatchNorm statistics and norm affines
+    move to its own unlabeled images, predictions are still written, the model file is untouched."""
+    from fedseg.client.predict import adapt_members
+    from fedseg.client.tasks import task_for
+
+    (site,) = write_study(tmp_path / "study", sites=1, dims=2, cases=3, size=24, shift=1.0, seed=4)
+    model = _run_dir(tmp_path, ModelSpec(2, 1, 2, (4, 8), "batch"))
+    saved = model.read_bytes()
+    plain, spec, patch = saved_model(model, None)
+    adapted, _, _ = saved_model(model, None)
+    images = sorted((site / "images").iterdir())
+    adapt_members([adapted], task_for(spec), images, patch, "cpu", model)
+    changed = {k for k, v in adapted.state_dict().items() if not torch.equal(v, plain.state_dict()[k])}
+    assert any(k.endswith("running_mean") for k in changed) and any(k.endswith(".weight") for k in changed)
+    assert all(".adn.N." in k for k in changed), changed  # only norm layers move
+    assert main(["predict", str(site / "images"), str(tmp_path / "out"), "--model", str(model),
+                 "--adapt"]) == 0
+    assert "norms adapted to these images" in capsys.readouterr().out
+    assert len(list((tmp_path / "out").glob("*.png"))) == 3 and model.read_bytes() == saved
+
+
+def test_adapt_on_a_model_it_cannot_change_is_a_clear_error(tmp_path, capsys):
+    (site,) = write_study(tmp_path / "study", sites=1, dims=2, cases=1, size=32, seed=0)
+    model = _run_dir(tmp_path, ModelSpec(2, 1, 2, (8, 16), "group", "maskrcnn", "slim", 32))
+    assert main(["predict", str(site / "images"), str(tmp_path / "out"), "--model", str(model),
+                 "--adapt"]) == 2
+    err = capsys.readouterr().err
+    assert str(model) in err and "--adapt does not apply" in err
