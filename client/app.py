@@ -22,7 +22,7 @@ from fedseg.client.trainer import train_local
 from fedseg.common.config import SiteData, SiteRoundConfig
 from fedseg.common.data import DataError, case_seed, read_site, split_training
 from fedseg.common.logs import setup_logging
-from fedseg.common.models import split_state, unseen_norm_set
+from fedseg.common.models import ensemble_members, split_state, unseen_norm_set
 from fedseg.common.records import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PrivacyBoundaryError,
                                    scalar_metrics, shared_record)
 
@@ -112,10 +112,16 @@ def _evaluate(msg: Message, node_config: dict) -> RecordDict:
     cfg, site, server_round, device = _open_round(msg, node_config)
     spec = read_site(site.ref, seed=cfg.data.seed)
     _, cases = split_training(spec, cfg.data.val_fraction, cfg.data.seed)
-    model = round_model(cfg, site, msg.content[ARRAYS].to_torch_state_dict(), server_round).model
+    received, earlier = ensemble_members(msg.content[ARRAYS].to_torch_state_dict())
+    model = round_model(cfg, site, received, server_round).model
     task = task_for(cfg.model)
     options = dict(patch_size=cfg.patch_size, device=device, min_group_cases=cfg.min_group_cases)
     scores = task.evaluate(model, spec, cases, **options)
+    if earlier and spec.name in cfg.heldout_sites:  # also the ensemble of the last rounds' models
+        members = [round_model(cfg, site, state, server_round).model for state in earlier]
+        combined = task.evaluate(model, spec, cases, **options, ensemble=members)
+        scores |= {f"ensemble-{k}": v for k, v in combined.items() if not k.startswith("group-")}
+        scores["ensemble-models"] = 1 + len(members)
     if spec.name in cfg.heldout_sites:  # an unseen hospital: also score after adapting its norms
         if adapt_to_site(model, task, site_images(spec, cases), patch_size=cfg.patch_size,
                          seed=cfg.data.seed, device=device):  # else nothing applies (no BatchNorm, no per-pixel entropy)

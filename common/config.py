@@ -33,6 +33,7 @@ class ModelKind:
         norm_note: why some norm is not accepted, for the error message.
         downsamples: the patch is halved once per ``channels`` level after the first, so it
             must be divisible by 2 ** (levels - 1).
+        dense: predicts per-pixel class probabilities (which ensembles average).
     """
 
     norms: tuple[str, ...]
@@ -40,12 +41,13 @@ class ModelKind:
     site_task: str = ""
     norm_note: str = ""
     downsamples: bool = False
+    dense: bool = False
 
 
 MODEL_KINDS = {
     "unet": ModelKind(("instance", "batch", "group"), (2, 3), "",
                       "'frozen' (pretrained BatchNorm statistics) is for model=maskrcnn",
-                      downsamples=True),
+                      downsamples=True, dense=True),
     "maskrcnn": ModelKind(("group", "instance", "frozen"), (2,), "instance",
                           "Mask R-CNN trains on 1-4 crops per step, too few for BatchNorm "
                           "statistics; use group, instance, or frozen (statistics of the "
@@ -112,6 +114,9 @@ class RunConfig:
             under ``dp=sample``, none otherwise.
         heldout_sites: sites that only ever evaluate (scored plain and after test-time
             adaptation of BatchNorm statistics on their own unlabeled images).
+        heldout_ensemble: K >= 2 also scores held-out sites with the ensemble of the last K
+            rounds' models (class probabilities averaged; the server sends them the K - 1 earlier
+            models too, never to training sites); 0: off. U-Net only.
         min_group_cases: fewest cases a fairness group needs before its Dice is reported, >= 1.
         device: ``auto`` (CUDA where present), ``cpu``, ``cuda`` or ``cuda:N`` for training,
             evaluation and prediction; a hospital's node config ``device`` wins.
@@ -158,6 +163,7 @@ class RunConfig:
     dp_patches_per_case: int = -1
     dp_ema: float = -1.0
     heldout_sites: tuple[str, ...] = field(default_factory=tuple)
+    heldout_ensemble: int = 0
     min_group_cases: int = 5
     device: str = "auto"
     gpus_per_site: float = -1.0
@@ -210,6 +216,10 @@ class RunConfig:
              "must be in [0, 1) (0: no averaging; -1: fedseg's DP recipe)"),
             ("dp-delta", 0 < self.dp_delta < 1, "must be in (0, 1)"),
             ("min-group-cases", self.min_group_cases >= 1, "must be >= 1"),
+            ("heldout-ensemble", self.heldout_ensemble == 0 or self.heldout_ensemble >= 2,
+             "must be 0 (off) or >= 2 (rounds whose models are averaged)"),
+            ("heldout-ensemble", not (self.heldout_ensemble and kind is not None and not kind.dense),
+             f"model={self.model} has no per-pixel class probabilities to ensemble"),
             ("device", DEVICE.fullmatch(self.device) is not None, "must be auto, cpu, cuda or cuda:N"),
             ("gpus-per-site", self.gpus_per_site >= 0 or self.gpus_per_site == AUTO,
              "must be >= 0 (or -1: 1.0 where a GPU is present)"),

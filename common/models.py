@@ -16,13 +16,14 @@ from torch import nn
 from fedseg.common.config import MODEL_KINDS, ModelSpec
 from fedseg.common.maskrcnn import HEAD_PREFIXES, build_maskrcnn
 
-__all__ = ["ModelSpec", "UNSEEN_PREFIX", "build_model", "local_keys", "model_signature", "split_state",
-           "unseen_norm_set", "unseen_norms"]
+__all__ = ["ENSEMBLE_PREFIX", "ModelSpec", "UNSEEN_PREFIX", "build_model", "ensemble_members", "local_keys",
+           "model_signature", "split_state", "unseen_norm_set", "unseen_norms", "with_ensemble"]
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 # With local-layers=norm, a site also sends a copy of its norm tensors under this prefix; the
 # server averages them into the unseen-site norm set, which only sites that never trained receive.
 UNSEEN_PREFIX = "unseen-norm/"
+ENSEMBLE_PREFIX = "ensemble-"  # ensemble-1/<key>: the previous round's model, ensemble-2/...: the one before
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,28 @@ def unseen_norm_set(state: dict[str, torch.Tensor], local: set[str]) -> dict[str
 def unseen_norms(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The unseen-site norm set of a global state dict, under the model's own key names."""
     return {k[len(UNSEEN_PREFIX):]: v for k, v in state.items() if k.startswith(UNSEEN_PREFIX)}
+
+
+def with_ensemble(state: dict[str, Any], members: list[dict[str, Any]]) -> dict[str, Any]:
+    """``state`` plus earlier models under ``ensemble-<j>/`` (j = 1: the most recent), in one
+    record (Flower carries exactly one ArrayRecord per message)."""
+    out = dict(state)
+    for j, member in enumerate(members, start=1):
+        out |= {f"{ENSEMBLE_PREFIX}{j}/{k}": v for k, v in member.items()}
+    return out
+
+
+def ensemble_members(state: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Inverse of ``with_ensemble``: (the model's own state, the earlier models, most recent first)."""
+    own: dict[str, Any] = {}
+    members: dict[int, dict[str, Any]] = {}
+    for key, value in state.items():
+        if key.startswith(ENSEMBLE_PREFIX):
+            j, name = key[len(ENSEMBLE_PREFIX):].split("/", 1)
+            members.setdefault(int(j), {})[name] = value
+        else:
+            own[key] = value
+    return own, [members[j] for j in sorted(members)]
 
 
 def model_signature(spec: ModelSpec, local_layers: str, local: dict[str, torch.Tensor]) -> str:

@@ -160,7 +160,13 @@ def write_report(run_dir: str | Path) -> Path:
         rows = [[s, final.get(s, {}).get("dice"), final.get(s, {}).get("tta-dice"),
                  _delta(final.get(s, {}).get("tta-dice"), final.get(s, {}).get("dice")),
                  final.get(s, {}).get("hd95"), final.get(s, {}).get(NUM_EXAMPLES)] for s in heldout]
-        body.append(_table(["site", "Dice", "Dice after adaptation", "change", f"HD95 ({unit})", "cases"], rows))
+        header = ["site", "Dice", "Dice after adaptation", "change", f"HD95 ({unit})", "cases"]
+        members = max((final.get(s, {}).get("ensemble-models") or 0 for s in heldout), default=0)
+        if members:
+            header.insert(4, f"Dice, ensemble of the last {members:g} rounds' models")
+            for row, s in zip(rows, heldout):
+                row.insert(4, final.get(s, {}).get("ensemble-dice"))
+        body.append(_table(header, rows))
         if all(row[2] is None for row in rows):
             body.append(_para("Adaptation does not apply to this model: it has no BatchNorm statistics "
                               "to re-estimate and no per-pixel class distribution whose entropy could "
@@ -237,7 +243,9 @@ def write_study_report(out_dir: Path, comparison: list[dict[str, Any]], matrix: 
                   + ". In-federation Dice is each site's validation split; held-out sites never trained. "
                   "Federated models are scored there plain, after adapting their norm layers to the "
                   "site's own unlabeled images (adapted), and as the average of their last three "
-                  "rounds' checkpoints (fedseg predict builds such ensembles at a new hospital)."),
+                  "rounds' models (run-config heldout-ensemble = 3: the held-out site averages the "
+                  "class probabilities; fedseg predict --last-rounds builds such ensembles at a new "
+                  "hospital)."),
             "<h2>Baselines, ranked by mean in-federation Dice</h2>",
             _table(heads, [[row[c] for c in cols] for row in comparison])]
     if rising:

@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                      FedMedian, FedProx, FedTrimmedAvg, Strategy)
 
 from fedseg.common.config import ConfigError, RunConfig
-from fedseg.common.models import UNSEEN_PREFIX
+from fedseg.common.models import UNSEEN_PREFIX, with_ensemble
 from fedseg.common.records import ARRAYS
 from fedseg.server.model_average import ModelAverage
 from fedseg.server.rounds import RoundRecorder
@@ -61,6 +61,7 @@ class SiteHooks:
     - every reply's scalars and payload size go to the ``RoundRecorder``;
     - a resumed run numbers its rounds from the checkpoint (``round_offset``);
     - sites evaluate ``average.model(aggregate)`` (the moving average when ``dp-ema`` is on);
+    - with ``heldout-ensemble`` K, held-out sites also receive the K - 1 previous rounds' models;
     - when a round's evaluation is aggregated, ``on_round_end(round, aggregate, evaluated,
       server state)`` runs, with what a resume needs to continue exactly (``server_state``).
     """
@@ -72,6 +73,8 @@ class SiteHooks:
     min_sites: int
     round_timeout: float
     average: ModelAverage
+    ensemble_size: int
+    recent: list[ArrayRecord]  # the models sites scored in the last rounds, newest last
     on_round_end: Callable[[int, ArrayRecord, ArrayRecord, dict[str, Any]], None]
     _round_arrays: tuple[ArrayRecord, ArrayRecord]
 
@@ -111,9 +114,12 @@ class SiteHooks:
         self._round_arrays = (arrays, evaluated)  # the round's aggregate and the model sites score
         messages = super().configure_evaluate(  # type: ignore[misc]
             server_round + self.round_offset, evaluated, config, _SiteView(grid, self.site_of, set()))
-        # only sites that never train get the unseen-site norm set
-        return [m if m.metadata.dst_node_id in self.heldout_nodes else _without_unseen_set(m)
-                for m in messages]
+        # only sites that never train get the unseen-site norm set (and earlier rounds' models)
+        messages = [self._with_ensemble(m) if m.metadata.dst_node_id in self.heldout_nodes
+                    else _without_unseen_set(m) for m in messages]
+        if self.ensemble_size:
+            self.recent = [*self.recent, evaluated][-(self.ensemble_size - 1):]
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = self._ordered(replies)
@@ -123,6 +129,16 @@ class SiteHooks:
         metrics = super().aggregate_evaluate(rnd, training)  # type: ignore[misc]
         self.on_round_end(rnd, *self._round_arrays, server_state(self))  # type: ignore[arg-type]
         return metrics
+
+    def _with_ensemble(self, msg: Message) -> Message:
+        """A held-out site's evaluation message plus the earlier rounds' models, newest first."""
+        if not self.recent:
+            return msg
+        members = [m.to_torch_state_dict() for m in reversed(self.recent)]
+        content = RecordDict(dict(msg.content))
+        content[ARRAYS] = ArrayRecord(with_ensemble(msg.content[ARRAYS].to_torch_state_dict(), members))
+        return Message(content=content, message_type=msg.metadata.message_type,
+                       dst_node_id=msg.metadata.dst_node_id)
 
     def _wait_for_sites(self, view: _SiteView, rnd: int) -> None:
         """Wait up to ``round-timeout`` for ``min-train-sites`` to be connected, else stop clearly."""
@@ -213,6 +229,8 @@ def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[i
     strategy.round_timeout = cfg.round_timeout
     strategy.on_round_end = on_round_end
     strategy.average = average or ModelAverage(0.0)
+    strategy.ensemble_size = cfg.heldout_ensemble if heldout_nodes else 0
+    strategy.recent = []
     if resume_state:
         restore_server_state(strategy, resume_state)
     return strategy
@@ -222,6 +240,8 @@ def server_state(strategy: Strategy) -> dict[str, Any]:
     """What the strategy carries from round to round beyond the weights: FedOpt's moments (FedAdam
     m_t, v_t), Flower's client-level privacy accountant, and the sampler's random state."""
     state: dict[str, Any] = {"random": random.getstate()}
+    if getattr(strategy, "recent", None):  # held-out ensemble members: a resumed run sends them too
+        state["recent"] = [m.to_torch_state_dict() for m in strategy.recent]
     for name in ("m_t", "v_t"):
         if (moments := getattr(strategy, name, None)) is not None:
             state[name] = {k: torch.from_numpy(np.array(v)) for k, v in moments.items()}
@@ -233,6 +253,7 @@ def server_state(strategy: Strategy) -> dict[str, Any]:
 def restore_server_state(strategy: Strategy, state: dict[str, Any]) -> None:
     """Inverse of ``server_state``: a resumed run continues as if it had never stopped."""
     random.setstate(state["random"])
+    strategy.recent = [ArrayRecord(m) for m in state.get("recent", [])]
     for name in ("m_t", "v_t"):
         if name in state:
             setattr(strategy, name, {k: v.numpy() for k, v in state[name].items()})

@@ -16,11 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-from fedseg.client.site_model import round_checkpoints, saved_model
-from fedseg.client.tasks import task_for
 from fedseg.common.atomic import atomic_write_bytes, atomic_write_json
-from fedseg.common.config import RunConfig
+from fedseg.common.config import MODEL_KINDS, RunConfig
 from fedseg.common.data import SiteSpec, read_site, split_training, study_sites
 from fedseg.common.metrics import finite_mean
 from fedseg.server.summary import INSTANCE_METRICS, site_spread
@@ -30,7 +27,7 @@ from fedseg.simulations.simulate import simulate
 
 log = logging.getLogger(__name__)
 BASELINES = ("local", "pooled", "fedavg", "fedprox", "fedbn")
-ENSEMBLE_ROUNDS = 3  # held-out sites are also scored by the average of the last 3 rounds' models
+ENSEMBLE_ROUNDS = 3  # federated baselines: held-out sites also score the last 3 rounds' models averaged
 FEDERATED = {"fedavg": dict(strategy="fedavg", local_layers="none"),
              "fedprox": dict(strategy="fedprox", local_layers="none"),
              "fedbn": dict(strategy="fedavg", local_layers="norm")}
@@ -61,12 +58,11 @@ def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None)
         eta = f", about {elapsed / index * (len(baselines) - index):.0f}s left" if index else ""
         log.info("study: baseline %d/%d %s%s", index + 1, len(baselines), baseline, eta)
         if baseline in FEDERATED:
+            ensemble = ENSEMBLE_ROUNDS if heldout and MODEL_KINDS[cfg.model].dense else cfg.heldout_ensemble
             run = simulate(cfg.replace(output_dir=str(out / "runs"), run_name=baseline, resume=False,
-                                       **FEDERATED[baseline]), num_cpus=num_cpus)
+                                       heldout_ensemble=ensemble, **FEDERATED[baseline]), num_cpus=num_cpus)
             rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
             scores[baseline] = {s: rounds[-1]["eval"].get(s, {}) for s in specs}
-            for site, dice in heldout_ensemble_dice(run, cfg, specs, heldout).items():
-                scores[baseline][site] = {**scores[baseline][site], "ensemble-dice": dice}
             if still_rising(rounds, training):
                 rising.append(baseline)
                 log.warning("study: %s's mean Dice was still rising in its last round; its budget "
@@ -95,25 +91,6 @@ def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None)
     write_study_report(out, comparison, cross if matrix else None, budget, rising)
     log.info("study done in %.0fs: %s", time.monotonic() - started, out)
     return out
-
-
-def heldout_ensemble_dice(run: Path, cfg: RunConfig, specs: dict[str, SiteSpec], heldout: list[str],
-                          rounds: int = ENSEMBLE_ROUNDS) -> dict[str, float]:
-    """Held-out Dice of an ensemble of the run's last ``rounds`` round checkpoints (class
-    probabilities averaged; each with the unseen-site norm set under FedBN), the kind of ensemble
-    ``fedseg predict --ensemble/--last-rounds`` builds at a new hospital. Empty for detectors or
-    runs with fewer rounds."""
-    checkpoints = round_checkpoints(run)[-rounds:]
-    if not heldout or len(checkpoints) < 2:
-        return {}
-    members = [saved_model(path, None) for path in checkpoints]
-    task = task_for(members[-1][1])
-    if not task.dense_logits:
-        return {}
-    models, patch = [m for m, _, _ in members], members[-1][2]
-    return {site: task.evaluate(models[-1], specs[site], split_training(specs[site], cfg.val_fraction, cfg.seed)[1],
-                                patch_size=patch, device=run_device(cfg), ensemble=models[:-1])["dice"]
-            for site in heldout}
 
 
 def still_rising(rounds: list[dict[str, Any]], sites: list[str], margin: float = 0.01) -> bool:

@@ -98,6 +98,11 @@ def test_server_state_carries_fedadam_moments_the_accountant_and_the_sampler():
     spent = dp.privacy_spent().epsilon
     resumed, _ = _build(RunConfig(dp="client", dp_noise_multiplier=0.7), resume_state=server_state(dp))
     assert resumed.privacy_spent().epsilon == pytest.approx(spent) and spent > 0
+    ensemble, _ = _build(RunConfig(heldout_ensemble=3), heldout={33})
+    ensemble.recent = [ArrayRecord({"w": torch.full((2,), float(r))}) for r in (1, 2)]
+    resumed, _ = _build(RunConfig(heldout_ensemble=3), heldout={33}, resume_state=server_state(ensemble))
+    # a resumed run still sends held-out sites the models of the rounds before the restart
+    assert [m.to_torch_state_dict()["w"][0].item() for m in resumed.recent] == [1.0, 2.0]
 
 
 @pytest.mark.parametrize("strategy, extra", [("fedmedian", {}), ("trimmed-mean", {"trim_fraction": 0.34})])

@@ -69,6 +69,12 @@ def test_federated_runs_report_heldout_scores_with_norm_adaptation(study_out):
     summary = json.loads((study_out / "runs" / "fedbn" / "summary.json").read_text())
     assert set(summary["heldout"]) == {"site-d"}
     assert "tta-dice" in summary["heldout"]["site-d"] and "tta-dice" not in summary["sites"]["site-a"]
+    # the study asks for the last 3 rounds' ensemble; after 2 rounds the held-out site averaged 2
+    assert summary["heldout"]["site-d"]["ensemble-models"] == 2
+    assert 0 <= summary["heldout"]["site-d"]["ensemble-dice"] <= 1
+    assert not any(k.startswith("ensemble-") for k in summary["sites"]["site-a"])
+    report = (study_out / "runs" / "fedbn" / "report.html").read_text()
+    assert "ensemble of the last 2 rounds" in report
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (.ci/run installs it)")
