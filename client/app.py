@@ -24,7 +24,7 @@ from fedseg.common.data import DataError, case_seed, read_site, split_training
 from fedseg.common.logs import setup_logging
 from fedseg.common.models import ensemble_members, split_state, unseen_norm_set
 from fedseg.common.records import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PrivacyBoundaryError,
-                                   scalar_metrics, shared_record)
+                                   received_state, scalar_metrics, shared_record)
 
 log = logging.getLogger(__name__)
 SITE_ERROR = 3100  # Flower error code for a site that refuses a message with a clear reason
@@ -87,7 +87,7 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
                         run=run_key(cfg.run_name, cfg.run_id), server_round=server_round,
                         site=spec.name)  # the site's policy admits the round before anything runs
     # the local layers as they were before this round, even if it runs again after a crash
-    mine = round_model(cfg, site, msg.content[ARRAYS].to_torch_state_dict(), server_round - 1)
+    mine = round_model(cfg, site, received_state(msg.content[ARRAYS]), server_round - 1)
     task = task_for(cfg.model)
     result = train_local(
         mine.model, task, spec, cases, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
@@ -105,14 +105,15 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
     shared, _ = split_state(mine.model, mine.local)
     if cfg.local_layers == "norm":  # a copy of the norms for the unseen-site set (never sent back here)
         shared |= unseen_norm_set(mine.model.state_dict(), mine.local)
-    return RecordDict({ARRAYS: shared_record(shared, mine.local), METRICS: scalar_metrics(metrics)})
+    return RecordDict({ARRAYS: shared_record(shared, mine.local, cfg.transfer_dtype),
+                       METRICS: scalar_metrics(metrics)})
 
 
 def _evaluate(msg: Message, node_config: dict) -> RecordDict:
     cfg, site, server_round, device = _open_round(msg, node_config)
     spec = read_site(site.ref, seed=cfg.data.seed)
     _, cases = split_training(spec, cfg.data.val_fraction, cfg.data.seed)
-    received, earlier = ensemble_members(msg.content[ARRAYS].to_torch_state_dict())
+    received, earlier = ensemble_members(received_state(msg.content[ARRAYS]))
     model = round_model(cfg, site, received, server_round).model
     task = task_for(cfg.model)
     options = dict(patch_size=cfg.patch_size, device=device, min_group_cases=cfg.min_group_cases)

@@ -19,6 +19,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean")
 LOCAL_LAYERS = ("none", "norm", "norm+head")
 BACKBONES = ("slim", "resnet50")
 DP_MODES = ("off", "sample", "client")
+TRANSFER_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,9 @@ class RunConfig:
             evaluation and prediction; a hospital's node config ``device`` wins.
         gpus_per_site: simulation: GPU share of each virtual site (0.25 runs four sites on one GPU
             at once); -1: 1.0 where a GPU is present, else 0.
+        transfer_dtype: precision of the shared weights on the wire, both ways: ``float32``,
+            ``float16`` or ``bfloat16`` (half the bytes; sites train and the server aggregates
+            in float32 either way, and DP noise is added before the cast).
         output_dir: parent folder of run folders (server only).
         run_name: run folder name; empty picks ``<study>-<strategy>-<timestamp>``.
         resume: continue ``output_dir/run_name`` from its last checkpoint (server only).
@@ -167,6 +171,7 @@ class RunConfig:
     min_group_cases: int = 5
     device: str = "auto"
     gpus_per_site: float = -1.0
+    transfer_dtype: str = "float32"
     output_dir: str = "runs"
     run_name: str = ""
     resume: bool = False
@@ -223,6 +228,7 @@ class RunConfig:
             ("device", DEVICE.fullmatch(self.device) is not None, "must be auto, cpu, cuda or cuda:N"),
             ("gpus-per-site", self.gpus_per_site >= 0 or self.gpus_per_site == AUTO,
              "must be >= 0 (or -1: 1.0 where a GPU is present)"),
+            ("transfer-dtype", self.transfer_dtype in TRANSFER_DTYPES, f"must be one of {TRANSFER_DTYPES}"),
             ("dp-target-epsilon", self.dp_target_epsilon >= 0, "must be >= 0 (0: use dp-noise-multiplier)"),
             ("norm", not (self.dp == "sample" and self.norm == "batch"),
              "BatchNorm cannot train under DP-SGD (a case's output depends on its batch-mates); "
@@ -232,6 +238,9 @@ class RunConfig:
              "the proximal term"),
             ("strategy", not (self.dp == "client" and self.strategy != "fedavg"),
              "dp=client needs strategy=fedavg (Flower's client-level accountant requires it)"),
+            ("transfer-dtype", not (self.dp == "client" and self.transfer_dtype != "float32"),
+             "dp=client clips each site's update as it is sent (Flower's mod), which must see "
+             "float32 weights; use transfer-dtype=float32"),
             ("dp-noise-multiplier", not (self.dp == "client" and self.dp_noise_multiplier <= 0),
              "must be > 0 with dp=client"),
         ]
@@ -285,7 +294,7 @@ class RunConfig:
             patch_size=self.patch_size, augment=self.augment, site_cache_mb=self.site_cache_mb,
             proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
             min_group_cases=self.min_group_cases, heldout_sites=self.heldout_sites,
-            device=self.device, data=self.site_data(state_root),
+            device=self.device, transfer_dtype=self.transfer_dtype, data=self.site_data(state_root),
             dp=DPSettings(self.dp, self.dp_noise_multiplier, self.dp_max_grad_norm, self.dp_delta,
                           self.dp_target_epsilon, self.num_server_rounds, self.dp_batch_size,
                           self.dp_lr, self.dp_momentum, self.dp_patches_per_case,
@@ -414,6 +423,7 @@ class SiteRoundConfig:
         min_group_cases: k-case threshold for fairness groups.
         heldout_sites: sites that only evaluate (they also score after norm adaptation).
         device: the server's device wish (a site's own node config ``device`` wins).
+        transfer_dtype: precision the site sends its shared weights in.
         data: the site's data and split.
         dp: differential privacy asked for.
     """
@@ -432,6 +442,7 @@ class SiteRoundConfig:
     min_group_cases: int
     heldout_sites: tuple[str, ...]
     device: str
+    transfer_dtype: str
     data: SiteData
     dp: DPSettings
 

@@ -17,8 +17,9 @@ class PrivacyBoundaryError(RuntimeError):
     """Something that must stay at the site was about to be sent."""
 
 
-def shared_record(state: Mapping[str, torch.Tensor], local: set[str]) -> ArrayRecord:
-    """ArrayRecord of the shared tensors only.
+def shared_record(state: Mapping[str, torch.Tensor], local: set[str], dtype: str = "float32") -> ArrayRecord:
+    """ArrayRecord of the shared tensors only, floating-point ones sent as ``dtype``
+    (``transfer-dtype``; the receiver computes in float32 again).
 
     Raises:
         PrivacyBoundaryError: if ``state`` holds a site-local key.
@@ -26,13 +27,19 @@ def shared_record(state: Mapping[str, torch.Tensor], local: set[str]) -> ArrayRe
     leaked = sorted(set(state) & local)
     if leaked:
         raise PrivacyBoundaryError(f"refusing to send site-local tensors: {leaked[:5]}")
-    return ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+    return wire_record({k: v.detach().cpu() for k, v in state.items()}, dtype)
 
 
-def to_state(record: ArrayRecord, keep: set[str] | None = None) -> dict[str, torch.Tensor]:
-    """Torch state dict from an ArrayRecord, optionally only the ``keep`` keys."""
-    state = record.to_torch_state_dict()
-    return {k: v for k, v in state.items() if keep is None or k in keep}
+def wire_record(state: Mapping[str, torch.Tensor], dtype: str) -> ArrayRecord:
+    """ArrayRecord with every floating-point tensor cast to ``dtype`` (integers as they are)."""
+    cast = getattr(torch, dtype)
+    return ArrayRecord({k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()})
+
+
+def received_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """Torch state dict of a received record, floating-point tensors in float32 (whatever
+    precision they travelled in: aggregation and training always compute in float32)."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in record.to_torch_state_dict().items()}
 
 
 def record_bytes(record: ArrayRecord) -> int:

@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
 
 from fedseg.common.config import ConfigError, RunConfig
 from fedseg.common.models import UNSEEN_PREFIX, with_ensemble
-from fedseg.common.records import ARRAYS
+from fedseg.common.records import ARRAYS, received_state, wire_record
 from fedseg.server.model_average import ModelAverage
 from fedseg.server.rounds import RoundRecorder
 
@@ -62,6 +62,7 @@ class SiteHooks:
     - a resumed run numbers its rounds from the checkpoint (``round_offset``);
     - sites evaluate ``average.model(aggregate)`` (the moving average when ``dp-ema`` is on);
     - with ``heldout-ensemble`` K, held-out sites also receive the K - 1 previous rounds' models;
+    - weights travel in ``transfer-dtype`` and are aggregated in float32;
     - when a round's evaluation is aggregated, ``on_round_end(round, aggregate, evaluated,
       server state)`` runs, with what a resume needs to continue exactly (``server_state``).
     """
@@ -74,6 +75,7 @@ class SiteHooks:
     round_timeout: float
     average: ModelAverage
     ensemble_size: int
+    transfer_dtype: str
     recent: list[ArrayRecord]  # the models sites scored in the last rounds, newest last
     on_round_end: Callable[[int, ArrayRecord, ArrayRecord, dict[str, Any]], None]
     _round_arrays: tuple[ArrayRecord, ArrayRecord]
@@ -82,7 +84,7 @@ class SiteHooks:
                         grid: Grid) -> Iterable[Message]:
         view = _SiteView(grid, self.site_of, self.heldout_nodes)
         self._wait_for_sites(view, server_round + self.round_offset)
-        messages = [_without_unseen_set(m) for m in super().configure_train(  # type: ignore[misc]
+        messages = [self._on_wire(_without_unseen_set(m)) for m in super().configure_train(  # type: ignore[misc]
             server_round + self.round_offset, arrays, config, view)]
         for m in messages:
             self.recorder.sent(server_round + self.round_offset, self.site_of[m.metadata.dst_node_id],
@@ -94,6 +96,9 @@ class SiteHooks:
         replies = self._ordered(replies)
         rnd = server_round + self.round_offset
         self.recorder.trained(rnd, self._named(replies))
+        for m in replies:  # whatever precision the weights travelled in, aggregate in float32
+            if not m.has_error() and ARRAYS in m.content.array_records:
+                m.content[ARRAYS] = ArrayRecord(received_state(m.content[ARRAYS]))
         ok = [m for m in replies if not m.has_error()]
         if len(ok) < self.min_sites:
             failures = "; ".join(f"{site}: {m.error.reason}" for site, m in self._named(replies)
@@ -115,8 +120,8 @@ class SiteHooks:
         messages = super().configure_evaluate(  # type: ignore[misc]
             server_round + self.round_offset, evaluated, config, _SiteView(grid, self.site_of, set()))
         # only sites that never train get the unseen-site norm set (and earlier rounds' models)
-        messages = [self._with_ensemble(m) if m.metadata.dst_node_id in self.heldout_nodes
-                    else _without_unseen_set(m) for m in messages]
+        messages = [self._on_wire(self._with_ensemble(m) if m.metadata.dst_node_id in self.heldout_nodes
+                                  else _without_unseen_set(m)) for m in messages]
         if self.ensemble_size:
             self.recent = [*self.recent, evaluated][-(self.ensemble_size - 1):]
         return messages
@@ -129,6 +134,15 @@ class SiteHooks:
         metrics = super().aggregate_evaluate(rnd, training)  # type: ignore[misc]
         self.on_round_end(rnd, *self._round_arrays, server_state(self))  # type: ignore[arg-type]
         return metrics
+
+    def _on_wire(self, msg: Message) -> Message:
+        """The message with its weights in the run's ``transfer-dtype`` (a copy unless float32)."""
+        if self.transfer_dtype == "float32" or ARRAYS not in msg.content.array_records:
+            return msg
+        content = RecordDict(dict(msg.content))
+        content[ARRAYS] = wire_record(msg.content[ARRAYS].to_torch_state_dict(), self.transfer_dtype)
+        return Message(content=content, message_type=msg.metadata.message_type,
+                       dst_node_id=msg.metadata.dst_node_id)
 
     def _with_ensemble(self, msg: Message) -> Message:
         """A held-out site's evaluation message plus the earlier rounds' models, newest first."""
@@ -231,6 +245,7 @@ def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[i
     strategy.average = average or ModelAverage(0.0)
     strategy.ensemble_size = cfg.heldout_ensemble if heldout_nodes else 0
     strategy.recent = []
+    strategy.transfer_dtype = cfg.transfer_dtype
     if resume_state:
         restore_server_state(strategy, resume_state)
     return strategy

@@ -143,6 +143,32 @@ def test_fedadam_with_a_heldout_site(study_2d, tmp_path):
     assert set(summary["heldout"]) == {"site-c"} and set(summary["sites"]) == {"site-a", "site-b"}
 
 
+def test_half_precision_transfer_and_the_heldout_ensemble(fedbn_run, study_2d, tmp_path):
+    """transfer-dtype=float16 halves the bytes both ways while the server keeps float32 weights;
+    with heldout-ensemble the held-out site alone receives the earlier round's model and scores
+    the ensemble."""
+    cfg = tiny_config(study_2d, tmp_path, heldout_sites=("site-c",), heldout_ensemble=2,
+                      transfer_dtype="float16")
+    run_dir = simulate(cfg, num_cpus=2)
+    half, full = _rounds(run_dir)[-1], _rounds(fedbn_run)[-1]
+    saved = torch.load(run_dir / "model" / "global.pt", weights_only=True)["state_dict"]
+    assert {v.dtype for v in saved.values() if v.is_floating_point()} == {torch.float32}
+    # every floating-point value sent (shared weights + the unseen-site norm set) costs 2 bytes, not 4
+    up = sum(v.numel() for v in saved.values() if v.is_floating_point())
+    down = sum(v.numel() for k, v in saved.items() if v.is_floating_point() and not k.startswith(UNSEEN_PREFIX))
+    for site in ("site-a", "site-b"):
+        assert full["train"][site]["bytes-up"] - half["train"][site]["bytes-up"] == 2 * up
+        assert full["bytes-down"][site] - half["bytes-down"][site] == 2 * down
+    evaluations = [r for r in _outbox(run_dir, "site-c") if r["type"] == "evaluate"]
+    assert not any(k.startswith("ensemble-") for k in evaluations[0]["received"]["arrays"])
+    assert any(k.startswith("ensemble-1/") for k in evaluations[1]["received"]["arrays"])
+    for site in ("site-a", "site-b"):  # training sites get neither earlier models nor the norm set
+        assert not any(k.startswith(("ensemble-", UNSEEN_PREFIX)) for r in _outbox(run_dir, site)
+                       for k in r["received"].get("arrays", []))
+    heldout = json.loads((run_dir / "summary.json").read_text())["heldout"]["site-c"]
+    assert heldout["ensemble-models"] == 2 and 0 <= heldout["ensemble-dice"] <= 1
+
+
 def test_a_broken_site_is_refused_before_training(study_2d, tmp_path, capsys):
     import shutil
 
