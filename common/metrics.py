@@ -24,8 +24,8 @@ class SegmentationScores:
         self.min_group_cases = min_group_cases
         self.groups: dict[str, list[float]] = {}
         self.dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
-        self.hd95 = HausdorffDistanceMetric(include_background=False, percentile=95,
-                                            reduction="mean_batch")
+        # per case: MONAI's mean reductions turn an all-NaN label (never predicted) into 0.0
+        self.hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
         self.cases = 0
 
     def add(self, pred: torch.Tensor, label: torch.Tensor, spacing: tuple[float, ...],
@@ -53,7 +53,8 @@ class SegmentationScores:
         if self.cases == 0:
             return out
         dice = self.dice.aggregate().flatten().tolist()
-        hd95 = self.hd95.aggregate().flatten().tolist()
+        per_case = self.hd95.aggregate()  # (cases, labels); NaN where prediction or truth is empty
+        hd95 = [finite_mean(per_case[:, c].tolist()) for c in range(per_case.shape[1])]
         for label, (d, h) in enumerate(zip(dice, hd95), start=1):
             out[f"dice-{label}"] = float(d)
             out[f"hd95-{label}"] = float(h)

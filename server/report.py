@@ -149,7 +149,8 @@ def write_report(run_dir: str | Path) -> Path:
                          final.get(s, {}).get("hd95")]
                         + [final.get(s, {}).get(k) for k in labels] for s in training]))
     body.append(_para(f"Dice and HD95 are means over the foreground labels; HD95 is the 95th "
-                      f"percentile Hausdorff distance in {UNIT_WORDS.get(unit, UNIT_WORDS['mm or px'])}."))
+                      f"percentile Hausdorff distance in {UNIT_WORDS.get(unit, UNIT_WORDS['mm or px'])} "
+                      f"(a dash: no case where both the model and the ground truth have the label)."))
     if heldout:
         body.append("<h2>Held-out sites (never trained)</h2>")
         body.append(_para("Scored twice: plain (under FedBN with the unseen-site norm set the server "
