@@ -1,7 +1,8 @@
 """Dice with record-level DP vs without, on real data, same command, rounds and seed.
 
 Usage: python -m benchmarks.dp_utility [--dataset hippocampus|monuseg --sites 2 --rounds 10
-       --local-epochs 2 --targets 8,4,2 --warm none,public,synthetic --public-cases 60]
+       --local-epochs 2 --targets 8,4,2 --warm none,public,synthetic --public-cases 60
+       --dp-set KEY=VALUE ...]
 
 hippocampus: ``--public-cases`` seeded MSD Hippocampus cases (default 60) form a *public* site (a
 disjoint split of the same data, labelled so); the others are one private site split into
@@ -93,7 +94,13 @@ def main() -> None:
                         help="Hippocampus cases held back as public data (0: all private)")
     parser.add_argument("--pretrain-epochs", type=int, default=40,
                         help="passes over the public data when pretraining")
+    parser.add_argument("--dp-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a run-config setting for the DP runs only (e.g. dp-lr=2.5), to compare "
+                             "against the recipe's choice")
     args = parser.parse_args()
+    raw = dict(item.split("=", 1) for item in args.dp_set)
+    parsed = RunConfig.from_dict(raw)
+    dp_changes = {key.replace("-", "_"): getattr(parsed, key.replace("-", "_")) for key in raw}
     work = Path(tempfile.mkdtemp(prefix="fedseg-dputil-"))
     if args.dataset == "monuseg":
         study = work / "monuseg"
@@ -131,14 +138,16 @@ def main() -> None:
         run("no DP", init, cfg.replace(run_name=f"nodp-{name}"), rows)
         for target in targets:
             run(f"DP target eps {target:g}", init,
-                cfg.replace(run_name=f"dp{target:g}-{name}", dp="sample", dp_target_epsilon=target), rows)
+                cfg.replace(run_name=f"dp{target:g}-{name}", dp="sample", dp_target_epsilon=target,
+                            **dp_changes), rows)
     for row in rows:
         reference = next(r for r in rows if r["init"] == row["init"] and r["run"] == "no DP")
         row["vs no DP"] = row["mean dice"] / reference["mean dice"] if reference["mean dice"] else None
-    report(f"dp_utility_{args.dataset}_{args.sites}sites_{args.warm.replace(',', '-')}", rows,
+    suffix = "".join(f"_{k}{v}" for k, v in raw.items())
+    report(f"dp_utility_{args.dataset}_{args.sites}sites_{args.warm.replace(',', '-')}{suffix}", rows,
            {"rounds": args.rounds, "local_epochs": args.local_epochs, "delta": base.dp_delta,
             "batch_size": base.batch_size, "public_cases": args.public_cases if public else 0,
-            "pretrain_epochs": args.pretrain_epochs,
+            "pretrain_epochs": args.pretrain_epochs, "dp_settings": raw,
             "goal": "scratch >= 0.60x at eps 8; warm >= 0.90x at eps 8, >= 0.80x at eps 4"})
 
 
