@@ -23,6 +23,7 @@ from fedseg.common.config import SiteData, SiteRoundConfig
 from fedseg.common.data import DataError, case_seed, read_site, split_training
 from fedseg.common.logs import setup_logging
 from fedseg.common.models import ensemble_members, split_state, unseen_norm_set
+from fedseg.common.precision import site_precision
 from fedseg.common.records import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PrivacyBoundaryError,
                                    received_state, scalar_metrics, shared_record)
 
@@ -93,7 +94,8 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
         mine.model, task, spec, cases, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
         lr=cfg.lr, patch_size=cfg.patch_size, seed=case_seed(cfg.data.seed, spec.name, server_round),
         proximal_mu=cfg.proximal_mu, global_params=mine.shared, device=device, dp=dp, augment=cfg.augment,
-        cache_mb=cfg.site_cache_mb)
+        cache_mb=cfg.site_cache_mb,
+        precision=site_precision(cfg.amp, device, dp=dp is not None, deterministic=cfg.deterministic))
     mine.save_local_layers(server_round)
     log.info("site %s round %d: loss %.4f over %d cases, %d steps", spec.name, server_round,
              result.loss, result.num_examples, result.steps)
@@ -117,15 +119,18 @@ def _evaluate(msg: Message, node_config: dict) -> RecordDict:
     model = round_model(cfg, site, received, server_round).model
     task = task_for(cfg.model)
     options = dict(patch_size=cfg.patch_size, device=device, min_group_cases=cfg.min_group_cases)
-    scores = task.evaluate(model, spec, cases, **options)
-    if earlier and spec.name in cfg.heldout_sites:  # also the ensemble of the last rounds' models
-        members = [round_model(cfg, site, state, server_round).model for state in earlier]
-        combined = task.evaluate(model, spec, cases, **options, ensemble=members)
-        scores |= {f"ensemble-{k}": v for k, v in combined.items() if not k.startswith("group-")}
-        scores["ensemble-models"] = 1 + len(members)
+    precision = site_precision(cfg.amp, device, deterministic=cfg.deterministic)
+    with precision.autocast():
+        scores = task.evaluate(model, spec, cases, **options)
+        if earlier and spec.name in cfg.heldout_sites:  # also the ensemble of the last rounds' models
+            members = [round_model(cfg, site, state, server_round).model for state in earlier]
+            combined = task.evaluate(model, spec, cases, **options, ensemble=members)
+            scores |= {f"ensemble-{k}": v for k, v in combined.items() if not k.startswith("group-")}
+            scores["ensemble-models"] = 1 + len(members)
     if spec.name in cfg.heldout_sites:  # an unseen hospital: also score after adapting its norms
         if adapt_to_site(model, task, site_images(spec, cases), patch_size=cfg.patch_size,
                          seed=cfg.data.seed, device=device):  # else nothing applies (no BatchNorm, no per-pixel entropy)
-            adapted = task.evaluate(model, spec, cases, **options)
+            with precision.autocast():
+                adapted = task.evaluate(model, spec, cases, **options)
             scores |= {f"tta-{k}": v for k, v in adapted.items() if not k.startswith("group-")}
     return RecordDict({METRICS: scalar_metrics({**scores, NUM_EXAMPLES: len(cases)})})

@@ -27,6 +27,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                          help="this site's state dir: its own local layers of that run (without it, "
                               "the site-local layers keep their initial values)")
     predict.add_argument("--device", default="auto", help="auto (CUDA where present), cpu, cuda or cuda:N")
+    predict.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
+                         help="mixed precision (auto: bf16/fp16 on CUDA, float32 on CPU)")
     predict.add_argument("--overlay", action="store_true",
                          help="also write <case>_overlay.png: the prediction in colour over the image, "
                               "for a person to look at (label files stay label maps)")
@@ -199,7 +201,7 @@ def run_predict(args: argparse.Namespace) -> int:
     ensemble = [Path(p) for p in args.ensemble] + (checkpoints[-args.last_rounds:] if args.last_rounds else [])
     done = predict_folder(args.model, args.state_dir, args.images_dir, args.out_dir, device,
                           overlay=args.overlay, ensemble=ensemble, uncertainty=args.uncertainty,
-                          pre_annotate=args.pre_annotate, adapt=args.adapt)
+                          pre_annotate=args.pre_annotate, adapt=args.adapt, amp=args.amp)
     for case in done:
         score = f"  uncertainty {case.uncertainty:.4f}" if case.uncertainty is not None else ""
         print(f"{case.labels}  {case.seconds:.2f}s{score}")

@@ -19,6 +19,7 @@ from fedseg.client.adaptation import adapt_to_site
 from fedseg.client.site_model import saved_model
 from fedseg.client.tasks import task_for
 from fedseg.common.atomic import atomic_write_json
+from fedseg.common.precision import site_precision
 from fedseg.common.data import NIFTI_SUFFIXES, PNG_SUFFIXES, DataError, image_transforms
 
 PRE_ANNOTATIONS = "pre_annotations.json"
@@ -43,7 +44,7 @@ class Predicted:
 def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_dir: str | Path,
                    out_dir: str | Path, device: str = "cpu", overlay: bool = False,
                    ensemble: list[Path] | None = None, uncertainty: bool = False,
-                   pre_annotate: bool = False, adapt: bool = False) -> list[Predicted]:
+                   pre_annotate: bool = False, adapt: bool = False, amp: str = "auto") -> list[Predicted]:
     """Write one label map per image: NIfTI with the input's affine, PNG for 2D images (a Mask
     R-CNN model writes instance maps: 16-bit PNG, ids 1..N).
 
@@ -59,6 +60,7 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
         adapt: first adapt each model's norm layers to this folder's images (BatchNorm
             statistics, then a few bounded entropy-minimization steps on the norm affines; no
             label is read, the saved models are not changed).
+        amp: mixed precision of inference (``auto``: bf16/fp16 on CUDA, float32 on CPU).
 
     Returns:
         What was written for each case, in file order.
@@ -77,6 +79,7 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
         raise DataError(f"{images_dir}: no .png/.jpg/.nii.gz images")
     if adapt:
         adapt_members(members, task, images, patch, device, model_path)
+    precision = site_precision(amp, device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = []
@@ -85,14 +88,17 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
         image = image_transforms(path)(str(path))
         if image.ndim != spec.spatial_dims + 1:
             raise DataError(f"{path}: has shape {tuple(image.shape)}, the model is {spec.spatial_dims}D")
+        averaged = task.dense_logits and (len(members) > 1 or uncertainty or pre_annotate)
+        with precision.autocast():
+            if averaged:
+                probs = task.probabilities(members, image, patch, device, flips=len(members) == 1).float()
+            else:
+                labels = task.infer(model, image, patch, device).labels
         score = entropy = None
-        if task.dense_logits and (len(members) > 1 or uncertainty or pre_annotate):
-            probs = task.probabilities(members, image, patch, device, flips=len(members) == 1)
+        if averaged:
             labels = probs.argmax(dim=0)
             entropy = -(probs * probs.clamp_min(1e-8).log()).sum(dim=0)
             score = float(entropy.sum() / ((labels > 0).sum() + 1))
-        else:
-            labels = task.infer(model, image, patch, device).labels
         pred = labels.numpy().astype(task.label_dtype)
         stem = path.name.split(".")[0]
         target = _write_map(path, pred, out_dir, stem)

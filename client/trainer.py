@@ -17,6 +17,7 @@ from torch import nn
 
 from fedseg.client.privacy import DPSession, Step
 from fedseg.common.data import Case, SiteSpec
+from fedseg.common.precision import Precision
 
 if TYPE_CHECKING:
     from fedseg.client.tasks import Task
@@ -52,6 +53,7 @@ def train_local(
     dp: DPSession | None = None,
     augment: bool = False,
     cache_mb: int = 0,
+    precision: Precision | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``cases``: one random patch per case per step it is in.
 
@@ -77,6 +79,8 @@ def train_local(
             jitter for RGB) on every patch.
         cache_mb: keep the decoded cases for later rounds in this process, up to this many
             MiB in all (``client/site_cache.py``; 0: off).
+        precision: mixed precision of the forward passes (``common/precision.py``; None:
+            float32). DP steps always compute in float32.
 
     Returns:
         Mean training loss, number of cases (FedAvg's weight), optimizer steps, and the
@@ -87,9 +91,9 @@ def train_local(
     model.to(device).train()
     if dp is None:
         step: Step = PlainStep(task, model, device, proximal_anchors(model, proximal_mu, global_params, device),
-                               proximal_mu)
+                               proximal_mu, precision)
         batches, patches_per_case = shuffled_batches(len(cases), batch_size, epochs, seed), 1
-        optimizer = task.optimizer(model, lr)
+        optimizer = step.wrap(task.optimizer(model, lr))
     else:
         step, batches = dp.step(task.dp_step, task, model, device, batch_size), dp.batches()
         patches_per_case = dp.training.patches_per_case
@@ -124,28 +128,52 @@ def train_local(
 
 
 class PlainStep:
-    """Non-private step: the task's loss (+ FedProx's term), backward, optional clipping."""
+    """Non-private step: the task's loss (+ FedProx's term) under the site's mixed precision,
+    backward (loss-scaled in fp16), optional clipping."""
 
     def __init__(self, task: Task, model: nn.Module, device: str,
-                 anchors: list[tuple[torch.Tensor, torch.Tensor]], proximal_mu: float) -> None:
+                 anchors: list[tuple[torch.Tensor, torch.Tensor]], proximal_mu: float,
+                 precision: Precision | None = None) -> None:
         self.task, self.model, self.device = task, model, device
         self.anchors, self.proximal_mu = anchors, proximal_mu
+        self.precision = precision or Precision(device)
+        self.scaler = self.precision.scaler()
+        self.optimizer: torch.optim.Optimizer | None = None
 
-    def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        return optimizer
+    def wrap(self, optimizer: torch.optim.Optimizer) -> Any:
+        self.optimizer = optimizer
+        return optimizer if self.scaler is None else _ScaledOptimizer(optimizer, self.scaler)
 
     def __call__(self, cases: list[list[Any]]) -> float:
-        loss = self.task.loss(self.model, [patch for case in cases for patch in case], self.device)
+        with self.precision.autocast():
+            loss = self.task.loss(self.model, [patch for case in cases for patch in case], self.device)
+        loss = loss.float()
         if self.anchors:
             loss = loss + self.proximal_mu / 2 * sum((p - a).pow(2).sum() for p, a in self.anchors)
         if torch.isfinite(loss):
-            loss.backward()
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
             if self.task.grad_clip:
+                if self.scaler and self.optimizer is not None:
+                    self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.task.grad_clip)
         return float(loss.detach())
 
     def close(self) -> None:
         return None
+
+
+class _ScaledOptimizer:
+    """fp16: the step unscales the gradients and is skipped when they overflowed."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        self.optimizer, self.scaler = optimizer, scaler
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
 
 def shuffled_batches(n: int, batch_size: int, epochs: int, seed: int) -> Iterator[list[int]]:

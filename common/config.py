@@ -20,6 +20,7 @@ LOCAL_LAYERS = ("none", "norm", "norm+head")
 BACKBONES = ("slim", "resnet50")
 DP_MODES = ("off", "sample", "client")
 TRANSFER_DTYPES = ("float32", "float16", "bfloat16")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,11 @@ class RunConfig:
             evaluation and prediction; a hospital's node config ``device`` wins.
         gpus_per_site: simulation: GPU share of each virtual site (0.25 runs four sites on one GPU
             at once); -1: 1.0 where a GPU is present, else 0.
+        amp: mixed precision of training and inference: ``auto`` (bf16 on a CUDA device that
+            supports it, else fp16 there; off on CPU), ``off``, ``bf16``, ``fp16`` (CUDA only);
+            training under ``dp=sample`` stays float32.
+        deterministic: bit-exact repeatable CUDA kernels (cuDNN autotuning off); CPU runs are
+            seeded and repeatable either way.
         transfer_dtype: precision of the shared weights on the wire, both ways: ``float32``,
             ``float16`` or ``bfloat16`` (half the bytes; sites train and the server aggregates
             in float32 either way, and DP noise is added before the cast).
@@ -171,6 +177,8 @@ class RunConfig:
     min_group_cases: int = 5
     device: str = "auto"
     gpus_per_site: float = -1.0
+    amp: str = "auto"
+    deterministic: bool = False
     transfer_dtype: str = "float32"
     output_dir: str = "runs"
     run_name: str = ""
@@ -229,6 +237,7 @@ class RunConfig:
             ("gpus-per-site", self.gpus_per_site >= 0 or self.gpus_per_site == AUTO,
              "must be >= 0 (or -1: 1.0 where a GPU is present)"),
             ("transfer-dtype", self.transfer_dtype in TRANSFER_DTYPES, f"must be one of {TRANSFER_DTYPES}"),
+            ("amp", self.amp in AMP_MODES, f"must be one of {AMP_MODES}"),
             ("dp-target-epsilon", self.dp_target_epsilon >= 0, "must be >= 0 (0: use dp-noise-multiplier)"),
             ("norm", not (self.dp == "sample" and self.norm == "batch"),
              "BatchNorm cannot train under DP-SGD (a case's output depends on its batch-mates); "
@@ -294,7 +303,8 @@ class RunConfig:
             patch_size=self.patch_size, augment=self.augment, site_cache_mb=self.site_cache_mb,
             proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
             min_group_cases=self.min_group_cases, heldout_sites=self.heldout_sites,
-            device=self.device, transfer_dtype=self.transfer_dtype, data=self.site_data(state_root),
+            device=self.device, amp=self.amp, deterministic=self.deterministic,
+            transfer_dtype=self.transfer_dtype, data=self.site_data(state_root),
             dp=DPSettings(self.dp, self.dp_noise_multiplier, self.dp_max_grad_norm, self.dp_delta,
                           self.dp_target_epsilon, self.num_server_rounds, self.dp_batch_size,
                           self.dp_lr, self.dp_momentum, self.dp_patches_per_case,
@@ -423,6 +433,7 @@ class SiteRoundConfig:
         min_group_cases: k-case threshold for fairness groups.
         heldout_sites: sites that only evaluate (they also score after norm adaptation).
         device: the server's device wish (a site's own node config ``device`` wins).
+        amp, deterministic: mixed precision and cuDNN mode (``common/precision.py``).
         transfer_dtype: precision the site sends its shared weights in.
         data: the site's data and split.
         dp: differential privacy asked for.
@@ -442,6 +453,8 @@ class SiteRoundConfig:
     min_group_cases: int
     heldout_sites: tuple[str, ...]
     device: str
+    amp: str
+    deterministic: bool
     transfer_dtype: str
     data: SiteData
     dp: DPSettings

@@ -17,6 +17,7 @@ from fedseg.common.data import (SiteRef, SiteSpec, case_seed, image_channels, re
                                split_training, study_sites)
 from fedseg.common.devices import resolve_device
 from fedseg.common.models import build_model
+from fedseg.common.precision import site_precision
 from fedseg.common.weights import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,11 @@ def train_pooled(cfg: RunConfig, sites: list[SiteSpec], seed_site: str) -> tuple
     if cfg.pretrained_weights:
         log.info("%s", load_pretrained(model, cfg.pretrained_weights).summary())
     task = task_for(spec)
+    device = run_device(cfg)
     train_local(model, task, first, cases, epochs=cfg.num_server_rounds * cfg.local_epochs,
                 batch_size=cfg.batch_size, lr=cfg.lr, patch_size=cfg.patch_size,
-                seed=case_seed(cfg.seed, seed_site, 0), device=run_device(cfg), augment=cfg.augment)
+                seed=case_seed(cfg.seed, seed_site, 0), device=device, augment=cfg.augment,
+                precision=site_precision(cfg.amp, device, deterministic=cfg.deterministic))
     return model, task
 
 

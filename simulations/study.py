@@ -20,6 +20,7 @@ from fedseg.common.atomic import atomic_write_bytes, atomic_write_json
 from fedseg.common.config import MODEL_KINDS, RunConfig
 from fedseg.common.data import SiteSpec, read_site, split_training, study_sites
 from fedseg.common.metrics import finite_mean
+from fedseg.common.precision import site_precision
 from fedseg.server.summary import INSTANCE_METRICS, site_spread
 from fedseg.server.report import write_study_report
 from fedseg.simulations.pooled import run_device, train_pooled
@@ -105,9 +106,11 @@ def _train_and_score(cfg: RunConfig, specs: dict[str, SiteSpec], train_at: list[
     """One model trained in-process on the training splits of ``train_at`` with the step budget a
     federated run gives them (rounds x local epochs passes), scored at every site."""
     model, task = train_pooled(cfg, [specs[s] for s in train_at], seed_site)
-    return {site: task.evaluate(model, spec, split_training(spec, cfg.val_fraction, cfg.seed)[1],
-                                patch_size=cfg.patch_size, device=run_device(cfg))
-            for site, spec in specs.items()}
+    device = run_device(cfg)
+    with site_precision(cfg.amp, device, deterministic=cfg.deterministic).autocast():
+        return {site: task.evaluate(model, spec, split_training(spec, cfg.val_fraction, cfg.seed)[1],
+                                    patch_size=cfg.patch_size, device=device)
+                for site, spec in specs.items()}
 
 
 def _rank(scores: dict[str, dict[str, dict[str, float]]], training: list[str],

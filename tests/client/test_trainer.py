@@ -87,3 +87,32 @@ def test_the_cache_stays_within_its_budget(site):
     tiny = task_for(SPEC).training_data(site, list(site.training), 32, seed=0, cache_mb=1)
     assert len(tiny) == len(site.training)
     assert site_cache.cached_bytes() <= 1 * 2**20  # older entries dropped to fit the new budget
+
+
+def test_mixed_precision_trains_in_bf16_and_keeps_float32_weights(site):
+    """amp=bf16 (asked for explicitly on a CPU): the forward passes run in bfloat16, so the losses
+    differ slightly from float32's, the weights stay float32 and training still lowers the loss."""
+    from fedseg.common.precision import Precision
+
+    losses = {}
+    for name, precision in (("fp32", None), ("bf16", Precision("cpu", torch.bfloat16))):
+        torch.manual_seed(0)
+        model = build_model(SPEC)
+        first = train_local(model, task_for(SPEC), site, list(site.training), epochs=1, batch_size=2, lr=0.05,
+                            patch_size=32, seed=0, precision=precision).loss
+        last = train_local(model, task_for(SPEC), site, list(site.training), epochs=6, batch_size=2, lr=0.05,
+                           patch_size=32, seed=1, precision=precision).loss
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        assert last < first, name
+        losses[name] = first
+    assert losses["bf16"] != losses["fp32"] and losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+
+
+def test_precision_follows_the_device_and_dp():
+    from fedseg.common.precision import site_precision
+
+    assert site_precision("auto", "cpu").dtype is None  # CPUs train in float32 unless asked
+    assert site_precision("bf16", "cpu").dtype == torch.bfloat16
+    assert site_precision("bf16", "cpu", dp=True).dtype is None  # per-case clipping in float32
+    with pytest.raises(ValueError, match="'fp16' needs a CUDA device"):
+        site_precision("fp16", "cpu")
