@@ -19,7 +19,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean")
 LOCAL_LAYERS = ("none", "norm", "norm+head")
 BACKBONES = ("slim", "resnet50")
 DP_MODES = ("off", "sample", "client")
-TRANSFER_DTYPES = ("float32", "float16", "bfloat16")
+TRANSFER_DTYPES = ("float32", "float16")  # Flower carries NumPy arrays: no bfloat16
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 
@@ -129,9 +129,9 @@ class RunConfig:
             training under ``dp=sample`` stays float32.
         deterministic: bit-exact repeatable CUDA kernels (cuDNN autotuning off); CPU runs are
             seeded and repeatable either way.
-        transfer_dtype: precision of the shared weights on the wire, both ways: ``float32``,
-            ``float16`` or ``bfloat16`` (half the bytes; sites train and the server aggregates
-            in float32 either way, and DP noise is added before the cast).
+        transfer_dtype: precision of the shared weights on the wire, both ways: ``float32`` or
+            ``float16`` (half the bytes; sites train and the server aggregates in float32 either
+            way, and DP noise is added before the cast).
         output_dir: parent folder of run folders (server only).
         run_name: run folder name; empty picks ``<study>-<strategy>-<timestamp>``.
         resume: continue ``output_dir/run_name`` from its last checkpoint (server only).
