@@ -23,6 +23,7 @@ from fedseg.common.precision import site_precision
 from fedseg.common.data import NIFTI_SUFFIXES, PNG_SUFFIXES, DataError, image_transforms
 
 PRE_ANNOTATIONS = "pre_annotations.json"
+OVERLAY_MIN_EDGE = 256  # overlays smaller than this are enlarged (nearest pixel) for a person to see
 ADAPT_IMAGES = 32  # images (spread over the folder) the norms adapt on: bounded memory and time
 
 
@@ -108,7 +109,10 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
                 scaled = (scaled / math.log(probs.shape[0]) * 255).clip(0, 255).astype(np.uint8)
             _write_map(path, scaled, out_dir, f"{stem}_uncertainty")
         if overlay:
-            Image.fromarray(overlay_image(image.numpy(), pred)).save(out_dir / f"{stem}_overlay.png")
+            picture = overlay_image(image.numpy(), pred)
+            scale = max(1, OVERLAY_MIN_EDGE // max(picture.shape[:2]))  # small slices: whole pixels, enlarged
+            picture = picture.repeat(scale, axis=0).repeat(scale, axis=1)
+            Image.fromarray(picture).save(out_dir / f"{stem}_overlay.png")
         done.append(Predicted(path, target, time.perf_counter() - start, score))
     if pre_annotate:
         write_pre_annotations(done, out_dir)

@@ -60,7 +60,8 @@ def test_2d_predictions_are_pngs_of_the_image_shape_and_use_local_layers(tmp_pat
     assert labels.shape == (24, 40) and labels.dtype == np.uint8 and labels.max() <= 1  # a label map
     assert np.asarray(Image.open(tmp_path / "out" / "case000.png")).shape == (24, 24)
     overlay = np.asarray(Image.open(tmp_path / "out" / "case000_overlay.png"))
-    assert overlay.shape == (24, 24, 3)  # for a person: colour over the image
+    assert overlay.shape == (240, 240, 3)  # for a person: colour over the image, small ones enlarged
+    assert (overlay[::10, ::10] == overlay[9::10, 9::10]).all()  # by whole pixels, nothing blurred
 
 
 def test_a_file_that_is_not_a_model_is_a_clear_error(tmp_path, capsys):
