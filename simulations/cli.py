@@ -41,6 +41,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                           help="continue this run folder (only --rounds and --round-timeout may change)")
     simulate.add_argument("--num-cpus", type=int, default=None,
                           help="CPU cores Ray may use (default: all); each virtual site takes one")
+    simulate.add_argument("--ray-address", default="", metavar="HOST:PORT",
+                          help="run the virtual sites on this running Ray cluster instead of this "
+                               "machine alone (README: larger studies)")
     _config_flags(simulate, skip=("study-dir", "resume"))
     simulate.set_defaults(func=_simulate)
 
@@ -56,6 +59,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     study.add_argument("--baselines", default="local,pooled,fedavg,fedprox,fedbn")
     study.add_argument("--num-cpus", type=int, default=None,
                        help="CPU cores Ray may use (default: all); each virtual site takes one")
+    study.add_argument("--ray-address", default="", metavar="HOST:PORT",
+                       help="run the virtual sites on this running Ray cluster (README: larger studies)")
     _config_flags(study, skip=("study-dir", "resume", "strategy", "local-layers"))
     study.set_defaults(func=_study)
 
@@ -81,7 +86,8 @@ def _study(args: argparse.Namespace) -> int:
     if not Path(args.study_dir).is_dir():
         raise ConfigError(f"{args.study_dir}: study folder not found")
     try:
-        out = run_study(cfg, [b.strip() for b in args.baselines.split(",") if b.strip()], args.num_cpus)
+        out = run_study(cfg, [b.strip() for b in args.baselines.split(",") if b.strip()], args.num_cpus,
+                        args.ray_address)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     print((out / "comparison.csv").read_text())
@@ -124,7 +130,7 @@ def _simulate(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.study_dir}: study folder not found")
     else:
         raise ConfigError("give a STUDY_DIR, or --resume-run RUN_DIR")
-    return _run_and_report(cfg, args.num_cpus)
+    return _run_and_report(cfg, args.num_cpus, args.ray_address)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -141,12 +147,12 @@ def _demo(args: argparse.Namespace) -> int:
     return _run_and_report(cfg, None)
 
 
-def _run_and_report(cfg: RunConfig, num_cpus: int | None) -> int:
+def _run_and_report(cfg: RunConfig, num_cpus: int | None, ray_address: str = "") -> int:
     from fedseg.server.report import site_table
     from fedseg.simulations.simulate import simulate
 
     started = time.monotonic()
-    run_dir = simulate(cfg, num_cpus=num_cpus)
+    run_dir = simulate(cfg, num_cpus=num_cpus, ray_address=ray_address)
     print()
     print(site_table(run_dir))
     print(f"\nrun folder: {run_dir}  ({time.monotonic() - started:.0f}s)")

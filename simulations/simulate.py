@@ -23,13 +23,16 @@ from fedseg.simulations.gallery import make_gallery
 log = logging.getLogger(__name__)
 
 
-def simulate(cfg: RunConfig, num_cpus: int | None = None) -> Path:
+def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "") -> Path:
     """Validate every site, then run the study with one virtual Flower node per site.
 
     Args:
         cfg: run config; ``study_dir`` must name the study folder (``resume``: the run folder
             ``output_dir/run_name`` is continued with its stored config).
         num_cpus: CPUs Ray may use (default: all); each site's ClientApp gets one.
+        ray_address: attach to this running Ray cluster (``ray start --head`` on one machine,
+            ``ray start --address ...`` on the others) instead of starting one here; every node
+            needs fedseg installed and the study folder at the same path.
 
     Returns:
         The run folder.
@@ -63,14 +66,18 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None) -> Path:
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # sites' lines look alike; Ray would fold them
-    cpus = num_cpus or os.cpu_count() or 1
-    log.info("starting Flower's simulation engine (Ray, %d CPU(s), one per site at a time%s)...", cpus,
-             f", {gpus:g} GPU per site on {device}" if gpus else "")
+    ray_args: dict[str, object] = {"logging_level": "ERROR", "log_to_driver": True}  # sites' own lines
+    if ray_address:  # a cluster's size is its own: Ray refuses num_cpus when attaching
+        ray_args["address"] = ray_address
+        log.info("attaching Flower's simulation engine to the Ray cluster at %s (one CPU per site%s)...",
+                 ray_address, f", {gpus:g} GPU per site" if gpus else "")
+    else:
+        ray_args["num_cpus"] = num_cpus or os.cpu_count() or 1
+        log.info("starting Flower's simulation engine (Ray, %d CPU(s), one per site at a time%s)...",
+                 ray_args["num_cpus"], f", {gpus:g} GPU per site on {device}" if gpus else "")
     run_simulation(
         server_app=server_app, client_app=client_app, num_supernodes=len(sites),
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus},
-                        "init_args": {"num_cpus": cpus, "logging_level": "ERROR",
-                                      "log_to_driver": True}},  # the sites' own lines (fedseg's only)
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus}, "init_args": ray_args},
     )
     if "run_dir" not in result:
         raise RuntimeError("the simulation ended without finishing the run; see the log above")

@@ -34,7 +34,7 @@ FEDERATED = {"fedavg": dict(strategy="fedavg", local_layers="none"),
              "fedbn": dict(strategy="fedavg", local_layers="norm")}
 
 
-def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None) -> Path:
+def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None, ray_address: str = "") -> Path:
     """Train and score every baseline; write comparison.{json,csv}, cross_site.{json,csv}, study.html.
 
     Returns:
@@ -61,7 +61,8 @@ def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None)
         if baseline in FEDERATED:
             ensemble = ENSEMBLE_ROUNDS if heldout and MODEL_KINDS[cfg.model].dense else cfg.heldout_ensemble
             run = simulate(cfg.replace(output_dir=str(out / "runs"), run_name=baseline, resume=False,
-                                       heldout_ensemble=ensemble, **FEDERATED[baseline]), num_cpus=num_cpus)
+                                       heldout_ensemble=ensemble, **FEDERATED[baseline]), num_cpus=num_cpus,
+                           ray_address=ray_address)
             rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
             scores[baseline] = {s: rounds[-1]["eval"].get(s, {}) for s in specs}
             if still_rising(rounds, training):

@@ -252,3 +252,38 @@ def test_a_run_killed_mid_round_resumes_to_the_same_model(study_2d, tmp_path):
                         for d in (run_dir, whole))
     assert final.keys() == reference.keys()
     assert all(torch.allclose(final[k], reference[k], rtol=0, atol=1e-6) for k in final)
+
+
+def test_simulation_attaches_to_a_running_ray_cluster(study_2d, tmp_path, capsys):
+    """--ray-address: the virtual sites run on a Ray cluster started beforehand (a head on
+    loopback here; in a larger study, several machines) instead of a private Ray instance."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
+                             "--node-ip-address=127.0.0.1", "--num-cpus=2", "--block",
+                             "--disable-usage-stats", "--include-dashboard=false"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            with socket.socket() as client:
+                if client.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline and head.poll() is None, "the Ray head did not start"
+            time.sleep(1)
+        assert main(["simulate", str(study_2d), "--ray-address", f"127.0.0.1:{port}", "--num-server-rounds",
+                     "1", "--patch-size", "32", "--channels", "8,16", "--batch-size", "2",
+                     "--output-dir", str(tmp_path), "--run-name", "cluster"]) == 0
+        assert "attaching Flower's simulation engine to the Ray cluster at 127.0.0.1:" in capsys.readouterr().out
+        assert set(_rounds(tmp_path / "cluster")[0]["train"]) == {"site-a", "site-b", "site-c"}
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # this head and its workers only, not other Ray instances
+        head.wait(timeout=60)
