@@ -2,7 +2,7 @@
 
 Usage: python -m benchmarks.study_headline [--dataset monuseg|hippocampus|synthetic --rounds 5
        --local-epochs 4 --baselines local,pooled,fedavg,fedprox,fedbn --norm instance|batch|group --augment
-       --channels 16,32,64 --patch-size N]
+       --channels 16,32,64 --patch-size N --lr-schedule constant|cosine]
 monuseg: the four client sites + the official-test `heldout` site (hospitals and organs no client
 has). hippocampus: MSD Hippocampus split into 4 virtual sites, the last one held out. synthetic:
 `fedseg synth` with strong shift (5 sites of 24 64-px 2D cases, shift 1.0), the last site held
@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--augment", action="store_true", help="run-config augment=true for every baseline")
     parser.add_argument("--channels", default="16,32,64", help="U-Net channels per level")
     parser.add_argument("--patch-size", type=int, default=None, help="default: the dataset's (128/64/32)")
+    parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedseg-headline-"))
     if args.dataset == "monuseg":
@@ -52,7 +53,7 @@ def main() -> None:
     channels = tuple(int(c) for c in args.channels.split(","))
     cfg = RunConfig(output_dir=str(work), run_name=args.dataset, num_server_rounds=args.rounds,
                     local_epochs=args.local_epochs, lr=0.05, channels=channels, seed=0, norm=args.norm,
-                    augment=args.augment, **shape)
+                    augment=args.augment, lr_schedule=args.lr_schedule, **shape)
     out = run_study(cfg, args.baselines.split(","))
     comparison = json.loads((out / "comparison.json").read_text())["baselines"]
     rows = [{"baseline": r["baseline"], "in-federation mean Dice": r["mean_dice"],
@@ -65,9 +66,11 @@ def main() -> None:
     ratio = dice["fedbn"] / dice["pooled"] if {"fedbn", "pooled"} <= set(dice) else None
     name = (f"study_headline_{args.dataset}" + ("" if args.norm == "instance" else f"_{args.norm}")
             + ("_augment" if args.augment else "") + ("" if channels == (16, 32, 64) else f"_{channels[-1]}ch")
-            + (f"_p{args.patch_size}" if args.patch_size else ""))
+            + (f"_p{args.patch_size}" if args.patch_size else "")
+            + ("" if args.lr_schedule == "constant" else f"_{args.lr_schedule}"))
     report(name, rows, {"rounds": args.rounds, "local_epochs": args.local_epochs, "norm": args.norm,
                         "augment": args.augment, "channels": channels, "patch_size": cfg.patch_size,
+                        "lr_schedule": args.lr_schedule,
                         "fedbn_vs_pooled": ratio, "study_dir": str(out)})
 
 

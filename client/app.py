@@ -92,7 +92,7 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
     task = task_for(cfg.model)
     result = train_local(
         mine.model, task, spec, cases, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-        lr=cfg.lr, patch_size=cfg.patch_size, seed=case_seed(cfg.data.seed, spec.name, server_round),
+        lr=cfg.round_lr(server_round), patch_size=cfg.patch_size, seed=case_seed(cfg.data.seed, spec.name, server_round),
         proximal_mu=cfg.proximal_mu, global_params=mine.shared, device=device, dp=dp, augment=cfg.augment,
         cache_mb=cfg.site_cache_mb,
         precision=site_precision(cfg.amp, device, dp=dp is not None, deterministic=cfg.deterministic))

@@ -8,6 +8,7 @@ milliseconds.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ BACKBONES = ("slim", "resnet50")
 DP_MODES = ("off", "sample", "client")
 TRANSFER_DTYPES = ("float32", "float16")  # Flower carries NumPy arrays: no bfloat16
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,9 @@ class RunConfig:
         local_epochs: passes over the site's training cases per round, >= 1.
         batch_size: cases per optimizer step, >= 1.
         lr: local SGD learning rate, > 0.
+        lr_schedule: ``constant``, or ``cosine``: round r of R trains at lr x (1 + cos(pi (r - 1)
+            / R)) / 2, from lr down towards 0 (the pooled and local baselines follow the same
+            schedule round by round); under ``dp=sample`` the DP recipe's rate stays constant.
         seed: seeds every RNG (split, init, sampling, augmentation).
         model: ``unet`` (semantic) or ``maskrcnn`` (instance sites, 2D).
         backbone: Mask R-CNN backbone: ``slim`` (ResNet-18 body, 64-channel FPN and heads; trains
@@ -143,6 +148,7 @@ class RunConfig:
     local_epochs: int = 1
     batch_size: int = 4
     lr: float = 0.01
+    lr_schedule: str = "constant"
     seed: int = 0
     model: str = "unet"
     backbone: str = "slim"
@@ -192,6 +198,7 @@ class RunConfig:
             ("local-epochs", self.local_epochs >= 1, "must be >= 1"),
             ("batch-size", self.batch_size >= 1, "must be >= 1"),
             ("lr", self.lr > 0, "must be > 0"),
+            ("lr-schedule", self.lr_schedule in LR_SCHEDULES, f"must be one of {LR_SCHEDULES}"),
             ("model", kind is not None, f"must be one of {MODELS}"),
             ("backbone", self.backbone in BACKBONES, f"must be one of {BACKBONES}"),
             ("norm", self.norm in NORMS, f"must be one of {NORMS}"),
@@ -300,6 +307,7 @@ class RunConfig:
         return SiteRoundConfig(
             run_name=self.run_name, run_id=run_id, model=model, local_layers=self.local_layers,
             local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
+            lr_schedule=self.lr_schedule, num_rounds=self.num_server_rounds,
             patch_size=self.patch_size, augment=self.augment, site_cache_mb=self.site_cache_mb,
             proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
             min_group_cases=self.min_group_cases, heldout_sites=self.heldout_sites,
@@ -428,6 +436,7 @@ class SiteRoundConfig:
         model: the network to build.
         local_layers: which layers stay at the site.
         local_epochs, batch_size, lr, patch_size, augment: training schedule.
+        lr_schedule, num_rounds: how ``lr`` changes over the run's rounds (``round_lr``).
         site_cache_mb: decoded training cases kept across rounds in one process.
         proximal_mu: FedProx weight (0 unless the strategy is FedProx).
         min_group_cases: k-case threshold for fairness groups.
@@ -446,6 +455,8 @@ class SiteRoundConfig:
     local_epochs: int
     batch_size: int
     lr: float
+    lr_schedule: str
+    num_rounds: int
     patch_size: int
     augment: bool
     site_cache_mb: int
@@ -459,6 +470,10 @@ class SiteRoundConfig:
     data: SiteData
     dp: DPSettings
 
+    def round_lr(self, server_round: int) -> float:
+        """The learning rate of round ``server_round`` (1-based) under ``lr_schedule``."""
+        return round_lr(self.lr, self.lr_schedule, server_round, self.num_rounds)
+
     def to_record(self) -> dict[str, Any]:
         """Flat kebab-case dict for a Flower ConfigRecord (sections prefixed, lists kept)."""
         return _flatten(self)
@@ -471,6 +486,13 @@ class SiteRoundConfig:
             ConfigError: a key is missing (server and site run different fedseg versions).
         """
         return _unflatten(cls, dict(record))
+
+
+def round_lr(lr: float, schedule: str, server_round: int, num_rounds: int) -> float:
+    """``lr`` in round ``server_round`` of ``num_rounds``: constant, or cosine-decayed."""
+    if schedule == "cosine":
+        return lr * (1 + math.cos(math.pi * (server_round - 1) / max(num_rounds, 1))) / 2
+    return lr
 
 
 def keys() -> list[str]:

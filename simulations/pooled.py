@@ -12,7 +12,7 @@ import torch
 from fedseg.client.tasks import Task, task_for
 from fedseg.client.trainer import train_local
 from fedseg.common.atomic import atomic_torch_save
-from fedseg.common.config import ConfigError, ModelSpec, RunConfig
+from fedseg.common.config import ConfigError, ModelSpec, RunConfig, round_lr
 from fedseg.common.data import (SiteRef, SiteSpec, case_seed, image_channels, read_site,
                                split_training, study_sites)
 from fedseg.common.devices import resolve_device
@@ -40,10 +40,16 @@ def train_pooled(cfg: RunConfig, sites: list[SiteSpec], seed_site: str) -> tuple
         log.info("%s", load_pretrained(model, cfg.pretrained_weights).summary())
     task = task_for(spec)
     device = run_device(cfg)
-    train_local(model, task, first, cases, epochs=cfg.num_server_rounds * cfg.local_epochs,
-                batch_size=cfg.batch_size, lr=cfg.lr, patch_size=cfg.patch_size,
-                seed=case_seed(cfg.seed, seed_site, 0), device=device, augment=cfg.augment,
-                precision=site_precision(cfg.amp, device, deterministic=cfg.deterministic))
+    options = dict(batch_size=cfg.batch_size, patch_size=cfg.patch_size, device=device, augment=cfg.augment,
+                   precision=site_precision(cfg.amp, device, deterministic=cfg.deterministic))
+    if cfg.lr_schedule == "constant":
+        train_local(model, task, first, cases, epochs=cfg.num_server_rounds * cfg.local_epochs, lr=cfg.lr,
+                    seed=case_seed(cfg.seed, seed_site, 0), **options)
+    else:  # the federated schedule, round by round
+        for rnd in range(1, cfg.num_server_rounds + 1):
+            train_local(model, task, first, cases, epochs=cfg.local_epochs,
+                        lr=round_lr(cfg.lr, cfg.lr_schedule, rnd, cfg.num_server_rounds),
+                        seed=case_seed(cfg.seed, seed_site, rnd), **options)
     return model, task
 
 

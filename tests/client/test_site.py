@@ -46,3 +46,28 @@ def test_a_site_reports_hd95_in_mm_for_nifti_and_in_pixels_for_png(tmp_path):
         assert not problems
         units[name] = info["distance-unit"]
     assert units == {"s2": "px", "s3": "mm"}
+
+
+def test_a_late_round_under_the_cosine_schedule_takes_smaller_steps(tmp_path, server_identity):
+    """The site trains round r at the schedule's rate for r: the same round moves the weights
+    far less near the end of the run than at its start."""
+    import torch
+
+    from fedseg.client.app import app as client_app
+    from fedseg.common.config import RunConfig
+    from fedseg.common.models import ModelSpec
+    from fedseg.simulations.synth import write_study
+    from tests.conftest import node_context, round_message
+
+    (site,) = write_study(tmp_path / "study", sites=1, dims=2, cases=4, size=32, seed=0)
+    cfg = RunConfig(lr=0.05, lr_schedule="cosine", num_server_rounds=10, batch_size=2, patch_size=32,
+                    channels=(8, 16), local_layers="none")
+    spec = ModelSpec(2, 1, 3, (8, 16))
+    moved = {}
+    for rnd in (1, 10):
+        sent = round_message(cfg, spec, server_round=rnd)
+        before = sent.content["arrays"].to_torch_state_dict()
+        reply = client_app(sent, node_context(site, tmp_path / f"state{rnd}"))
+        after = reply.content["arrays"].to_torch_state_dict()
+        moved[rnd] = sum((after[k] - before[k]).float().norm() for k in before if before[k].is_floating_point())
+    assert moved[10] < 0.2 * moved[1]  # lr 0.05 in round 1, 0.05 x 0.024 in round 10

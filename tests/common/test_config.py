@@ -55,3 +55,13 @@ def test_unknown_key_is_rejected_with_its_name():
 def test_strings_from_the_command_line_are_coerced():
     cfg = RunConfig.from_dict({"lr": "0.5", "resume": "false", "channels": "4,8", "heldout-sites": "a,b"})
     assert (cfg.lr, cfg.resume, cfg.channels, cfg.heldout_sites) == (0.5, False, (4, 8), ("a", "b"))
+
+
+def test_cosine_schedule_decays_the_learning_rate_over_the_rounds_a_site_is_told():
+    from fedseg.common.models import ModelSpec
+
+    cfg = RunConfig(lr=0.08, lr_schedule="cosine", num_server_rounds=4)
+    site = cfg.site_round(ModelSpec(2, 1, 2, (4, 8)), "0123456789abcdef")
+    assert [site.round_lr(r) for r in (1, 2, 3, 4)] == pytest.approx([0.08, 0.0683, 0.04, 0.0117], abs=1e-4)
+    constant = RunConfig(lr=0.08, num_server_rounds=4).site_round(ModelSpec(2, 1, 2, (4, 8)), "0123456789abcdef")
+    assert {constant.round_lr(r) for r in (1, 4)} == {0.08}
