@@ -24,7 +24,7 @@ from fedseg.common.data import DataError, case_seed, read_site, split_training
 from fedseg.common.logs import setup_logging
 from fedseg.common.models import ensemble_members, split_state, unseen_norm_set
 from fedseg.common.precision import site_precision
-from fedseg.common.records import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PrivacyBoundaryError,
+from fedseg.common.records import (ARRAYS, CONFIG, EVAL_PREFIX, METRICS, NUM_EXAMPLES, PrivacyBoundaryError,
                                    received_state, scalar_metrics, shared_record)
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def _open_round(msg: Message, node_config: dict) -> tuple[SiteRoundConfig, SiteL
 def _train(msg: Message, node_config: dict) -> RecordDict:
     cfg, site, server_round, device = _open_round(msg, node_config)
     spec = read_site(site.ref, seed=cfg.data.seed)
-    cases, _ = split_training(spec, cfg.data.val_fraction, cfg.data.seed)
+    cases, val_cases = split_training(spec, cfg.data.val_fraction, cfg.data.seed)
     if not cases:
         raise DataError(f"site {spec.name} has no training cases (held-out sites only evaluate)")
     dp = DPSession.open(cfg.dp, site.policy, site.state_dir, num_cases=len(cases),
@@ -90,6 +90,12 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
     # the local layers as they were before this round, even if it runs again after a crash
     mine = round_model(cfg, site, received_state(msg.content[ARRAYS]), server_round - 1)
     task = task_for(cfg.model)
+    scores = {}
+    if cfg.evaluate_in_train and server_round > 1:  # what last round's evaluation message would score
+        with site_precision(cfg.amp, device, deterministic=cfg.deterministic).autocast():
+            scores = task.evaluate(mine.model, spec, val_cases, patch_size=cfg.patch_size, device=device,
+                                   min_group_cases=cfg.min_group_cases)
+        scores[NUM_EXAMPLES] = len(val_cases)
     result = train_local(
         mine.model, task, spec, cases, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
         lr=cfg.round_lr(server_round), patch_size=cfg.patch_size, seed=case_seed(cfg.data.seed, spec.name, server_round),
@@ -104,6 +110,7 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
     if dp is not None:
         metrics |= {"epsilon": result.epsilon, "delta": dp.plan.delta,
                     "noise-multiplier": dp.plan.noise_multiplier}
+    metrics |= {EVAL_PREFIX + k: v for k, v in scores.items()}
     shared, _ = split_state(mine.model, mine.local)
     if cfg.local_layers == "norm":  # a copy of the norms for the unseen-site set (never sent back here)
         shared |= unseen_norm_set(mine.model.state_dict(), mine.local)

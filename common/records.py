@@ -11,6 +11,7 @@ ARRAYS = "arrays"
 METRICS = "metrics"
 CONFIG = "config"
 NUM_EXAMPLES = "num-examples"
+EVAL_PREFIX = "eval/"  # a train reply's scores of the model it received (evaluate-in-train)
 
 
 class PrivacyBoundaryError(RuntimeError):

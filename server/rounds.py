@@ -10,7 +10,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Message, RecordDict
 
-from fedseg.common.records import ARRAYS, METRICS, record_bytes
+from fedseg.common.records import ARRAYS, EVAL_PREFIX, METRICS, record_bytes
 from fedseg.server.checkpoints import save_checkpoint
 from fedseg.server.run_folder import RunFolder
 
@@ -39,6 +39,9 @@ class RoundRecorder:
                 self._rounds[server_round]["errors"][site] = msg.error.reason
                 continue
             entry = dict(msg.content[METRICS])
+            scores = {k[len(EVAL_PREFIX):]: entry.pop(k) for k in list(entry) if k.startswith(EVAL_PREFIX)}
+            if scores:  # evaluate-in-train: the scores of the previous round's global model
+                self._rounds[server_round - 1]["eval"][site] = scores
             entry["bytes-up"] = record_bytes(msg.content[ARRAYS])
             self._rounds[server_round]["train"][site] = entry
         record = self._rounds[server_round]

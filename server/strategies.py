@@ -11,14 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg,
                                      FedMedian, FedProx, FedTrimmedAvg, Strategy)
 
 from fedseg.common.config import ConfigError, RunConfig
 from fedseg.common.models import UNSEEN_PREFIX, with_ensemble
-from fedseg.common.records import ARRAYS, received_state, wire_record
+from fedseg.common.records import ARRAYS, CONFIG, received_state, wire_record
 from fedseg.server.model_average import ModelAverage
 from fedseg.server.rounds import RoundRecorder
 
@@ -63,6 +63,9 @@ class SiteHooks:
     - sites evaluate ``average.model(aggregate)`` (the moving average when ``dp-ema`` is on);
     - with ``heldout-ensemble`` K, held-out sites also receive the K - 1 previous rounds' models;
     - weights travel in ``transfer-dtype`` and are aggregated in float32;
+    - with ``evaluate-in-train``, training sites score round r's model inside round r + 1's train
+      message: round r ends (``on_round_end``) when those replies arrive; the last round and
+      held-out sites are evaluated by evaluation messages as usual;
     - when a round's evaluation is aggregated, ``on_round_end(round, aggregate, evaluated,
       server state)`` runs, with what a resume needs to continue exactly (``server_state``).
     """
@@ -76,6 +79,9 @@ class SiteHooks:
     average: ModelAverage
     ensemble_size: int
     transfer_dtype: str
+    evaluate_in_train: bool
+    last_round: int
+    pending: tuple[int, ArrayRecord, ArrayRecord, dict[str, Any]] | None  # a round awaiting its scores
     recent: list[ArrayRecord]  # the models sites scored in the last rounds, newest last
     on_round_end: Callable[[int, ArrayRecord, ArrayRecord, dict[str, Any]], None]
     _round_arrays: tuple[ArrayRecord, ArrayRecord]
@@ -106,6 +112,9 @@ class SiteHooks:
             raise TooFewSitesError(
                 f"round {rnd}: {len(ok)} site(s) trained, min-train-sites is {self.min_sites}"
                 + (f" (failed: {failures})" if failures else ""))
+        if self.pending is not None and self.pending[0] == rnd - 1:  # its scores came with these replies
+            self.on_round_end(*self.pending)
+            self.pending = None
         arrays, metrics = super().aggregate_train(rnd, replies)  # type: ignore[misc]
         if (spent := client_level_privacy(self)) is not None:  # type: ignore[arg-type]
             self.recorder.note(rnd, "client-level-dp", spent)
@@ -117,8 +126,15 @@ class SiteHooks:
                            grid: Grid) -> Iterable[Message]:
         evaluated = self.average.model(arrays)
         self._round_arrays = (arrays, evaluated)  # the round's aggregate and the model sites score
-        messages = super().configure_evaluate(  # type: ignore[misc]
-            server_round + self.round_offset, evaluated, config, _SiteView(grid, self.site_of, set()))
+        rnd = server_round + self.round_offset
+        if self.evaluate_in_train and rnd < self.last_round:  # training sites score it next round
+            config["server-round"] = rnd
+            messages = [Message(content=RecordDict({ARRAYS: evaluated, CONFIG: config}),
+                                message_type=MessageType.EVALUATE, dst_node_id=node)
+                        for node in sorted(self.heldout_nodes & set(grid.get_node_ids()))]
+        else:
+            messages = super().configure_evaluate(  # type: ignore[misc]
+                rnd, evaluated, config, _SiteView(grid, self.site_of, set()))
         # only sites that never train get the unseen-site norm set (and earlier rounds' models)
         messages = [self._on_wire(self._with_ensemble(m) if m.metadata.dst_node_id in self.heldout_nodes
                                   else _without_unseen_set(m)) for m in messages]
@@ -132,7 +148,10 @@ class SiteHooks:
         self.recorder.evaluated(rnd, self._named(replies))
         training = [m for m in replies if m.metadata.src_node_id not in self.heldout_nodes]
         metrics = super().aggregate_evaluate(rnd, training)  # type: ignore[misc]
-        self.on_round_end(rnd, *self._round_arrays, server_state(self))  # type: ignore[arg-type]
+        if self.evaluate_in_train and rnd < self.last_round:
+            self.pending = (rnd, *self._round_arrays, server_state(self))
+        else:
+            self.on_round_end(rnd, *self._round_arrays, server_state(self))  # type: ignore[arg-type]
         return metrics
 
     def _on_wire(self, msg: Message) -> Message:
@@ -246,6 +265,8 @@ def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[i
     strategy.ensemble_size = cfg.heldout_ensemble if heldout_nodes else 0
     strategy.recent = []
     strategy.transfer_dtype = cfg.transfer_dtype
+    strategy.evaluate_in_train, strategy.last_round = cfg.evaluate_in_train, cfg.num_server_rounds
+    strategy.pending = None
     if resume_state:
         restore_server_state(strategy, resume_state)
     return strategy

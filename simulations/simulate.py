@@ -71,8 +71,8 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "")
         ray_args["address"] = ray_address
         log.info("attaching Flower's simulation engine to the Ray cluster at %s (one CPU per site%s)...",
                  ray_address, f", {gpus:g} GPU per site" if gpus else "")
-    else:
-        ray_args["num_cpus"] = num_cpus or os.cpu_count() or 1
+    else:  # a Ray instance of its own, even where `ray start` left a cluster running on this machine
+        ray_args |= {"address": "local", "num_cpus": num_cpus or os.cpu_count() or 1}
         log.info("starting Flower's simulation engine (Ray, %d CPU(s), one per site at a time%s)...",
                  ray_args["num_cpus"], f", {gpus:g} GPU per site on {device}" if gpus else "")
     run_simulation(

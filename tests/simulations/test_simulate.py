@@ -223,8 +223,10 @@ def test_a_run_killed_mid_round_resumes_to_the_same_model(study_2d, tmp_path):
     2 there is a whole site's training and both evaluations, time enough to kill in between."""
     import os
     import signal
+    import shutil
     import subprocess
     import sys
+    import tempfile
     import time
 
     flags = dict(strategy="fedadam", num_server_rounds=3, local_epochs=3)
@@ -260,15 +262,18 @@ def test_simulation_attaches_to_a_running_ray_cluster(study_2d, tmp_path, capsys
     import os
     import signal
     import socket
+    import shutil
     import subprocess
     import sys
+    import tempfile
     import time
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
     head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
-                             "--node-ip-address=127.0.0.1", "--num-cpus=2", "--block",
+                             "--node-ip-address=127.0.0.1", "--num-cpus=2", "--block", f"--temp-dir={temp}",
                              "--disable-usage-stats", "--include-dashboard=false"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -287,3 +292,23 @@ def test_simulation_attaches_to_a_running_ray_cluster(study_2d, tmp_path, capsys
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # this head and its workers only, not other Ray instances
         head.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_evaluate_in_train_gives_the_same_scores_with_one_message_per_site_and_round(fedbn_run, study_2d,
+                                                                                      tmp_path):
+    """evaluate-in-train: each training site scores the model it receives before training on it,
+    so every round's validation scores equal those of separate evaluation messages, while training
+    sites get an evaluation message only after the last round."""
+    cfg = tiny_config(study_2d, tmp_path, evaluate_in_train=True)
+    run_dir = simulate(cfg, num_cpus=2)
+    together, apart = _rounds(run_dir), _rounds(fedbn_run)
+    assert [r["round"] for r in together] == [1, 2]
+    for one, other in zip(together, apart):
+        assert set(one["eval"]) == set(other["eval"]) == {"site-a", "site-b", "site-c"}
+        for site, scores in other["eval"].items():
+            assert one["eval"][site] == pytest.approx(scores, rel=1e-5), (one["round"], site)
+        assert not any(k.startswith("eval/") for m in one["train"].values() for k in m)
+    for site in ("site-a", "site-b", "site-c"):
+        kinds = [r["type"] for r in _outbox(run_dir, site)]
+        assert kinds.count("train") == 2 and kinds.count("evaluate") == 1, kinds
