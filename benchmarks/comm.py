@@ -26,9 +26,10 @@ def main() -> None:
     write_study(work / "study", sites=2, dims=2, cases=6, size=64, seed=0)
     rows = []
     for layers, dtype in (("none", "float32"), ("norm", "float32"), ("norm", "float16")):
-        cfg = RunConfig(study_dir=str(work / "study"), output_dir=str(work / "runs"), run_name=f"{layers}-{dtype}",
-                        num_server_rounds=3, local_epochs=2, lr=0.05, patch_size=64, channels=(16, 32, 64, 128),
-                        local_layers=layers, transfer_dtype=dtype, seed=0)
+        cfg = RunConfig(study_dir=str(work / "study"), output_dir=str(work / "runs"),
+                        run_name=f"{layers}-{dtype}", num_server_rounds=3, local_epochs=2, lr=0.05,
+                        patch_size=64, channels=(16, 32, 64, 128), local_layers=layers,
+                        transfer_dtype=dtype, seed=0)
         run_dir = simulate(cfg, num_cpus=2)
         record = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()][-1]
         dice = json.loads((run_dir / "summary.json").read_text())["in_federation"]["mean"]

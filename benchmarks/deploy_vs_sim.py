@@ -52,7 +52,7 @@ def main() -> None:
         one_s = time.perf_counter() - start
     finally:
         fed.stop()
-    scores = [[json.loads(line)["eval"] for line in (work / "dep" / name / "rounds.jsonl").read_text().splitlines()]
+    scores = [[json.loads(line)["eval"] for line in (work / "dep" / name / "rounds.jsonl").open()]
               for name in ("dep", "dep1")]
     same = all(abs(apart[site]["dice"] - together[site]["dice"]) < 1e-5
                for apart, together in zip(*scores) for site in apart)

@@ -65,7 +65,8 @@ def main() -> None:
     dice = {r["baseline"]: r["in-federation mean Dice"] for r in rows}
     ratio = dice["fedbn"] / dice["pooled"] if {"fedbn", "pooled"} <= set(dice) else None
     name = (f"study_headline_{args.dataset}" + ("" if args.norm == "instance" else f"_{args.norm}")
-            + ("_augment" if args.augment else "") + ("" if channels == (16, 32, 64) else f"_{channels[-1]}ch")
+            + ("_augment" if args.augment else "")
+            + ("" if channels == (16, 32, 64) else f"_{channels[-1]}ch")
             + (f"_p{args.patch_size}" if args.patch_size else "")
             + ("" if args.lr_schedule == "constant" else f"_{args.lr_schedule}"))
     report(name, rows, {"rounds": args.rounds, "local_epochs": args.local_epochs, "norm": args.norm,

@@ -98,7 +98,8 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
         scores[NUM_EXAMPLES] = len(val_cases)
     result = train_local(
         mine.model, task, spec, cases, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-        lr=cfg.round_lr(server_round), patch_size=cfg.patch_size, seed=case_seed(cfg.data.seed, spec.name, server_round),
+        lr=cfg.round_lr(server_round), patch_size=cfg.patch_size,
+        seed=case_seed(cfg.data.seed, spec.name, server_round),
         proximal_mu=cfg.proximal_mu, global_params=mine.shared, device=device, dp=dp, augment=cfg.augment,
         cache_mb=cfg.site_cache_mb,
         precision=site_precision(cfg.amp, device, dp=dp is not None, deterministic=cfg.deterministic))
@@ -135,8 +136,9 @@ def _evaluate(msg: Message, node_config: dict) -> RecordDict:
             scores |= {f"ensemble-{k}": v for k, v in combined.items() if not k.startswith("group-")}
             scores["ensemble-models"] = 1 + len(members)
     if spec.name in cfg.heldout_sites:  # an unseen hospital: also score after adapting its norms
+        # nothing applies to a model without BatchNorm and per-pixel classes (Mask R-CNN)
         if adapt_to_site(model, task, site_images(spec, cases), patch_size=cfg.patch_size,
-                         seed=cfg.data.seed, device=device):  # else nothing applies (no BatchNorm, no per-pixel entropy)
+                         seed=cfg.data.seed, device=device):
             with precision.autocast():
                 adapted = task.evaluate(model, spec, cases, **options)
             scores |= {f"tta-{k}": v for k, v in adapted.items() if not k.startswith("group-")}

@@ -90,8 +90,9 @@ class SiteHooks:
                         grid: Grid) -> Iterable[Message]:
         view = _SiteView(grid, self.site_of, self.heldout_nodes)
         self._wait_for_sites(view, server_round + self.round_offset)
-        messages = [self._on_wire(_without_unseen_set(m)) for m in super().configure_train(  # type: ignore[misc]
-            server_round + self.round_offset, arrays, config, view)]
+        sampled = super().configure_train(  # type: ignore[misc]
+            server_round + self.round_offset, arrays, config, view)
+        messages = [self._on_wire(_without_unseen_set(m)) for m in sampled]
         for m in messages:
             self.recorder.sent(server_round + self.round_offset, self.site_of[m.metadata.dst_node_id],
                                m.content)

@@ -34,7 +34,8 @@ FEDERATED = {"fedavg": dict(strategy="fedavg", local_layers="none"),
              "fedbn": dict(strategy="fedavg", local_layers="norm")}
 
 
-def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None, ray_address: str = "") -> Path:
+def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None,
+              ray_address: str = "") -> Path:
     """Train and score every baseline; write comparison.{json,csv}, cross_site.{json,csv}, study.html.
 
     Returns:

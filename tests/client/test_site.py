@@ -69,5 +69,6 @@ def test_a_late_round_under_the_cosine_schedule_takes_smaller_steps(tmp_path, se
         before = sent.content["arrays"].to_torch_state_dict()
         reply = client_app(sent, node_context(site, tmp_path / f"state{rnd}"))
         after = reply.content["arrays"].to_torch_state_dict()
-        moved[rnd] = sum((after[k] - before[k]).float().norm() for k in before if before[k].is_floating_point())
+        moved[rnd] = sum((after[k] - before[k]).float().norm() for k in before
+                         if before[k].is_floating_point())
     assert moved[10] < 0.2 * moved[1]  # lr 0.05 in round 1, 0.05 x 0.024 in round 10

@@ -63,5 +63,6 @@ def test_cosine_schedule_decays_the_learning_rate_over_the_rounds_a_site_is_told
     cfg = RunConfig(lr=0.08, lr_schedule="cosine", num_server_rounds=4)
     site = cfg.site_round(ModelSpec(2, 1, 2, (4, 8)), "0123456789abcdef")
     assert [site.round_lr(r) for r in (1, 2, 3, 4)] == pytest.approx([0.08, 0.0683, 0.04, 0.0117], abs=1e-4)
-    constant = RunConfig(lr=0.08, num_server_rounds=4).site_round(ModelSpec(2, 1, 2, (4, 8)), "0123456789abcdef")
+    constant = RunConfig(lr=0.08, num_server_rounds=4).site_round(ModelSpec(2, 1, 2, (4, 8)),
+                                                                  "0123456789abcdef")
     assert {constant.round_lr(r) for r in (1, 4)} == {0.08}

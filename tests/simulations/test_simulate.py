@@ -155,7 +155,8 @@ def test_half_precision_transfer_and_the_heldout_ensemble(fedbn_run, study_2d, t
     assert {v.dtype for v in saved.values() if v.is_floating_point()} == {torch.float32}
     # every floating-point value sent (shared weights + the unseen-site norm set) costs 2 bytes, not 4
     up = sum(v.numel() for v in saved.values() if v.is_floating_point())
-    down = sum(v.numel() for k, v in saved.items() if v.is_floating_point() and not k.startswith(UNSEEN_PREFIX))
+    down = sum(v.numel() for k, v in saved.items()
+               if v.is_floating_point() and not k.startswith(UNSEEN_PREFIX))
     for site in ("site-a", "site-b"):
         assert full["train"][site]["bytes-up"] - half["train"][site]["bytes-up"] == 2 * up
         assert full["bytes-down"][site] - half["bytes-down"][site] == 2 * down
