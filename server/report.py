@@ -153,11 +153,12 @@ def write_report(run_dir: str | Path) -> Path:
                       f"(a dash: no case where both the model and the ground truth have the label)."))
     if heldout:
         body.append("<h2>Held-out sites (never trained)</h2>")
-        body.append(_para("Scored twice: plain (under FedBN with the unseen-site norm set the server "
-                          "averaged from the training sites' norms), and after test-time adaptation "
+        body.append(_para("Scored plain (under FedBN with the unseen-site norm set the server "
+                          "averaged from the training sites' norms), after test-time adaptation "
                           "on the site's own unlabeled images: BatchNorm statistics, then the norm "
                           "layers' scales and shifts by entropy minimization (a few bounded steps; "
-                          "no label used, nothing sent)."))
+                          "no label used, nothing sent), and with run-config heldout-ensemble as "
+                          "the average of the last rounds' models."))
         rows = [[s, final.get(s, {}).get("dice"), final.get(s, {}).get("tta-dice"),
                  _delta(final.get(s, {}).get("tta-dice"), final.get(s, {}).get("dice")),
                  final.get(s, {}).get("hd95"), final.get(s, {}).get(NUM_EXAMPLES)] for s in heldout]
