@@ -103,9 +103,10 @@ class SiteHooks:
         replies = self._ordered(replies)
         rnd = server_round + self.round_offset
         self.recorder.trained(rnd, self._named(replies))
-        for m in replies:  # whatever precision the weights travelled in, aggregate in float32
-            if not m.has_error() and ARRAYS in m.content.array_records:
-                m.content[ARRAYS] = ArrayRecord(received_state(m.content[ARRAYS]))
+        if self.transfer_dtype != "float32":  # weights that travelled in half precision: aggregate in float32
+            for m in replies:
+                if not m.has_error() and ARRAYS in m.content.array_records:
+                    m.content[ARRAYS] = ArrayRecord(received_state(m.content[ARRAYS]))
         ok = [m for m in replies if not m.has_error()]
         if len(ok) < self.min_sites:
             failures = "; ".join(f"{site}: {m.error.reason}" for site, m in self._named(replies)
