@@ -19,8 +19,8 @@ from fedseg.client.adaptation import adapt_to_site
 from fedseg.client.site_model import saved_model
 from fedseg.client.tasks import task_for
 from fedseg.common.atomic import atomic_write_json
-from fedseg.common.precision import site_precision
 from fedseg.common.data import NIFTI_SUFFIXES, PNG_SUFFIXES, DataError, image_transforms
+from fedseg.common.precision import site_precision
 
 PRE_ANNOTATIONS = "pre_annotations.json"
 OVERLAY_MIN_EDGE = 256  # overlays smaller than this are enlarged (nearest pixel) for a person to see
@@ -81,6 +81,7 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
     if adapt:
         adapt_members(members, task, images, patch, device, model_path)
     precision = site_precision(amp, device)
+    averaged = task.dense_logits and (len(members) > 1 or uncertainty or pre_annotate)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = []
@@ -89,7 +90,6 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
         image = image_transforms(path)(str(path))
         if image.ndim != spec.spatial_dims + 1:
             raise DataError(f"{path}: has shape {tuple(image.shape)}, the model is {spec.spatial_dims}D")
-        averaged = task.dense_logits and (len(members) > 1 or uncertainty or pre_annotate)
         with precision.autocast():
             if averaged:
                 probs = task.probabilities(members, image, patch, device, flips=len(members) == 1).float()
