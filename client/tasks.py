@@ -50,17 +50,21 @@ class Task(ABC):
         label_dtype: dtype of written label maps.
         grad_clip: non-DP gradient-norm clipping (None: off).
         dp_step: the DP-SGD step class this kind of model needs.
-        dense_logits: the network scores every pixel (explanation maps apply).
     """
 
     keep_instances: ClassVar[bool] = False
     label_dtype: ClassVar[type] = np.uint8
     grad_clip: ClassVar[float | None] = None
     dp_step: ClassVar[type] = OpacusStep
-    dense_logits: ClassVar[bool] = False
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
+
+    @property
+    def dense_logits(self) -> bool:
+        """The network scores every pixel: class probabilities to ensemble, explanation maps,
+        entropy to adapt on (``ModelKind.dense``, the one table that knows the kinds apart)."""
+        return MODEL_KINDS[self.spec.model].dense
 
     def training_data(self, site: SiteSpec, cases: list[Case], patch_size: int, seed: int,
                       augment: bool = False, cache_mb: int = 0) -> Sequence[Any]:
@@ -121,8 +125,6 @@ class Task(ABC):
 
 class SemanticTask(Task):
     """MONAI U-Net: DiceCE on random patches, sliding-window inference, Dice/HD95 per label."""
-
-    dense_logits = True
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)

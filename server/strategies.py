@@ -160,20 +160,15 @@ class SiteHooks:
         """The message with its weights in the run's ``transfer-dtype`` (a copy unless float32)."""
         if self.transfer_dtype == "float32" or ARRAYS not in msg.content.array_records:
             return msg
-        content = RecordDict(dict(msg.content))
-        content[ARRAYS] = wire_record(msg.content[ARRAYS].to_torch_state_dict(), self.transfer_dtype)
-        return Message(content=content, message_type=msg.metadata.message_type,
-                       dst_node_id=msg.metadata.dst_node_id)
+        return _with_arrays(msg, wire_record(msg.content[ARRAYS].to_torch_state_dict(), self.transfer_dtype))
 
     def _with_ensemble(self, msg: Message) -> Message:
         """A held-out site's evaluation message plus the earlier rounds' models, newest first."""
         if not self.recent:
             return msg
         members = [m.to_torch_state_dict() for m in reversed(self.recent)]
-        content = RecordDict(dict(msg.content))
-        content[ARRAYS] = ArrayRecord(with_ensemble(msg.content[ARRAYS].to_torch_state_dict(), members))
-        return Message(content=content, message_type=msg.metadata.message_type,
-                       dst_node_id=msg.metadata.dst_node_id)
+        own = msg.content[ARRAYS].to_torch_state_dict()
+        return _with_arrays(msg, ArrayRecord(with_ensemble(own, members)))
 
     def _wait_for_sites(self, view: _SiteView, rnd: int) -> None:
         """Wait up to ``round-timeout`` for ``min-train-sites`` to be connected, else stop clearly."""
@@ -200,8 +195,14 @@ def _without_unseen_set(msg: Message) -> Message:
     arrays = msg.content.array_records.get(ARRAYS)
     if arrays is None or not any(k.startswith(UNSEEN_PREFIX) for k in arrays.keys()):
         return msg
+    shared = {k: v for k, v in arrays.items() if not k.startswith(UNSEEN_PREFIX)}
+    return _with_arrays(msg, ArrayRecord(shared))
+
+
+def _with_arrays(msg: Message, arrays: ArrayRecord) -> Message:
+    """A copy of an outgoing message carrying other weights (everything else as it was)."""
     content = RecordDict(dict(msg.content))
-    content[ARRAYS] = ArrayRecord({k: v for k, v in arrays.items() if not k.startswith(UNSEEN_PREFIX)})
+    content[ARRAYS] = arrays
     return Message(content=content, message_type=msg.metadata.message_type,
                    dst_node_id=msg.metadata.dst_node_id)
 
