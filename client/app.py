@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 from fedseg.client.adaptation import adapt_to_site, site_images
 from fedseg.client.audit import outbox_audit_mod
 from fedseg.client.client_level_dp import client_level_clipping_mod
+from fedseg.client.packing import weight_packing_mod
 from fedseg.client.privacy import DPSession
 from fedseg.client.redaction import redaction_mod
 from fedseg.client.site import SiteLocation, describe_site, resolve_site, site_device
@@ -30,8 +31,9 @@ from fedseg.common.records import (ARRAYS, CONFIG, EVAL_PREFIX, METRICS, NUM_EXA
 log = logging.getLogger(__name__)
 SITE_ERROR = 3100  # Flower error code for a site that refuses a message with a clear reason
 
-# mods run outermost first: the audit logs the reply exactly as it leaves, after redaction
-app = ClientApp(mods=[outbox_audit_mod, redaction_mod, client_level_clipping_mod])
+# mods run outermost first: the audit logs the reply as it leaves, after redaction (tensor by
+# tensor: packing, when the server asks for it, only joins them into one array per dtype)
+app = ClientApp(mods=[weight_packing_mod, outbox_audit_mod, redaction_mod, client_level_clipping_mod])
 
 
 @app.query()

@@ -143,6 +143,9 @@ class RunConfig:
         transfer_dtype: precision of the shared weights on the wire, both ways: ``float32`` or
             ``float16`` (half the bytes; sites train and the server aggregates in float32 either
             way, and DP noise is added before the cast).
+        pack_weights: send the weights of a message as one flat array per dtype plus a manifest
+            instead of one array per tensor (Flower moves each array as requests of its own);
+            sites pack their replies the way the server packed its message.
         output_dir: parent folder of run folders (server only).
         run_name: run folder name; empty picks ``<study>-<strategy>-<timestamp>``.
         resume: continue ``output_dir/run_name`` from its last checkpoint (server only).
@@ -193,6 +196,7 @@ class RunConfig:
     amp: str = "auto"
     deterministic: bool = False
     transfer_dtype: str = "float32"
+    pack_weights: bool = True
     output_dir: str = "runs"
     run_name: str = ""
     resume: bool = False

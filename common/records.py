@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, MetricRecord
 
 ARRAYS = "arrays"
 METRICS = "metrics"
 CONFIG = "config"
 NUM_EXAMPLES = "num-examples"
 EVAL_PREFIX = "eval/"  # a train reply's scores of the model it received (evaluate-in-train)
+PACKED = "packed/"  # ``pack-weights``: one flat array per dtype + a manifest of names and shapes
+MANIFEST = PACKED + "manifest"
 
 
 class PrivacyBoundaryError(RuntimeError):
@@ -38,9 +43,54 @@ def wire_record(state: Mapping[str, torch.Tensor], dtype: str) -> ArrayRecord:
 
 
 def received_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Torch state dict of a received record, floating-point tensors in float32 (whatever
-    precision they travelled in: aggregation and training always compute in float32)."""
-    return {k: v.float() if v.is_floating_point() else v for k, v in record.to_torch_state_dict().items()}
+    """Torch state dict of a received record, packed or not, floating-point tensors in float32
+    (whatever precision they travelled in: aggregation and training always compute in float32)."""
+    state = ({k: torch.from_numpy(v) for k, v in _unpacked(record).items()} if is_packed(record)
+             else record.to_torch_state_dict())
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def is_packed(record: ArrayRecord) -> bool:
+    """Whether ``record`` is a ``packed_record``."""
+    return MANIFEST in record
+
+
+def packed_record(record: ArrayRecord) -> ArrayRecord:
+    """The same tensors as one flat array per dtype plus a JSON manifest (name, dtype, shape, in
+    order). Flower moves every Array as objects of their own, each a signed request with its own
+    headers, so a U-Net of 55 tensors becomes 3 arrays on the wire; values are unchanged."""
+    flat: dict[str, list[np.ndarray]] = {}
+    manifest = []
+    for name, array in record.items():
+        values = array.numpy()
+        flat.setdefault(values.dtype.name, []).append(values.ravel())
+        manifest.append([name, values.dtype.name, list(values.shape)])
+    out = {PACKED + dtype: Array(np.concatenate(parts)) for dtype, parts in flat.items()}
+    out[MANIFEST] = Array(np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8))
+    return ArrayRecord(out)
+
+
+def unpacked_record(record: ArrayRecord) -> ArrayRecord:
+    """Inverse of ``packed_record``; a record that is not packed is returned as it is."""
+    if not is_packed(record):
+        return record
+    return ArrayRecord({k: Array(v) for k, v in _unpacked(record).items()})
+
+
+def _unpacked(record: ArrayRecord) -> dict[str, np.ndarray]:
+    manifest = json.loads(record[MANIFEST].numpy().tobytes())
+    flat = {k[len(PACKED):]: record[k].numpy() for k in record if k != MANIFEST}
+    used = dict.fromkeys(flat, 0)
+    out = {}
+    for name, dtype, shape in manifest:
+        size = math.prod(shape)
+        if dtype not in flat or used[dtype] + size > flat[dtype].size:
+            raise ValueError(f"packed weights do not match their manifest at {name!r}")
+        out[name] = flat[dtype][used[dtype]:used[dtype] + size].reshape(shape).copy()
+        used[dtype] += size
+    if any(used[dtype] != flat[dtype].size for dtype in flat):
+        raise ValueError("packed weights hold more values than their manifest names")
+    return out
 
 
 def record_bytes(record: ArrayRecord) -> int:

@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
 
 from fedseg.common.config import ConfigError, RunConfig
 from fedseg.common.models import UNSEEN_PREFIX, with_ensemble
-from fedseg.common.records import ARRAYS, CONFIG, received_state, wire_record
+from fedseg.common.records import ARRAYS, CONFIG, packed_record, received_state, wire_record
 from fedseg.server.model_average import ModelAverage
 from fedseg.server.rounds import RoundRecorder
 
@@ -62,7 +62,8 @@ class SiteHooks:
     - a resumed run numbers its rounds from the checkpoint (``round_offset``);
     - sites evaluate ``average.model(aggregate)`` (the moving average when ``dp-ema`` is on);
     - with ``heldout-ensemble`` K, held-out sites also receive the K - 1 previous rounds' models;
-    - weights travel in ``transfer-dtype`` and are aggregated in float32;
+    - weights travel in ``transfer-dtype`` (one array per dtype with ``pack-weights``) and are
+      aggregated in float32, tensor by tensor;
     - with ``evaluate-in-train``, training sites score round r's model inside round r + 1's train
       message: round r ends (``on_round_end``) when those replies arrive; the last round and
       held-out sites are evaluated by evaluation messages as usual;
@@ -79,6 +80,7 @@ class SiteHooks:
     average: ModelAverage
     ensemble_size: int
     transfer_dtype: str
+    pack_weights: bool
     evaluate_in_train: bool
     last_round: int
     pending: tuple[int, ArrayRecord, ArrayRecord, dict[str, Any]] | None  # a round awaiting its scores
@@ -103,7 +105,7 @@ class SiteHooks:
         replies = self._ordered(replies)
         rnd = server_round + self.round_offset
         self.recorder.trained(rnd, self._named(replies))
-        if self.transfer_dtype != "float32":  # weights that travelled in half precision: aggregate in float32
+        if self.transfer_dtype != "float32" or self.pack_weights:  # aggregate float32, tensor by tensor
             for m in replies:
                 if not m.has_error() and ARRAYS in m.content.array_records:
                     m.content[ARRAYS] = ArrayRecord(received_state(m.content[ARRAYS]))
@@ -157,10 +159,15 @@ class SiteHooks:
         return metrics
 
     def _on_wire(self, msg: Message) -> Message:
-        """The message with its weights in the run's ``transfer-dtype`` (a copy unless float32)."""
-        if self.transfer_dtype == "float32" or ARRAYS not in msg.content.array_records:
+        """The message with its weights as they travel: in the run's ``transfer-dtype``, packed
+        into one array per dtype with ``pack-weights`` (a copy unless float32 and unpacked)."""
+        if ARRAYS not in msg.content.array_records or (self.transfer_dtype == "float32"
+                                                       and not self.pack_weights):
             return msg
-        return _with_arrays(msg, wire_record(msg.content[ARRAYS].to_torch_state_dict(), self.transfer_dtype))
+        arrays = msg.content[ARRAYS]
+        if self.transfer_dtype != "float32":
+            arrays = wire_record(arrays.to_torch_state_dict(), self.transfer_dtype)
+        return _with_arrays(msg, packed_record(arrays) if self.pack_weights else arrays)
 
     def _with_ensemble(self, msg: Message) -> Message:
         """A held-out site's evaluation message plus the earlier rounds' models, newest first."""
@@ -267,7 +274,7 @@ def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[i
     strategy.average = average or ModelAverage(0.0)
     strategy.ensemble_size = cfg.heldout_ensemble if heldout_nodes else 0
     strategy.recent = []
-    strategy.transfer_dtype = cfg.transfer_dtype
+    strategy.transfer_dtype, strategy.pack_weights = cfg.transfer_dtype, cfg.pack_weights
     strategy.evaluate_in_train, strategy.last_round = cfg.evaluate_in_train, cfg.num_server_rounds
     strategy.pending = None
     if resume_state:

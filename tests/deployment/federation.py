@@ -87,11 +87,12 @@ class Federation:
         return private
 
     def start_supernode(self, name: str, key: Path, site_dir: Path, state_dir: Path,
-                        extra_config: str = "") -> subprocess.Popen:
+                        extra_config: str = "", via_port: int | None = None) -> subprocess.Popen:
+        """A SuperNode for ``site_dir``; ``via_port``: reach the SuperLink through a relay there."""
         node_config = f"site-dir='{site_dir}' state-dir='{state_dir}' {extra_config}".strip()
         return self._start(name, [
             "flower-supernode", "--root-certificates", str(self.certs / "ca.crt"),
-            "--superlink", f"127.0.0.1:{self.port}", "--auth-supernode-private-key", str(key),
+            "--superlink", f"127.0.0.1:{via_port or self.port}", "--auth-supernode-private-key", str(key),
             "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config])
 
     def log_of(self, name: str) -> str:

@@ -124,3 +124,14 @@ def test_a_trimmed_mean_that_trims_nothing_is_refused():
 
     with pytest.raises(ConfigError, match=r"'trim-fraction' = 0.2 cuts no site with 3 training sites"):
         _build(RunConfig(strategy="trimmed-mean"))  # Flower's default 0.2 x 3 sites = 0
+
+
+def test_packed_replies_are_averaged_tensor_by_tensor():
+    from fedseg.common.records import packed_record
+
+    strategy, _ = _build(RunConfig(min_train_sites=2))
+    replies = [_train_reply(11, 1.0, 3), _train_reply(22, 2.0, 1)]
+    replies[0].content["arrays"] = packed_record(replies[0].content["arrays"])  # one site packs
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert list(arrays.keys()) == ["w"]
+    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((2,), 5 / 4))

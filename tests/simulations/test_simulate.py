@@ -99,6 +99,22 @@ def test_fedbn_norm_layers_never_leave_a_site(fedbn_run):
     assert set(global_model["local_keys"]) == local
 
 
+def test_packed_weights_give_the_same_run_in_fewer_bytes(fedbn_run, study_2d, tmp_path):
+    """pack-weights (the default): the same seeded run as one array per tensor, each message's
+    weights in one array per dtype plus a manifest, so fewer bytes (and objects) each way."""
+    unpacked = simulate(tiny_config(study_2d, tmp_path, pack_weights=False), num_cpus=2)
+    bytes_of = ("bytes-up", "bytes-down")
+    for packed, plain in zip(_rounds(fedbn_run), _rounds(unpacked), strict=True):
+        assert packed["eval"] == plain["eval"]
+        for site in packed["train"]:
+            assert {k: v for k, v in packed["train"][site].items() if k not in bytes_of} == {
+                k: v for k, v in plain["train"][site].items() if k not in bytes_of}
+            assert packed["train"][site]["bytes-up"] < plain["train"][site]["bytes-up"]
+            assert packed["bytes-down"][site] < plain["bytes-down"][site]
+    assert [r["received"] for r in _outbox(fedbn_run, "site-a")] == [  # every tensor, unpacked
+        r["received"] for r in _outbox(unpacked, "site-a")]
+
+
 def test_same_seed_same_metrics_and_resume_continues_exactly(fedbn_run, study_2d, tmp_path):
     again = simulate(tiny_config(study_2d, tmp_path, run_name="again"), num_cpus=2)
     first, second = _rounds(fedbn_run), _rounds(again)
