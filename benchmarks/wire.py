@@ -6,7 +6,8 @@ Usage: python -m benchmarks.wire
 Each setting runs twice, 2 and 4 rounds; (bytes of the 4-round run - bytes of the 2-round run) / 2
 is what one steady round costs (the app bundle download, discovery and start-up cancel out).
 Settings: one array per tensor with a separate evaluation message (fedseg before issue #13),
-``pack-weights``, ``pack-weights`` + ``evaluate-in-train``, and that in ``transfer-dtype=float16``.
+``pack-weights`` alone, ``pack-weights`` + ``evaluate-in-train`` (the defaults), and that in
+``transfer-dtype=float16``.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from fedseg.simulations.synth import write_study
 from tests.deployment.federation import Federation, free_port
 
 SETTINGS = {
-    "one array per tensor, separate evaluation": "pack-weights=false",
-    "packed": "pack-weights=true",
-    "packed + evaluate-in-train": "pack-weights=true evaluate-in-train=true",
-    "packed + evaluate-in-train + float16": "pack-weights=true evaluate-in-train=true transfer-dtype='float16'",
+    "one array per tensor, separate evaluation": "pack-weights=false evaluate-in-train=false",
+    "packed, separate evaluation": "evaluate-in-train=false",
+    "packed + evaluate-in-train (defaults)": "",
+    "packed + evaluate-in-train + float16": "transfer-dtype='float16'",
 }
 CHANNELS = (16, 32, 64, 128)
 

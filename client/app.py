@@ -93,7 +93,7 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
     mine = round_model(cfg, site, received_state(msg.content[ARRAYS]), server_round - 1)
     task = task_for(cfg.model)
     scores = {}
-    if cfg.evaluate_in_train and server_round > 1:  # what last round's evaluation message would score
+    if cfg.evaluate_in_train:  # the server asks: what last round's evaluation message would score
         with site_precision(cfg.amp, device, deterministic=cfg.deterministic).autocast():
             scores = task.evaluate(mine.model, spec, val_cases, patch_size=cfg.patch_size, device=device,
                                    min_group_cases=cfg.min_group_cases)

@@ -124,9 +124,10 @@ class RunConfig:
         evaluate_in_train: training sites score the global model they receive at the start of
             the next round's train message instead of in an evaluation message of their own (one
             message per site and round; held-out sites and the last round are still evaluated
-            separately); the same scores, logged (and checkpointed) once the next round's training
-            replies arrive, so a restart may re-run two rounds. Needs ``dp-ema`` 0: a moving
-            average is not the model sites train on.
+            separately); the same scores. Each round is checkpointed when its training ends and
+            logged once the next round's training replies bring its scores (a resume completes
+            the line). Runs whose server keeps a moving average (``dp-ema``) evaluate separately:
+            the average is not the model sites train on.
         heldout_ensemble: K >= 2 also scores held-out sites with the ensemble of the last K
             rounds' models (class probabilities averaged; the server sends them the K - 1 earlier
             models too, never to training sites); 0: off. U-Net only.
@@ -189,7 +190,7 @@ class RunConfig:
     dp_ema: float = -1.0
     heldout_sites: tuple[str, ...] = field(default_factory=tuple)
     heldout_ensemble: int = 0
-    evaluate_in_train: bool = False
+    evaluate_in_train: bool = True
     min_group_cases: int = 5
     device: str = "auto"
     gpus_per_site: float = -1.0
@@ -247,9 +248,6 @@ class RunConfig:
              "must be in [0, 1) (0: no averaging; -1: fedseg's DP recipe)"),
             ("dp-delta", 0 < self.dp_delta < 1, "must be in (0, 1)"),
             ("min-group-cases", self.min_group_cases >= 1, "must be >= 1"),
-            ("evaluate-in-train", not (self.evaluate_in_train and (
-                self.dp_ema > 0 or (self.dp_ema == AUTO and self.dp == "sample"))),
-             "sites would score the model they train on, not the server's moving average: set dp-ema=0"),
             ("heldout-ensemble", self.heldout_ensemble == 0 or self.heldout_ensemble >= 2,
              "must be 0 (off) or >= 2 (rounds whose models are averaged)"),
             ("heldout-ensemble", not (self.heldout_ensemble and kind is not None and not kind.dense),
@@ -325,7 +323,7 @@ class RunConfig:
             patch_size=self.patch_size, augment=self.augment, site_cache_mb=self.site_cache_mb,
             proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
             min_group_cases=self.min_group_cases, heldout_sites=self.heldout_sites,
-            evaluate_in_train=self.evaluate_in_train,
+            evaluate_in_train=False,  # the server asks for it per train message
             device=self.device, amp=self.amp, deterministic=self.deterministic,
             transfer_dtype=self.transfer_dtype, data=self.site_data(state_root),
             dp=DPSettings(self.dp, self.dp_noise_multiplier, self.dp_max_grad_norm, self.dp_delta,
@@ -456,7 +454,8 @@ class SiteRoundConfig:
         proximal_mu: FedProx weight (0 unless the strategy is FedProx).
         min_group_cases: k-case threshold for fairness groups.
         heldout_sites: sites that only evaluate (they also score after norm adaptation).
-        evaluate_in_train: score the received global model before training (``EVAL_PREFIX`` metrics).
+        evaluate_in_train: score the received global model before training (``EVAL_PREFIX``
+            metrics); the server sets it in a train message when the last round awaits its scores.
         device: the server's device wish (a site's own node config ``device`` wins).
         amp, deterministic: mixed precision and cuDNN mode (``common/precision.py``).
         transfer_dtype: precision the site sends its shared weights in.

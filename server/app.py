@@ -118,13 +118,23 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation) -> ArrayRecord:
     cfg = run.cfg
     initial = shared_record(fed.shared, fed.local)
     remaining = cfg.num_server_rounds - run.done
-    if remaining <= 0:
-        return initial
     recorder = RoundRecorder()
-    round_log = RoundLog(run.folder, recorder, fed.checkpoint_meta(run), cfg.num_server_rounds)
+    round_log = RoundLog(run.folder, recorder, fed.checkpoint_meta(run), cfg.num_server_rounds,
+                         checkpointed=run.done if run.pending_record else 0)
+    if run.pending_record is not None:  # a crash cut the last round off from its scores
+        recorder.restore(run.done, run.pending_record)
+    if remaining <= 0:
+        if run.pending_record is not None:
+            log.warning("round %d has no validation scores: they would have come with round %d",
+                        run.done, run.done + 1)
+            round_log(run.done, initial, initial)
+        return initial
     average = ModelAverage(ema_decay(cfg), run.start_average)
     strategy = build_strategy(cfg, fed.site_of, fed.heldout_nodes, recorder, round_log,
-                              round_offset=run.done, average=average, resume_state=run.server_state)
+                              round_offset=run.done, average=average, resume_state=run.server_state,
+                              on_round_trained=round_log.trained)
+    if run.pending_record is not None:  # the next round's training replies bring its scores
+        strategy.pending = (run.done, initial, initial, run.server_state or {})
     round_config = cfg.site_round(fed.spec, run.run_id, sim_state_root(run))
     log.info("federated %s over %d site(s) (%s), %d round(s)%s", cfg.strategy,
              len(fed.training_sites), ", ".join(fed.training_sites), cfg.num_server_rounds,

@@ -24,16 +24,20 @@ META_KEYS = ("model", "local_layers", "local_keys", "patch_size", "run_name", "r
 
 
 def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, meta: dict[str, Any],
-                    average: ArrayRecord | None = None, server_state: dict[str, Any] | None = None) -> Path:
+                    average: ArrayRecord | None = None, server_state: dict[str, Any] | None = None,
+                    pending_record: dict[str, Any] | None = None) -> Path:
     """Atomically write ``checkpoints/round-N.pt``: the aggregate's shared weights (training
     continues from them), ``meta`` (``META_KEYS``), the server's moving average if it keeps one,
-    and the strategy's own state (``strategies.server_state``) so a resume continues exactly."""
+    the strategy's own state (``strategies.server_state``) so a resume continues exactly, and
+    what the round recorded so far when its rounds.jsonl line waits for scores still to come."""
     path = run_dir / "checkpoints" / f"round-{server_round}.pt"
     payload = _payload(server_round, arrays, meta)
     if average is not None:
         payload["average_state_dict"] = average.to_torch_state_dict()
     if server_state is not None:
         payload["server_state"] = server_state
+    if pending_record is not None:
+        payload["pending_record"] = pending_record
     atomic_torch_save(path, payload)
     return path
 

@@ -3,6 +3,7 @@ when a round ends (RoundLog: checkpoint, rounds.jsonl line, progress line)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections import defaultdict
@@ -60,34 +61,61 @@ class RoundRecorder:
         """Attach a server-side figure to the round (e.g. client-level epsilon)."""
         self._rounds[server_round][key] = value
 
+    def peek(self, server_round: int) -> dict[str, Any]:
+        """A copy of what the round has recorded so far (what a checkpoint keeps of a round
+        whose scores are still to come)."""
+        return copy.deepcopy(self._rounds[server_round])
+
+    def restore(self, server_round: int, record: dict[str, Any]) -> None:
+        """Continue a round from a checkpoint's ``peek`` (a resume completes its line)."""
+        self._rounds[server_round] = {**_empty_round(), **copy.deepcopy(record)}
+
     def pop(self, server_round: int) -> dict[str, Any]:
         """The finished round's record (removed from the recorder)."""
         return {"round": server_round, **self._rounds.pop(server_round, _empty_round())}
 
 
 class RoundLog:
-    """The round-end hook: checkpoint the global model, append the round to rounds.jsonl, log it.
+    """The round-end hooks: checkpoint the global model, append the round to rounds.jsonl, log it.
+
+    A round scored inside the next round's train messages (``evaluate-in-train``) is checkpointed
+    when its training ends (``trained``), with what it recorded so far, and logged when its
+    scores arrive (``__call__``); any other round does both when its evaluation ends.
 
     Args:
         folder: the run folder.
         recorder: where the strategy collected the round's replies.
         checkpoint_meta: what rebuilds the model beside the weights (see ``checkpoints``).
         total_rounds: the run's planned rounds (for the progress line).
+        checkpointed: a round already checkpointed whose line is still to come (resume).
     """
 
     def __init__(self, folder: RunFolder, recorder: RoundRecorder, checkpoint_meta: dict[str, Any],
-                 total_rounds: int) -> None:
+                 total_rounds: int, checkpointed: int = 0) -> None:
         self.folder, self.recorder, self.meta = folder, recorder, checkpoint_meta
         self.total_rounds = total_rounds
+        self.checkpointed = checkpointed
         self._started = time.monotonic()
+
+    def trained(self, server_round: int, aggregate: ArrayRecord, evaluated: ArrayRecord,
+                server_state: dict[str, Any] | None = None) -> None:
+        """Checkpoint a round whose scores come with the next round's training replies."""
+        save_checkpoint(self.folder.dir, server_round, aggregate, self.meta,
+                        average=None if evaluated is aggregate else evaluated, server_state=server_state,
+                        pending_record=self.recorder.peek(server_round))
+        self.checkpointed = server_round
+        log.info("round %d/%d trained in %.1fs (checkpoint saved); its validation scores come with "
+                 "round %d's training replies", server_round, self.total_rounds,
+                 time.monotonic() - self._started, server_round + 1)
 
     def __call__(self, server_round: int, aggregate: ArrayRecord, evaluated: ArrayRecord,
                  server_state: dict[str, Any] | None = None) -> None:
         record = self.recorder.pop(server_round)
         record["seconds"] = round(time.monotonic() - self._started, 3)
         self._started = time.monotonic()
-        save_checkpoint(self.folder.dir, server_round, aggregate, self.meta,
-                        average=None if evaluated is aggregate else evaluated, server_state=server_state)
+        if server_round != self.checkpointed:
+            save_checkpoint(self.folder.dir, server_round, aggregate, self.meta,
+                            average=None if evaluated is aggregate else evaluated, server_state=server_state)
         self.folder.append_round(record)
         log_round(record, self.total_rounds)
 

@@ -103,6 +103,8 @@ class OpenRun:
         start_state: shared weights of the last checkpoint (None for a new run).
         start_average: the server's moving average at that checkpoint, if it kept one.
         server_state: the strategy's state at that checkpoint (``strategies.server_state``).
+        pending_record: what the checkpoint's round recorded before a crash cut it off from the
+            scores it awaited (``evaluate-in-train``): the resumed run completes its line.
     """
 
     folder: RunFolder
@@ -112,6 +114,7 @@ class OpenRun:
     start_state: dict[str, torch.Tensor] | None = None
     start_average: dict[str, torch.Tensor] | None = None
     server_state: dict[str, Any] | None = None
+    pending_record: dict[str, Any] | None = None
 
 
 def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> RunConfig:
@@ -151,10 +154,11 @@ def open_run(cfg: RunConfig) -> OpenRun:
             folder.keep_rounds_up_to(0)
             return OpenRun(folder, cfg, run_id)
         done, checkpoint = found
-        folder.keep_rounds_up_to(done)
+        logged = any(r["round"] == done for r in folder.keep_rounds_up_to(done))
         log.info("resuming %s after round %d", folder.dir, done)
         return OpenRun(folder, cfg, run_id, done, checkpoint["state_dict"],
-                       checkpoint.get("average_state_dict"), checkpoint.get("server_state"))
+                       checkpoint.get("average_state_dict"), checkpoint.get("server_state"),
+                       None if logged else checkpoint.get("pending_record"))
     name = cfg.run_name or f"{Path(cfg.study_dir).name or 'run'}-{cfg.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = RunFolder(Path(cfg.output_dir) / name)
     if (folder.dir / "run.json").exists():

@@ -65,8 +65,9 @@ class SiteHooks:
     - weights travel in ``transfer-dtype`` (one array per dtype with ``pack-weights``) and are
       aggregated in float32, tensor by tensor;
     - with ``evaluate-in-train``, training sites score round r's model inside round r + 1's train
-      message: round r ends (``on_round_end``) when those replies arrive; the last round and
-      held-out sites are evaluated by evaluation messages as usual;
+      message (the server asks for it in that message's config): round r is checkpointed when
+      its training ends (``on_round_trained``) and ends (``on_round_end``) when those replies
+      arrive; the last round and held-out sites are evaluated by evaluation messages as usual;
     - when a round's evaluation is aggregated, ``on_round_end(round, aggregate, evaluated,
       server state)`` runs, with what a resume needs to continue exactly (``server_state``).
     """
@@ -86,12 +87,14 @@ class SiteHooks:
     pending: tuple[int, ArrayRecord, ArrayRecord, dict[str, Any]] | None  # a round awaiting its scores
     recent: list[ArrayRecord]  # the models sites scored in the last rounds, newest last
     on_round_end: Callable[[int, ArrayRecord, ArrayRecord, dict[str, Any]], None]
+    on_round_trained: Callable[[int, ArrayRecord, ArrayRecord, dict[str, Any]], None]
     _round_arrays: tuple[ArrayRecord, ArrayRecord]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         view = _SiteView(grid, self.site_of, self.heldout_nodes)
         self._wait_for_sites(view, server_round + self.round_offset)
+        config["evaluate-in-train"] = self.pending is not None  # score the model you receive first
         sampled = super().configure_train(  # type: ignore[misc]
             server_round + self.round_offset, arrays, config, view)
         messages = [self._on_wire(_without_unseen_set(m)) for m in sampled]
@@ -154,6 +157,7 @@ class SiteHooks:
         metrics = super().aggregate_evaluate(rnd, training)  # type: ignore[misc]
         if self.evaluate_in_train and rnd < self.last_round:
             self.pending = (rnd, *self._round_arrays, server_state(self))
+            self.on_round_trained(*self.pending)
         else:
             self.on_round_end(rnd, *self._round_arrays, server_state(self))  # type: ignore[arg-type]
         return metrics
@@ -218,7 +222,9 @@ def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[i
                    recorder: RoundRecorder,
                    on_round_end: Callable[[int, ArrayRecord, ArrayRecord, dict[str, Any]], None],
                    round_offset: int = 0, average: ModelAverage | None = None,
-                   resume_state: dict[str, Any] | None = None) -> Strategy:
+                   resume_state: dict[str, Any] | None = None,
+                   on_round_trained: Callable[[int, ArrayRecord, ArrayRecord, dict[str, Any]], None]
+                   = lambda *_: None) -> Strategy:
     """The configured Flower strategy with fedseg's hooks outermost.
 
     Args:
@@ -226,10 +232,13 @@ def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[i
         site_of: node id -> site name, from the discovery query.
         heldout_nodes: node ids that only evaluate.
         recorder: collects per-site scalars for rounds.jsonl.
-        on_round_end: called with (round, aggregate, evaluated model) once a round is complete.
+        on_round_end: called with (round, aggregate, evaluated model, server state) once a round
+            is complete.
         round_offset: rounds already done (resume).
         average: the server's moving average of the global model (None: none).
         resume_state: ``server_state`` of the checkpoint a resumed run continues from.
+        on_round_trained: called like ``on_round_end`` when a round's training ends and its
+            scores come with the next round's training replies (``evaluate-in-train``).
     """
     base = BASES[cfg.strategy]
     kwargs: dict[str, Any] = dict(
@@ -270,12 +279,14 @@ def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[i
     strategy.round_offset = round_offset
     strategy.min_sites = cfg.min_train_sites
     strategy.round_timeout = cfg.round_timeout
-    strategy.on_round_end = on_round_end
+    strategy.on_round_end, strategy.on_round_trained = on_round_end, on_round_trained
     strategy.average = average or ModelAverage(0.0)
     strategy.ensemble_size = cfg.heldout_ensemble if heldout_nodes else 0
     strategy.recent = []
     strategy.transfer_dtype, strategy.pack_weights = cfg.transfer_dtype, cfg.pack_weights
-    strategy.evaluate_in_train, strategy.last_round = cfg.evaluate_in_train, cfg.num_server_rounds
+    # a moving average is not the model sites train on: it is scored in evaluation messages
+    strategy.evaluate_in_train = cfg.evaluate_in_train and strategy.average.decay == 0
+    strategy.last_round = cfg.num_server_rounds
     strategy.pending = None
     if resume_state:
         restore_server_state(strategy, resume_state)

@@ -56,15 +56,17 @@ def test_tls_federation_refuses_an_intruder_and_resumes_exactly_after_a_mid_roun
 
     run_dir = runs / "tls"
     fed.start_run(f"{RUN} num-server-rounds=3 output-dir='{runs}' run-name='tls'")
-    fed.wait_for(lambda: len(_rounds(run_dir)) >= 1 and all(
+    fed.wait_for(lambda: (run_dir / "checkpoints" / "round-1.pt").is_file() and all(
         fed.log_of(s).count("Receiving: train message") >= 2 for s in ("site-a", "site-b")), 300,
         "both sites to receive their round-2 training message")
     fed.kill("superlink")  # its process group: the SuperLink and the ServerApp it runs
     fed.kill("flwr-run")
     killed = time.monotonic()
-    (first,) = _rounds(run_dir)
-    assert "fedseg round 1/3 done" in fed.log_of("flwr-run")  # fedseg's lines reach the coordinator
+    # round 1 is checkpointed with what it recorded; its scores were to come with round 2's replies
+    assert _rounds(run_dir) == []
+    assert "fedseg round 1/3 trained" in fed.log_of("flwr-run")  # fedseg's lines reach the coordinator
     assert "fedseg site site-a round 1: loss" in fed.log_of("site-a")  # and each hospital's output
+    first = torch.load(run_dir / "checkpoints" / "round-1.pt", weights_only=True)["pending_record"]
     assert sorted(first["train"]) == ["site-a", "site-b"] and not first["errors"]
     assert not (tmp_path / "state" / "site-c").exists()  # the refused node trained nothing
 
@@ -74,8 +76,8 @@ def test_tls_federation_refuses_an_intruder_and_resumes_exactly_after_a_mid_roun
     resumed_s = time.monotonic() - killed
     fed.wait_for(lambda: (run_dir / "summary.json").is_file(), 300, "the resumed run to finish")
     rounds = _rounds(run_dir)
-    assert [r["round"] for r in rounds] == [1, 2, 3] and rounds[0] == first
-    assert all(sorted(r["train"]) == ["site-a", "site-b"] for r in rounds)
+    assert [r["round"] for r in rounds] == [1, 2, 3] and rounds[0]["train"] == first["train"]
+    assert all(sorted(r["train"]) == sorted(r["eval"]) == ["site-a", "site-b"] for r in rounds)
 
     # the same run, uninterrupted, in Flower's simulation engine over the same two sites
     for site in ("site-a", "site-b"):
@@ -86,6 +88,9 @@ def test_tls_federation_refuses_an_intruder_and_resumes_exactly_after_a_mid_roun
     final, reference = (torch.load(d / "model" / "global.pt", weights_only=True)["state_dict"]
                         for d in (run_dir, whole))
     assert all(torch.allclose(final[k], reference[k], rtol=0, atol=1e-6) for k in reference)
+    for resumed, uninterrupted in zip(rounds, _rounds(whole), strict=True):  # round 1's line completed
+        for site, scores in uninterrupted["eval"].items():
+            assert resumed["eval"][site]["dice"] == pytest.approx(scores["dice"], abs=1e-5)
 
     seen = [fed.log_of("flwr-run"), fed.log_of("superlink")] + [
         (run_dir / f).read_text() for f in ("rounds.jsonl", "summary.json", "run.json", "report.html")]

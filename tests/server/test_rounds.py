@@ -65,3 +65,36 @@ def test_round_log_checkpoints_and_appends_the_round(tmp_path):
     saved = torch.load(tmp_path / "checkpoints" / "round-2.pt", weights_only=True)
     assert torch.equal(saved["state_dict"]["w"], torch.full((3,), 2.0)) and saved["run_id"] == "x"
     assert torch.equal(saved["average_state_dict"]["w"], torch.full((3,), 1.5))
+
+
+def test_a_round_scored_next_round_is_checkpointed_first_and_a_resume_completes_its_line(tmp_path):
+    """evaluate-in-train: round 1 is checkpointed with what it recorded when its training ends; a
+    crash before round 2's replies (which carry round 1's scores) leaves no line, and the resumed
+    run is handed round 1's record to complete."""
+    from fedseg.common.config import RunConfig
+    from fedseg.server.run_folder import open_run
+
+    recorder, folder = RoundRecorder(), RunFolder(tmp_path / "run")
+    folder.write_run_info({"config": RunConfig(run_name="run").to_dict(), "run_id": "x"})
+    meta = {"model": {}, "local_layers": "none", "local_keys": [], "patch_size": 16,
+            "run_name": "run", "run_id": "x"}
+    hook = RoundLog(folder, recorder, meta, total_rounds=3)
+    message = _sent(2)
+    recorder.sent(1, "a", message.content)
+    recorder.trained(1, [("a", _reply(message, RecordDict({"arrays": WEIGHTS, "metrics": MetricRecord(
+        {"train-loss": 0.5, "num-examples": 4})})))])
+    hook.trained(1, WEIGHTS, WEIGHTS, {"random": 1})  # ... and the coordinator dies here
+    assert folder.read_rounds() == []
+    run = open_run(RunConfig(output_dir=str(tmp_path), run_name="run", resume=True))
+    assert run.done == 1 and run.server_state == {"random": 1}
+    assert run.pending_record["train"]["a"]["train-loss"] == 0.5
+
+    resumed = RoundRecorder()
+    resumed.restore(1, run.pending_record)
+    again = RoundLog(folder, resumed, meta, total_rounds=3, checkpointed=1)
+    resumed.evaluated(1, [("a", _reply(message, RecordDict(
+        {"metrics": MetricRecord({"dice": 0.75, "num-examples": 2})})))])
+    again(1, WEIGHTS, WEIGHTS)
+    (line,) = folder.read_rounds()
+    assert line["train"]["a"]["train-loss"] == 0.5 and line["eval"]["a"]["dice"] == 0.75
+    assert open_run(RunConfig(output_dir=str(tmp_path), run_name="run", resume=True)).pending_record is None

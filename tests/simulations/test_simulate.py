@@ -234,7 +234,8 @@ def test_run_files_follow_the_umask_and_site_state_is_owner_only(fedbn_run):
 def test_a_run_killed_mid_round_resumes_to_the_same_model(study_2d, tmp_path):
     """kill -9 the whole simulation while round 2 of 3 trains (a site has already saved its
     round-2 local layers); `--resume-run` finishes it like an uninterrupted run, FedAdam's
-    moments included: the interrupted round comes out bit for bit the same, and the final model
+    moments included: round 1's line is completed with the scores the resumed round 2 brings, the
+    interrupted round comes out bit for bit the same, and the final model
     equal up to float32 rounding (CPU kernels may sum in another order in another Ray worker).
     One Ray CPU, so sites train in turn: from the first site's round-2 layers to the end of round
     2 there is a whole site's training and both evaluations, time enough to kill in between."""
@@ -261,7 +262,9 @@ def test_a_run_killed_mid_round_resumes_to_the_same_model(study_2d, tmp_path):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    assert len(_rounds(run_dir)) == 1 and not (run_dir / "summary.json").exists()
+    # round 1 is checkpointed; its line waits for the scores round 2's training replies bring
+    assert not (run_dir / "rounds.jsonl").exists() and (run_dir / "checkpoints" / "round-1.pt").is_file()
+    assert not (run_dir / "summary.json").exists()
     assert main(["simulate", "--resume-run", str(run_dir), "--num-cpus", "1"]) == 0
     resumed, uninterrupted = _rounds(run_dir), _rounds(whole)
     assert [r["round"] for r in resumed] == [1, 2, 3]
@@ -316,12 +319,11 @@ def test_simulation_attaches_to_a_running_ray_cluster(study_2d, tmp_path):
 
 def test_evaluate_in_train_gives_the_same_scores_with_one_message_per_site_and_round(fedbn_run, study_2d,
                                                                                       tmp_path):
-    """evaluate-in-train: each training site scores the model it receives before training on it,
-    so every round's validation scores equal those of separate evaluation messages, while training
-    sites get an evaluation message only after the last round."""
-    cfg = tiny_config(study_2d, tmp_path, evaluate_in_train=True)
-    run_dir = simulate(cfg, num_cpus=2)
-    together, apart = _rounds(run_dir), _rounds(fedbn_run)
+    """evaluate-in-train (the default): each training site scores the model it receives before
+    training on it, so every round's validation scores equal those of separate evaluation
+    messages, while training sites get an evaluation message only after the last round."""
+    run_dir = simulate(tiny_config(study_2d, tmp_path, evaluate_in_train=False), num_cpus=2)
+    together, apart = _rounds(fedbn_run), _rounds(run_dir)
     assert [r["round"] for r in together] == [1, 2]
     for one, other in zip(together, apart):
         assert set(one["eval"]) == set(other["eval"]) == {"site-a", "site-b", "site-c"}
@@ -329,5 +331,7 @@ def test_evaluate_in_train_gives_the_same_scores_with_one_message_per_site_and_r
             assert one["eval"][site] == pytest.approx(scores, rel=1e-5), (one["round"], site)
         assert not any(k.startswith("eval/") for m in one["train"].values() for k in m)
     for site in ("site-a", "site-b", "site-c"):
-        kinds = [r["type"] for r in _outbox(run_dir, site)]
+        kinds = [r["type"] for r in _outbox(fedbn_run, site)]
         assert kinds.count("train") == 2 and kinds.count("evaluate") == 1, kinds
+        kinds = [r["type"] for r in _outbox(run_dir, site)]
+        assert kinds.count("train") == 2 and kinds.count("evaluate") == 2, kinds
