@@ -1,5 +1,5 @@
 """Site commands that run inside a hospital with no server: ``fedseg check``, ``predict``,
-``privacy``, ``state``."""
+``export``, ``privacy``, ``state``."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("images_dir", metavar="IMAGES_DIR")
     predict.add_argument("out_dir", metavar="OUT_DIR")
     predict.add_argument("--model", required=True,
-                         help="the run's global model: RUN_DIR/model/global.pt (a checkpoint works too)")
+                         help="the run's global model: RUN_DIR/model/global.pt (a checkpoint works too), "
+                              "or a model.onnx written by `fedseg export` (run by ONNX Runtime)")
     predict.add_argument("--state-dir", default=None,
                          help="this site's state dir: its own local layers of that run (without it, "
                               "the site-local layers keep their initial values)")
@@ -47,6 +48,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                               "never trained: BatchNorm statistics + a few entropy-minimization steps; "
                               "no label is read, the model files are not changed)")
     predict.set_defaults(func=run_predict)
+    export = sub.add_parser("export", help="write the global model + this site's local layers as an "
+                            "ONNX graph (checked against PyTorch) for ONNX Runtime or another platform")
+    export.add_argument("model", metavar="MODEL", help="RUN_DIR/model/global.pt (or a checkpoint)")
+    export.add_argument("--state-dir", default=None,
+                        help="this site's state dir: its own local layers of that run go into the graph")
+    export.add_argument("--output", required=True, metavar="OUT.onnx",
+                        help="the graph; OUT.onnx.json beside it describes it (model, patch size, check)")
+    export.set_defaults(func=run_export)
     privacy = sub.add_parser("privacy", help="print a site's privacy ledger in plain words")
     privacy.add_argument("state_dir", metavar="STATE_DIR")
     privacy.add_argument("--max-epsilon", type=float, default=None,
@@ -170,6 +179,25 @@ def run_state(args: argparse.Namespace) -> int:
     print(f"{'run':<40} {'run name':<28} {'last round':>10} {'modified':<17} {'size':>9}")
     for r in runs:
         print(f"{r.key:<40} {r.run_name:<28} {r.round:>10} {r.modified:<17} {r.bytes / 1024:>7.0f}kB")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Export, check and describe the site's model."""
+    from fedseg.client.export import export_onnx
+
+    if not Path(args.model).is_file():
+        print(f"{args.model}: not found; a run writes its global model to RUN_DIR/model/global.pt",
+              file=sys.stderr)
+        return 2
+    info = export_onnx(args.model, args.state_dir, args.output)
+    check = info["check"]
+    print(f"wrote {args.output} (+ .json): {info['model']['spatial_dims']}D U-Net, patch {info['patch_size']}, "
+          f"{'with this site' + chr(39) + 's local layers' if info['local_layers'] else 'no site local layers'}; "
+          f"ONNX Runtime vs PyTorch: logits within {check['max_abs_diff']:.2g}, "
+          f"{check['label_agreement']:.2%} of labels equal")
+    if info["local_layers"]:
+        print("the file holds this site's own local layers: keep it at the site, like its state dir")
     return 0
 
 

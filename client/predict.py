@@ -5,6 +5,7 @@ correct the model's proposals."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -16,12 +17,15 @@ import torch
 from PIL import Image
 
 from fedseg.client.adaptation import adapt_to_site
+from fedseg.client.export import OnnxNetwork, exported_model
 from fedseg.client.site_model import saved_model
 from fedseg.client.tasks import task_for
 from fedseg.common.atomic import atomic_write_json
+from fedseg.common.config import ModelSpec
 from fedseg.common.data import NIFTI_SUFFIXES, PNG_SUFFIXES, DataError, image_transforms
 from fedseg.common.precision import site_precision
 
+log = logging.getLogger(__name__)
 PRE_ANNOTATIONS = "pre_annotations.json"
 OVERLAY_MIN_EDGE = 256  # overlays smaller than this are enlarged (nearest pixel) for a person to see
 ADAPT_IMAGES = 32  # images (spread over the folder) the norms adapt on: bounded memory and time
@@ -66,9 +70,12 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
     Returns:
         What was written for each case, in file order.
     """
-    model, spec, patch = saved_model(model_path, state_dir)
-    members = [model] + [saved_model(path, state_dir)[0] for path in ensemble or []]
+    model, spec, patch = _load(model_path, state_dir)
+    members = [model] + [_load(path, state_dir)[0] for path in ensemble or []]
     task = task_for(spec)
+    if adapt and any(isinstance(m, OnnxNetwork) for m in members):
+        raise DataError(f"{model_path}: --adapt changes a model's norm layers; an exported (ONNX) model "
+                        "is fixed: adapt with the run's .pt model")
     if (len(members) > 1 or uncertainty or pre_annotate) and not task.dense_logits:
         raise DataError(f"{model_path}: ensembles, uncertainty and pre-annotations need per-pixel "
                         f"class probabilities; a {spec.model} model has none")
@@ -117,6 +124,15 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
     if pre_annotate:
         write_pre_annotations(done, out_dir)
     return done
+
+
+def _load(path: str | Path, state_dir: str | Path | None) -> tuple[torch.nn.Module, ModelSpec, int]:
+    """A fedseg model file (.pt with the site's local layers), or one ``fedseg export`` wrote."""
+    if str(path).endswith(".onnx"):
+        if state_dir:
+            log.info("%s holds the local layers it was exported with; --state-dir is not read", path)
+        return exported_model(path)
+    return saved_model(path, state_dir)
 
 
 def adapt_members(members: list[torch.nn.Module], task, images: list[Path], patch: int, device: str,

@@ -1,0 +1,52 @@
+"""`fedseg export`: the site's model as an ONNX graph that gives the PyTorch model's masks."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedseg.client.export import export_onnx
+from fedseg.common.cli import main
+from fedseg.common.models import ModelSpec
+from fedseg.simulations.synth import write_study
+from tests.client.test_predict import _run_dir
+
+pytest.importorskip("onnxruntime", reason="the export extra (pip install 'fedseg[export]') is not installed")
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_the_exported_model_predicts_the_same_masks_as_the_pytorch_model(tmp_path, dims, capsys):
+    (site,) = write_study(tmp_path / "study", sites=1, dims=dims, cases=2, size=20, seed=0)
+    model = _run_dir(tmp_path, ModelSpec(dims, 1, 3, (4, 8), "instance"))
+    onnx = tmp_path / "export" / "model.onnx"
+    assert main(["export", str(model), "--state-dir", str(tmp_path / "state"), "--output", str(onnx)]) == 0
+    assert "with this site's local layers" in capsys.readouterr().out
+    info = json.loads((tmp_path / "export" / "model.onnx.json").read_text())
+    assert info["patch_size"] == 16 and info["model"]["spatial_dims"] == dims and info["local_layers"]
+    for name, path in (("torch", model), ("onnx", onnx)):
+        assert main(["predict", str(site / "images"), str(tmp_path / name), "--model", str(path),
+                     "--state-dir", str(tmp_path / "state")]) == 0
+    suffix = "*.png" if dims == 2 else "*.nii.gz"
+    outputs = sorted((tmp_path / "torch").glob(suffix))
+    assert len(outputs) == 2
+    for torch_out in outputs:
+        onnx_out = tmp_path / "onnx" / torch_out.name
+        if dims == 2:
+            same = np.asarray(Image.open(torch_out)) == np.asarray(Image.open(onnx_out))
+        else:
+            import nibabel as nib
+            same = np.asarray(nib.load(torch_out).dataobj) == np.asarray(nib.load(onnx_out).dataobj)
+        assert same.mean() > 0.999, torch_out.name  # the same masks, up to float rounding at a tie
+
+
+def test_an_exported_model_cannot_adapt_and_a_missing_description_is_named(tmp_path, capsys):
+    (site,) = write_study(tmp_path / "study", sites=1, dims=2, cases=1, size=20, seed=0)
+    model = _run_dir(tmp_path, ModelSpec(2, 1, 2, (4, 8), "instance"))
+    onnx = tmp_path / "model.onnx"
+    export_onnx(model, None, onnx)
+    assert main(["predict", str(site / "images"), str(tmp_path / "out"), "--model", str(onnx), "--adapt"]) != 0
+    assert "an exported (ONNX) model is fixed" in capsys.readouterr().err
+    (tmp_path / "model.onnx.json").unlink()
+    assert main(["predict", str(site / "images"), str(tmp_path / "out"), "--model", str(onnx)]) != 0
+    assert "model.onnx.json: the exported model's description is missing" in capsys.readouterr().err
