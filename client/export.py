@@ -51,8 +51,9 @@ def export_onnx(model_path: str | Path, state_dir: str | Path | None, output: st
     example = torch.randn(2, spec.in_channels, *(patch,) * spec.spatial_dims, generator=generator)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every pass
-            torch.onnx.export(model, (example,), staged, dynamo=True, input_names=["image"],
-                              output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+            torch.onnx.export(model, (example,), staged, dynamo=True, external_data=False,  # one file
+                              input_names=["image"], output_names=["logits"],
+                              dynamic_shapes=({0: torch.export.Dim("batch")},))
     except ImportError as err:
         raise DataError(f"exporting needs the ONNX packages ({err}): {INSTALL}") from None
     check = torch.randn(3, *example.shape[1:], generator=generator)

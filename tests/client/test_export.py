@@ -22,6 +22,7 @@ def test_the_exported_model_predicts_the_same_masks_as_the_pytorch_model(tmp_pat
     onnx = tmp_path / "export" / "model.onnx"
     assert main(["export", str(model), "--state-dir", str(tmp_path / "state"), "--output", str(onnx)]) == 0
     assert "with this site's local layers" in capsys.readouterr().out
+    assert sorted(p.name for p in onnx.parent.iterdir()) == ["model.onnx", "model.onnx.json"]  # nothing else
     info = json.loads((tmp_path / "export" / "model.onnx.json").read_text())
     assert info["patch_size"] == 16 and info["model"]["spatial_dims"] == dims and info["local_layers"]
     for name, path in (("torch", model), ("onnx", onnx)):
