@@ -95,24 +95,27 @@ class RoundLog:
         self.folder, self.recorder, self.meta = folder, recorder, checkpoint_meta
         self.total_rounds = total_rounds
         self.checkpointed = checkpointed
-        self._started = time.monotonic()
+        self._mark = time.monotonic()  # when the last round ended (its training, if scored later)
 
     def trained(self, server_round: int, aggregate: ArrayRecord, evaluated: ArrayRecord,
                 server_state: dict[str, Any] | None = None) -> None:
         """Checkpoint a round whose scores come with the next round's training replies."""
+        now = time.monotonic()
+        seconds, self._mark = round(now - self._mark, 3), now
+        self.recorder.note(server_round, "seconds", seconds)
         save_checkpoint(self.folder.dir, server_round, aggregate, self.meta,
                         average=None if evaluated is aggregate else evaluated, server_state=server_state,
                         pending_record=self.recorder.peek(server_round))
         self.checkpointed = server_round
         log.info("round %d/%d trained in %.1fs (checkpoint saved); its validation scores come with "
-                 "round %d's training replies", server_round, self.total_rounds,
-                 time.monotonic() - self._started, server_round + 1)
+                 "round %d's training replies", server_round, self.total_rounds, seconds, server_round + 1)
 
     def __call__(self, server_round: int, aggregate: ArrayRecord, evaluated: ArrayRecord,
                  server_state: dict[str, Any] | None = None) -> None:
         record = self.recorder.pop(server_round)
-        record["seconds"] = round(time.monotonic() - self._started, 3)
-        self._started = time.monotonic()
+        if "seconds" not in record:  # else timed when its training ended (``trained``)
+            now = time.monotonic()
+            record["seconds"], self._mark = round(now - self._mark, 3), now
         if server_round != self.checkpointed:
             save_checkpoint(self.folder.dir, server_round, aggregate, self.meta,
                             average=None if evaluated is aggregate else evaluated, server_state=server_state)
