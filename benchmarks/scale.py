@@ -3,7 +3,8 @@ the same per-site training and evaluation in one process.
 
 Usage: python -m benchmarks.scale [--sites 10,100,1000] [--rounds 2] [--num-cpus 1]
 Every site holds 4 synthetic 16 px 2D cases (3 train, 1 validate); U-Net 4/8, one local epoch of
-batch 2, patch 16. The plain loop is `sim_overhead`'s (FedAvg in memory, data decoded once);
+batch 2, patch 16. The plain loop is `sim_overhead`'s (FedAvg in memory, data decoded once), with
+the same per-case scores (MONAI Dice and HD95 per label) fedseg's evaluation computes;
 fedseg gets ``--num-cpus`` Ray CPUs, the plain loop one thread. Peak memory is the summed
 proportional set size (PSS) of the process and every process it started (Ray's included),
 sampled every 0.5 s. Seconds per round are rounds.jsonl's, after round 1 (which also pays for
@@ -93,7 +94,7 @@ def main() -> None:
         cfg = RunConfig(study_dir=str(study), output_dir=str(work / "runs"), run_name=f"n{n}",
                         num_server_rounds=args.rounds, local_epochs=1, batch_size=2, patch_size=16,
                         channels=(4, 8), lr=0.05, min_train_sites=n, seed=0)
-        plain_s, _ = plain_monai_loop(cfg, ModelSpec(2, 1, 3, cfg.channels, cfg.norm))
+        plain_s, _ = plain_monai_loop(cfg, ModelSpec(2, 1, 3, cfg.channels, cfg.norm), scores=True)
         started = time.monotonic()
         with PeakMemory() as memory:
             run_dir = simulate(cfg, num_cpus=args.num_cpus)

@@ -23,13 +23,16 @@ from fedseg.common.logs import setup_logging
 from fedseg.common.config import RunConfig
 from fedseg.common.data import (eval_transforms, read_site, split_training, study_sites, to_dicts,
                                 train_transforms)
+from fedseg.common.metrics import SegmentationScores
 from fedseg.common.models import ModelSpec, build_model
 from fedseg.simulations.simulate import simulate
 from fedseg.simulations.synth import write_study
 
 
-def plain_monai_loop(cfg: RunConfig, mspec: ModelSpec) -> tuple[float, int]:
-    """FedAvg written as one plain loop: every site trains in turn, weights averaged in memory."""
+def plain_monai_loop(cfg: RunConfig, mspec: ModelSpec, scores: bool = False) -> tuple[float, int]:
+    """FedAvg written as one plain loop: every site trains in turn, weights averaged in memory;
+    with ``scores``, each validation case is also scored with MONAI's Dice and HD95 per label
+    (what fedseg's evaluation reports)."""
     sites = [read_site(ref, seed=cfg.seed) for ref in study_sites(cfg.study_dir)]
     data = []
     for spec in sites:
@@ -57,7 +60,10 @@ def plain_monai_loop(cfg: RunConfig, mspec: ModelSpec) -> tuple[float, int]:
             model.eval()
             with torch.no_grad():
                 for item in val:
-                    sliding_window_inference(item["image"][None], (cfg.patch_size,) * 2, 4, model, 0.25)
+                    logits = sliding_window_inference(item["image"][None], (cfg.patch_size,) * 2, 4, model, 0.25)
+                    if scores:
+                        SegmentationScores(mspec.out_channels).add(logits.argmax(1, keepdim=True),
+                                                                   item["label"][None], (1.0, 1.0))
             states.append(model.state_dict())
             weights.append(n)
         total = sum(weights)

@@ -1,0 +1,62 @@
+"""One fix to Flower 1.42's simulation engine, applied only while ``simulate`` runs it.
+
+Flower's message pump (``vce_api.add_messages_to_queue``) asks every virtual node's inbox in turn
+every 0.1 s, and each ask scans every stored message from the start
+(``InMemoryLinkState.get_message_ins``): sites x messages checks per poll, under the state's lock.
+At 1,000 sites that is ~500,000 checks per poll while a round's messages are out, seconds of
+CPU that the sites' own training waits for. ``add_messages_to_queue`` below hands out the same
+messages in the same order, at most one per node per poll as Flower's does, with one pass over
+the stored messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from queue import Queue
+from typing import Any
+
+import flwr
+from flwr.server.superlink.fleet.vce import vce_api
+from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+from flwr.supercore.date import now
+
+FIXED_FOR = "1.42."  # the Flower release whose internals this relies on (pyproject pins it)
+_FLOWERS_PUMP = vce_api.add_messages_to_queue
+
+
+def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: dict[int, int],
+                          f_stop: threading.Event) -> None:
+    """Flower's pump, one pass per poll: every undelivered message to a simulated node, at most
+    one per node, checked (expiry, federation) and marked delivered as ``get_message_ins`` does."""
+    if not isinstance(state, InMemoryLinkState):  # another state keeps its messages elsewhere
+        _FLOWERS_PUMP(state, queue, nodes_mapping, f_stop)
+        return
+    nodes = set(nodes_mapping)
+    while not f_stop.is_set():
+        taken: set[int] = set()
+        with state.lock:
+            for message_id, message in list(state.message_ins_store.items()):
+                node = message.metadata.dst_node_id
+                if message.metadata.delivered_at or node not in nodes or node in taken:
+                    continue
+                state._check_stored_messages({message_id})  # drops it if expired or out of federation
+                if message_id in state.message_ins_store:
+                    message.metadata.delivered_at = now().isoformat()
+                    taken.add(node)
+                    queue.put(message)
+        f_stop.wait(0.1)
+
+
+@contextlib.contextmanager
+def one_pass_message_pump() -> Iterator[None]:
+    """Run Flower's simulation with ``add_messages_to_queue`` above (Flower's own elsewhere)."""
+    if not flwr.__version__.startswith(FIXED_FOR) or not hasattr(InMemoryLinkState, "_check_stored_messages"):
+        yield
+        return
+    vce_api.add_messages_to_queue = add_messages_to_queue
+    try:
+        yield
+    finally:
+        vce_api.add_messages_to_queue = _FLOWERS_PUMP
