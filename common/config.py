@@ -126,8 +126,8 @@ class RunConfig:
             message per site and round; held-out sites and the last round are still evaluated
             separately); the same scores. Each round is checkpointed when its training ends and
             logged once the next round's training replies bring its scores (a resume completes
-            the line). Runs whose server keeps a moving average (``dp-ema``) evaluate separately:
-            the average is not the model sites train on.
+            the line). Runs whose server keeps a moving average (``dp-ema``: not the model sites
+            train on) or samples sites (``fraction-train`` < 1) evaluate separately.
         heldout_ensemble: K >= 2 also scores held-out sites with the ensemble of the last K
             rounds' models (class probabilities averaged; the server sends them the K - 1 earlier
             models too, never to training sites); 0: off. U-Net only.

@@ -284,8 +284,10 @@ def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[i
     strategy.ensemble_size = cfg.heldout_ensemble if heldout_nodes else 0
     strategy.recent = []
     strategy.transfer_dtype, strategy.pack_weights = cfg.transfer_dtype, cfg.pack_weights
-    # a moving average is not the model sites train on: it is scored in evaluation messages
-    strategy.evaluate_in_train = cfg.evaluate_in_train and strategy.average.decay == 0
+    # a moving average is not the model sites train on, and sites left out of a round would not
+    # score the last one: both are scored in evaluation messages
+    strategy.evaluate_in_train = (cfg.evaluate_in_train and strategy.average.decay == 0
+                                  and cfg.fraction_train >= 1.0)
     strategy.last_round = cfg.num_server_rounds
     strategy.pending = None
     if resume_state:
