@@ -135,3 +135,14 @@ def test_packed_replies_are_averaged_tensor_by_tensor():
     arrays, _ = strategy.aggregate_train(1, replies)
     assert list(arrays.keys()) == ["w"]
     assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((2,), 5 / 4))
+
+
+def test_scores_come_inside_train_messages_only_where_every_site_trains_the_model_it_scores():
+    assert _build(RunConfig())[0].evaluate_in_train  # the default: one message per site and round
+    assert not _build(RunConfig(evaluate_in_train=False))[0].evaluate_in_train
+    assert not _build(RunConfig(fraction_train=0.5))[0].evaluate_in_train  # skipped sites would not score
+    from fedseg.server.model_average import ModelAverage
+
+    averaged = build_strategy(RunConfig(), SITES, set(), RoundRecorder(), lambda *_: None,
+                              average=ModelAverage(0.7))
+    assert not averaged.evaluate_in_train  # sites train on the aggregate, the run scores the average
