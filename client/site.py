@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,8 @@ def resolve_site(node_config: dict[str, Any], data: SiteData | None) -> SiteLoca
     if "partition-id" not in node_config or data is None or not data.study_dir:
         raise DataError("this node has no 'site-dir' in its node config (deployment) and no "
                         "partition-id/study-dir (simulation): cannot tell which site it is")
-    sites = study_sites(data.study_dir, data.split_site)
+    study = Path(data.study_dir)
+    sites = _simulated_sites(data.study_dir, data.split_site, study.stat().st_mtime_ns if study.is_dir() else 0)
     pid = int(node_config["partition-id"])
     if pid >= len(sites):
         raise DataError(f"partition-id {pid} but the study has only {len(sites)} site(s)")
@@ -135,6 +137,13 @@ def describe_site(site: SiteLocation, data: SiteData) -> tuple[dict[str, Any], l
             "label-names": [spec.labels.get(i, str(i)) for i in range(spec.num_classes)],
             "distance-unit": distance_unit(spec),
             "num-train": len(train) if spec.training else 0, "num-val": len(val)}, []
+
+
+@functools.lru_cache(maxsize=8)
+def _simulated_sites(study_dir: str, split_site: int, mtime_ns: int) -> list[SiteRef]:
+    """The study's sites, listed once per worker process while the study folder is unchanged
+    (a site added or removed changes its mtime): every message of every virtual site asks."""
+    return study_sites(study_dir, split_site)
 
 
 def _policy(raw: dict[str, Any], source: str) -> SitePolicy:
