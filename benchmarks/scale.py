@@ -1,14 +1,15 @@
 """Many tiny sites: seconds per round and peak memory of a fedseg simulation vs a plain loop doing
 the same per-site training and evaluation in one process.
 
-Usage: python -m benchmarks.scale [--sites 10,100,1000] [--rounds 2] [--num-cpus 1]
+Usage: python -m benchmarks.scale [--sites 10,100,1000] [--rounds 3] [--num-cpus 1]
 Every site holds 4 synthetic 16 px 2D cases (3 train, 1 validate); U-Net 4/8, one local epoch of
 batch 2, patch 16. The plain loop is `sim_overhead`'s (FedAvg in memory, data decoded once), with
 the same per-case scores (MONAI Dice and HD95 per label) fedseg's evaluation computes;
 fedseg gets ``--num-cpus`` Ray CPUs, the plain loop one thread. Peak memory is the summed
 proportional set size (PSS) of the process and every process it started (Ray's included),
-sampled every 0.5 s. Seconds per round are rounds.jsonl's, after round 1 (which also pays for
-Ray's workers starting); "outside rounds" is start-up, discovery and the report.
+sampled every 0.5 s. Seconds per round are rounds.jsonl's for the rounds between the first (which
+also pays for Ray's workers starting) and the last (whose model is also scored by an evaluation
+message of its own); "outside rounds" is start-up, discovery and the report.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def _pss(pid: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sites", default="10,100,1000")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--num-cpus", type=int, default=1)
     args = parser.parse_args()
     setup_logging()
@@ -100,7 +101,7 @@ def main() -> None:
             run_dir = simulate(cfg, num_cpus=args.num_cpus)
         wall = time.monotonic() - started
         rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
-        steady = [r["seconds"] for r in rounds[1:]] or [rounds[0]["seconds"]]
+        steady = [r["seconds"] for r in rounds[1:-1]] or [rounds[-1]["seconds"]]
         per_round = sum(steady) / len(steady)
         plain_round = plain_s / args.rounds
         rows.append({"sites": n, "fedseg s/round": per_round, "plain loop s/round": plain_round,
