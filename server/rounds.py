@@ -106,9 +106,11 @@ class RoundLog:
         save_checkpoint(self.folder.dir, server_round, aggregate, self.meta,
                         average=None if evaluated is aggregate else evaluated, server_state=server_state,
                         pending_record=self.recorder.peek(server_round))
+        first = not self.checkpointed
         self.checkpointed = server_round
-        log.info("round %d/%d trained in %.1fs (checkpoint saved); its validation scores come with "
-                 "round %d's training replies", server_round, self.total_rounds, seconds, server_round + 1)
+        log.info("round %d/%d trained in %.1fs (checkpoint saved)%s", server_round, self.total_rounds, seconds,
+                 f"; its validation scores come with round {server_round + 1}'s training replies, "
+                 "and so on each round (evaluate-in-train)" if first else "")
 
     def __call__(self, server_round: int, aggregate: ArrayRecord, evaluated: ArrayRecord,
                  server_state: dict[str, Any] | None = None) -> None:
