@@ -30,7 +30,7 @@ from torch import nn
 
 from fedseg.common.atomic import atomic_write_json, private_dir
 from fedseg.common.config import DPSettings
-from fedseg.common.dp_recipe import (ACCOUNTANT, DPRound, DPTraining, describe, dp_training,
+from fedseg.common.dp_recipe import (ACCOUNTANT, DPRound, DPTraining, describe, dp_training, fit_to_noise,
                                      noise_to_signal, plan_round, warning)
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,7 @@ class DPSession:
         ledger = PrivacyLedger(state_dir)
         training = dp_training(dp, num_cases, batch_size, epochs)
         plan = plan_round(dp, num_cases, training, ledger.planned_noise(run))
+        training = fit_to_noise(dp, training, plan)
         admit(policy, dp, plan, ledger, site)
         log.info("%s", describe(site, num_cases, training, plan, dp))
         if (text := warning(site, num_cases, training, plan)) is not None:

@@ -15,8 +15,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedseg.common.config import ModelSpec, RunConfig, SiteRoundConfig
 from fedseg.common.logs import setup_logging
-from fedseg.common.dp_recipe import (describe, dp_training, ema_decay, noise_to_signal, plan_round,
-                                     warning)
+from fedseg.common.dp_recipe import (describe, dp_training, ema_decay, fit_to_noise, noise_to_signal,
+                                     plan_round, warning)
 from fedseg.common.models import UNSEEN_PREFIX, build_model, local_keys, split_state, unseen_norm_set
 from fedseg.common.records import shared_record
 from fedseg.common.weights import load_pretrained
@@ -159,6 +159,7 @@ def dp_plan(round_config: SiteRoundConfig, fed: Federation) -> dict[str, Any]:
             continue
         training = dp_training(round_config.dp, cases, round_config.batch_size, round_config.local_epochs)
         plan = plan_round(round_config.dp, cases, training)
+        training = fit_to_noise(round_config.dp, training, plan)
         log.info("%s", describe(site, cases, training, plan, round_config.dp))
         if (text := warning(site, cases, training, plan)) is not None:
             log.warning("%s", text)

@@ -22,6 +22,25 @@ def test_recipe_keeps_the_steps_and_takes_a_third_of_the_cases_per_step():
     assert dp_training(DPSettings("sample"), 3, 8, 1).expected_batch == 3
 
 
+def test_a_warm_start_takes_steps_smaller_the_more_noise_there_is_unless_the_run_sets_its_rate():
+    """At 75 cases, 10 rounds of 20 steps: eps 8 keeps lr_warm, eps 2 (noise x10.3 on ~25 cases)
+    takes lr_warm x 0.13 / 0.41; scratch runs and an explicit dp-lr are never changed."""
+    from fedseg.common.dp_recipe import WARM_NOISE, fit_to_noise
+
+    def fitted(**given):
+        dp = DPSettings("sample", target_epsilon=given.pop("eps"), planned_rounds=10, **given)
+        training = dp_training(dp, num_cases=75, batch_size=8, epochs=2)
+        plan = plan_round(dp, 75, training)
+        return fit_to_noise(dp, training, plan), noise_to_signal(plan, training)
+
+    (eps8, ratio8), (eps2, ratio2) = fitted(eps=8, warm_start=True), fitted(eps=2, warm_start=True)
+    assert ratio8 < WARM_NOISE < ratio2
+    assert eps8.lr == RECIPE["lr_warm"]
+    assert eps2.lr == pytest.approx(RECIPE["lr_warm"] * WARM_NOISE / ratio2) and 0.07 < eps2.lr < 0.09
+    assert fitted(eps=2)[0].lr == RECIPE["lr"]  # from scratch
+    assert fitted(eps=2, warm_start=True, lr=0.2)[0].lr == 0.2  # the run's own rate wins
+
+
 def test_a_warm_started_run_takes_smaller_steps():
     assert dp_training(DPSettings("sample", warm_start=True), 98, 8, 2).lr == RECIPE["lr_warm"] < RECIPE["lr"]
     from fedseg.common.config import ModelSpec
