@@ -126,7 +126,7 @@ def describe(site: str, num_cases: int, training: DPTraining, plan: DPRound, dp:
     target = (f" for epsilon {dp.target_epsilon:g} over {dp.planned_rounds} round(s)"
               if dp.target_epsilon > 0 else "")
     return (f"site {site}: dp=sample, {training.steps} steps/round of ~{training.expected_batch} of "
-            f"{num_cases} cases, clip {training.max_grad_norm:g}, SGD lr {training.lr:g} momentum "
+            f"{num_cases} cases, clip {training.max_grad_norm:g}, SGD lr {training.lr:.3g} momentum "
             f"{training.momentum:g}, {training.patches_per_case} patch(es) per case{chosen}; noise "
             f"x{plan.noise_multiplier:.3g}{target}")
 
