@@ -89,6 +89,7 @@ class SiteHooks:
     on_round_end: Callable[[int, ArrayRecord, ArrayRecord, dict[str, Any]], None]
     on_round_trained: Callable[[int, ArrayRecord, ArrayRecord, dict[str, Any]], None]
     _round_arrays: tuple[ArrayRecord, ArrayRecord]
+    _wired: tuple[ArrayRecord, ArrayRecord] | None  # (a round's weights, their training-site wire form)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -97,7 +98,7 @@ class SiteHooks:
         config["evaluate-in-train"] = self.pending is not None  # score the model you receive first
         sampled = super().configure_train(  # type: ignore[misc]
             server_round + self.round_offset, arrays, config, view)
-        messages = [self._on_wire(_without_unseen_set(m)) for m in sampled]
+        messages = [self._to_training_site(m) for m in sampled]
         for m in messages:
             self.recorder.sent(server_round + self.round_offset, self.site_of[m.metadata.dst_node_id],
                                m.content)
@@ -143,8 +144,8 @@ class SiteHooks:
             messages = super().configure_evaluate(  # type: ignore[misc]
                 rnd, evaluated, config, _SiteView(grid, self.site_of, set()))
         # only sites that never train get the unseen-site norm set (and earlier rounds' models)
-        messages = [self._on_wire(self._with_ensemble(m) if m.metadata.dst_node_id in self.heldout_nodes
-                                  else _without_unseen_set(m)) for m in messages]
+        messages = [self._on_wire(self._with_ensemble(m)) if m.metadata.dst_node_id in self.heldout_nodes
+                    else self._to_training_site(m) for m in messages]
         if self.ensemble_size:
             self.recent = [*self.recent, evaluated][-(self.ensemble_size - 1):]
         return messages
@@ -163,15 +164,29 @@ class SiteHooks:
         return metrics
 
     def _on_wire(self, msg: Message) -> Message:
-        """The message with its weights as they travel: in the run's ``transfer-dtype``, packed
-        into one array per dtype with ``pack-weights`` (a copy unless float32 and unpacked)."""
-        if ARRAYS not in msg.content.array_records or (self.transfer_dtype == "float32"
-                                                       and not self.pack_weights):
+        """The message with its weights as they travel (``_wire``)."""
+        arrays = msg.content.array_records.get(ARRAYS)
+        if arrays is None:
             return msg
-        arrays = msg.content[ARRAYS]
+        wired = self._wire(arrays)
+        return msg if wired is arrays else _with_arrays(msg, wired)
+
+    def _to_training_site(self, msg: Message) -> Message:
+        """A training site's message as it travels: without the unseen-site norm set, in the wire
+        form. Every training site of a round gets the same weights, so that form is made once."""
+        source = msg.content.array_records.get(ARRAYS)
+        if source is None:
+            return msg
+        if self._wired is None or self._wired[0] is not source:
+            self._wired = (source, self._wire(_without_unseen_set(source)))
+        return msg if self._wired[1] is source else _with_arrays(msg, self._wired[1])
+
+    def _wire(self, arrays: ArrayRecord) -> ArrayRecord:
+        """``arrays`` in the run's ``transfer-dtype``, packed into one array per dtype with
+        ``pack-weights`` (``arrays`` itself when float32 and unpacked)."""
         if self.transfer_dtype != "float32":
             arrays = wire_record(arrays.to_torch_state_dict(), self.transfer_dtype)
-        return _with_arrays(msg, packed_record(arrays) if self.pack_weights else arrays)
+        return packed_record(arrays) if self.pack_weights else arrays
 
     def _with_ensemble(self, msg: Message) -> Message:
         """A held-out site's evaluation message plus the earlier rounds' models, newest first."""
@@ -201,13 +216,11 @@ class SiteHooks:
         return sorted(replies, key=lambda m: self.site_of.get(m.metadata.src_node_id, ""))
 
 
-def _without_unseen_set(msg: Message) -> Message:
-    """The same message without the unseen-site norm set (a training site keeps its own norms)."""
-    arrays = msg.content.array_records.get(ARRAYS)
-    if arrays is None or not any(k.startswith(UNSEEN_PREFIX) for k in arrays.keys()):
-        return msg
-    shared = {k: v for k, v in arrays.items() if not k.startswith(UNSEEN_PREFIX)}
-    return _with_arrays(msg, ArrayRecord(shared))
+def _without_unseen_set(arrays: ArrayRecord) -> ArrayRecord:
+    """The weights without the unseen-site norm set (a training site keeps its own norms)."""
+    if not any(k.startswith(UNSEEN_PREFIX) for k in arrays.keys()):
+        return arrays
+    return ArrayRecord({k: v for k, v in arrays.items() if not k.startswith(UNSEEN_PREFIX)})
 
 
 def _with_arrays(msg: Message, arrays: ArrayRecord) -> Message:
@@ -290,6 +303,7 @@ def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[i
                                   and cfg.fraction_train >= 1.0)
     strategy.last_round = cfg.num_server_rounds
     strategy.pending = None
+    strategy._wired = None
     if resume_state:
         restore_server_state(strategy, resume_state)
     return strategy
