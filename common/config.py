@@ -116,6 +116,7 @@ class RunConfig:
         dp_momentum: SGD momentum under ``dp=sample``, in [0, 1); -1: the recipe's.
         dp_patches_per_case: random patches of a case whose gradients are averaged before
             clipping (the unit stays the case), >= 1; -1: the recipe's.
+        dp_steps: DP-SGD steps per round at each site, >= 1; -1: the recipe's.
         dp_ema: decay per round of the server's moving average of the global model, which is
             what sites evaluate and what the run saves, in [0, 1) (0: none); -1: the recipe's
             under ``dp=sample``, none otherwise.
@@ -187,6 +188,7 @@ class RunConfig:
     dp_lr: float = -1.0
     dp_momentum: float = -1.0
     dp_patches_per_case: int = -1
+    dp_steps: int = -1
     dp_ema: float = -1.0
     heldout_sites: tuple[str, ...] = field(default_factory=tuple)
     heldout_ensemble: int = 0
@@ -243,6 +245,8 @@ class RunConfig:
             ("dp-momentum", 0 <= self.dp_momentum < 1 or self.dp_momentum == AUTO,
              "must be in [0, 1) (or -1: fedseg's DP recipe)"),
             ("dp-patches-per-case", self.dp_patches_per_case >= 1 or self.dp_patches_per_case == AUTO,
+             "must be >= 1 (or -1: fedseg's DP recipe)"),
+            ("dp-steps", self.dp_steps >= 1 or self.dp_steps == AUTO,
              "must be >= 1 (or -1: fedseg's DP recipe)"),
             ("dp-ema", 0 <= self.dp_ema < 1 or self.dp_ema == AUTO,
              "must be in [0, 1) (0: no averaging; -1: fedseg's DP recipe)"),
@@ -329,7 +333,7 @@ class RunConfig:
             dp=DPSettings(self.dp, self.dp_noise_multiplier, self.dp_max_grad_norm, self.dp_delta,
                           self.dp_target_epsilon, self.num_server_rounds, self.dp_batch_size,
                           self.dp_lr, self.dp_momentum, self.dp_patches_per_case,
-                          bool(self.pretrained_weights)))
+                          bool(self.pretrained_weights), self.dp_steps))
 
 
 @dataclass(frozen=True)
@@ -424,6 +428,7 @@ class DPSettings:
         momentum: SGD momentum under DP.
         patches_per_case: patches per case whose gradients are averaged before clipping.
         warm_start: the run starts from pretrained weights (the recipe then takes smaller steps).
+        steps: DP-SGD steps per round.
     """
 
     mode: str = "off"
@@ -437,6 +442,7 @@ class DPSettings:
     momentum: float = AUTO
     patches_per_case: int = AUTO
     warm_start: bool = False
+    steps: int = AUTO
 
 
 @dataclass(frozen=True)

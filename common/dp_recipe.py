@@ -73,15 +73,16 @@ def dp_training(dp: DPSettings, num_cases: int, batch_size: int, epochs: int) ->
     take ``epochs`` passes in batches of ``batch_size``: as many steps, larger expected batches,
     smaller steps when fine-tuning pretrained weights (larger ones let the noise wipe out what
     the model knew); every setting the run gave explicitly is kept."""
-    steps = epochs * -(-num_cases // batch_size)
+    auto_steps = epochs * -(-num_cases // batch_size)
     auto_batch = min(num_cases, max(batch_size, min(MAX_BATCH, round(num_cases * BATCH_SHARE))))
     given = {"dp-batch-size": dp.batch_size, "dp-max-grad-norm": dp.max_grad_norm, "dp-lr": dp.lr,
-             "dp-momentum": dp.momentum, "dp-patches-per-case": dp.patches_per_case}
+             "dp-momentum": dp.momentum, "dp-patches-per-case": dp.patches_per_case,
+             "dp-steps": dp.steps}
     recipe = {"dp-batch-size": auto_batch, "dp-max-grad-norm": RECIPE["max_grad_norm"],
               "dp-lr": RECIPE["lr_warm" if dp.warm_start else "lr"], "dp-momentum": RECIPE["momentum"],
-              "dp-patches-per-case": RECIPE["patches_per_case"]}
+              "dp-patches-per-case": RECIPE["patches_per_case"], "dp-steps": auto_steps}
     value = {k: recipe[k] if v == AUTO else v for k, v in given.items()}
-    return DPTraining(min(int(value["dp-batch-size"]), num_cases), steps,
+    return DPTraining(min(int(value["dp-batch-size"]), num_cases), int(value["dp-steps"]),
                       float(value["dp-max-grad-norm"]), float(value["dp-lr"]),
                       float(value["dp-momentum"]), int(value["dp-patches-per-case"]),
                       tuple(k for k, v in given.items() if v == AUTO))

@@ -15,7 +15,7 @@ def test_recipe_keeps_the_steps_and_takes_a_third_of_the_cases_per_step():
     assert (training.max_grad_norm, training.lr, training.momentum, training.patches_per_case) == (
         RECIPE["max_grad_norm"], RECIPE["lr"], RECIPE["momentum"], RECIPE["patches_per_case"])
     assert set(training.chosen) == {"dp-batch-size", "dp-max-grad-norm", "dp-lr", "dp-momentum",
-                                    "dp-patches-per-case"}
+                                    "dp-patches-per-case", "dp-steps"}
     # never fewer cases than the non-private batch, never more than the site has, at most 64
     assert dp_training(DPSettings("sample"), 6, 2, 1).expected_batch == 2
     assert dp_training(DPSettings("sample"), 500, 8, 1).expected_batch == 64
@@ -51,10 +51,11 @@ def test_a_warm_started_run_takes_smaller_steps():
 
 
 def test_a_setting_the_run_gives_always_wins():
-    dp = DPSettings("sample", max_grad_norm=1.5, batch_size=10, lr=0.02, momentum=0.9, patches_per_case=3)
+    dp = DPSettings("sample", max_grad_norm=1.5, batch_size=10, lr=0.02, momentum=0.9, patches_per_case=3,
+                    steps=5)
     training = dp_training(dp, num_cases=98, batch_size=8, epochs=2)
     assert (training.expected_batch, training.max_grad_norm, training.lr, training.momentum,
-            training.patches_per_case) == (10, 1.5, 0.02, 0.9, 3)
+            training.patches_per_case, training.steps) == (10, 1.5, 0.02, 0.9, 3, 5)
     assert training.chosen == ()
     cfg = RunConfig(dp="sample", dp_lr=0.3, dp_batch_size=12)
     assert (cfg.dp_lr, cfg.dp_batch_size, RunConfig.from_dict({"dp-lr": "-1"}).dp_lr) == (0.3, 12, AUTO)
