@@ -95,7 +95,7 @@ def main() -> None:
         cfg = RunConfig(study_dir=str(study), output_dir=str(work / "runs"), run_name=f"n{n}",
                         num_server_rounds=args.rounds, local_epochs=1, batch_size=2, patch_size=16,
                         channels=(4, 8), lr=0.05, min_train_sites=n, seed=0)
-        plain_s, _ = plain_monai_loop(cfg, ModelSpec(2, 1, 3, cfg.channels, cfg.norm), scores=True)
+        plain_s, _, _ = plain_monai_loop(cfg, ModelSpec(2, 1, 3, cfg.channels, cfg.norm), scores=True)
         started = time.monotonic()
         with PeakMemory() as memory:
             run_dir = simulate(cfg, num_cpus=args.num_cpus)

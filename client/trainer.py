@@ -15,6 +15,7 @@ import torch
 from monai.utils import set_determinism
 from torch import nn
 
+from fedseg.client.prefetch import prefetched
 from fedseg.client.privacy import DPSession, Step
 from fedseg.common.data import Case, SiteSpec
 from fedseg.common.precision import Precision
@@ -102,10 +103,12 @@ def train_local(
     steps = 0
     total = dp.plan.steps if dp is not None else epochs * -(-len(cases) // batch_size)
     started = last_line = time.monotonic()
+    # the next batch's patches are cropped and augmented while this one trains
+    ahead = prefetched(batches, lambda indices: [[data[i] for _ in range(patches_per_case)] for i in indices])
     try:
-        for indices in batches:
+        for patches in ahead:
             optimizer.zero_grad(set_to_none=True)
-            loss = step([[data[i] for _ in range(patches_per_case)] for i in indices])
+            loss = step(patches)
             if loss is not None and not math.isfinite(loss):
                 raise FloatingPointError(f"site {site.name}: training loss became {loss} at step "
                                          f"{steps}; lower 'lr' or check the images")
@@ -121,6 +124,7 @@ def train_local(
                 log.info("site %s: step %d/%d, loss %.4f, about %.0fs left in this round", site.name,
                          steps, total, sum(losses[-10:]) / max(len(losses[-10:]), 1), left)
     finally:
+        ahead.close()
         step.close()
     epsilon = dp.close() if dp is not None else None
     return TrainResult(loss=sum(losses) / max(len(losses), 1), num_examples=len(cases), steps=steps,

@@ -1,4 +1,4 @@
-"""One fix to Flower 1.42's simulation engine, applied only while ``simulate`` runs it.
+"""Two fixes to Flower 1.42's simulation engine, applied only while ``simulate`` runs it.
 
 Flower's message pump (``vce_api.add_messages_to_queue``) asks every virtual node's inbox in turn
 every 0.1 s, and each ask scans every stored message from the start
@@ -7,11 +7,16 @@ At 1,000 sites that is ~500,000 checks per poll while a round's messages are out
 CPU that the sites' own training waits for. ``add_messages_to_queue`` below hands out the same
 messages in the same order, at most one per node per poll as Flower's does, with one pass over
 the stored messages.
+
+Both the pump and the ServerApp's grid (``InMemoryGrid.pull_interval``) wait 0.1 s between polls,
+so every round paid up to 0.2 s of waiting on top of its training (a third of a demo round's
+overhead, benchmarks/RESULTS.md sim_overhead); here both poll every ``POLL_S``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import threading
 from collections.abc import Iterator
 from queue import Queue
@@ -20,10 +25,20 @@ from typing import Any
 import flwr
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+from flwr.superlink.grid import InMemoryGrid
 from flwr.supercore.date import now
 
 FIXED_FOR = "1.42."  # the Flower release whose internals this relies on (pyproject pins it)
 _FLOWERS_PUMP = vce_api.add_messages_to_queue
+_RUN_SIMULATION = importlib.import_module("flwr.simulation.run_simulation")  # the module, not the function
+POLL_S = 0.02  # seconds between polls (Flower's: 0.1)
+
+
+class PromptGrid(InMemoryGrid):
+    """Flower's in-memory grid, pulling the sites' replies every ``POLL_S``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"pull_interval": POLL_S, **kwargs})
 
 
 def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: dict[int, int],
@@ -46,17 +61,17 @@ def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: dict[int, int
                     message.metadata.delivered_at = now().isoformat()
                     taken.add(node)
                     queue.put(message)
-        f_stop.wait(0.1)
+        f_stop.wait(POLL_S)
 
 
 @contextlib.contextmanager
-def one_pass_message_pump() -> Iterator[None]:
-    """Run Flower's simulation with ``add_messages_to_queue`` above (Flower's own elsewhere)."""
+def prompt_engine() -> Iterator[None]:
+    """Run Flower's simulation with the one-pass pump and ``PromptGrid`` (Flower's own elsewhere)."""
     if not flwr.__version__.startswith(FIXED_FOR) or not hasattr(InMemoryLinkState, "_check_stored_messages"):
         yield
         return
-    vce_api.add_messages_to_queue = add_messages_to_queue
+    vce_api.add_messages_to_queue, _RUN_SIMULATION.InMemoryGrid = add_messages_to_queue, PromptGrid
     try:
         yield
     finally:
-        vce_api.add_messages_to_queue = _FLOWERS_PUMP
+        vce_api.add_messages_to_queue, _RUN_SIMULATION.InMemoryGrid = _FLOWERS_PUMP, InMemoryGrid

@@ -18,7 +18,7 @@ from fedseg.common.data import DataError, check_site, study_sites
 from fedseg.server.app import run_federation
 from fedseg.server.report import write_gallery, write_report
 from fedseg.server.run_folder import RESUMABLE, resume_config
-from fedseg.simulations.engine import one_pass_message_pump
+from fedseg.simulations.engine import prompt_engine
 from fedseg.simulations.gallery import make_gallery
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "")
         ray_args |= {"address": "local", "num_cpus": num_cpus or os.cpu_count() or 1}
         log.info("starting Flower's simulation engine (Ray, %d CPU(s), one per site at a time%s)...",
                  ray_args["num_cpus"], f", {gpus:g} GPU per site on {device}" if gpus else "")
-    with one_pass_message_pump():  # Flower's own polls every site's inbox by a full scan
+    with prompt_engine():  # Flower's own scans every inbox and waits 0.1 s per poll
         run_simulation(
             server_app=server_app, client_app=client_app, num_supernodes=len(sites),
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus}, "init_args": ray_args},
