@@ -1,0 +1,78 @@
+"""Seconds per training step with the next batch prepared in a background thread vs in the loop.
+
+Usage: python -m benchmarks.prefetch [--repeats 3] [--threads 1,2]
+One site's local training (fedseg's ``train_local``) on real data: MSD Hippocampus 3D (U-Net
+16/32/64, patch 32, batch 8, augmentation on) and MoNuSeg 2D (U-Net 16/32/64, patch 128, batch 4,
+augmentation on), each timed with the background thread and without it, alternately, at each
+torch thread count; the models must come out identical (same random patches either way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import torch
+
+import fedseg.client.trainer as trainer
+from benchmarks.common import SHARED_DATA, report
+from fedseg.client.prefetch import prefetched
+from fedseg.client.tasks import task_for
+from fedseg.common.config import ModelSpec
+from fedseg.common.data import read_site, split_training
+from fedseg.common.logs import setup_logging
+from fedseg.common.models import build_model
+
+WORKLOADS = {  # name: (site folder, spatial dims, in channels, patch, batch, epochs)
+    "hippocampus 3D": ("hippocampus/site-msd", 3, 1, 32, 8, 1),
+    "monuseg 2D": ("monuseg/site1-breast-bladder", 2, 3, 128, 4, 10),
+}
+
+
+def timed_training(site_dir: str, dims: int, channels: int, patch: int, batch: int, epochs: int,
+                   depth: int) -> tuple[float, int, torch.Tensor]:
+    """(seconds, steps, the trained weights flattened) of one seeded ``train_local``."""
+    trainer.prefetched = functools.partial(prefetched, depth=depth)
+    site = read_site(SHARED_DATA / site_dir, seed=0)
+    cases, _ = split_training(site, 0.2, 0)
+    spec = ModelSpec(dims, channels, site.num_classes, (16, 32, 64))
+    torch.manual_seed(0)
+    model, task = build_model(spec), task_for(spec)
+    # decode the cases before timing (fedseg keeps them across rounds, site-cache-mb)
+    task.training_data(site, cases, patch, 0, True, 1024)
+    start = time.perf_counter()
+    result = trainer.train_local(model, task, site, cases, epochs=epochs, batch_size=batch, lr=0.05,
+                                 patch_size=patch, seed=0, augment=True, cache_mb=1024)
+    seconds = time.perf_counter() - start
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return seconds, result.steps, weights
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", default="1,2", help="torch intra-op threads, one row per value")
+    args = parser.parse_args()
+    setup_logging()
+    rows = []
+    for name, workload in WORKLOADS.items():
+        for threads in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(threads)
+            times: dict[int, list[float]] = {0: [], 1: []}
+            weights: dict[int, torch.Tensor] = {}
+            for _ in range(args.repeats):
+                for depth in (0, 1):
+                    seconds, steps, weights[depth] = timed_training(*workload, depth=depth)
+                    times[depth].append(seconds / steps)
+            assert torch.equal(weights[0], weights[1]), "the background thread changed the model"
+            loop, ahead = statistics.median(times[0]), statistics.median(times[1])
+            rows.append({"workload": name, "torch threads": threads, "steps": steps,
+                         "s/step in the loop": loop, "s/step prefetched": ahead, "speed-up": loop / ahead})
+            print(rows[-1], flush=True)
+    report("prefetch", rows, {"repeats": args.repeats})
+
+
+if __name__ == "__main__":
+    main()
