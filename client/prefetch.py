@@ -6,17 +6,31 @@ release the GIL). One producer draws the batches in order, so the random patches
 those of an unthreaded loop: a seeded run gives the same model either way. Threads rather than
 DataLoader worker processes: a worker process would draw from its own random stream (another
 model for the same seed) and would hold a copy of the site's decoded cases.
+
+It helps where a core is free for it: on a CUDA device, or when PyTorch computes on fewer threads
+than this process may use (a simulated site gets one CPU: 1.30x faster steps on Hippocampus 3D,
+1.56x on MoNuSeg 2D). Where PyTorch's own threads take every core it slowed a 2D step (0.83x;
+benchmarks/RESULTS.md, prefetch), so it is off there.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
+import torch
+
 T = TypeVar("T")
 _DONE = object()
+
+
+def ahead_depth(device: str) -> int:
+    """Batches to prepare ahead on ``device``: 1 where a core is free for it, else 0."""
+    free_core = torch.get_num_threads() < len(os.sched_getaffinity(0))
+    return 1 if device.startswith("cuda") or free_core else 0
 
 
 def prefetched(batches: Iterable[T], prepare: Callable[[T], Any], depth: int = 1) -> Iterator[Any]:

@@ -19,7 +19,7 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from torch import nn
 
-from fedseg.client.prefetch import prefetched
+from fedseg.client.prefetch import ahead_depth, prefetched
 from fedseg.client.privacy import OpacusStep, PerCaseStep
 from fedseg.client.site_cache import cached_dataset
 from fedseg.common.config import MODEL_KINDS, ModelSpec
@@ -116,7 +116,8 @@ class Task(ABC):
         members = [m.to(device).eval() for m in (model, *ensemble)]
         scores = self.new_scores(site, min_group_cases)
         transform = self.eval_data(site)
-        for case, data in zip(cases, prefetched(to_dicts(cases), transform)):  # next case read meanwhile
+        ahead = ahead_depth(device)  # the next case is read while this one is scored, where a core is free
+        for case, data in zip(cases, prefetched(to_dicts(cases), transform, depth=ahead)):
             prediction = (Prediction(self.probabilities(members, data["image"], patch_size, device).argmax(0))
                           if ensemble else self.infer(model, data["image"], patch_size, device))
             self.add_case(scores, prediction, data, case.group)

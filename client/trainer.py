@@ -15,7 +15,7 @@ import torch
 from monai.utils import set_determinism
 from torch import nn
 
-from fedseg.client.prefetch import prefetched
+from fedseg.client.prefetch import ahead_depth, prefetched
 from fedseg.client.privacy import DPSession, Step
 from fedseg.common.data import Case, SiteSpec
 from fedseg.common.precision import Precision
@@ -103,8 +103,9 @@ def train_local(
     steps = 0
     total = dp.plan.steps if dp is not None else epochs * -(-len(cases) // batch_size)
     started = last_line = time.monotonic()
-    # the next batch's patches are cropped and augmented while this one trains
-    ahead = prefetched(batches, lambda indices: [[data[i] for _ in range(patches_per_case)] for i in indices])
+    # the next batch's patches are cropped and augmented while this one trains, where a core is free
+    ahead = prefetched(batches, lambda indices: [[data[i] for _ in range(patches_per_case)] for i in indices],
+                       depth=ahead_depth(device))
     try:
         for patches in ahead:
             optimizer.zero_grad(set_to_none=True)

@@ -1,10 +1,12 @@
 """The next batch prepared in a background thread: the same batches, in the same order, drawn
 from the same random stream as an unthreaded loop; errors surface where the batch is consumed."""
 
+import os
 import threading
 
 import numpy as np
 import pytest
+import torch
 
 from fedseg.client.prefetch import prefetched
 
@@ -41,3 +43,18 @@ def test_a_loop_that_stops_early_stops_the_thread():
         if item == 5:
             break
     assert threading.active_count() == before
+
+
+def test_batches_are_prepared_ahead_only_where_a_core_is_free():
+    from fedseg.client.prefetch import ahead_depth
+
+    cores, before = len(os.sched_getaffinity(0)), torch.get_num_threads()
+    try:
+        torch.set_num_threads(cores)  # PyTorch's threads take every core: a thread more slows them
+        assert ahead_depth("cpu") == 0
+        assert ahead_depth("cuda:0") == 1  # the step runs on the GPU
+        if cores > 1:  # e.g. a simulated site with one CPU
+            torch.set_num_threads(1)
+            assert ahead_depth("cpu") == 1
+    finally:
+        torch.set_num_threads(before)
