@@ -10,7 +10,9 @@ model for the same seed) and would hold a copy of the site's decoded cases.
 It helps where a core is free for it: on a CUDA device, or when PyTorch computes on fewer threads
 than this process may use (a simulated site gets one CPU: 1.30x faster steps on Hippocampus 3D,
 1.56x on MoNuSeg 2D). Where PyTorch's own threads take every core it slowed a 2D step (0.83x;
-benchmarks/RESULTS.md, prefetch), so it is off there.
+benchmarks/RESULTS.md, prefetch), so it is off there. Tiny batches are not worth a thread: the
+two threads then wait on each other for Python's interpreter lock (2 steps on 16 px patches took
+29 ms instead of 26 ms a call), so batches under ``MIN_VOXELS`` are prepared in the loop.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ import torch
 
 T = TypeVar("T")
 _DONE = object()
+MIN_VOXELS = 32**3  # per batch: measured slower at 2 x 16^2, faster at 4 x 128^2 and 8 x 32^3
 
 
-def ahead_depth(device: str) -> int:
-    """Batches to prepare ahead on ``device``: 1 where a core is free for it, else 0."""
+def ahead_depth(device: str, voxels: int | None = None) -> int:
+    """Batches to prepare ahead on ``device``: 1 where a core is free for it, else 0; also 0 for
+    batches of fewer than ``MIN_VOXELS`` voxels (pixels), when ``voxels`` per batch is given."""
     free_core = torch.get_num_threads() < len(os.sched_getaffinity(0))
-    return 1 if device.startswith("cuda") or free_core else 0
+    worth_it = voxels is None or voxels >= MIN_VOXELS
+    return 1 if (device.startswith("cuda") or free_core) and worth_it else 0
 
 
 def prefetched(batches: Iterable[T], prepare: Callable[[T], Any], depth: int = 1) -> Iterator[Any]:

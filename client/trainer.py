@@ -17,6 +17,7 @@ from torch import nn
 
 from fedseg.client.prefetch import ahead_depth, prefetched
 from fedseg.client.privacy import DPSession, Step
+from fedseg.common.config import MODEL_KINDS, ModelSpec
 from fedseg.common.data import Case, SiteSpec
 from fedseg.common.precision import Precision
 
@@ -90,6 +91,8 @@ def train_local(
     set_determinism(seed=seed)
     data = task.training_data(site, cases, patch_size, seed, augment, cache_mb)
     model.to(device).train()
+    layout = training_layout(task.spec, device)
+    model.to(memory_format=layout)
     if dp is None:
         step: Step = PlainStep(task, model, device, proximal_anchors(model, proximal_mu, global_params, device),
                                proximal_mu, precision)
@@ -105,7 +108,7 @@ def train_local(
     started = last_line = time.monotonic()
     # the next batch's patches are cropped and augmented while this one trains, where a core is free
     ahead = prefetched(batches, lambda indices: [[data[i] for _ in range(patches_per_case)] for i in indices],
-                       depth=ahead_depth(device))
+                       depth=ahead_depth(device, patch_size ** site.spatial_dims * batch_size * patches_per_case))
     try:
         for patches in ahead:
             optimizer.zero_grad(set_to_none=True)
@@ -127,9 +130,19 @@ def train_local(
     finally:
         ahead.close()
         step.close()
+        model.to(memory_format=torch.contiguous_format)  # what is saved and sent is laid out as usual
     epsilon = dp.close() if dp is not None else None
     return TrainResult(loss=sum(losses) / max(len(losses), 1), num_examples=len(cases), steps=steps,
                        epsilon=epsilon)
+
+
+def training_layout(spec: ModelSpec, device: str) -> torch.memory_format:
+    """Channels-last for a 3D U-Net trained on a CPU: a DP step on Hippocampus took 1.32 s instead
+    of 1.63 s, a plain one 0.175 s instead of 0.181 s. Not for 2D (its DP step was 1.2x slower)
+    nor on CUDA (not measured: no GPU was lent)."""
+    if MODEL_KINDS[spec.model].dense and spec.spatial_dims == 3 and device == "cpu":
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 class PlainStep:

@@ -45,8 +45,8 @@ def test_a_loop_that_stops_early_stops_the_thread():
     assert threading.active_count() == before
 
 
-def test_batches_are_prepared_ahead_only_where_a_core_is_free():
-    from fedseg.client.prefetch import ahead_depth
+def test_batches_are_prepared_ahead_only_where_a_core_is_free_and_they_are_large_enough():
+    from fedseg.client.prefetch import MIN_VOXELS, ahead_depth
 
     cores, before = len(os.sched_getaffinity(0)), torch.get_num_threads()
     try:
@@ -55,6 +55,7 @@ def test_batches_are_prepared_ahead_only_where_a_core_is_free():
         assert ahead_depth("cuda:0") == 1  # the step runs on the GPU
         if cores > 1:  # e.g. a simulated site with one CPU
             torch.set_num_threads(1)
-            assert ahead_depth("cpu") == 1
+            assert ahead_depth("cpu") == ahead_depth("cpu", 8 * 32**3) == 1
+            assert ahead_depth("cpu", 2 * 16**2) == ahead_depth("cuda", MIN_VOXELS - 1) == 0  # not worth a thread
     finally:
         torch.set_num_threads(before)

@@ -116,3 +116,20 @@ def test_precision_follows_the_device_and_dp():
     assert site_precision("bf16", "cpu", dp=True).dtype is None  # per-case clipping in float32
     with pytest.raises(ValueError, match="'fp16' needs a CUDA device"):
         site_precision("fp16", "cpu")
+
+
+def test_a_3d_unet_trains_channels_last_on_a_cpu_and_is_saved_and_sent_in_the_usual_layout(tmp_path):
+    from fedseg.client.trainer import training_layout
+
+    site3d = read_site(write_study(tmp_path, sites=1, dims=3, cases=3, size=24, seed=0)[0])
+    spec = ModelSpec(3, 1, 3, (4, 8), "instance")
+    assert training_layout(spec, "cpu") == torch.channels_last_3d
+    assert training_layout(SPEC, "cpu") == training_layout(spec, "cuda") == torch.contiguous_format
+    torch.manual_seed(0)
+    model = build_model(spec)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_local(model, task_for(spec), site3d, list(site3d.training), epochs=1, batch_size=2, lr=0.1,
+                patch_size=16, seed=0)
+    state = model.state_dict()
+    assert all(v.is_contiguous() for v in state.values())
+    assert any(not torch.equal(state[k], before[k]) for k in before)  # it did train
