@@ -10,7 +10,8 @@ the stored messages.
 
 Both the pump and the ServerApp's grid (``InMemoryGrid.pull_interval``) wait 0.1 s between polls,
 so every round paid up to 0.2 s of waiting on top of its training (a third of a demo round's
-overhead, benchmarks/RESULTS.md sim_overhead); here both poll every ``POLL_S``.
+overhead, benchmarks/RESULTS.md sim_overhead); here both poll every ``POLL_S``, or less often
+where a poll itself takes long (thousands of sites).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from queue import Queue
 from typing import Any
 
 import flwr
+from flwr.app import Message
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.superlink.grid import InMemoryGrid
@@ -31,14 +34,27 @@ from flwr.supercore.date import now
 FIXED_FOR = "1.42."  # the Flower release whose internals this relies on (pyproject pins it)
 _FLOWERS_PUMP = vce_api.add_messages_to_queue
 _RUN_SIMULATION = importlib.import_module("flwr.simulation.run_simulation")  # the module, not the function
-POLL_S = 0.02  # seconds between polls (Flower's: 0.1)
+POLL_S = 0.02  # seconds between polls (Flower's: 0.1) ...
+POLL_SHARE = 0.1  # ... or longer: a poll's own time is at most this share of the time between polls
+
+
+def _wait_after(seconds_polling: float) -> float:
+    """Seconds until the next poll: ``POLL_S``, or longer where a poll itself is slow (each scans
+    every message of the round: at 10,000 sites, polls every 0.02 s kept a core busy)."""
+    return max(POLL_S, seconds_polling / POLL_SHARE)
 
 
 class PromptGrid(InMemoryGrid):
-    """Flower's in-memory grid, pulling the sites' replies every ``POLL_S``."""
+    """Flower's in-memory grid, pulling the sites' replies every ``POLL_S`` (or ``_wait_after``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **{"pull_interval": POLL_S, **kwargs})
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        started = time.monotonic()
+        replies = super().pull_messages(message_ids)
+        self.pull_interval = _wait_after(time.monotonic() - started)
+        return replies
 
 
 def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: dict[int, int],
@@ -51,6 +67,7 @@ def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: dict[int, int
     nodes = set(nodes_mapping)
     while not f_stop.is_set():
         taken: set[int] = set()
+        started = time.monotonic()
         with state.lock:
             for message_id, message in list(state.message_ins_store.items()):
                 node = message.metadata.dst_node_id
@@ -61,7 +78,7 @@ def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: dict[int, int
                     message.metadata.delivered_at = now().isoformat()
                     taken.add(node)
                     queue.put(message)
-        f_stop.wait(POLL_S)
+        f_stop.wait(_wait_after(time.monotonic() - started))
 
 
 @contextlib.contextmanager

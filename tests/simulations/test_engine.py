@@ -26,3 +26,10 @@ def test_the_grid_and_the_pump_poll_promptly_only_inside_simulate():
     assert flower_simulation.InMemoryGrid is InMemoryGrid
     assert vce_api.add_messages_to_queue is not add_messages_to_queue
     assert InMemoryGrid(state_factory=_state_factory()).pull_interval == 0.1  # Flower's own, untouched
+
+
+def test_polls_wait_longer_where_a_poll_itself_is_slow():
+    from fedseg.simulations.engine import POLL_SHARE, _wait_after
+
+    assert _wait_after(0.0001) == POLL_S  # a few sites: prompt
+    assert _wait_after(0.05) == 0.05 / POLL_SHARE > 0.1  # thousands of messages a poll: polling stays a share
