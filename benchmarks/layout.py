@@ -4,8 +4,9 @@ the usual layout vs channels-last, on one CPU thread, on real data.
 Usage: python -m benchmarks.layout [--repeats 2]
 MSD Hippocampus 3D (48 training cases, patch 32, batch 8) and MoNuSeg site 1 2D (patch 128,
 batch 4), U-Net 16/32/64, augmentation on; the DP step is fedseg's (expected third of the cases
-per step, 2 patches per case, noise x1). fedseg trains 3D U-Nets on a CPU channels-last
-(``client/trainer.py``, ``training_layout``); this measures why.
+per step, 2 patches per case, noise x1; its Poisson batches differ from run to run, so its
+times vary more). fedseg trains 3D U-Nets without DP on a CPU channels-last (``client/trainer.py``,
+``training_layout``); this measures why.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for layout, fmt in LAYOUTS.items():
                 fmt = fmt or (torch.channels_last_3d if dims == 3 else torch.channels_last)
-                trainer.training_layout = lambda spec, device, fmt=fmt: fmt  # forced either way
+                trainer.training_layout = lambda spec, device, private=False, fmt=fmt: fmt  # forced either way
                 torch.manual_seed(0)
                 model = build_model(spec)
                 start = time.perf_counter()

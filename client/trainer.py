@@ -91,8 +91,7 @@ def train_local(
     set_determinism(seed=seed)
     data = task.training_data(site, cases, patch_size, seed, augment, cache_mb)
     model.to(device).train()
-    layout = training_layout(task.spec, device)
-    model.to(memory_format=layout)
+    model.to(memory_format=training_layout(task.spec, device, private=dp is not None))
     if dp is None:
         step: Step = PlainStep(task, model, device, proximal_anchors(model, proximal_mu, global_params, device),
                                proximal_mu, precision)
@@ -136,11 +135,11 @@ def train_local(
                        epsilon=epsilon)
 
 
-def training_layout(spec: ModelSpec, device: str) -> torch.memory_format:
-    """Channels-last for a 3D U-Net trained on a CPU: a DP step on Hippocampus took 1.32 s instead
-    of 1.63 s, a plain one 0.175 s instead of 0.181 s. Not for 2D (its DP step was 1.2x slower)
-    nor on CUDA (not measured: no GPU was lent)."""
-    if MODEL_KINDS[spec.model].dense and spec.spatial_dims == 3 and device == "cpu":
+def training_layout(spec: ModelSpec, device: str, private: bool = False) -> torch.memory_format:
+    """Channels-last for a 3D U-Net trained without DP on a CPU: 1.03x and 1.14x faster steps on
+    Hippocampus in two runs (benchmarks/RESULTS.md, layout). Not for DP steps (1.23x and 0.89x:
+    inconclusive), nor for 2D (0.97x), nor on CUDA (not measured: no GPU was lent)."""
+    if MODEL_KINDS[spec.model].dense and spec.spatial_dims == 3 and device == "cpu" and not private:
         return torch.channels_last_3d
     return torch.contiguous_format
 

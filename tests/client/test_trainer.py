@@ -118,13 +118,14 @@ def test_precision_follows_the_device_and_dp():
         site_precision("fp16", "cpu")
 
 
-def test_a_3d_unet_trains_channels_last_on_a_cpu_and_is_saved_and_sent_in_the_usual_layout(tmp_path):
+def test_a_3d_unet_trains_channels_last_on_a_cpu_without_dp_and_is_saved_and_sent_in_the_usual_layout(tmp_path):
     from fedseg.client.trainer import training_layout
 
     site3d = read_site(write_study(tmp_path, sites=1, dims=3, cases=3, size=24, seed=0)[0])
     spec = ModelSpec(3, 1, 3, (4, 8), "instance")
     assert training_layout(spec, "cpu") == torch.channels_last_3d
-    assert training_layout(SPEC, "cpu") == training_layout(spec, "cuda") == torch.contiguous_format
+    assert (training_layout(SPEC, "cpu") == training_layout(spec, "cuda") == training_layout(spec, "cpu", private=True)
+            == torch.contiguous_format)
     torch.manual_seed(0)
     model = build_model(spec)
     before = {k: v.clone() for k, v in model.state_dict().items()}
