@@ -40,7 +40,7 @@ POLL_SHARE = 0.1  # ... or longer: a poll's own time is at most this share of th
 
 def _wait_after(seconds_polling: float) -> float:
     """Seconds until the next poll: ``POLL_S``, or longer where a poll itself is slow (each scans
-    every message of the round: at 10,000 sites, polls every 0.02 s kept a core busy)."""
+    every message of the round: at 10,000 sites, polls every 0.02 s took much of the server's CPU)."""
     return max(POLL_S, seconds_polling / POLL_SHARE)
 
 
