@@ -51,13 +51,7 @@ def prefetched(batches: Iterable[T], prepare: Callable[[T], Any], depth: int = 1
     def produce() -> None:
         try:
             for batch in batches:
-                item = (True, prepare(batch))
-                while not stop.is_set():
-                    try:
-                        ready.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                ready.put((True, prepare(batch)))  # a consumer that stopped drains the queue
                 if stop.is_set():
                     return
         except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there

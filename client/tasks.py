@@ -7,6 +7,7 @@ none of them knows which kind of model it holds.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -116,11 +117,12 @@ class Task(ABC):
         members = [m.to(device).eval() for m in (model, *ensemble)]
         scores = self.new_scores(site, min_group_cases)
         transform = self.eval_data(site)
-        ahead = ahead_depth(device)  # the next case is read while this one is scored, where a core is free
-        for case, data in zip(cases, prefetched(to_dicts(cases), transform, depth=ahead)):
-            prediction = (Prediction(self.probabilities(members, data["image"], patch_size, device).argmax(0))
-                          if ensemble else self.infer(model, data["image"], patch_size, device))
-            self.add_case(scores, prediction, data, case.group)
+        # the next case is read while this one is scored, where a core is free
+        with contextlib.closing(prefetched(to_dicts(cases), transform, depth=ahead_depth(device))) as ahead:
+            for case, data in zip(cases, ahead):
+                prediction = (Prediction(self.probabilities(members, data["image"], patch_size, device).argmax(0))
+                              if ensemble else self.infer(model, data["image"], patch_size, device))
+                self.add_case(scores, prediction, data, case.group)
         return scores.result()
 
 
