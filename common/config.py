@@ -119,7 +119,7 @@ class RunConfig:
         dp_steps: DP-SGD steps per round at each site, >= 1; -1: the recipe's.
         dp_ema: decay per round of the server's moving average of the global model, which is
             what sites evaluate and what the run saves, in [0, 1) (0: none); -1: the recipe's
-            under ``dp=sample``, none otherwise.
+            (0.7) under ``dp=sample`` from pretrained weights, none otherwise.
         heldout_sites: sites that only ever evaluate (scored plain and after test-time
             adaptation of BatchNorm statistics on their own unlabeled images).
         evaluate_in_train: training sites score the global model they receive at the start of

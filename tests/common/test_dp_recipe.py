@@ -82,8 +82,9 @@ def test_few_cases_are_warned_with_what_to_do():
     assert warning("big", 500, many, plan_round(dp, 500, many)) is None
 
 
-def test_the_servers_moving_average_is_on_only_under_record_level_dp_unless_set():
-    assert ema_decay(RunConfig(dp="sample")) == RECIPE["ema"]
+def test_the_servers_moving_average_is_on_only_for_warm_started_record_level_dp_unless_set():
+    assert ema_decay(RunConfig(dp="sample", pretrained_weights="public.pt")) == RECIPE["ema"]
+    assert ema_decay(RunConfig(dp="sample")) == 0.0  # from scratch the average lags the model
     assert ema_decay(RunConfig()) == 0.0 and ema_decay(RunConfig(dp="client")) == 0.0
     assert ema_decay(RunConfig(dp="sample", dp_ema=0.0)) == 0.0
     assert ema_decay(RunConfig(dp_ema=0.5)) == 0.5
