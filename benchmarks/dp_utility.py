@@ -12,7 +12,8 @@ Every DP run adds only ``dp=sample dp-target-epsilon=E`` to the non-private run'
 DP recipe chooses the rest. ``--warm public`` starts both the non-private and the DP runs from a
 model pretrained on the public site (``fedseg pretrain``), ``--warm synthetic`` from one
 pretrained on a synthetic 3D study (another distribution the private sites must improve on); the
-pretrained model's own Dice at the private sites is reported beside them.
+pretrained model's own Dice at the private sites (scored by the sites before round 1 of a run from
+pretrained weights) is reported beside them.
 monuseg: the four 2D client sites (6 training tiles each): fedseg warns that the noise swamps the
 signal there (record-level DP needs many cases per site).
 """
@@ -28,12 +29,8 @@ import time
 from pathlib import Path
 
 from benchmarks.common import SHARED_DATA, report
-from fedseg.client.tasks import task_for
 from fedseg.common.logs import setup_logging
-from fedseg.common.config import ModelSpec, RunConfig
-from fedseg.common.data import read_site, split_training, study_sites
-from fedseg.common.models import build_model
-from fedseg.common.weights import load_pretrained
+from fedseg.common.config import RunConfig
 from fedseg.simulations.pooled import pretrain
 from fedseg.simulations.simulate import simulate
 from fedseg.simulations.synth import write_study
@@ -56,21 +53,15 @@ def hippocampus_split(work: Path, public_cases: int) -> tuple[Path, Path]:
     return work / "public", work / "private"
 
 
-def score_at_sites(weights: Path, cfg: RunConfig) -> float:
-    """Mean Dice of a pretrained model at the private sites' validation splits (no training)."""
-    sites = [read_site(ref, seed=cfg.seed) for ref in study_sites(cfg.study_dir, cfg.split_site)]
-    spec = ModelSpec.for_run(cfg, 3, 1, sites[0].num_classes)
-    model, task = build_model(spec), task_for(spec)
-    load_pretrained(model, weights)
-    scores = [task.evaluate(model, s, split_training(s, cfg.val_fraction, cfg.seed)[1],
-                            patch_size=cfg.patch_size)["dice"] for s in sites]
-    return sum(scores) / len(scores)
-
-
 def run(label: str, init: str, cfg: RunConfig, rows: list[dict]) -> None:
     started = time.monotonic()
     run_dir = simulate(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
+    if label == "no DP" and "pretrained_alone" in summary:  # scored by the sites before round 1
+        start = summary["pretrained_alone"]["in_federation"]
+        rows.append({"run": "pretrained model alone", "init": init, "max epsilon spent": None,
+                     "mean dice": start["mean"], "worst site dice": start["worst_dice"],
+                     "s/round": None, "wall s": None})
     rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
     dp = summary.get("record_level_dp", {})
     rows.append({"run": label, "init": init, "max epsilon spent": dp.get("max_epsilon"),
@@ -128,9 +119,6 @@ def main() -> None:
             pretrain(source, weights, base.replace(split_site=0, pretrained_weights="", num_server_rounds=1,
                                                    local_epochs=args.pretrain_epochs, val_fraction=0.1))
             init = f"warm ({warm} data)"
-            rows.append({"run": "pretrained model alone", "init": init, "max epsilon spent": None,
-                         "mean dice": score_at_sites(weights, base), "worst site dice": None,
-                         "s/round": None, "wall s": None})
             cfg = base.replace(pretrained_weights=str(weights))
         elif warm != "none":
             continue

@@ -27,7 +27,7 @@ from fedseg.server.report import write_report
 from fedseg.server.rounds import RoundLog, RoundRecorder
 from fedseg.server.run_folder import OpenRun, now, open_run, versions
 from fedseg.server.strategies import build_strategy
-from fedseg.server.summary import summarize
+from fedseg.server.summary import site_spread, summarize
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,26 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation) -> ArrayRecord:
         log.info("the server evaluates and saves a moving average of the global model (dp-ema %g)",
                  average.decay)
     wire = ConfigRecord(round_config.to_record())
+    if cfg.pretrained_weights and not run.done:
+        record_start_scores(run, fed, strategy.score_start(grid, initial, wire))
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=remaining,
                             timeout=cfg.round_timeout, train_config=wire, evaluate_config=wire)
     return average.model(result.arrays if len(result.arrays) else initial)
+
+
+def record_start_scores(run: OpenRun, fed: Federation, scores: dict[str, dict[str, float]]) -> None:
+    """run.json's ``pretrained_alone``: what the pretrained weights score at each site before any
+    training, beside which the run's own Dice shows what federated training added (or lost)."""
+    entry: dict[str, Any] = {
+        "sites": scores,
+        "in_federation": site_spread({s: scores.get(s, {}).get("dice") for s in fed.training_sites})}
+    if heldout := sorted(run.cfg.heldout_sites):
+        entry["heldout_summary"] = site_spread({s: scores.get(s, {}).get("dice") for s in heldout})
+    run.folder.write_run_info({**run.folder.read_run_info(), "pretrained_alone": entry})
+    mean = entry["in_federation"]["mean"]
+    log.info("the pretrained model alone (before round 1): mean Dice %s at the training sites (%s)",
+             "n/a" if mean is None else f"{mean:.3f}",
+             ", ".join(f"{s} {v['dice']:.3f}" for s, v in scores.items() if "dice" in v))
 
 
 def dp_plan(round_config: SiteRoundConfig, fed: Federation) -> dict[str, Any]:
@@ -173,6 +190,8 @@ def finalize(run: OpenRun, fed: Federation, final: ArrayRecord) -> Path:
     save_global_model(folder.dir, cfg.num_server_rounds, final, fed.checkpoint_meta(run))
     summary = summarize(folder.read_rounds(), fed.training_sites, sorted(cfg.heldout_sites))
     summary["strategy"], summary["local_layers"] = cfg.strategy, cfg.local_layers
+    if start := folder.read_run_info().get("pretrained_alone"):
+        summary["pretrained_alone"] = start
     folder.write_summary(summary)
     folder.write_run_info({**folder.read_run_info(), "ended": now()})
     try:

@@ -48,6 +48,8 @@ def site_table(run_dir: str | Path) -> str:
     fed = summary.get("in_federation", {})
     lines.append(f"mean dice {_fmt(fed.get('mean'))} | worst site {fed.get('worst_site')} "
                  f"({_fmt(fed.get('worst_dice'))}) | gap {_fmt(fed.get('gap'))}")
+    if start := summary.get("pretrained_alone", {}).get("in_federation"):
+        lines.append(f"the pretrained model alone (before round 1): mean dice {_fmt(start.get('mean'))}")
     if epsilon:
         delta = summary["record_level_dp"]["delta"]
         lines.append(f"record-level DP: epsilon per site at delta={delta:g} (Opacus RDP accountant)")
@@ -133,7 +135,11 @@ def write_report(run_dir: str | Path) -> Path:
                          fed.get("gap"), fed.get("std")]]
                        + ([["held-out", *(summary["heldout_summary"].get(k) for k in
                                           ("mean", "worst_site", "worst_dice", "gap", "std"))]]
-                          if heldout else [])))
+                          if heldout else [])
+                       + [[f"pretrained model alone, {group} (before round 1)", *(spread.get(k) for k in
+                           ("mean", "worst_site", "worst_dice", "gap", "std"))]
+                          for group, key in (("in federation", "in_federation"), ("held-out", "heldout_summary"))
+                          if (spread := summary.get("pretrained_alone", {}).get(key))]))
     body.append(_para("Every site scores the model it would use (global shared weights + its own "
                       "local layers) on its own validation split; only these scalars left the sites."))
     body.append("<h2>Training curves</h2>")

@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
 
 from fedseg.common.config import ConfigError, RunConfig
 from fedseg.common.models import UNSEEN_PREFIX, with_ensemble
-from fedseg.common.records import ARRAYS, CONFIG, packed_record, received_state, wire_record
+from fedseg.common.records import ARRAYS, CONFIG, METRICS, packed_record, received_state, wire_record
 from fedseg.server.model_average import ModelAverage
 from fedseg.server.rounds import RoundRecorder
 
@@ -62,6 +62,9 @@ class SiteHooks:
     - a resumed run numbers its rounds from the checkpoint (``round_offset``);
     - sites evaluate ``average.model(aggregate)`` (the moving average when ``dp-ema`` is on);
     - with ``heldout-ensemble`` K, held-out sites also receive the K - 1 previous rounds' models;
+    - a run from pretrained weights also sends round 1's training sites the unseen-site norm set
+      (then the pretrained model's own norms: nothing of any site), so their local layers start
+      from the pretrained norms instead of fresh ones;
     - weights travel in ``transfer-dtype`` (one array per dtype with ``pack-weights``) and are
       aggregated in float32, tensor by tensor;
     - with ``evaluate-in-train``, training sites score round r's model inside round r + 1's train
@@ -83,6 +86,7 @@ class SiteHooks:
     transfer_dtype: str
     pack_weights: bool
     evaluate_in_train: bool
+    pretrained_start: bool  # round 1's training sites start their local layers from the model's norms
     last_round: int
     pending: tuple[int, ArrayRecord, ArrayRecord, dict[str, Any]] | None  # a round awaiting its scores
     recent: list[ArrayRecord]  # the models sites scored in the last rounds, newest last
@@ -98,7 +102,8 @@ class SiteHooks:
         config["evaluate-in-train"] = self.pending is not None  # score the model you receive first
         sampled = super().configure_train(  # type: ignore[misc]
             server_round + self.round_offset, arrays, config, view)
-        messages = [self._to_training_site(m) for m in sampled]
+        first = self.pretrained_start and server_round + self.round_offset == 1
+        messages = [self._to_training_site(m, keep_norms=first) for m in sampled]
         for m in messages:
             self.recorder.sent(server_round + self.round_offset, self.site_of[m.metadata.dst_node_id],
                                m.content)
@@ -163,6 +168,23 @@ class SiteHooks:
             self.on_round_end(rnd, *self._round_arrays, server_state(self))  # type: ignore[arg-type]
         return metrics
 
+    def score_start(self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord) -> dict[str, dict[str, float]]:
+        """Every connected site scores the run's starting model as it is (its own norms included:
+        the unseen-site norm set) on its validation split, before round 1; site -> its scores
+        (a site whose evaluation fails is left out, and logged)."""
+        config = ConfigRecord({**dict(config), "server-round": 0})
+        nodes = sorted(set(grid.get_node_ids()) & set(self.site_of))
+        messages = [self._on_wire(Message(content=RecordDict({ARRAYS: arrays, CONFIG: config}),
+                                          message_type=MessageType.EVALUATE, dst_node_id=node))
+                    for node in nodes]
+        scores = {}
+        for site, reply in self._named(self._ordered(grid.send_and_receive(messages, timeout=self.round_timeout))):
+            if reply.has_error():
+                log.warning("site %s could not score the starting model: %s", site, reply.error.reason)
+            else:
+                scores[site] = dict(reply.content[METRICS])
+        return scores
+
     def _on_wire(self, msg: Message) -> Message:
         """The message with its weights as they travel (``_wire``)."""
         arrays = msg.content.array_records.get(ARRAYS)
@@ -171,14 +193,15 @@ class SiteHooks:
         wired = self._wire(arrays)
         return msg if wired is arrays else _with_arrays(msg, wired)
 
-    def _to_training_site(self, msg: Message) -> Message:
-        """A training site's message as it travels: without the unseen-site norm set, in the wire
-        form. Every training site of a round gets the same weights, so that form is made once."""
+    def _to_training_site(self, msg: Message, keep_norms: bool = False) -> Message:
+        """A training site's message as it travels: without the unseen-site norm set (unless
+        ``keep_norms``), in the wire form. Every training site of a round gets the same weights,
+        so that form is made once."""
         source = msg.content.array_records.get(ARRAYS)
         if source is None:
             return msg
         if self._wired is None or self._wired[0] is not source:
-            self._wired = (source, self._wire(_without_unseen_set(source)))
+            self._wired = (source, self._wire(source if keep_norms else _without_unseen_set(source)))
         return msg if self._wired[1] is source else _with_arrays(msg, self._wired[1])
 
     def _wire(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -301,6 +324,7 @@ def build_strategy(cfg: RunConfig, site_of: dict[int, str], heldout_nodes: set[i
     # score the last one: both are scored in evaluation messages
     strategy.evaluate_in_train = (cfg.evaluate_in_train and strategy.average.decay == 0
                                   and cfg.fraction_train >= 1.0)
+    strategy.pretrained_start = bool(cfg.pretrained_weights)
     strategy.last_round = cfg.num_server_rounds
     strategy.pending = None
     strategy._wired = None

@@ -1,0 +1,58 @@
+"""A run from pretrained weights: every site scores them as they are before round 1, so the run's
+summary and report show what federated training added to (or lost from) the pretrained model; and
+training sites start their local layers (FedBN's norms) from the pretrained norms."""
+
+import json
+
+import pytest
+import torch
+
+from fedseg.client.tasks import task_for
+from fedseg.common.data import read_site, split_training
+from fedseg.client.state import SiteState
+from fedseg.common.models import ModelSpec, build_model, local_keys
+from fedseg.common.weights import load_pretrained
+from fedseg.server.report import site_table
+from fedseg.simulations.pooled import pretrain
+from fedseg.simulations.simulate import simulate
+from tests.conftest import tiny_config
+
+
+def test_sites_score_the_pretrained_model_alone_before_round_1(study_2d, tmp_path):
+    weights = tmp_path / "public.pt"
+    pretrain(study_2d / "site-a", weights, tiny_config(study_2d, tmp_path, local_epochs=3))
+    # a learning rate of ~0: after round 1 every site's local layers are still what they started from
+    cfg = tiny_config(study_2d, tmp_path / "runs", num_server_rounds=1, pretrained_weights=str(weights),
+                      heldout_sites=("site-c",), lr=1e-9)
+    run_dir = simulate(cfg, num_cpus=2)
+
+    start = json.loads((run_dir / "summary.json").read_text())["pretrained_alone"]
+    assert set(start["sites"]) == {"site-a", "site-b", "site-c"}
+    model = build_model(ModelSpec(2, 1, 3, (8, 16), "instance"))
+    load_pretrained(model, weights)  # every tensor, the norms included: the model as it was trained
+    task = task_for(ModelSpec(2, 1, 3, (8, 16), "instance"))
+    for site in ("site-a", "site-b", "site-c"):
+        spec = read_site(study_2d / site, seed=cfg.seed)
+        expected = task.evaluate(model, spec, split_training(spec, cfg.val_fraction, cfg.seed)[1],
+                                 patch_size=cfg.patch_size)
+        assert start["sites"][site]["dice"] == pytest.approx(expected["dice"], abs=1e-6), site
+    assert start["in_federation"]["mean"] == pytest.approx(
+        (start["sites"]["site-a"]["dice"] + start["sites"]["site-b"]["dice"]) / 2)
+    assert start["heldout_summary"]["mean"] == pytest.approx(start["sites"]["site-c"]["dice"])
+    assert "the pretrained model alone (before round 1)" in site_table(run_dir)
+    assert "pretrained model alone, in federation" in (run_dir / "report.html").read_text()
+
+    info = json.loads((run_dir / "run.json").read_text())
+    pretrained = torch.load(weights, weights_only=True)
+    norms = local_keys(model, ModelSpec(2, 1, 3, (8, 16), "instance"), "norm")
+    for site in ("site-a", "site-b"):  # FedBN's local norms start from the pretrained model's
+        run = SiteState(run_dir / "site-state" / site).run(info["config"]["run-name"], info["run_id"])
+        saved = torch.load(run.local_layers_path(), weights_only=True)["tensors"]
+        assert set(saved) == norms
+        for key in norms:
+            assert torch.allclose(saved[key], pretrained[key], atol=1e-6), (site, key)
+
+
+def test_a_run_from_scratch_has_no_pretrained_score(study_2d, tmp_path):
+    run_dir = simulate(tiny_config(study_2d, tmp_path, num_server_rounds=1), num_cpus=2)
+    assert "pretrained_alone" not in json.loads((run_dir / "summary.json").read_text())
