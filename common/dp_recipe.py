@@ -26,6 +26,7 @@ RECIPE = {"max_grad_norm": 0.1, "lr": 1.0, "lr_warm": 0.25, "momentum": 0.0, "pa
           "ema": 0.7}
 NOISE_WARNING = 0.2  # noise std / expected batch above which the noise swamps the signal
 WARM_NOISE = 0.13  # noise / signal up to which a warm start takes the full lr_warm (eps 8 here)
+NO_WARM_START = 0.05  # mean Dice of pretrained weights at the sites below which they are no warm start
 
 
 @dataclass(frozen=True)

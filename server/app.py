@@ -13,10 +13,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedseg.common.config import ModelSpec, RunConfig, SiteRoundConfig
+from fedseg.common.config import MODEL_KINDS, ModelSpec, RunConfig, SiteRoundConfig
 from fedseg.common.logs import setup_logging
-from fedseg.common.dp_recipe import (describe, dp_training, ema_decay, fit_to_noise, noise_to_signal,
-                                     plan_round, warning)
+from fedseg.common.dp_recipe import (NO_WARM_START, describe, dp_training, ema_decay, fit_to_noise,
+                                     noise_to_signal, plan_round, warning)
 from fedseg.common.models import UNSEEN_PREFIX, build_model, local_keys, split_state, unseen_norm_set
 from fedseg.common.records import shared_record
 from fedseg.common.weights import load_pretrained
@@ -26,7 +26,7 @@ from fedseg.server.model_average import ModelAverage
 from fedseg.server.report import write_report
 from fedseg.server.rounds import RoundLog, RoundRecorder
 from fedseg.server.run_folder import OpenRun, now, open_run, versions
-from fedseg.server.strategies import build_strategy
+from fedseg.server.strategies import build_strategy, score_start
 from fedseg.server.summary import site_spread, summarize
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,10 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation) -> ArrayRecord:
                         run.done, run.done + 1)
             round_log(run.done, initial, initial)
         return initial
+    if cfg.pretrained_weights and not run.done:
+        start_config = ConfigRecord(cfg.site_round(fed.spec, run.run_id, sim_state_root(run)).to_record())
+        record_start_scores(run, fed, score_start(grid, fed.site_of, initial, start_config, cfg))
+    cfg = without_failed_warm_start(cfg, fed.spec, run.folder.read_run_info())
     average = ModelAverage(ema_decay(cfg), run.start_average)
     strategy = build_strategy(cfg, fed.site_of, fed.heldout_nodes, recorder, round_log,
                               round_offset=run.done, average=average, resume_state=run.server_state,
@@ -143,8 +147,6 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation) -> ArrayRecord:
         log.info("the server evaluates and saves a moving average of the global model (dp-ema %g)",
                  average.decay)
     wire = ConfigRecord(round_config.to_record())
-    if cfg.pretrained_weights and not run.done:
-        record_start_scores(run, fed, strategy.score_start(grid, initial, wire))
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=remaining,
                             timeout=cfg.round_timeout, train_config=wire, evaluate_config=wire)
     return average.model(result.arrays if len(result.arrays) else initial)
@@ -163,6 +165,23 @@ def record_start_scores(run: OpenRun, fed: Federation, scores: dict[str, dict[st
     log.info("the pretrained model alone (before round 1): mean Dice %s at the training sites (%s)",
              "n/a" if mean is None else f"{mean:.3f}",
              ", ".join(f"{s} {v['dice']:.3f}" for s, v in scores.items() if "dice" in v))
+
+
+def without_failed_warm_start(cfg: RunConfig, spec: ModelSpec, info: dict[str, Any]) -> RunConfig:
+    """The run's config for its rounds: as it is, unless its pretrained weights are a whole U-Net
+    that scored below ``NO_WARM_START`` at the training sites before round 1 (a model of another
+    distribution); then it trains from them as from scratch: the DP recipe's scratch learning
+    rate, no server average, and the sites' fresh local norms (benchmarks/RESULTS.md: a
+    synthetic-data model scoring 0.000 at Hippocampus sites ended DP training at 0.195 with the warm
+    rate, scratch runs ~0.33). A partial file (an encoder, a backbone) may score 0 and still help."""
+    mean = info.get("pretrained_alone", {}).get("in_federation", {}).get("mean")
+    whole = (MODEL_KINDS[spec.model].dense and (info.get("pretrained") or {}).get("skipped") == 0
+             and info["pretrained"]["loaded"] == len(build_model(spec).state_dict()))
+    if not cfg.pretrained_weights or not whole or mean is None or mean >= NO_WARM_START:
+        return cfg
+    log.warning("the pretrained model scores mean Dice %.3f at the training sites: it is no warm "
+                "start for these sites, so the run trains from it as from scratch", mean)
+    return cfg.replace(pretrained_weights="")
 
 
 def dp_plan(round_config: SiteRoundConfig, fed: Federation) -> dict[str, Any]:

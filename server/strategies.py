@@ -168,23 +168,6 @@ class SiteHooks:
             self.on_round_end(rnd, *self._round_arrays, server_state(self))  # type: ignore[arg-type]
         return metrics
 
-    def score_start(self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord) -> dict[str, dict[str, float]]:
-        """Every connected site scores the run's starting model as it is (its own norms included:
-        the unseen-site norm set) on its validation split, before round 1; site -> its scores
-        (a site whose evaluation fails is left out, and logged)."""
-        config = ConfigRecord({**dict(config), "server-round": 0})
-        nodes = sorted(set(grid.get_node_ids()) & set(self.site_of))
-        messages = [self._on_wire(Message(content=RecordDict({ARRAYS: arrays, CONFIG: config}),
-                                          message_type=MessageType.EVALUATE, dst_node_id=node))
-                    for node in nodes]
-        scores = {}
-        for site, reply in self._named(self._ordered(grid.send_and_receive(messages, timeout=self.round_timeout))):
-            if reply.has_error():
-                log.warning("site %s could not score the starting model: %s", site, reply.error.reason)
-            else:
-                scores[site] = dict(reply.content[METRICS])
-        return scores
-
     def _on_wire(self, msg: Message) -> Message:
         """The message with its weights as they travel (``_wire``)."""
         arrays = msg.content.array_records.get(ARRAYS)
@@ -205,11 +188,7 @@ class SiteHooks:
         return msg if self._wired[1] is source else _with_arrays(msg, self._wired[1])
 
     def _wire(self, arrays: ArrayRecord) -> ArrayRecord:
-        """``arrays`` in the run's ``transfer-dtype``, packed into one array per dtype with
-        ``pack-weights`` (``arrays`` itself when float32 and unpacked)."""
-        if self.transfer_dtype != "float32":
-            arrays = wire_record(arrays.to_torch_state_dict(), self.transfer_dtype)
-        return packed_record(arrays) if self.pack_weights else arrays
+        return wire_form(arrays, self.transfer_dtype, self.pack_weights)
 
     def _with_ensemble(self, msg: Message) -> Message:
         """A held-out site's evaluation message plus the earlier rounds' models, newest first."""
@@ -237,6 +216,33 @@ class SiteHooks:
 
     def _ordered(self, replies: Iterable[Message]) -> list[Message]:
         return sorted(replies, key=lambda m: self.site_of.get(m.metadata.src_node_id, ""))
+
+
+def wire_form(arrays: ArrayRecord, transfer_dtype: str, pack_weights: bool) -> ArrayRecord:
+    """``arrays`` in the run's ``transfer-dtype``, packed into one array per dtype with
+    ``pack-weights`` (``arrays`` itself when float32 and unpacked)."""
+    if transfer_dtype != "float32":
+        arrays = wire_record(arrays.to_torch_state_dict(), transfer_dtype)
+    return packed_record(arrays) if pack_weights else arrays
+
+
+def score_start(grid: Grid, site_of: dict[int, str], arrays: ArrayRecord, config: ConfigRecord,
+                cfg: RunConfig) -> dict[str, dict[str, float]]:
+    """Every connected site scores the run's starting model as it is (its own norms included:
+    the unseen-site norm set) on its validation split, before round 1; site -> its scores (a
+    site whose evaluation fails is left out, and logged)."""
+    wired = wire_form(arrays, cfg.transfer_dtype, cfg.pack_weights)
+    config = ConfigRecord({**dict(config), "server-round": 0})
+    messages = [Message(content=RecordDict({ARRAYS: wired, CONFIG: config}), message_type=MessageType.EVALUATE,
+                        dst_node_id=node) for node in sorted(set(grid.get_node_ids()) & set(site_of))]
+    scores = {}
+    for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
+        site = site_of.get(reply.metadata.src_node_id, f"superlink-{reply.metadata.src_node_id}")
+        if reply.has_error():
+            log.warning("site %s could not score the starting model: %s", site, reply.error.reason)
+        else:
+            scores[site] = dict(reply.content[METRICS])
+    return dict(sorted(scores.items()))
 
 
 def _without_unseen_set(arrays: ArrayRecord) -> ArrayRecord:

@@ -10,7 +10,7 @@ import torch
 from fedseg.client.tasks import task_for
 from fedseg.common.data import read_site, split_training
 from fedseg.client.state import SiteState
-from fedseg.common.models import ModelSpec, build_model, local_keys
+from fedseg.common.models import UNSEEN_PREFIX, ModelSpec, build_model, local_keys
 from fedseg.common.weights import load_pretrained
 from fedseg.server.report import site_table
 from fedseg.simulations.pooled import pretrain
@@ -56,3 +56,27 @@ def test_sites_score_the_pretrained_model_alone_before_round_1(study_2d, tmp_pat
 def test_a_run_from_scratch_has_no_pretrained_score(study_2d, tmp_path):
     run_dir = simulate(tiny_config(study_2d, tmp_path, num_server_rounds=1), num_cpus=2)
     assert "pretrained_alone" not in json.loads((run_dir / "summary.json").read_text())
+
+
+def test_pretrained_weights_that_fail_at_the_sites_train_as_from_scratch(study_2d, tmp_path):
+    """A whole U-Net that scores ~0 at the sites (here: one that predicts background everywhere,
+    like a model of another distribution) is no warm start: under DP the run keeps no server
+    average (the recipe's warm-start setting) and sites start fresh local norms."""
+    spec = ModelSpec(2, 1, 3, (8, 16), "instance")
+    model = build_model(spec)
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([50.0, -50.0, -50.0]))
+    torch.save(model.state_dict(), tmp_path / "elsewhere.pt")
+    cfg = tiny_config(study_2d, tmp_path / "runs", num_server_rounds=1, dp="sample",
+                      dp_noise_multiplier=1.0, pretrained_weights=str(tmp_path / "elsewhere.pt"))
+    run_dir = simulate(cfg, num_cpus=2)
+
+    start = json.loads((run_dir / "run.json").read_text())["pretrained_alone"]
+    assert start["in_federation"]["mean"] == 0.0
+    checkpoint = torch.load(run_dir / "checkpoints" / "round-1.pt", weights_only=False)
+    assert checkpoint.get("average_state_dict") is None  # a warm start under DP would keep one
+    for site in ("site-a", "site-b", "site-c"):
+        outbox = (run_dir / "site-state" / site / "outbox.jsonl").read_text().splitlines()
+        trains = [json.loads(line) for line in outbox if json.loads(line)["type"] == "train"]
+        assert trains and not any(k.startswith(UNSEEN_PREFIX) for t in trains for k in t["received"]["arrays"])
