@@ -104,8 +104,10 @@ def test_site_dropping_out_mid_round_and_rejoining_with_its_ledger(federation, t
     state = {site: tmp_path / "state" / site for site in keys}
     for site in keys:
         fed.start_supernode(site, keys[site], study / site, state[site])
+    # evaluation messages: round 1's line is written when round 1 ends (with evaluate-in-train it
+    # would wait for round 2's training replies, site-b's among them, and the kill below would miss)
     fed.start_run(f"{RUN} num-server-rounds=4 output-dir='{runs}' run-name='drop' dp='sample' "
-                  "min-train-sites=1 round-timeout=30.0")
+                  "min-train-sites=1 round-timeout=30.0 evaluate-in-train=false")
     run_dir = runs / "drop"
     fed.wait_for(lambda: len(_rounds(run_dir)) >= 1, 240, "round 1")
     fed.wait_for(lambda: fed.log_of("site-b").count("Receiving: train message") >= 2, 120,
