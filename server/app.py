@@ -133,6 +133,9 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation) -> ArrayRecord:
         start_config = ConfigRecord(cfg.site_round(fed.spec, run.run_id, sim_state_root(run)).to_record())
         record_start_scores(run, fed, score_start(grid, fed.site_of, initial, start_config, cfg))
     cfg = without_failed_warm_start(cfg, fed.spec, run.folder.read_run_info())
+    if cfg is not run.cfg and cfg.dp == "sample":  # the recipe's plan changed with it
+        run.folder.write_run_info({**run.folder.read_run_info(),
+                                   "dp_plan": dp_plan(cfg.site_round(fed.spec, run.run_id), fed)})
     average = ModelAverage(ema_decay(cfg), run.start_average)
     strategy = build_strategy(cfg, fed.site_of, fed.heldout_nodes, recorder, round_log,
                               round_offset=run.done, average=average, resume_state=run.server_state,

@@ -9,6 +9,7 @@ import torch
 
 from fedseg.client.tasks import task_for
 from fedseg.common.data import read_site, split_training
+from fedseg.common.dp_recipe import RECIPE
 from fedseg.client.state import SiteState
 from fedseg.common.models import UNSEEN_PREFIX, ModelSpec, build_model, local_keys
 from fedseg.common.weights import load_pretrained
@@ -72,8 +73,9 @@ def test_pretrained_weights_that_fail_at_the_sites_train_as_from_scratch(study_2
                       dp_noise_multiplier=1.0, pretrained_weights=str(tmp_path / "elsewhere.pt"))
     run_dir = simulate(cfg, num_cpus=2)
 
-    start = json.loads((run_dir / "run.json").read_text())["pretrained_alone"]
-    assert start["in_federation"]["mean"] == 0.0
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["pretrained_alone"]["in_federation"]["mean"] == 0.0
+    assert {plan["lr"] for plan in info["dp_plan"].values()} == {RECIPE["lr"]}  # not RECIPE["lr_warm"]
     checkpoint = torch.load(run_dir / "checkpoints" / "round-1.pt", weights_only=False)
     assert checkpoint.get("average_state_dict") is None  # a warm start under DP would keep one
     for site in ("site-a", "site-b", "site-c"):
