@@ -10,7 +10,7 @@ pretrained weights takes 4x smaller steps (lr 0.25): at lr 1.0 the noise wiped o
 model's Hippocampus Dice (0.64 -> 0.45), at 0.25 DP fine-tuning kept and improved it; and its
 server evaluates and saves a moving average of the global model, which smooths the noise around
 a good start (+0.014 Dice at eps 8, +0.024 at eps 4) but lags a model still learning from scratch
-(-0.02 to -0.03 in three scratch runs). Measured in benchmarks/RESULTS.md.
+(-0.01 to -0.045 in four scratch runs). Measured in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
