@@ -174,9 +174,8 @@ def without_failed_warm_start(cfg: RunConfig, spec: ModelSpec, info: dict[str, A
     """The run's config for its rounds: as it is, unless its pretrained weights are a whole U-Net
     that scored below ``NO_WARM_START`` at the training sites before round 1 (a model of another
     distribution); then it trains from them as from scratch: the DP recipe's scratch learning
-    rate, no server average, and the sites' fresh local norms (benchmarks/RESULTS.md: a
-    synthetic-data model scoring 0.000 at Hippocampus sites ended DP training at 0.195 with the warm
-    rate, scratch runs ~0.33). A partial file (an encoder, a backbone) may score 0 and still help."""
+    rate, no server average (both tuned for a good start), and the sites' fresh local norms. A
+    partial file (an encoder, a backbone) may score 0 and still help, so it is left alone."""
     mean = info.get("pretrained_alone", {}).get("in_federation", {}).get("mean")
     whole = (MODEL_KINDS[spec.model].dense and (info.get("pretrained") or {}).get("skipped") == 0
              and info["pretrained"]["loaded"] == len(build_model(spec).state_dict()))
