@@ -4,9 +4,10 @@ mean gradient of K random patches of case i (augmentation multiplicity). 1.0: ev
 same way, and only more cases or less noise can help; near 0: the cases disagree, and averaging
 more patches per case (K) can still raise the signal.
 
-Usage: python -m benchmarks.dp_alignment RUN_DIR [--round 5 --patches 1,2,4,8]
-       (RUN_DIR: a Hippocampus run of ``benchmarks.dp_utility``, e.g. its dp8-scratch run; the
-       model is that run's global model of ``--round`` with the first site's own local layers)
+Usage: python -m benchmarks.dp_alignment RUN_DIR [--patches 1,2,4,8]
+       (RUN_DIR: a simulated run, e.g. the dp8-scratch run of ``benchmarks.dp_utility``; the model
+       is its last round's global model with the first site's own local layers of that round,
+       loaded as ``fedseg predict`` loads a site's model)
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import report
+from fedseg.client.site import sim_state_dir
+from fedseg.client.site_model import round_checkpoints, saved_model
 from fedseg.client.tasks import task_for
-from fedseg.common.config import ModelSpec
 from fedseg.common.data import read_site, split_training, study_sites
-from fedseg.common.models import build_model
 
 CLIP = 0.1  # the recipe's dp-max-grad-norm
 
@@ -30,23 +31,17 @@ CLIP = 0.1  # the recipe's dp-max-grad-norm
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--round", type=int, default=5)
     parser.add_argument("--patches", default="1,2,4,8")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    meta = json.loads((args.run_dir / "run.json").read_text())
-    cfg, spec = meta["config"], ModelSpec.from_dict(meta["model"])
-    ref = study_sites(cfg["study-dir"], cfg["split-site"])[0]
-    site = read_site(ref, seed=cfg["seed"])
+    cfg = json.loads((args.run_dir / "run.json").read_text())["config"]
+    site = read_site(study_sites(cfg["study-dir"], cfg["split-site"])[0], seed=cfg["seed"])
     cases = split_training(site, cfg["val-fraction"], cfg["seed"])[0]
-    task, model = task_for(spec), build_model(spec)
-    checkpoint = torch.load(args.run_dir / "checkpoints" / f"round-{args.round}.pt", weights_only=False)
-    model.load_state_dict(checkpoint["state_dict"], strict=False)
-    local = args.run_dir / "site-state" / site.name.replace("#", "-part") / "runs"
-    for saved in local.glob(f"*/local_layers-{args.round}.pt"):
-        model.load_state_dict(torch.load(saved, weights_only=False)["tensors"], strict=False)
+    last = round_checkpoints(args.run_dir)[-1]  # a site state dir keeps its last rounds' local layers
+    model, spec, patch_size = saved_model(last, sim_state_dir(args.run_dir / "site-state", site.name))
+    task = task_for(spec)
     model.train()
-    data = task.training_data(site, cases, cfg["patch-size"], seed=0)
+    data = task.training_data(site, cases, patch_size, seed=0)
     rows = []
     for k in (int(x) for x in args.patches.split(",")):
         started = time.monotonic()
@@ -64,7 +59,7 @@ def main() -> None:
                      "median case gradient norm": sorted(norms)[len(norms) // 2],
                      "s": time.monotonic() - started})
         print(rows[-1], flush=True)
-    report("dp_alignment", rows, {"run": str(args.run_dir), "round": args.round, "clip": CLIP,
+    report("dp_alignment", rows, {"run": str(args.run_dir), "checkpoint": last.name, "clip": CLIP,
                                   "site": site.name})
 
 
