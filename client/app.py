@@ -88,7 +88,7 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
     dp = DPSession.open(cfg.dp, site.policy, site.state_dir, num_cases=len(cases),
                         batch_size=cfg.batch_size, epochs=cfg.local_epochs,
                         run=run_key(cfg.run_name, cfg.run_id), server_round=server_round,
-                        site=spec.name)  # the site's policy admits the round before anything runs
+                        site=spec.name, lr_factor=cfg.lr_factor(server_round))  # admitted before anything runs
     # the local layers as they were before this round, even if it runs again after a crash
     mine = round_model(cfg, site, received_state(msg.content[ARRAYS]), server_round - 1)
     task = task_for(cfg.model)

@@ -17,7 +17,7 @@ import secrets
 import time
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -188,13 +188,16 @@ class DPSession:
 
     @classmethod
     def open(cls, dp: DPSettings, policy: SitePolicy, state_dir: Path, *, num_cases: int,
-             batch_size: int, epochs: int, run: str, server_round: int, site: str) -> DPSession | None:
+             batch_size: int, epochs: int, run: str, server_round: int, site: str,
+             lr_factor: float = 1.0) -> DPSession | None:
         """Plan the round (fedseg's DP recipe for whatever the run left to it) and let the site's
         policy admit it; None when the round is not DP. Logs what the site trains with, and a
         warning when the noise will swamp the signal.
 
         Args:
             batch_size, epochs: the round's non-private schedule (the DP round takes as many steps).
+            lr_factor: the run's learning-rate schedule in this round (``lr-schedule``), applied
+                to the DP learning rate as to the non-private one.
 
         Raises:
             PolicyRefusal: the site's policy refuses (nothing trained, nothing written).
@@ -207,6 +210,7 @@ class DPSession:
         training = dp_training(dp, num_cases, batch_size, epochs)
         plan = plan_round(dp, num_cases, training, ledger.planned_noise(run))
         training = fit_to_noise(dp, training, plan)
+        training = replace(training, lr=training.lr * lr_factor)
         admit(policy, dp, plan, ledger, site)
         log.info("%s", describe(site, num_cases, training, plan, dp))
         if (text := warning(site, num_cases, training, plan)) is not None:

@@ -78,7 +78,8 @@ class RunConfig:
         lr: local SGD learning rate, > 0.
         lr_schedule: ``constant``, or ``cosine``: round r of R trains at lr x (1 + cos(pi (r - 1)
             / R)) / 2, from lr down towards 0 (the pooled and local baselines follow the same
-            schedule round by round); under ``dp=sample`` the DP recipe's rate stays constant.
+            schedule round by round); under ``dp=sample`` it scales the DP learning rate
+            (``dp-lr`` or the recipe's) the same way.
         seed: seeds every RNG (split, init, sampling, augmentation).
         model: ``unet`` (semantic) or ``maskrcnn`` (instance sites, 2D).
         backbone: Mask R-CNN backbone: ``slim`` (ResNet-18 body, 64-channel FPN and heads; trains
@@ -494,7 +495,12 @@ class SiteRoundConfig:
 
     def round_lr(self, server_round: int) -> float:
         """The learning rate of round ``server_round`` (1-based) under ``lr_schedule``."""
-        return round_lr(self.lr, self.lr_schedule, server_round, self.num_rounds)
+        return self.lr * self.lr_factor(server_round)
+
+    def lr_factor(self, server_round: int) -> float:
+        """What ``lr_schedule`` multiplies a learning rate by in round ``server_round`` (the DP
+        learning rate too)."""
+        return round_lr(1.0, self.lr_schedule, server_round, self.num_rounds)
 
     def to_record(self) -> dict[str, Any]:
         """Flat kebab-case dict for a Flower ConfigRecord (sections prefixed, lists kept)."""

@@ -1,6 +1,7 @@
 """Record-level DP: ledger epsilon vs Opacus' RDP analysis, restarts, refusals, site policy."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,18 @@ def test_the_noise_generator_lives_on_the_training_device(site, tmp_path):
     step = dp.step(task_for(SPEC).dp_step, task_for(SPEC), model, device, chunk_cases=2)
     assert step.generator.device == next(model.parameters()).device
     step.close()
+
+
+def test_lr_schedule_scales_the_dp_learning_rate_too(site, tmp_path, caplog):
+    cfg = RunConfig(dp="sample", dp_noise_multiplier=1.0, dp_lr=0.5, lr_schedule="cosine", num_server_rounds=4,
+                    batch_size=2, channels=(8, 16), patch_size=32)
+    logger = logging.getLogger("fedseg.client.privacy")
+    logger.addHandler(caplog.handler)  # the CLI's logging setup stops fedseg's records at its own handler
+    try:
+        for server_round in (1, 3):  # cosine over 4 rounds: x1, then x(1 + cos(pi/2)) / 2 = x0.5
+            message = round_message(cfg, ModelSpec(2, 1, 3, cfg.channels, cfg.norm), server_round=server_round)
+            assert not client_app(message, node_context(site.root, tmp_path / "state")).has_error()
+    finally:
+        logger.removeHandler(caplog.handler)
+    lines = list(dict.fromkeys(r.getMessage() for r in caplog.records if "dp=sample" in r.getMessage()))
+    assert len(lines) == 2 and "SGD lr 0.5 " in lines[0] and "SGD lr 0.25 " in lines[1]
