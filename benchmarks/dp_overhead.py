@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/dp_overhead.py [--steps 10 --size 128]
 Both sides: the same MONAI U-Net (channels 16,32,64,128, instance norm), batch 8 of 1x128x128
-cases with K = 1 and 2 patches each (augmentation multiplicity), DiceCE loss, SGD, through fedseg's
+cases with K = 1, 2 and 4 patches each (augmentation multiplicity), DiceCE loss, SGD, through fedseg's
 own training-loop steps: ``PlainStep`` and ``OpacusStep`` (per-sample gradients by torch.func,
 averaged per case, clipped, Gaussian noise); the median of the steps after one warm-up step.
 """
@@ -48,7 +48,7 @@ def main() -> None:
     spec = ModelSpec(2, 1, 2, (16, 32, 64, 128), "instance")
     task = task_for(spec)
     rows = []
-    for patches in (1, 2):  # K patches per case: the DP step averages them per case before clipping
+    for patches in (1, 2, 4):  # K patches per case: the DP step averages them per case before clipping
         torch.manual_seed(0)
         plain = build_model(spec)
         step = PlainStep(task, plain, "cpu", [], 0.0)

@@ -27,7 +27,7 @@ from fedseg.server.report import write_report
 from fedseg.server.rounds import RoundLog, RoundRecorder
 from fedseg.server.run_folder import OpenRun, now, open_run, versions
 from fedseg.server.strategies import build_strategy, score_start
-from fedseg.server.summary import site_spread, summarize
+from fedseg.server.summary import below_pretrained, site_spread, summarize
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +213,8 @@ def finalize(run: OpenRun, fed: Federation, final: ArrayRecord) -> Path:
     summary["strategy"], summary["local_layers"] = cfg.strategy, cfg.local_layers
     if start := folder.read_run_info().get("pretrained_alone"):
         summary["pretrained_alone"] = start
+        if (text := below_pretrained(summary)) is not None:
+            log.warning("%s", text)
     folder.write_summary(summary)
     folder.write_run_info({**folder.read_run_info(), "ended": now()})
     try:

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 INSTANCE_METRICS = ("pq", "aji", "ap50")  # reported by Mask R-CNN sites beside foreground Dice
+PRETRAINED_MARGIN = 0.01  # mean Dice below the pretrained model alone that a run is told about
 
 
 def summarize(rounds: list[dict[str, Any]], training_sites: list[str],
@@ -46,6 +47,22 @@ def summarize(rounds: list[dict[str, Any]], training_sites: list[str],
         best = max(scored, key=lambda x: x[1])
         summary["best_round"] = {"round": best[0], "mean_dice": best[1]}
     return summary
+
+
+def below_pretrained(summary: dict[str, Any]) -> str | None:
+    """A plain warning when a run from pretrained weights ends more than ``PRETRAINED_MARGIN``
+    mean Dice below what those weights scored alone at the training sites before round 1 (e.g.
+    DP noise at few cases per site wearing away a good public model), with what to do about it."""
+    start = summary.get("pretrained_alone", {}).get("in_federation", {}).get("mean")
+    end = summary.get("in_federation", {}).get("mean")
+    if start is None or end is None or end >= start - PRETRAINED_MARGIN:
+        return None
+    best = summary.get("best_round", {})
+    return (f"the run's model ends at mean Dice {end:.3f} at the training sites, below the pretrained "
+            f"model alone ({start:.3f}): training lost part of what the pretrained model knew (best "
+            f"round: {best.get('round')}, {best.get('mean_dice', float('nan')):.3f}). Keep the pretrained "
+            "model, or train fewer rounds; under dp=sample a larger epsilon or more cases per site "
+            "leave more signal")
 
 
 def federation_groups(per_site: dict[str, dict[str, float]]) -> dict[str, Any]:

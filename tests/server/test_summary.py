@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from fedseg.server.summary import site_spread, summarize
+from fedseg.server.summary import below_pretrained, site_spread, summarize
 
 
 def test_site_spread_is_mean_worst_gap_and_population_std_skipping_missing_scores():
@@ -76,3 +76,14 @@ def test_fairness_groups_are_combined_across_sites_by_their_cases():
     assert groups["per_group"]["lung"]["dice"] == pytest.approx(0.45)
     assert groups["worst_group"] == "lung" and groups["gap"] == pytest.approx(0.325)
     assert "groups" not in summarize([_round(1, {"a": 0.5})], ["a"], [])
+
+
+def test_a_run_that_ends_below_its_pretrained_model_is_told():
+    rounds = [_round(1, {"a": 0.80, "b": 0.78}), _round(2, {"a": 0.76, "b": 0.74})]
+    summary = summarize(rounds, ["a", "b"], [])
+    summary["pretrained_alone"] = {"in_federation": {"mean": 0.80}}
+    text = below_pretrained(summary)
+    assert text is not None and "0.750" in text and "(0.800)" in text and "best round: 1, 0.790" in text
+    summary["pretrained_alone"]["in_federation"]["mean"] = 0.755  # within the margin: not a loss
+    assert below_pretrained(summary) is None
+    assert below_pretrained(summarize(rounds, ["a", "b"], [])) is None  # a run from scratch
