@@ -85,10 +85,11 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
     cases, val_cases = split_training(spec, cfg.data.val_fraction, cfg.data.seed)
     if not cases:
         raise DataError(f"site {spec.name} has no training cases (held-out sites only evaluate)")
+    # the site's policy admits the round before anything runs
     dp = DPSession.open(cfg.dp, site.policy, site.state_dir, num_cases=len(cases),
                         batch_size=cfg.batch_size, epochs=cfg.local_epochs,
                         run=run_key(cfg.run_name, cfg.run_id), server_round=server_round,
-                        site=spec.name, lr_factor=cfg.lr_factor(server_round))  # admitted before anything runs
+                        site=spec.name, lr_factor=cfg.lr_factor(server_round))
     # the local layers as they were before this round, even if it runs again after a crash
     mine = round_model(cfg, site, received_state(msg.content[ARRAYS]), server_round - 1)
     task = task_for(cfg.model)
