@@ -98,8 +98,10 @@ def train_local(
         batches, patches_per_case = shuffled_batches(len(cases), batch_size, epochs, seed), 1
         optimizer = step.wrap(task.optimizer(model, lr))
     else:
-        step, batches = dp.step(task.dp_step, task, model, device, batch_size), dp.batches()
         patches_per_case = dp.training.patches_per_case
+        # batch_size patches per forward pass (at least one case): memory stays what the site planned for
+        step = dp.step(task.dp_step, task, model, device, max(1, batch_size // patches_per_case))
+        batches = dp.batches()
         optimizer = step.wrap(task.optimizer(model, dp.training.lr, dp.training.momentum))
     losses: list[float] = []
     steps = 0

@@ -209,3 +209,18 @@ def test_lr_schedule_scales_the_dp_learning_rate_too(site, tmp_path, caplog):
         logger.removeHandler(caplog.handler)
     lines = list(dict.fromkeys(r.getMessage() for r in caplog.records if "dp=sample" in r.getMessage()))
     assert len(lines) == 2 and "SGD lr 0.5 " in lines[0] and "SGD lr 0.25 " in lines[1]
+
+
+def test_a_dp_step_takes_no_more_patches_per_forward_pass_than_the_non_private_batch(site, tmp_path):
+    """K patches per case: a forward pass takes batch-size / K cases, so memory stays what the
+    site's non-private batch needs, whatever K and the expected DP batch."""
+    cfg = RunConfig(dp="sample", dp_noise_multiplier=1.0, batch_size=2, dp_batch_size=len(site.training),
+                    dp_patches_per_case=2, local_epochs=1)
+    task, seen = task_for(SPEC), []
+    loss = task.loss
+    task.loss = lambda model, items, device: seen.append(len(items)) or loss(model, items, device)
+    dp = DPSession.open(cfg.site_round(SPEC, "id").dp, SitePolicy(), tmp_path, num_cases=len(site.training),
+                        batch_size=cfg.batch_size, epochs=1, run="study-1", server_round=1, site=site.name)
+    train_local(build_model(SPEC), task, site, list(site.training), epochs=1, batch_size=2, lr=0.05,
+                patch_size=32, seed=1, dp=dp)
+    assert seen and max(seen) == 2  # one case of 2 patches at a time, not 2 cases of 2
