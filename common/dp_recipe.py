@@ -10,9 +10,9 @@ pretrained weights takes 4x smaller steps (lr 0.25): at lr 1.0 the noise wiped o
 model's Hippocampus Dice (0.64 -> 0.45), at 0.25 DP fine-tuning kept and improved it; and its
 server evaluates and saves a moving average of the global model, which smooths the noise around
 a good start (+0.014 Dice at eps 8, +0.024 at eps 4) but lags a model still learning from scratch
-(-0.01 to -0.045 in four scratch runs). From scratch each case's gradient is the mean over 4
-random patches (0.353, 0.363 and 0.385 Dice in three runs against 0.332, 0.358 and 0.324 with 2,
-for twice the compute per step); a warm start keeps 2. Measured in benchmarks/RESULTS.md.
+(-0.01 to -0.045 in four scratch runs). Each case's gradient is the mean over 2 random patches:
+4 helped on Hippocampus from scratch (+0.01, +0.06 Dice) and lost on MoNuSeg (0.59 vs 0.66 over
+four and three runs), for twice the compute. Measured in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from fedseg.common.config import AUTO, DPSettings, RunConfig
 ACCOUNTANT = "rdp"  # Opacus RDPAccountant (Renyi DP of the subsampled Gaussian mechanism)
 BATCH_SHARE = 1 / 3  # expected cases per step, as a share of the site's cases
 MAX_BATCH = 64
-RECIPE = {"max_grad_norm": 0.1, "lr": 1.0, "lr_warm": 0.25, "momentum": 0.0, "patches_per_case": 4,
-          "patches_per_case_warm": 2, "ema": 0.7}
+RECIPE = {"max_grad_norm": 0.1, "lr": 1.0, "lr_warm": 0.25, "momentum": 0.0, "patches_per_case": 2,
+          "ema": 0.7}
 NOISE_WARNING = 0.2  # noise std / expected batch above which the noise swamps the signal
 WARM_NOISE = 0.13  # noise / signal up to which a warm start takes the full lr_warm (eps 8 here)
 NO_WARM_START = 0.05  # mean Dice of pretrained weights at the sites below which they are no warm start
@@ -85,8 +85,7 @@ def dp_training(dp: DPSettings, num_cases: int, batch_size: int, epochs: int) ->
              "dp-steps": dp.steps}
     recipe = {"dp-batch-size": auto_batch, "dp-max-grad-norm": RECIPE["max_grad_norm"],
               "dp-lr": RECIPE["lr_warm" if dp.warm_start else "lr"], "dp-momentum": RECIPE["momentum"],
-              "dp-patches-per-case": RECIPE["patches_per_case_warm" if dp.warm_start else "patches_per_case"],
-              "dp-steps": auto_steps}
+              "dp-patches-per-case": RECIPE["patches_per_case"], "dp-steps": auto_steps}
     value = {k: recipe[k] if v == AUTO else v for k, v in given.items()}
     return DPTraining(min(int(value["dp-batch-size"]), num_cases), int(value["dp-steps"]),
                       float(value["dp-max-grad-norm"]), float(value["dp-lr"]),

@@ -41,10 +41,8 @@ def test_a_warm_start_takes_steps_smaller_the_more_noise_there_is_unless_the_run
     assert fitted(eps=2, warm_start=True, lr=0.2)[0].lr == 0.2  # the run's own rate wins
 
 
-def test_a_warm_started_run_takes_smaller_steps_over_fewer_patches_per_case():
-    warm = dp_training(DPSettings("sample", warm_start=True), 98, 8, 2)
-    assert warm.lr == RECIPE["lr_warm"] < RECIPE["lr"]
-    assert warm.patches_per_case == RECIPE["patches_per_case_warm"] < RECIPE["patches_per_case"]
+def test_a_warm_started_run_takes_smaller_steps():
+    assert dp_training(DPSettings("sample", warm_start=True), 98, 8, 2).lr == RECIPE["lr_warm"] < RECIPE["lr"]
     from fedseg.common.config import ModelSpec
 
     spec = ModelSpec(3, 1, 3, (16, 32, 64))
