@@ -57,7 +57,8 @@ def main() -> None:
         dp_model = build_model(spec)
         plan = DPRound(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=8 / 64, steps=args.steps, delta=1e-5)
         # 8 patches per forward pass, as fedseg's trainer runs them (8 // K cases of K patches)
-        dp_step = OpacusStep(task, dp_model, plan, 8.0, noise_generator("cpu"), "cpu", chunk_cases=max(1, 8 // patches))
+        dp_step = OpacusStep(task, dp_model, plan, 8.0, noise_generator("cpu"), "cpu",
+                             chunk_cases=max(1, 8 // patches))
         d = statistics.median(time_steps(dp_step, dp_step.wrap(task.optimizer(dp_model, 0.01)), data,
                                          args.steps, patches))
         dp_step.close()
