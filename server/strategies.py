@@ -210,12 +210,16 @@ class SiteHooks:
             time.sleep(1.0)
 
     def _named(self, replies: list[Message]) -> list[tuple[str, Message]]:
-        """(site, reply); the SuperLink itself answers for a node that went away."""
-        return [(self.site_of.get(m.metadata.src_node_id, f"superlink-{m.metadata.src_node_id}"), m)
-                for m in replies]
+        """(site, reply) for each reply (``reply_site``)."""
+        return [(reply_site(self.site_of, m), m) for m in replies]
 
     def _ordered(self, replies: Iterable[Message]) -> list[Message]:
         return sorted(replies, key=lambda m: self.site_of.get(m.metadata.src_node_id, ""))
+
+
+def reply_site(site_of: dict[int, str], reply: Message) -> str:
+    """The site a reply came from; the SuperLink itself answers for a node that went away."""
+    return site_of.get(reply.metadata.src_node_id, f"superlink-{reply.metadata.src_node_id}")
 
 
 def wire_form(arrays: ArrayRecord, transfer_dtype: str, pack_weights: bool) -> ArrayRecord:
@@ -237,7 +241,7 @@ def score_start(grid: Grid, site_of: dict[int, str], arrays: ArrayRecord, config
                         dst_node_id=node) for node in sorted(set(grid.get_node_ids()) & set(site_of))]
     scores = {}
     for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
-        site = site_of.get(reply.metadata.src_node_id, f"superlink-{reply.metadata.src_node_id}")
+        site = reply_site(site_of, reply)
         if reply.has_error():
             log.warning("site %s could not score the starting model: %s", site, reply.error.reason)
         else:
