@@ -213,7 +213,7 @@ class DPSession:
         training = replace(training, lr=training.lr * lr_factor)
         admit(policy, dp, plan, ledger, site)
         log.info("%s", describe(site, num_cases, training, plan, dp))
-        if (text := warning(site, num_cases, training, plan)) is not None:
+        if (text := warning(site, num_cases, training, plan, dp.warm_start)) is not None:
             log.warning("%s", text)
         return cls(training, plan, ledger, run, server_round, num_cases,
                    plan.noise_multiplier if dp.target_epsilon > 0 else None)

@@ -139,17 +139,23 @@ def describe(site: str, num_cases: int, training: DPTraining, plan: DPRound, dp:
             f"x{plan.noise_multiplier:.3g}{target}")
 
 
-def warning(site: str, num_cases: int, training: DPTraining, plan: DPRound) -> str | None:
-    """A plain warning when the noise will swamp the signal, with what to do about it."""
+def warning(site: str, num_cases: int, training: DPTraining, plan: DPRound,
+            warm_start: bool = False) -> str | None:
+    """A plain warning when the noise will swamp the signal, with what to do about it (for a run
+    from pretrained weights: what the site can expect of them)."""
     ratio = noise_to_signal(plan, training)
     if ratio <= NOISE_WARNING:
         return None
-    return (f"site {site}: with {num_cases} training cases the DP noise (x{plan.noise_multiplier:.3g} on "
+    head = (f"site {site}: with {num_cases} training cases the DP noise (x{plan.noise_multiplier:.3g} on "
             f"~{training.expected_batch} cases per step, {ratio:.2f} of the signal) will swamp what the "
             "model learns at this epsilon; record-level DP protects each case, and a site needs "
-            "many cases (hundreds) for it to leave a useful model. Consider site-level DP "
-            "(dp=client) across many sites, more cases per site, or a model pretrained on public "
-            "data (pretrained-weights)")
+            "many cases (hundreds) for it to leave a useful model. ")
+    if warm_start:
+        return head + (f"fedseg takes small steps (lr {training.lr:.3g}) so that the noise does not wear "
+                       "the pretrained model away: expect about its Dice, not more. Consider a larger "
+                       "epsilon, more cases per site, or site-level DP (dp=client) across many sites")
+    return head + ("Consider site-level DP (dp=client) across many sites, more cases per site, or a "
+                   "model pretrained on public data (pretrained-weights)")
 
 
 def ema_decay(cfg: RunConfig) -> float:

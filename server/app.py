@@ -199,7 +199,7 @@ def dp_plan(round_config: SiteRoundConfig, fed: Federation) -> dict[str, Any]:
         plan = plan_round(round_config.dp, cases, training)
         training = fit_to_noise(round_config.dp, training, plan)
         log.info("%s", describe(site, cases, training, plan, round_config.dp))
-        if (text := warning(site, cases, training, plan)) is not None:
+        if (text := warning(site, cases, training, plan, round_config.dp.warm_start)) is not None:
             log.warning("%s", text)
         plans[site] = {**asdict(training), **asdict(plan), "noise_to_signal": noise_to_signal(plan, training)}
     return plans

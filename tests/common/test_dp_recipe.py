@@ -78,6 +78,8 @@ def test_few_cases_are_warned_with_what_to_do():
     assert noise_to_signal(plan, tiny) > NOISE_WARNING
     text = warning("site2-kidney", 6, tiny, plan)
     assert "6 training cases" in text and "dp=client" in text and "pretrained-weights" in text
+    warm = warning("site2-kidney", 6, tiny, plan, warm_start=True)  # it has pretrained weights already
+    assert "6 training cases" in warm and "pretrained-weights" not in warm and "expect about its Dice" in warm
     many = dp_training(dp, num_cases=500, batch_size=8, epochs=2)
     assert warning("big", 500, many, plan_round(dp, 500, many)) is None
 
