@@ -9,7 +9,9 @@ disjoint split of the same data, labelled so); the others are one private site s
 ``--sites`` virtual sites. ``--public-cases 0`` keeps all 260 private (~97 training volumes per
 site for 2 sites, the setting of issue #12's scratch goal; no ``--warm public`` then).
 Every DP run adds only ``dp=sample dp-target-epsilon=E`` to the non-private run's config: fedseg's
-DP recipe chooses the rest. ``--warm public`` starts both the non-private and the DP runs from a
+DP recipe chooses the rest (``--dp-set`` overrides it; ``--dp-set dp-target-epsilon=0 --dp-set
+dp-noise-multiplier=0`` runs the recipe's clipped steps without noise, what DP's optimizer alone
+reaches). ``--warm public`` starts both the non-private and the DP runs from a
 model pretrained on the public site (``fedseg pretrain``), ``--warm synthetic`` from one
 pretrained on a synthetic 3D study (another distribution the private sites must improve on); the
 pretrained model's own Dice at the private sites (scored by the sites before round 1 of a run from
@@ -125,9 +127,11 @@ def main() -> None:
         name = warm.replace("none", "scratch")
         run("no DP", init, cfg.replace(run_name=f"nodp-{name}"), rows)
         for target in targets:
-            run(f"DP target eps {target:g}", init,
-                cfg.replace(run_name=f"dp{target:g}-{name}", dp="sample", dp_target_epsilon=target,
-                            **dp_changes), rows)
+            dp_cfg = cfg.replace(run_name=f"dp{target:g}-{name}", dp="sample",
+                                 dp_target_epsilon=target).replace(**dp_changes)
+            label = (f"DP target eps {dp_cfg.dp_target_epsilon:g}" if dp_cfg.dp_target_epsilon > 0
+                     else f"DP noise x{dp_cfg.dp_noise_multiplier:g}")  # --dp-set dp-target-epsilon=0
+            run(label, init, dp_cfg, rows)
     for row in rows:
         reference = next(r for r in rows if r["init"] == row["init"] and r["run"] == "no DP")
         row["vs no DP"] = row["mean dice"] / reference["mean dice"] if reference["mean dice"] else None
