@@ -113,7 +113,7 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
                "cuda": float(device.startswith("cuda"))}
     if dp is not None:
         metrics |= {"epsilon": result.epsilon, "delta": dp.plan.delta,
-                    "noise-multiplier": dp.plan.noise_multiplier}
+                    "noise-multiplier": dp.plan.noise_multiplier, "dp-lr": dp.training.lr}
     metrics |= {EVAL_PREFIX + k: v for k, v in scores.items()}
     shared, _ = split_state(mine.model, mine.local)
     if cfg.local_layers == "norm":  # a copy of the norms for the unseen-site set (never sent back here)

@@ -318,9 +318,11 @@ class RunConfig:
             return SiteData(self.seed, self.val_fraction)
         return SiteData(self.seed, self.val_fraction, self.study_dir, self.split_site, state_root)
 
-    def site_round(self, model: ModelSpec, run_id: str, state_root: str = "") -> SiteRoundConfig:
+    def site_round(self, model: ModelSpec, run_id: str, state_root: str = "",
+                   start_dice: float = -1.0) -> SiteRoundConfig:
         """The typed round config every site receives: only what a site needs, nothing the
-        server keeps to itself (output folder, its weights path, resume flags, strategy knobs)."""
+        server keeps to itself (output folder, its weights path, resume flags, strategy knobs);
+        ``start_dice``: what the pretrained weights scored at the training sites (DP's warm rate)."""
         return SiteRoundConfig(
             run_name=self.run_name, run_id=run_id, model=model, local_layers=self.local_layers,
             local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
@@ -334,7 +336,8 @@ class RunConfig:
             dp=DPSettings(self.dp, self.dp_noise_multiplier, self.dp_max_grad_norm, self.dp_delta,
                           self.dp_target_epsilon, self.num_server_rounds, self.dp_batch_size,
                           self.dp_lr, self.dp_momentum, self.dp_patches_per_case,
-                          bool(self.pretrained_weights), self.dp_steps))
+                          bool(self.pretrained_weights), self.dp_steps,
+                          start_dice if self.pretrained_weights else -1.0))
 
 
 @dataclass(frozen=True)
@@ -430,6 +433,8 @@ class DPSettings:
         patches_per_case: patches per case whose gradients are averaged before clipping.
         warm_start: the run starts from pretrained weights (the recipe then takes smaller steps).
         steps: DP-SGD steps per round.
+        start_dice: the pretrained model's mean Dice at the training sites before round 1 (-1:
+            not scored); the recipe's warm-start steps are the smaller the better it is.
     """
 
     mode: str = "off"
@@ -444,6 +449,7 @@ class DPSettings:
     patches_per_case: int = AUTO
     warm_start: bool = False
     steps: int = AUTO
+    start_dice: float = -1.0
 
 
 @dataclass(frozen=True)

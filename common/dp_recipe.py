@@ -6,9 +6,10 @@ Non-private settings (batch 8, lr 0.05 with momentum 0.9) collapse under DP nois
 of the first MSD Hippocampus benchmark predicted background. The recipe keeps the round's number
 of optimizer steps, but each step averages an expected third of the site's cases (Poisson
 sampled), clips each case's gradient to 0.1, and takes plain SGD steps. A run that starts from
-pretrained weights takes 10x smaller steps (lr 0.1): at lr 1.0 the noise wiped out a public
-model's Hippocampus Dice (0.64 -> 0.45), at 0.25 it wore it away round by round (0.803 alone ->
-0.772-0.787 after 10 rounds at eps 8), at 0.1 it held it (0.805); and its
+pretrained weights that score well at the sites takes 10x smaller steps (lr 0.1): at lr 1.0 the
+noise wiped out a public model's Hippocampus Dice (0.64 -> 0.45), at 0.25 it wore it away round by
+round (0.803 alone -> 0.772-0.787 after 10 rounds at eps 8), at 0.1 it held it (0.805); from
+weaker ones it takes larger steps (``warm_lr``), and its
 server evaluates and saves a moving average of the global model, which smooths the noise around
 a good start (+0.014 Dice at eps 8, +0.024 at eps 4) but lags a model still learning from scratch
 (-0.01 to -0.045 in four scratch runs). Each case's gradient is the mean over 2 random patches:
@@ -30,6 +31,7 @@ RECIPE = {"max_grad_norm": 0.1, "lr": 1.0, "lr_warm": 0.1, "momentum": 0.0, "pat
 NOISE_WARNING = 0.2  # noise std / expected batch above which the noise swamps the signal
 WARM_NOISE = 0.13  # noise / signal up to which a warm start takes the full lr_warm (eps 8 here)
 NO_WARM_START = 0.05  # mean Dice of pretrained weights at the sites below which they are no warm start
+GOOD_START = 0.8  # mean Dice of pretrained weights at the sites from which a warm start takes lr_warm
 
 
 @dataclass(frozen=True)
@@ -85,13 +87,26 @@ def dp_training(dp: DPSettings, num_cases: int, batch_size: int, epochs: int) ->
              "dp-momentum": dp.momentum, "dp-patches-per-case": dp.patches_per_case,
              "dp-steps": dp.steps}
     recipe = {"dp-batch-size": auto_batch, "dp-max-grad-norm": RECIPE["max_grad_norm"],
-              "dp-lr": RECIPE["lr_warm" if dp.warm_start else "lr"], "dp-momentum": RECIPE["momentum"],
+              "dp-lr": warm_lr(dp.start_dice) if dp.warm_start else RECIPE["lr"],
+              "dp-momentum": RECIPE["momentum"],
               "dp-patches-per-case": RECIPE["patches_per_case"], "dp-steps": auto_steps}
     value = {k: recipe[k] if v == AUTO else v for k, v in given.items()}
     return DPTraining(min(int(value["dp-batch-size"]), num_cases), int(value["dp-steps"]),
                       float(value["dp-max-grad-norm"]), float(value["dp-lr"]),
                       float(value["dp-momentum"]), int(value["dp-patches-per-case"]),
                       tuple(k for k, v in given.items() if v == AUTO))
+
+
+def warm_lr(start_dice: float) -> float:
+    """A warm start's learning rate by what the pretrained model scored at the sites before round
+    1 (-1: not scored): lr_warm from ``GOOD_START`` up, the scratch rate at ``NO_WARM_START``,
+    log-linear between. From a public Hippocampus model scoring 0.803, lr 0.1 held it where 0.25
+    wore it away; from one scoring 0.385 (10 public cases), 0.3 reached 0.525 where 0.1 reached
+    0.465 (benchmarks/RESULTS.md, dp_utility)."""
+    if start_dice < 0 or start_dice >= GOOD_START:
+        return RECIPE["lr_warm"]
+    share = (GOOD_START - max(start_dice, NO_WARM_START)) / (GOOD_START - NO_WARM_START)
+    return RECIPE["lr_warm"] * (RECIPE["lr"] / RECIPE["lr_warm"]) ** share
 
 
 def plan_round(dp: DPSettings, num_cases: int, training: DPTraining,
@@ -133,6 +148,9 @@ def describe(site: str, num_cases: int, training: DPTraining, plan: DPRound, dp:
     chosen = f" (fedseg chose {', '.join(training.chosen)})" if training.chosen else ""
     target = (f" for epsilon {dp.target_epsilon:g} over {dp.planned_rounds} round(s)"
               if dp.target_epsilon > 0 else "")
+    if dp.warm_start:
+        chosen += (f"; from pretrained weights that scored {dp.start_dice:.3f} at the sites"
+                   if dp.start_dice >= 0 else "; from pretrained weights")
     return (f"site {site}: dp=sample, {training.steps} steps/round of ~{training.expected_batch} of "
             f"{num_cases} cases, clip {training.max_grad_norm:g}, SGD lr {training.lr:.3g} momentum "
             f"{training.momentum:g}, {training.patches_per_case} patch(es) per case{chosen}; noise "

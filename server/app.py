@@ -133,16 +133,17 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation) -> ArrayRecord:
         start_config = ConfigRecord(cfg.site_round(fed.spec, run.run_id, sim_state_root(run)).to_record())
         record_start_scores(run, fed, score_start(grid, fed.site_of, initial, start_config, cfg))
     cfg = without_failed_warm_start(cfg, fed.spec, run.folder.read_run_info())
-    if cfg is not run.cfg and cfg.dp == "sample":  # the recipe's plan changed with it
-        run.folder.write_run_info({**run.folder.read_run_info(),
-                                   "dp_plan": dp_plan(cfg.site_round(fed.spec, run.run_id), fed)})
+    start_dice = pretrained_dice(cfg, run.folder.read_run_info())
+    if cfg.dp == "sample" and (cfg is not run.cfg or start_dice >= 0):  # the recipe's plan changed
+        run.folder.write_run_info({**run.folder.read_run_info(), "dp_plan": dp_plan(
+            cfg.site_round(fed.spec, run.run_id, start_dice=start_dice), fed)})
     average = ModelAverage(ema_decay(cfg), run.start_average)
     strategy = build_strategy(cfg, fed.site_of, fed.heldout_nodes, recorder, round_log,
                               round_offset=run.done, average=average, resume_state=run.server_state,
                               on_round_trained=round_log.trained)
     if run.pending_record is not None:  # the next round's training replies bring its scores
         strategy.pending = (run.done, initial, initial, run.server_state or {})
-    round_config = cfg.site_round(fed.spec, run.run_id, sim_state_root(run))
+    round_config = cfg.site_round(fed.spec, run.run_id, sim_state_root(run), start_dice)
     log.info("federated %s over %d site(s) (%s), %d round(s)%s", cfg.strategy,
              len(fed.training_sites), ", ".join(fed.training_sites), cfg.num_server_rounds,
              f", resuming after round {run.done}" if run.done else "")
@@ -168,6 +169,13 @@ def record_start_scores(run: OpenRun, fed: Federation, scores: dict[str, dict[st
     log.info("the pretrained model alone (before round 1): mean Dice %s at the training sites (%s)",
              "n/a" if mean is None else f"{mean:.3f}",
              ", ".join(f"{s} {v['dice']:.3f}" for s, v in scores.items() if "dice" in v))
+
+
+def pretrained_dice(cfg: RunConfig, info: dict[str, Any]) -> float:
+    """What the run's pretrained weights scored at the training sites before round 1 (mean
+    Dice; -1 for a run from scratch or one whose sites gave no Dice)."""
+    mean = info.get("pretrained_alone", {}).get("in_federation", {}).get("mean")
+    return float(mean) if cfg.pretrained_weights and mean is not None else -1.0
 
 
 def without_failed_warm_start(cfg: RunConfig, spec: ModelSpec, info: dict[str, Any]) -> RunConfig:

@@ -9,7 +9,7 @@ import torch
 
 from fedseg.client.tasks import task_for
 from fedseg.common.data import read_site, split_training
-from fedseg.common.dp_recipe import RECIPE
+from fedseg.common.dp_recipe import GOOD_START, NO_WARM_START, RECIPE, WARM_NOISE, warm_lr
 from fedseg.client.state import SiteState
 from fedseg.common.models import UNSEEN_PREFIX, ModelSpec, build_model, local_keys
 from fedseg.common.weights import load_pretrained
@@ -82,3 +82,24 @@ def test_pretrained_weights_that_fail_at_the_sites_train_as_from_scratch(study_2
         outbox = (run_dir / "site-state" / site / "outbox.jsonl").read_text().splitlines()
         trains = [json.loads(line) for line in outbox if json.loads(line)["type"] == "train"]
         assert trains and not any(k.startswith(UNSEEN_PREFIX) for t in trains for k in t["received"]["arrays"])
+
+
+def test_under_dp_the_sites_step_by_what_the_pretrained_model_scored(study_2d, tmp_path):
+    """A weak public model (one pretraining pass) scores between NO_WARM_START and GOOD_START at
+    the sites: the run's DP plan and every site's training take the recipe's rate for that score,
+    larger than the rate a good public model gets."""
+    weights = tmp_path / "public.pt"
+    pretrain(study_2d / "site-a", weights, tiny_config(study_2d, tmp_path, local_epochs=1))
+    cfg = tiny_config(study_2d, tmp_path / "runs", num_server_rounds=1, dp="sample",
+                      dp_noise_multiplier=0.5, pretrained_weights=str(weights))
+    run_dir = simulate(cfg, num_cpus=2)
+
+    info = json.loads((run_dir / "run.json").read_text())
+    start = info["pretrained_alone"]["in_federation"]["mean"]
+    assert NO_WARM_START < start < GOOD_START, start  # the premise: a weak but real warm start
+    planned = {site: plan["lr"] for site, plan in info["dp_plan"].items()}
+    trained = json.loads((run_dir / "rounds.jsonl").read_text().splitlines()[0])["train"]
+    assert {site: m["dp-lr"] for site, m in trained.items()} == pytest.approx(planned)
+    noise_ratio = {site: min(1.0, WARM_NOISE / plan["noise_to_signal"]) for site, plan in info["dp_plan"].items()}
+    assert planned == pytest.approx({s: warm_lr(start) * f for s, f in noise_ratio.items()})
+    assert all(lr > RECIPE["lr_warm"] * noise_ratio[s] for s, lr in planned.items())
