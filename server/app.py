@@ -137,7 +137,7 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation) -> ArrayRecord:
     if cfg.dp == "sample" and (cfg is not run.cfg or start_dice >= 0):  # the recipe's plan changed
         run.folder.write_run_info({**run.folder.read_run_info(), "dp_plan": dp_plan(
             cfg.site_round(fed.spec, run.run_id, start_dice=start_dice), fed)})
-    average = ModelAverage(ema_decay(cfg), run.start_average)
+    average = ModelAverage(ema_decay(cfg, start_dice), run.start_average)
     strategy = build_strategy(cfg, fed.site_of, fed.heldout_nodes, recorder, round_log,
                               round_offset=run.done, average=average, resume_state=run.server_state,
                               on_round_trained=round_log.trained)

@@ -109,6 +109,9 @@ def test_few_cases_are_warned_with_what_to_do():
 
 def test_the_servers_moving_average_is_on_only_for_warm_started_record_level_dp_unless_set():
     assert ema_decay(RunConfig(dp="sample", pretrained_weights="public.pt")) == RECIPE["ema"]
+    assert ema_decay(RunConfig(dp="sample", pretrained_weights="public.pt"), start_dice=0.803) == RECIPE["ema"]
+    # from a weak start the model climbs and the average lags it, as from scratch
+    assert ema_decay(RunConfig(dp="sample", pretrained_weights="public.pt"), start_dice=0.385) == 0.0
     assert ema_decay(RunConfig(dp="sample")) == 0.0  # from scratch the average lags the model
     assert ema_decay(RunConfig()) == 0.0 and ema_decay(RunConfig(dp="client")) == 0.0
     assert ema_decay(RunConfig(dp="sample", dp_ema=0.0)) == 0.0

@@ -87,7 +87,7 @@ def test_pretrained_weights_that_fail_at_the_sites_train_as_from_scratch(study_2
 def test_under_dp_the_sites_step_by_what_the_pretrained_model_scored(study_2d, tmp_path):
     """A weak public model (one pretraining pass) scores between NO_WARM_START and GOOD_START at
     the sites: the run's DP plan and every site's training take the recipe's rate for that score,
-    larger than the rate a good public model gets."""
+    larger than the rate a good public model gets, and the server keeps no moving average."""
     weights = tmp_path / "public.pt"
     pretrain(study_2d / "site-a", weights, tiny_config(study_2d, tmp_path, local_epochs=1))
     cfg = tiny_config(study_2d, tmp_path / "runs", num_server_rounds=1, dp="sample",
@@ -103,3 +103,5 @@ def test_under_dp_the_sites_step_by_what_the_pretrained_model_scored(study_2d, t
     noise_ratio = {site: min(1.0, WARM_NOISE / plan["noise_to_signal"]) for site, plan in info["dp_plan"].items()}
     assert planned == pytest.approx({s: warm_lr(start) * f for s, f in noise_ratio.items()})
     assert all(lr > RECIPE["lr_warm"] * noise_ratio[s] for s, lr in planned.items())
+    checkpoint = torch.load(run_dir / "checkpoints" / "round-1.pt", weights_only=False)
+    assert checkpoint.get("average_state_dict") is None  # the average would lag a climbing model
