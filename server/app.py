@@ -94,7 +94,11 @@ def initial_model(run: OpenRun, sites: dict[int, dict[str, Any]]) -> Federation:
         shared |= ({k: v for k, v in run.start_state.items() if k.startswith(UNSEEN_PREFIX)}
                    if run.start_state is not None else unseen_norm_set(model.state_dict(), local))
     fed = Federation(sites, site_of, heldout, training, spec, local, shared)
-    dp_plans = dp_plan(cfg.site_round(spec, run.run_id), fed) if cfg.dp == "sample" else None
+    dp_plans = None
+    if cfg.dp == "sample":  # a fresh warm run is planned again once the sites have scored its weights
+        start_dice = pretrained_dice(cfg, run.folder.read_run_info()) if run.done else -1.0
+        dp_plans = dp_plan(cfg.site_round(spec, run.run_id, start_dice=start_dice), fed,
+                           announce=run.done > 0 or not cfg.pretrained_weights)
     if run.done:
         info = {**run.folder.read_run_info(), "config": cfg.to_dict(), "resumed": now(),
                 "resumed_from_round": run.done}
@@ -134,7 +138,7 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation) -> ArrayRecord:
         record_start_scores(run, fed, score_start(grid, fed.site_of, initial, start_config, cfg))
     cfg = without_failed_warm_start(cfg, fed.spec, run.folder.read_run_info())
     start_dice = pretrained_dice(cfg, run.folder.read_run_info())
-    if cfg.dp == "sample" and (cfg is not run.cfg or start_dice >= 0):  # the recipe's plan changed
+    if cfg.dp == "sample" and (cfg is not run.cfg or (run.cfg.pretrained_weights and not run.done)):
         run.folder.write_run_info({**run.folder.read_run_info(), "dp_plan": dp_plan(
             cfg.site_round(fed.spec, run.run_id, start_dice=start_dice), fed)})
     average = ModelAverage(ema_decay(cfg, start_dice), run.start_average)
@@ -194,10 +198,10 @@ def without_failed_warm_start(cfg: RunConfig, spec: ModelSpec, info: dict[str, A
     return cfg.replace(pretrained_weights="")
 
 
-def dp_plan(round_config: SiteRoundConfig, fed: Federation) -> dict[str, Any]:
+def dp_plan(round_config: SiteRoundConfig, fed: Federation, announce: bool = True) -> dict[str, Any]:
     """What each site will train with under dp=sample (the sites derive the same from the same
-    config and their case counts): logged, with a warning where the noise will swamp the signal,
-    and returned for run.json."""
+    config and their case counts): logged (``announce``), with a warning where the noise will
+    swamp the signal, and returned for run.json."""
     plans = {}
     for info in fed.sites.values():
         site, cases = info["site"], info["num-train"]
@@ -206,8 +210,9 @@ def dp_plan(round_config: SiteRoundConfig, fed: Federation) -> dict[str, Any]:
         training = dp_training(round_config.dp, cases, round_config.batch_size, round_config.local_epochs)
         plan = plan_round(round_config.dp, cases, training)
         training = fit_to_noise(round_config.dp, training, plan)
-        log.info("%s", describe(site, cases, training, plan, round_config.dp))
-        if (text := warning(site, cases, training, plan, round_config.dp.warm_start)) is not None:
+        if announce:
+            log.info("%s", describe(site, cases, training, plan, round_config.dp))
+        if announce and (text := warning(site, cases, training, plan, round_config.dp.warm_start)):
             log.warning("%s", text)
         plans[site] = {**asdict(training), **asdict(plan), "noise_to_signal": noise_to_signal(plan, training)}
     return plans
