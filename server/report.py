@@ -110,8 +110,12 @@ def write_report(run_dir: str | Path) -> Path:
     summary = json.loads((folder.dir / "summary.json").read_text())
     training, heldout = info["training_sites"], info["heldout_sites"]
     plots = folder.dir / "plots"
+    start = {site: scores["dice"] for site, scores in info.get("pretrained_alone", {}).get("sites", {}).items()
+             if scores.get("dice") is not None}  # round 0: the pretrained model alone
     figures = {
-        "dice.png": _curves(rounds, training + heldout, "eval", "dice", "validation Dice"),
+        "dice.png": _curves(rounds, training + heldout, "eval", "dice",
+                            "validation Dice (round 0: the pretrained model alone)" if start
+                            else "validation Dice", start),
         "loss.png": _curves(rounds, training, "train", "train-loss", "training loss"),
     }
     for metric in INSTANCE_METRICS:
@@ -275,11 +279,19 @@ def write_study_report(out_dir: Path, comparison: list[dict[str, Any]], matrix: 
     return path
 
 
-def _curves(rounds: list[dict[str, Any]], sites: list[str], part: str, key: str, title: str) -> bytes:
+def curve_points(rounds: list[dict[str, Any]], site: str, part: str, key: str,
+                 start: dict[str, float] | None = None) -> list[tuple[int, float]]:
+    """(round, value) of one site's curve; ``start``: values before round 1, drawn at round 0."""
+    points = [(r["round"], r[part][site][key]) for r in rounds
+              if site in r[part] and r[part][site].get(key) is not None]
+    return ([(0, start[site])] if start and site in start else []) + points
+
+
+def _curves(rounds: list[dict[str, Any]], sites: list[str], part: str, key: str, title: str,
+            start: dict[str, float] | None = None) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
     for site in sites:
-        points = [(r["round"], r[part][site][key]) for r in rounds
-                  if site in r[part] and r[part][site].get(key) is not None]
+        points = curve_points(rounds, site, part, key, start)
         if points:
             ax.plot(*zip(*points), marker="o", label=site)
     ax.set_xlabel("round")

@@ -13,7 +13,7 @@ from fedseg.common.dp_recipe import GOOD_START, NO_WARM_START, RECIPE, WARM_NOIS
 from fedseg.client.state import SiteState
 from fedseg.common.models import UNSEEN_PREFIX, ModelSpec, build_model, local_keys
 from fedseg.common.weights import load_pretrained
-from fedseg.server.report import site_table
+from fedseg.server.report import curve_points, site_table
 from fedseg.simulations.pooled import pretrain
 from fedseg.simulations.simulate import simulate
 from tests.conftest import tiny_config
@@ -42,6 +42,10 @@ def test_sites_score_the_pretrained_model_alone_before_round_1(study_2d, tmp_pat
     assert start["heldout_summary"]["mean"] == pytest.approx(start["sites"]["site-c"]["dice"])
     assert "the pretrained model alone (before round 1)" in site_table(run_dir)
     assert "pretrained model alone, in federation" in (run_dir / "report.html").read_text()
+    rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    alone = {site: scores["dice"] for site, scores in start["sites"].items()}
+    assert curve_points(rounds, "site-a", "eval", "dice", alone)[:2] == [  # the Dice curve starts at round 0
+        (0, alone["site-a"]), (1, rounds[0]["eval"]["site-a"]["dice"])]
 
     info = json.loads((run_dir / "run.json").read_text())
     pretrained = torch.load(weights, weights_only=True)
