@@ -136,8 +136,9 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation) -> ArrayRecord:
     if cfg.pretrained_weights and not run.done:
         start_config = ConfigRecord(cfg.site_round(fed.spec, run.run_id, sim_state_root(run)).to_record())
         record_start_scores(run, fed, score_start(grid, fed.site_of, initial, start_config, cfg))
-    cfg = without_failed_warm_start(cfg, fed.spec, run.folder.read_run_info())
-    start_dice = pretrained_dice(cfg, run.folder.read_run_info())
+    info = run.folder.read_run_info()
+    cfg = without_failed_warm_start(cfg, fed.spec, info)
+    start_dice = pretrained_dice(cfg, info)
     if cfg.dp == "sample" and (cfg is not run.cfg or (run.cfg.pretrained_weights and not run.done)):
         run.folder.write_run_info({**run.folder.read_run_info(), "dp_plan": dp_plan(
             cfg.site_round(fed.spec, run.run_id, start_dice=start_dice), fed)})
@@ -188,10 +189,10 @@ def without_failed_warm_start(cfg: RunConfig, spec: ModelSpec, info: dict[str, A
     distribution); then it trains from them as from scratch: the DP recipe's scratch learning
     rate, no server average (both tuned for a good start), and the sites' fresh local norms. A
     partial file (an encoder, a backbone) may score 0 and still help, so it is left alone."""
-    mean = info.get("pretrained_alone", {}).get("in_federation", {}).get("mean")
+    mean = pretrained_dice(cfg, info)
     whole = (MODEL_KINDS[spec.model].dense and (info.get("pretrained") or {}).get("skipped") == 0
              and info["pretrained"]["loaded"] == len(build_model(spec).state_dict()))
-    if not cfg.pretrained_weights or not whole or mean is None or mean >= NO_WARM_START:
+    if not whole or mean < 0 or mean >= NO_WARM_START:
         return cfg
     log.warning("the pretrained model scores mean Dice %.3f at the training sites: it is no warm "
                 "start for these sites, so the run trains from it as from scratch", mean)
