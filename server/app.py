@@ -140,7 +140,7 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation) -> ArrayRecord:
     cfg = without_failed_warm_start(cfg, fed.spec, info)
     start_dice = pretrained_dice(cfg, info)
     if cfg.dp == "sample" and (cfg is not run.cfg or (run.cfg.pretrained_weights and not run.done)):
-        run.folder.write_run_info({**run.folder.read_run_info(), "dp_plan": dp_plan(
+        run.folder.write_run_info({**info, "dp_plan": dp_plan(
             cfg.site_round(fed.spec, run.run_id, start_dice=start_dice), fed)})
     average = ModelAverage(ema_decay(cfg, start_dice), run.start_average)
     strategy = build_strategy(cfg, fed.site_of, fed.heldout_nodes, recorder, round_log,
