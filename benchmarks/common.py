@@ -22,7 +22,7 @@ def machine() -> str:
 
 def report(name: str, rows: list[dict[str, Any]], extra: dict[str, Any]) -> Path:
     """Print rows as a table and write them (plus ``extra``) to ``benchmarks/out/<name>.json``."""
-    cols = list(rows[0]) if rows else []
+    cols = list(dict.fromkeys(k for r in rows for k in r))  # rows may lack a column
     cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))

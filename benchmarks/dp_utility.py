@@ -55,6 +55,13 @@ def hippocampus_split(work: Path, public_cases: int) -> tuple[Path, Path]:
     return work / "public", work / "private"
 
 
+def label_dice(scores: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each foreground label's Dice averaged over the sites (a DP model can learn one structure
+    and miss another: on Hippocampus it finds the posterior part long before the anterior)."""
+    keys = sorted({k for site in scores.values() for k in site if k.startswith("dice-")})
+    return {f"mean {k}": sum(site[k] for site in scores.values()) / len(scores) for k in keys}
+
+
 def run(label: str, init: str, cfg: RunConfig, rows: list[dict]) -> None:
     started = time.monotonic()
     run_dir = simulate(cfg)
@@ -63,12 +70,13 @@ def run(label: str, init: str, cfg: RunConfig, rows: list[dict]) -> None:
         start = summary["pretrained_alone"]["in_federation"]
         rows.append({"run": "pretrained model alone", "init": init, "max epsilon spent": None,
                      "mean dice": start["mean"], "worst site dice": start["worst_dice"],
-                     "s/round": None, "wall s": None})
+                     **label_dice(summary["pretrained_alone"]["sites"]), "s/round": None, "wall s": None})
     rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
     dp = summary.get("record_level_dp", {})
     rows.append({"run": label, "init": init, "max epsilon spent": dp.get("max_epsilon"),
                  "mean dice": summary["in_federation"]["mean"],
                  "worst site dice": summary["in_federation"]["worst_dice"],
+                 **label_dice(rounds[-1]["eval"]),
                  "s/round": sum(r["seconds"] for r in rounds) / len(rounds),
                  "wall s": time.monotonic() - started})
     print(rows[-1], flush=True)
