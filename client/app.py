@@ -104,7 +104,7 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
         lr=cfg.round_lr(server_round), patch_size=cfg.patch_size,
         seed=case_seed(cfg.data.seed, spec.name, server_round),
         proximal_mu=cfg.proximal_mu, global_params=mine.shared, device=device, dp=dp, augment=cfg.augment,
-        cache_mb=cfg.site_cache_mb,
+        cache_mb=cfg.site_cache_mb, flips=cfg.flip_axes,
         precision=site_precision(cfg.amp, device, dp=dp is not None, deterministic=cfg.deterministic))
     mine.save_local_layers(server_round)
     log.info("site %s round %d: loss %.4f over %d cases, %d steps", spec.name, server_round,

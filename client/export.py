@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedseg.client.site_model import saved_model
+from fedseg.client.site_model import saved_model, trained_flip_axes
 from fedseg.client.tasks import task_for
 from fedseg.common.atomic import atomic_write_json
 from fedseg.common.config import ModelSpec
@@ -67,7 +67,8 @@ def export_onnx(model_path: str | Path, state_dir: str | Path | None, output: st
         staged.unlink()
         raise RuntimeError(f"{model_path}: the exported graph's logits differ from the PyTorch model's "
                            f"by up to {diff:.3g} (allowed {MAX_ABS_DIFF:g}); nothing written")
-    info = {"format": "onnx", "model": spec.to_dict(), "patch_size": patch, "source": str(model_path),
+    info = {"format": "onnx", "model": spec.to_dict(), "patch_size": patch,
+            "flip_axes": list(trained_flip_axes(model_path, spec)), "source": str(model_path),
             "local_layers": bool(state_dir), "check": {"max_abs_diff": diff, "label_agreement": agreement},
             "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__}}
     os.replace(staged, output)

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from fedseg.client.adaptation import adapt_to_site
-from fedseg.client.export import OnnxNetwork, exported_model
-from fedseg.client.site_model import saved_model
+from fedseg.client.export import SIDECAR, OnnxNetwork, exported_model
+from fedseg.client.site_model import saved_model, trained_flip_axes
 from fedseg.client.tasks import task_for
 from fedseg.common.atomic import atomic_write_json
 from fedseg.common.config import ModelSpec
@@ -59,7 +59,8 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
         ensemble: more fedseg models (other rounds' checkpoints, other runs) whose class
             probabilities are averaged with the main model's.
         uncertainty: also write ``<case>_uncertainty`` maps: per-pixel entropy of the averaged
-            probabilities (of the ensemble, else of test-time flips), same geometry as the image.
+            probabilities (of the ensemble, else of test-time flips along the axes the run's
+            training mirrored patches along: none, for scanner images), same geometry as the image.
         pre_annotate: write ``pre_annotations.json``, the predicted labels as a dataset.json
             fragment, most uncertain case first, so annotators correct the worst cases first.
         adapt: first adapt each model's norm layers to this folder's images (BatchNorm
@@ -89,6 +90,7 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
         adapt_members(members, task, images, patch, device, model_path)
     precision = site_precision(amp, device)
     averaged = task.dense_logits and (len(members) > 1 or uncertainty or pre_annotate)
+    test_flips = _flip_axes(model_path, spec) if averaged and len(members) == 1 else ()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = []
@@ -99,7 +101,7 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
             raise DataError(f"{path}: has shape {tuple(image.shape)}, the model is {spec.spatial_dims}D")
         with precision.autocast():
             if averaged:
-                probs = task.probabilities(members, image, patch, device, flips=len(members) == 1).float()
+                probs = task.probabilities(members, image, patch, device, flips=test_flips).float()
             else:
                 labels = task.infer(model, image, patch, device).labels
         score = entropy = None
@@ -133,6 +135,13 @@ def _load(path: str | Path, state_dir: str | Path | None) -> tuple[torch.nn.Modu
             log.info("%s holds the local layers it was exported with; --state-dir is not read", path)
         return exported_model(path)
     return saved_model(path, state_dir)
+
+
+def _flip_axes(path: str | Path, spec: ModelSpec) -> tuple[int, ...]:
+    """The axes a model's training mirrored patches along (its sidecar's, for an exported one)."""
+    if str(path).endswith(".onnx"):
+        return tuple(json.loads(Path(str(path) + SIDECAR).read_text()).get("flip_axes", range(spec.spatial_dims)))
+    return trained_flip_axes(path, spec)
 
 
 def adapt_members(members: list[torch.nn.Module], task, images: list[Path], patch: int, device: str,

@@ -135,7 +135,7 @@ def describe_site(site: SiteLocation, data: SiteData) -> tuple[dict[str, Any], l
     return {"site": site.ref.name, "problems": 0, "spatial-dims": spec.spatial_dims,
             "in-channels": image_channels(spec), "num-classes": spec.num_classes, "task": spec.task,
             "label-names": [spec.labels.get(i, str(i)) for i in range(spec.num_classes)],
-            "distance-unit": distance_unit(spec),
+            "distance-unit": distance_unit(spec), "modality": spec.modality,
             "num-train": len(train) if spec.training else 0, "num-val": len(val)}, []
 
 

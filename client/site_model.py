@@ -106,6 +106,20 @@ def saved_model(model_path: str | Path, state_dir: str | Path | None) -> tuple[n
     return model.eval(), spec, int(saved["patch_size"])
 
 
+def trained_flip_axes(model_path: str | Path, spec: ModelSpec) -> tuple[int, ...]:
+    """The spatial axes a run's training patches were mirrored along (``fedseg predict``'s
+    test-time flips follow them); every axis for a model saved before runs recorded it.
+
+    Raises:
+        DataError: unreadable model file.
+    """
+    try:
+        saved = torch.load(model_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means the file is not a fedseg model
+        raise DataError(f"{model_path}: not a fedseg global model ({err})") from None
+    return tuple(saved.get("flip_axes", range(spec.spatial_dims)))
+
+
 def _signature(model: nn.Module, spec: ModelSpec, local_layers: str, local: set[str]) -> str:
     state = model.state_dict()
     return model_signature(spec, local_layers, {k: state[k] for k in local})

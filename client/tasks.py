@@ -69,15 +69,17 @@ class Task(ABC):
         return MODEL_KINDS[self.spec.model].dense
 
     def training_data(self, site: SiteSpec, cases: list[Case], patch_size: int, seed: int,
-                      augment: bool = False, cache_mb: int = 0) -> Sequence[Any]:
+                      augment: bool = False, cache_mb: int = 0,
+                      flips: tuple[int, ...] | None = None) -> Sequence[Any]:
         """Cases decoded once (and, with ``cache_mb``, kept for later rounds in this process);
-        indexing one draws a fresh random patch of it (with ``augment``, also a random
+        indexing one draws a fresh random patch of it, mirrored at random along ``flips`` (None:
+        the site's modality decides, ``data.flip_axes``; with ``augment``, also a random
         appearance), the random stream starting from ``seed`` either way."""
-        dataset = cached_dataset(site, cases, (patch_size, self.keep_instances, augment), cache_mb,
+        dataset = cached_dataset(site, cases, (patch_size, self.keep_instances, augment, flips), cache_mb,
                                     lambda: CacheDataset(to_dicts(cases), cache_rate=1.0, num_workers=0,
                                                          progress=False, transform=train_transforms(
                                                              site, patch_size, keep_instances=self.keep_instances,
-                                                             augment=augment)))
+                                                             augment=augment, flips=flips)))
         dataset.transform.set_random_state(seed=seed)
         return _FirstPatch(dataset)
 
@@ -147,11 +149,11 @@ class SemanticTask(Task):
 
     @torch.no_grad()
     def probabilities(self, models: list[nn.Module], image: torch.Tensor, patch_size: int, device: str,
-                      flips: bool = False) -> torch.Tensor:
+                      flips: tuple[int, ...] = ()) -> torch.Tensor:
         """Class probabilities (C, *spatial) of a whole image by sliding windows, averaged over
-        ``models`` (an ensemble) and, with ``flips``, over the image flipped along each axis."""
+        ``models`` (an ensemble) and over the image mirrored along each spatial axis in ``flips``."""
         roi = (patch_size,) * (image.ndim - 1)
-        views = [()] + ([(axis,) for axis in range(2, image.ndim + 1)] if flips else [])
+        views = [()] + [(axis + 2,) for axis in flips]
         total = torch.zeros(())
         for model in models:
             for axes in views:

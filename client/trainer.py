@@ -56,6 +56,7 @@ def train_local(
     augment: bool = False,
     cache_mb: int = 0,
     precision: Precision | None = None,
+    flips: tuple[int, ...] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``cases``: one random patch per case per step it is in.
 
@@ -83,13 +84,15 @@ def train_local(
             MiB in all (``client/site_cache.py``; 0: off).
         precision: mixed precision of the forward passes (``common/precision.py``; None:
             float32). DP steps always compute in float32.
+        flips: spatial axes patches are randomly mirrored along (None: the site's modality
+            decides, ``data.flip_axes``).
 
     Returns:
         Mean training loss, number of cases (FedAvg's weight), optimizer steps, and the
         site's cumulative epsilon when ``dp`` is set.
     """
     set_determinism(seed=seed)
-    data = task.training_data(site, cases, patch_size, seed, augment, cache_mb)
+    data = task.training_data(site, cases, patch_size, seed, augment, cache_mb, flips)
     model.to(device).train()
     model.to(memory_format=training_layout(task.spec, device, private=dp is not None))
     if dp is None:

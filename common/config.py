@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ DP_MODES = ("off", "sample", "client")
 TRANSFER_DTYPES = ("float32", "float16")  # Flower carries NumPy arrays: no bfloat16
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
+FLIPS = re.compile(r"auto|all|none|[0-2](,[0-2])*")
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,10 @@ class RunConfig:
         val_fraction: share of a site's training cases held out for its validation, in (0, 1).
         augment: random appearance changes while training (intensity, contrast, noise, blur, a
             bias field for MRI/CT, a colour jitter for RGB H&E): robustness to other hospitals.
+        flips: spatial axes training patches are randomly mirrored along: ``auto`` (every axis
+            for histology, none for scanner images, which keep the patient's orientation),
+            ``all``, ``none``, or axes such as ``0,2``; ``fedseg predict``'s test-time flips
+            follow the run's.
         site_cache_mb: MiB of decoded training cases a site process keeps across rounds
             (simulation workers; 0: read from disk every round), >= 0.
         dp: ``off``; ``sample``: record-level DP-SGD at every site (Opacus, one case = one unit);
@@ -179,6 +185,7 @@ class RunConfig:
     round_timeout: float = 3600.0
     val_fraction: float = 0.25
     augment: bool = False
+    flips: str = "auto"
     site_cache_mb: int = 1024
     dp: str = "off"
     dp_noise_multiplier: float = 1.0
@@ -236,6 +243,8 @@ class RunConfig:
             ("round-timeout", self.round_timeout > 0, "must be > 0"),
             ("val-fraction", 0 < self.val_fraction < 1, "must be in (0, 1)"),
             ("site-cache-mb", self.site_cache_mb >= 0, "must be >= 0 (0: no cache)"),
+            ("flips", FLIPS.fullmatch(self.flips) is not None,
+             "must be auto, all, none or spatial axes such as 0,2"),
             ("dp", self.dp in DP_MODES, f"must be one of {DP_MODES}"),
             ("dp-noise-multiplier", self.dp_noise_multiplier >= 0, "must be >= 0"),
             ("dp-max-grad-norm", self.dp_max_grad_norm > 0 or self.dp_max_grad_norm == AUTO,
@@ -319,15 +328,17 @@ class RunConfig:
         return SiteData(self.seed, self.val_fraction, self.study_dir, self.split_site, state_root)
 
     def site_round(self, model: ModelSpec, run_id: str, state_root: str = "",
-                   start_dice: float = -1.0) -> SiteRoundConfig:
+                   start_dice: float = -1.0, flip_axes: tuple[int, ...] = ()) -> SiteRoundConfig:
         """The typed round config every site receives: only what a site needs, nothing the
         server keeps to itself (output folder, its weights path, resume flags, strategy knobs);
-        ``start_dice``: what the pretrained weights scored at the training sites (DP's warm rate)."""
+        ``start_dice``: what the pretrained weights scored at the training sites (DP's warm rate);
+        ``flip_axes``: the run's ``flips`` resolved for the sites' data (``data.flip_axes``)."""
         return SiteRoundConfig(
             run_name=self.run_name, run_id=run_id, model=model, local_layers=self.local_layers,
             local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
             lr_schedule=self.lr_schedule, num_rounds=self.num_server_rounds,
-            patch_size=self.patch_size, augment=self.augment, site_cache_mb=self.site_cache_mb,
+            patch_size=self.patch_size, augment=self.augment, flip_axes=flip_axes,
+            site_cache_mb=self.site_cache_mb,
             proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
             min_group_cases=self.min_group_cases, heldout_sites=self.heldout_sites,
             evaluate_in_train=False,  # the server asks for it per train message
@@ -462,6 +473,7 @@ class SiteRoundConfig:
         model: the network to build.
         local_layers: which layers stay at the site.
         local_epochs, batch_size, lr, patch_size, augment: training schedule.
+        flip_axes: spatial axes training patches are randomly mirrored along.
         lr_schedule, num_rounds: how ``lr`` changes over the run's rounds (``round_lr``).
         site_cache_mb: decoded training cases kept across rounds in one process.
         proximal_mu: FedProx weight (0 unless the strategy is FedProx).
@@ -487,6 +499,7 @@ class SiteRoundConfig:
     num_rounds: int
     patch_size: int
     augment: bool
+    flip_axes: tuple[int, ...]
     site_cache_mb: int
     proximal_mu: float
     min_group_cases: int

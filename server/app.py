@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedseg.common.config import MODEL_KINDS, ModelSpec, RunConfig, SiteRoundConfig
+from fedseg.common.data import flip_axes
 from fedseg.common.logs import setup_logging
 from fedseg.common.dp_recipe import (NO_WARM_START, describe, dp_training, ema_decay, fit_to_noise,
                                      noise_to_signal, plan_round, warning)
@@ -53,11 +54,13 @@ class Federation:
     spec: ModelSpec
     local: set[str]
     shared: dict[str, torch.Tensor]
+    flip_axes: tuple[int, ...]
 
     def checkpoint_meta(self, run: OpenRun) -> dict[str, Any]:
         """What every checkpoint carries beside the weights (see ``checkpoints.META_KEYS``)."""
         return {"model": self.spec.to_dict(), "local_layers": run.cfg.local_layers,
                 "local_keys": sorted(self.local), "patch_size": run.cfg.patch_size,
+                "flip_axes": list(self.flip_axes),
                 "run_name": run.cfg.run_name, "run_id": run.run_id}
 
 
@@ -93,11 +96,14 @@ def initial_model(run: OpenRun, sites: dict[int, dict[str, Any]]) -> Federation:
     if cfg.local_layers == "norm":  # the unseen-site norm set: from the checkpoint, or the initial norms
         shared |= ({k: v for k, v in run.start_state.items() if k.startswith(UNSEEN_PREFIX)}
                    if run.start_state is not None else unseen_norm_set(model.state_dict(), local))
-    fed = Federation(sites, site_of, heldout, training, spec, local, shared)
+    flips = flip_axes(cfg.flips, spec.spatial_dims, [str(i.get("modality", "")) for i in sites.values()])
+    log.info("training patches are mirrored %s (run-config flips=%s)",
+             f"at random along axes {', '.join(map(str, flips))}" if flips else "along no axis", cfg.flips)
+    fed = Federation(sites, site_of, heldout, training, spec, local, shared, flips)
     dp_plans = None
     if cfg.dp == "sample":  # a fresh warm run is planned again once the sites have scored its weights
         start_dice = pretrained_dice(cfg, run.folder.read_run_info()) if run.done else -1.0
-        dp_plans = dp_plan(cfg.site_round(spec, run.run_id, start_dice=start_dice), fed,
+        dp_plans = dp_plan(cfg.site_round(spec, run.run_id, start_dice=start_dice, flip_axes=flips), fed,
                            announce=run.done > 0 or not cfg.pretrained_weights)
     if run.done:
         info = {**run.folder.read_run_info(), "config": cfg.to_dict(), "resumed": now(),
@@ -105,6 +111,7 @@ def initial_model(run: OpenRun, sites: dict[int, dict[str, Any]]) -> Federation:
     else:
         info = {"config": cfg.to_dict(), "run_id": run.run_id, "model": spec.to_dict(),
                 "versions": versions(), "sites": {i["site"]: _public(i) for i in sites.values()},
+                "flip_axes": list(flips),
                 "training_sites": training, "heldout_sites": sorted(cfg.heldout_sites),
                 "seed": cfg.seed, "started": now(), "ended": None,
                 "pretrained": pretrained.to_dict() if pretrained else None, "dp_plan": dp_plans,
@@ -134,21 +141,22 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation) -> ArrayRecord:
             round_log(run.done, initial, initial)
         return initial
     if cfg.pretrained_weights and not run.done:
-        start_config = ConfigRecord(cfg.site_round(fed.spec, run.run_id, sim_state_root(run)).to_record())
+        start_config = ConfigRecord(cfg.site_round(fed.spec, run.run_id, sim_state_root(run),
+                                                   flip_axes=fed.flip_axes).to_record())
         record_start_scores(run, fed, score_start(grid, fed.site_of, initial, start_config, cfg))
     info = run.folder.read_run_info()
     cfg = without_failed_warm_start(cfg, fed.spec, info)
     start_dice = pretrained_dice(cfg, info)
     if cfg.dp == "sample" and (cfg is not run.cfg or (run.cfg.pretrained_weights and not run.done)):
         run.folder.write_run_info({**info, "dp_plan": dp_plan(
-            cfg.site_round(fed.spec, run.run_id, start_dice=start_dice), fed)})
+            cfg.site_round(fed.spec, run.run_id, start_dice=start_dice, flip_axes=fed.flip_axes), fed)})
     average = ModelAverage(ema_decay(cfg, start_dice), run.start_average)
     strategy = build_strategy(cfg, fed.site_of, fed.heldout_nodes, recorder, round_log,
                               round_offset=run.done, average=average, resume_state=run.server_state,
                               on_round_trained=round_log.trained)
     if run.pending_record is not None:  # the next round's training replies bring its scores
         strategy.pending = (run.done, initial, initial, run.server_state or {})
-    round_config = cfg.site_round(fed.spec, run.run_id, sim_state_root(run), start_dice)
+    round_config = cfg.site_round(fed.spec, run.run_id, sim_state_root(run), start_dice, fed.flip_axes)
     log.info("federated %s over %d site(s) (%s), %d round(s)%s", cfg.strategy,
              len(fed.training_sites), ", ".join(fed.training_sites), cfg.num_server_rounds,
              f", resuming after round {run.done}" if run.done else "")

@@ -20,7 +20,7 @@ from fedseg.common.atomic import atomic_torch_save
 log = logging.getLogger(__name__)
 
 _ROUND_FILE = re.compile(r"round-(\d+)\.pt$")
-META_KEYS = ("model", "local_layers", "local_keys", "patch_size", "run_name", "run_id")
+META_KEYS = ("model", "local_layers", "local_keys", "patch_size", "flip_axes", "run_name", "run_id")
 
 
 def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, meta: dict[str, Any],

@@ -13,7 +13,7 @@ from fedseg.client.tasks import Task, task_for
 from fedseg.client.trainer import train_local
 from fedseg.common.atomic import atomic_torch_save
 from fedseg.common.config import ConfigError, ModelSpec, RunConfig, round_lr
-from fedseg.common.data import (SiteRef, SiteSpec, case_seed, image_channels, read_site,
+from fedseg.common.data import (SiteRef, SiteSpec, case_seed, flip_axes, image_channels, read_site,
                                split_training, study_sites)
 from fedseg.common.devices import resolve_device
 from fedseg.common.models import build_model
@@ -41,6 +41,7 @@ def train_pooled(cfg: RunConfig, sites: list[SiteSpec], seed_site: str) -> tuple
     task = task_for(spec)
     device = run_device(cfg)
     options = dict(batch_size=cfg.batch_size, patch_size=cfg.patch_size, device=device, augment=cfg.augment,
+                   flips=flip_axes(cfg.flips, first.spatial_dims, [s.modality for s in sites]),
                    precision=site_precision(cfg.amp, device, deterministic=cfg.deterministic))
     if cfg.lr_schedule == "constant":
         train_local(model, task, first, cases, epochs=cfg.num_server_rounds * cfg.local_epochs, lr=cfg.lr,

@@ -7,11 +7,13 @@ from flwr.app import ArrayRecord
 from PIL import Image
 
 from fedseg.client.site_model import saved_model
+from fedseg.client.tasks import task_for
 from fedseg.client.state import SiteState
 from fedseg.common.models import (ModelSpec, build_model, local_keys, model_signature, split_state,
                                   unseen_norm_set)
 from fedseg.server.checkpoints import save_global_model
 from fedseg.common.cli import main
+from fedseg.common.data import image_transforms
 from fedseg.simulations.synth import write_study
 
 
@@ -22,7 +24,7 @@ def _run_dir(tmp_path, spec: ModelSpec):
     local = local_keys(model, spec, "norm")
     shared, kept = split_state(model, local)
     meta = {"model": spec.to_dict(), "local_layers": "norm", "local_keys": sorted(local),
-            "patch_size": 16, "run_name": "study", "run_id": "feedface00000000"}
+            "patch_size": 16, "flip_axes": [], "run_name": "study", "run_id": "feedface00000000"}
     save_global_model(tmp_path / "run", 1, ArrayRecord(shared), meta)
     signature = model_signature(spec, "norm", kept)
     kept = {k: (v + 0.5 if v.is_floating_point() else v) for k, v in kept.items()}  # the site's own
@@ -86,7 +88,7 @@ def test_a_new_site_predicts_with_the_unseen_site_norm_set(tmp_path):
     shared, kept = split_state(model, local)
     unseen = {k: v + 0.25 for k, v in unseen_norm_set(model.state_dict(), local).items()}
     meta = {"model": spec.to_dict(), "local_layers": "norm", "local_keys": sorted(local),
-            "patch_size": 16, "run_name": "study", "run_id": "feedface00000000"}
+            "patch_size": 16, "flip_axes": [], "run_name": "study", "run_id": "feedface00000000"}
     save_global_model(tmp_path / "run", 1, ArrayRecord({**shared, **unseen}), meta)
     new_site, _, _ = saved_model(tmp_path / "run" / "model" / "global.pt", tmp_path / "never-trained")
     for key, value in kept.items():
@@ -123,3 +125,26 @@ def test_adapt_on_a_model_it_cannot_change_is_a_clear_error(tmp_path, capsys):
                  "--adapt"]) == 2
     err = capsys.readouterr().err
     assert str(model) in err and "--adapt does not apply" in err
+
+
+def test_test_time_flips_follow_the_axes_the_run_mirrored_its_patches_along(tmp_path):
+    """A run that never mirrored its patches (scanner images) is not asked about mirrored images
+    when predict estimates uncertainty; a model saved before runs recorded it flips every axis."""
+    (site,) = write_study(tmp_path / "study", sites=1, dims=2, cases=1, size=24, seed=0)
+    model = _run_dir(tmp_path, ModelSpec(2, 1, 2, (4, 8), "instance"))
+    saved = torch.load(model, weights_only=True)
+    maps = {}
+    for name, axes in (("none", []), ("all", [0, 1]), ("older", None)):
+        variant = tmp_path / name / "global.pt"
+        variant.parent.mkdir()
+        torch.save({k: v for k, v in saved.items() if k != "flip_axes"} | ({} if axes is None else {"flip_axes": axes}),
+                   variant)
+        assert main(["predict", str(site / "images"), str(tmp_path / f"out-{name}"), "--model", str(variant),
+                     "--state-dir", str(tmp_path / "state"), "--uncertainty"]) == 0
+        maps[name] = np.asarray(Image.open(tmp_path / f"out-{name}" / "case000_uncertainty.png"))
+    plain, _, _ = saved_model(model, tmp_path / "state")
+    image = image_transforms(site / "images" / "case000.png")(str(site / "images" / "case000.png"))
+    probs = task_for(ModelSpec(2, 1, 2, (4, 8), "instance")).probabilities([plain], image, 16, "cpu")
+    entropy = -(probs * probs.clamp_min(1e-8).log()).sum(0)
+    assert np.array_equal(maps["none"], (entropy / np.log(2) * 255).clamp(0, 255).numpy().astype(np.uint8))
+    assert not np.array_equal(maps["none"], maps["all"]) and np.array_equal(maps["all"], maps["older"])

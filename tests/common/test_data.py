@@ -10,10 +10,11 @@ import torch
 import pytest
 from PIL import Image
 
-from fedseg.common.data import (DataError, check_site, eval_transforms, image_channels, read_site, train_transforms,
+from fedseg.common.data import (DataError, check_site, eval_transforms, flip_axes, image_channels, read_site, train_transforms,
                                 split_training,
                                 study_sites, to_dicts)
 from fedseg.common.cli import main
+from fedseg.common.config import ConfigError, RunConfig
 from fedseg.simulations.synth import write_study
 
 
@@ -246,3 +247,31 @@ def test_augmentation_changes_only_the_image_and_keeps_the_label(tmp_path):
     a, b = plain(item)[0], augmented(item)[0]
     assert torch.equal(a["label"], b["label"])  # the same crop and flips
     assert not torch.equal(a["image"], b["image"])  # another appearance
+
+
+def test_histology_tiles_are_mirrored_and_scanner_images_keep_their_orientation():
+    assert flip_axes("auto", 2, ["histopathology (H&E, RGB brightfield)"]) == (0, 1)
+    assert flip_axes("auto", 3, ["MRI (T1-weighted)"]) == ()  # anterior stays anterior
+    assert flip_axes("auto", 2, ["H&E", "CT"]) == ()  # one scanner site is enough to keep orientation
+    assert flip_axes("all", 3, ["MRI"]) == (0, 1, 2)
+    assert flip_axes("2,0", 3, ["MRI"]) == (0, 2)
+    with pytest.raises(ConfigError, match="'flips' = '2': the images are 2D"):
+        flip_axes("2", 2, ["H&E"])
+    with pytest.raises(ConfigError, match="run-config 'flips' = 'sideways'"):
+        RunConfig(flips="sideways")
+
+
+def test_training_patches_are_mirrored_only_along_the_flip_axes(tmp_path):
+    (site,) = write_study(tmp_path, sites=1, dims=3, cases=1, size=24, seed=0)
+    spec = read_site(site)
+    item = to_dicts(list(spec.training))[0]
+    whole = eval_transforms(spec)(item)["image"]  # a 24-voxel patch of a 24^3 case is the whole case
+    seen: dict[tuple[int, ...], set[str]] = {}
+    for flips in ((), (1,)):
+        transform = train_transforms(spec, 24, flips=flips)
+        for seed in range(8):
+            transform.set_random_state(seed=seed)
+            patch = transform(item)[0]["image"]
+            seen.setdefault(flips, set()).add(
+                "plain" if torch.equal(patch, whole) else "mirrored" if torch.equal(patch, whole.flip(2)) else "other")
+    assert seen == {(): {"plain"}, (1,): {"plain", "mirrored"}}

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord
 from fedseg.server.checkpoints import latest_checkpoint, save_checkpoint, save_global_model
 
 META = {"model": {"spatial_dims": 2}, "local_layers": "norm", "local_keys": ["n.weight"],
-        "patch_size": 32, "run_name": "study", "run_id": "0123456789abcdef"}
+        "patch_size": 32, "flip_axes": [], "run_name": "study", "run_id": "0123456789abcdef"}
 
 
 def _arrays(value: float) -> ArrayRecord:
