@@ -105,10 +105,10 @@ class RunConfig:
         val_fraction: share of a site's training cases held out for its validation, in (0, 1).
         augment: random appearance changes while training (intensity, contrast, noise, blur, a
             bias field for MRI/CT, a colour jitter for RGB H&E): robustness to other hospitals.
-        flips: spatial axes training patches are randomly mirrored along: ``auto`` (every axis
-            for histology, none for scanner images, which keep the patient's orientation),
-            ``all``, ``none``, or axes such as ``0,2``; ``fedseg predict``'s test-time flips
-            follow the run's.
+        flips: spatial axes training patches are randomly mirrored along: ``auto`` (none for
+            scanner images and 3D volumes, which keep the patient's orientation; every axis for
+            other 2D images: histology, photographs), ``all``, ``none``, or axes such as ``0,2``;
+            ``fedseg predict``'s test-time flips follow the run's.
         site_cache_mb: MiB of decoded training cases a site process keeps across rounds
             (simulation workers; 0: read from disk every round), >= 0.
         dp: ``off``; ``sample``: record-level DP-SGD at every site (Opacus, one case = one unit);

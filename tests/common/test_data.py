@@ -251,7 +251,10 @@ def test_augmentation_changes_only_the_image_and_keeps_the_label(tmp_path):
 
 def test_histology_tiles_are_mirrored_and_scanner_images_keep_their_orientation():
     assert flip_axes("auto", 2, ["histopathology (H&E, RGB brightfield)"]) == (0, 1)
+    assert flip_axes("auto", 2, ["synthetic"]) == (0, 1)
     assert flip_axes("auto", 3, ["MRI (T1-weighted)"]) == ()  # anterior stays anterior
+    assert flip_axes("auto", 3, ["synthetic"]) == ()  # a volume keeps the patient's orientation
+    assert flip_axes("auto", 2, ["chest X-ray"]) == flip_axes("auto", 2, ["FLAIR, T1w, t1gd, T2w"]) == ()
     assert flip_axes("auto", 2, ["H&E", "CT"]) == ()  # one scanner site is enough to keep orientation
     assert flip_axes("all", 3, ["MRI"]) == (0, 1, 2)
     assert flip_axes("2,0", 3, ["MRI"]) == (0, 2)
