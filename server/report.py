@@ -128,8 +128,10 @@ def write_report(run_dir: str | Path) -> Path:
         atomic_write_bytes(plots / name, png)
 
     cfg = info["config"]
+    mirrored = ("" if "flip_axes" not in info else  # runs before fedseg recorded it
+                f"patches mirrored along {'axes ' + ', '.join(map(str, info['flip_axes'])) if info['flip_axes'] else 'no axis'}, ")
     body = [f"<h1>fedseg run {html.escape(str(cfg.get('run-name', folder.dir.name)))}</h1>",
-            _para(f"strategy {cfg['strategy']}, local layers {cfg['local-layers']}, "
+            _para(f"strategy {cfg['strategy']}, local layers {cfg['local-layers']}, {mirrored}"
                   f"{summary.get('rounds', 0)} round(s), dp {cfg['dp']}, seed {cfg['seed']}; "
                   f"started {info.get('started')}, ended {info.get('ended')}")]
     fed = summary.get("in_federation", {})

@@ -98,6 +98,7 @@ def test_fedbn_norm_layers_never_leave_a_site(fedbn_run):
     assert set(global_model["state_dict"]) == sent_keys
     assert set(global_model["local_keys"]) == local
     assert global_model["flip_axes"] == [0, 1]  # 2D synthetic blobs have no orientation: mirrored
+    assert "patches mirrored along axes 0, 1" in (fedbn_run / "report.html").read_text()
 
 
 def test_packed_weights_give_the_same_run_in_fewer_bytes(fedbn_run, study_2d, tmp_path):
