@@ -57,7 +57,8 @@ def hippocampus_split(work: Path, public_cases: int) -> tuple[Path, Path]:
 
 def label_dice(scores: dict[str, dict[str, float]]) -> dict[str, float]:
     """Each foreground label's Dice averaged over the sites (a DP model can learn one structure
-    and miss another: on Hippocampus it finds the posterior part long before the anterior)."""
+    and miss another: on Hippocampus, with mirrored patches, it found the posterior part and not the
+    anterior)."""
     keys = sorted({k for site in scores.values() for k in site if k.startswith("dice-")},
                   key=lambda k: int(k.removeprefix("dice-")))  # in label order, as the report
     return {f"mean {k}": sum(site[k] for site in scores.values()) / len(scores) for k in keys}
