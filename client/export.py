@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedseg.client.site_model import saved_model, trained_flip_axes
+from fedseg.client.site_model import SavedModel, recorded_flip_axes, saved_model
 from fedseg.client.tasks import task_for
 from fedseg.common.atomic import atomic_write_json
 from fedseg.common.config import ModelSpec
@@ -39,7 +39,7 @@ def export_onnx(model_path: str | Path, state_dir: str | Path | None, output: st
         DataError: not a U-Net model, or the export packages are not installed.
         RuntimeError: the exported graph disagrees with the PyTorch model (nothing written).
     """
-    model, spec, patch = saved_model(model_path, state_dir)
+    model, spec, patch, flips = saved_model(model_path, state_dir)
     if not task_for(spec).dense_logits:
         raise DataError(f"{model_path}: fedseg export covers U-Net models; a {spec.model} model "
                         "(boxes and masks per instance) is not exported")
@@ -68,7 +68,7 @@ def export_onnx(model_path: str | Path, state_dir: str | Path | None, output: st
         raise RuntimeError(f"{model_path}: the exported graph's logits differ from the PyTorch model's "
                            f"by up to {diff:.3g} (allowed {MAX_ABS_DIFF:g}); nothing written")
     info = {"format": "onnx", "model": spec.to_dict(), "patch_size": patch,
-            "flip_axes": list(trained_flip_axes(model_path, spec)), "source": str(model_path),
+            "flip_axes": list(flips), "source": str(model_path),
             "local_layers": bool(state_dir), "check": {"max_abs_diff": diff, "label_agreement": agreement},
             "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__}}
     os.replace(staged, output)
@@ -95,8 +95,9 @@ class OnnxNetwork(nn.Module):
         return torch.from_numpy(self.session.run(None, {"image": batch})[0]).to(image.device)
 
 
-def exported_model(path: str | Path) -> tuple[OnnxNetwork, ModelSpec, int]:
-    """(network, spec, patch size) of an exported model, from the file and its ``.json`` sidecar.
+def exported_model(path: str | Path) -> SavedModel:
+    """An exported model (its network, spec, patch size and flip axes), from the file and its
+    ``.json`` sidecar.
 
     Raises:
         DataError: the sidecar is missing or unreadable, or the file is not ONNX.
@@ -108,7 +109,7 @@ def exported_model(path: str | Path) -> tuple[OnnxNetwork, ModelSpec, int]:
     except (OSError, ValueError, KeyError) as err:
         raise DataError(f"{sidecar}: the exported model's description is missing or damaged ({err}); "
                         "export it again with `fedseg export`") from None
-    return OnnxNetwork(path), spec, patch
+    return SavedModel(OnnxNetwork(path), spec, patch, recorded_flip_axes(info, spec))
 
 
 def _onnxruntime() -> Any:

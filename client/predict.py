@@ -17,11 +17,10 @@ import torch
 from PIL import Image
 
 from fedseg.client.adaptation import adapt_to_site
-from fedseg.client.export import SIDECAR, OnnxNetwork, exported_model
-from fedseg.client.site_model import saved_model, trained_flip_axes
+from fedseg.client.export import OnnxNetwork, exported_model
+from fedseg.client.site_model import SavedModel, saved_model
 from fedseg.client.tasks import task_for
 from fedseg.common.atomic import atomic_write_json
-from fedseg.common.config import ModelSpec
 from fedseg.common.data import NIFTI_SUFFIXES, PNG_SUFFIXES, DataError, image_transforms
 from fedseg.common.precision import site_precision
 
@@ -71,8 +70,8 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
     Returns:
         What was written for each case, in file order.
     """
-    model, spec, patch = _load(model_path, state_dir)
-    members = [model] + [_load(path, state_dir)[0] for path in ensemble or []]
+    model, spec, patch, trained_flips = _load(model_path, state_dir)
+    members = [model] + [_load(path, state_dir).model for path in ensemble or []]
     task = task_for(spec)
     if adapt and any(isinstance(m, OnnxNetwork) for m in members):
         raise DataError(f"{model_path}: --adapt changes a model's norm layers; an exported (ONNX) model "
@@ -90,7 +89,7 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
         adapt_members(members, task, images, patch, device, model_path)
     precision = site_precision(amp, device)
     averaged = task.dense_logits and (len(members) > 1 or uncertainty or pre_annotate)
-    test_flips = _flip_axes(model_path, spec) if averaged and len(members) == 1 else ()
+    test_flips = trained_flips if averaged and len(members) == 1 else ()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = []
@@ -128,20 +127,13 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
     return done
 
 
-def _load(path: str | Path, state_dir: str | Path | None) -> tuple[torch.nn.Module, ModelSpec, int]:
+def _load(path: str | Path, state_dir: str | Path | None) -> SavedModel:
     """A fedseg model file (.pt with the site's local layers), or one ``fedseg export`` wrote."""
     if str(path).endswith(".onnx"):
         if state_dir:
             log.info("%s holds the local layers it was exported with; --state-dir is not read", path)
         return exported_model(path)
     return saved_model(path, state_dir)
-
-
-def _flip_axes(path: str | Path, spec: ModelSpec) -> tuple[int, ...]:
-    """The axes a model's training mirrored patches along (its sidecar's, for an exported one)."""
-    if str(path).endswith(".onnx"):
-        return tuple(json.loads(Path(str(path) + SIDECAR).read_text()).get("flip_axes", range(spec.spatial_dims)))
-    return trained_flip_axes(path, spec)
 
 
 def adapt_members(members: list[torch.nn.Module], task, images: list[Path], patch: int, device: str,

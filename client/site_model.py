@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -70,11 +71,24 @@ def round_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(Path(run_dir, "checkpoints").glob("round-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
 
 
-def saved_model(model_path: str | Path, state_dir: str | Path | None) -> tuple[nn.Module, ModelSpec, int]:
-    """A run's ``model/global.pt`` (or checkpoint) plus this site's local layers of that run.
+class SavedModel(NamedTuple):
+    """A loaded model (eval mode), its spec, the run's patch size (sliding-window ROI / tile) and
+    the axes its training mirrored patches along (``fedseg predict``'s test-time flips)."""
 
-    Returns:
-        (model in eval mode, its spec, the run's patch size = sliding-window ROI / tile).
+    model: nn.Module
+    spec: ModelSpec
+    patch_size: int
+    flip_axes: tuple[int, ...]
+
+
+def recorded_flip_axes(meta: dict[str, Any], spec: ModelSpec) -> tuple[int, ...]:
+    """The flip axes a saved model's description records; every axis for one saved before runs
+    recorded them (they were all mirrored then)."""
+    return tuple(meta.get("flip_axes", range(spec.spatial_dims)))
+
+
+def saved_model(model_path: str | Path, state_dir: str | Path | None) -> SavedModel:
+    """A run's ``model/global.pt`` (or checkpoint) plus this site's local layers of that run.
 
     Raises:
         DataError: unreadable model file.
@@ -103,21 +117,7 @@ def saved_model(model_path: str | Path, state_dir: str | Path | None) -> tuple[n
     elif any(torch.is_floating_point(v) for k, v in model.state_dict().items() if k in local):
         log.warning("no local layers of run %s %s: site-local layers keep their initial values",
                     run_name, f"in {state_dir}" if state_dir else "(no site state dir given)")
-    return model.eval(), spec, int(saved["patch_size"])
-
-
-def trained_flip_axes(model_path: str | Path, spec: ModelSpec) -> tuple[int, ...]:
-    """The spatial axes a run's training patches were mirrored along (``fedseg predict``'s
-    test-time flips follow them); every axis for a model saved before runs recorded it.
-
-    Raises:
-        DataError: unreadable model file.
-    """
-    try:
-        saved = torch.load(model_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure means the file is not a fedseg model
-        raise DataError(f"{model_path}: not a fedseg global model ({err})") from None
-    return tuple(saved.get("flip_axes", range(spec.spatial_dims)))
+    return SavedModel(model.eval(), spec, int(saved["patch_size"]), recorded_flip_axes(saved, spec))
 
 
 def _signature(model: nn.Module, spec: ModelSpec, local_layers: str, local: set[str]) -> str:

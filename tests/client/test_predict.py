@@ -51,8 +51,8 @@ def test_2d_predictions_are_pngs_of_the_image_shape_and_use_local_layers(tmp_pat
     (site,) = write_study(tmp_path / "study", sites=1, dims=2, cases=1, size=24, seed=0)
     Image.fromarray(np.zeros((24, 40), np.uint8)).save(site / "images" / "wide.png")
     model = _run_dir(tmp_path, ModelSpec(2, 1, 2, (4, 8), "instance"))
-    with_local, _, _ = saved_model(model, tmp_path / "state")
-    without, _, _ = saved_model(model, None)
+    with_local = saved_model(model, tmp_path / "state").model
+    without = saved_model(model, None).model
     norm_key = next(k for k in with_local.state_dict() if ".adn.N." in k)
     mine = without.state_dict()[norm_key] + 0.5  # this run's local layers, not the other run's
     assert torch.equal(with_local.state_dict()[norm_key], mine)
@@ -90,7 +90,7 @@ def test_a_new_site_predicts_with_the_unseen_site_norm_set(tmp_path):
     meta = {"model": spec.to_dict(), "local_layers": "norm", "local_keys": sorted(local),
             "patch_size": 16, "flip_axes": [], "run_name": "study", "run_id": "feedface00000000"}
     save_global_model(tmp_path / "run", 1, ArrayRecord({**shared, **unseen}), meta)
-    new_site, _, _ = saved_model(tmp_path / "run" / "model" / "global.pt", tmp_path / "never-trained")
+    new_site = saved_model(tmp_path / "run" / "model" / "global.pt", tmp_path / "never-trained").model
     for key, value in kept.items():
         if value.is_floating_point():
             assert torch.equal(new_site.state_dict()[key], value + 0.25), key
@@ -105,8 +105,8 @@ def test_adapt_fits_the_norms_to_a_new_sites_images_without_changing_the_model_f
     (site,) = write_study(tmp_path / "study", sites=1, dims=2, cases=3, size=24, shift=1.0, seed=4)
     model = _run_dir(tmp_path, ModelSpec(2, 1, 2, (4, 8), "batch"))
     saved = model.read_bytes()
-    plain, spec, patch = saved_model(model, None)
-    adapted, _, _ = saved_model(model, None)
+    plain, spec, patch, _ = saved_model(model, None)
+    adapted = saved_model(model, None).model
     images = sorted((site / "images").iterdir())
     adapt_members([adapted], task_for(spec), images, patch, "cpu", model)
     changed = {k for k, v in adapted.state_dict().items() if not torch.equal(v, plain.state_dict()[k])}
@@ -142,7 +142,7 @@ def test_test_time_flips_follow_the_axes_the_run_mirrored_its_patches_along(tmp_
         assert main(["predict", str(site / "images"), str(tmp_path / f"out-{name}"), "--model", str(variant),
                      "--state-dir", str(tmp_path / "state"), "--uncertainty"]) == 0
         maps[name] = np.asarray(Image.open(tmp_path / f"out-{name}" / "case000_uncertainty.png"))
-    plain, _, _ = saved_model(model, tmp_path / "state")
+    plain = saved_model(model, tmp_path / "state").model
     image = image_transforms(site / "images" / "case000.png")(str(site / "images" / "case000.png"))
     probs = task_for(ModelSpec(2, 1, 2, (4, 8), "instance")).probabilities([plain], image, 16, "cpu")
     entropy = -(probs * probs.clamp_min(1e-8).log()).sum(0)
