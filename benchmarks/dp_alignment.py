@@ -38,7 +38,7 @@ def main() -> None:
     site = read_site(study_sites(cfg["study-dir"], cfg["split-site"])[0], seed=cfg["seed"])
     cases = split_training(site, cfg["val-fraction"], cfg["seed"])[0]
     last = round_checkpoints(args.run_dir)[-1]  # a site state dir keeps its last rounds' local layers
-    model, spec, patch_size, _ = saved_model(last, sim_state_dir(args.run_dir / "site-state", site.name))
+    model, spec, patch_size, *_ = saved_model(last, sim_state_dir(args.run_dir / "site-state", site.name))
     task = task_for(spec)
     model.train()
     data = task.training_data(site, cases, patch_size, seed=0)

@@ -20,7 +20,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from benchmarks.common import SHARED_DATA, report
 from fedseg.client.privacy import OpacusStep, noise_generator
 from fedseg.client.tasks import task_for
-from fedseg.common.config import ModelSpec
+from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.data import read_site
 from fedseg.common.dp_recipe import ACCOUNTANT, DPRound
 from fedseg.common.models import build_model

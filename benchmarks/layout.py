@@ -21,7 +21,8 @@ import fedseg.client.trainer as trainer
 from benchmarks.common import SHARED_DATA, report
 from fedseg.client.privacy import DPSession, SitePolicy
 from fedseg.client.tasks import task_for
-from fedseg.common.config import DPSettings, ModelSpec
+from fedseg.common.round_config import DPSettings
+from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.data import read_site, split_training
 from fedseg.common.logs import setup_logging
 from fedseg.common.models import build_model

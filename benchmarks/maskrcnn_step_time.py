@@ -22,7 +22,7 @@ from benchmarks.common import SHARED_DATA, report
 from fedseg.client.privacy import DPSession, SitePolicy
 from fedseg.client.tasks import task_for
 from fedseg.client.trainer import train_local
-from fedseg.common.config import DPSettings
+from fedseg.common.round_config import DPSettings
 from fedseg.common.data import eval_transforms, read_site, to_dicts
 from fedseg.common.models import ModelSpec, build_model
 

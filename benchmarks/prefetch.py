@@ -23,7 +23,7 @@ import fedseg.client.trainer as trainer
 from fedseg.client.prefetch import ahead_depth
 from benchmarks.common import SHARED_DATA, report
 from fedseg.client.tasks import task_for
-from fedseg.common.config import ModelSpec
+from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.data import read_site, split_training
 from fedseg.common.logs import setup_logging
 from fedseg.common.models import build_model

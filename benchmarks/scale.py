@@ -27,7 +27,8 @@ import torch
 
 from benchmarks.common import report
 from benchmarks.sim_overhead import plain_monai_loop
-from fedseg.common.config import ModelSpec, RunConfig
+from fedseg.common.config import RunConfig
+from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.logs import setup_logging
 from fedseg.simulations.simulate import simulate
 from fedseg.simulations.synth import write_study

@@ -22,6 +22,7 @@ from monai.losses import DiceCELoss
 from benchmarks.common import report
 from fedseg.common.logs import setup_logging
 from fedseg.common.config import RunConfig
+from fedseg.common.round_config import SITE_CACHE_MB
 from fedseg.common.data import (eval_transforms, read_site, split_training, study_sites, to_dicts,
                                 train_transforms)
 from fedseg.common.metrics import SegmentationScores
@@ -96,16 +97,16 @@ def main() -> None:
                         lr=0.05, patch_size=48, channels=(16, 32, 64), local_layers="none", seed=0)
         plain_s, plain_steps, last_validation_s = plain_monai_loop(
             cfg, ModelSpec(2, 1, 3, cfg.channels, cfg.norm), scores=True)
-        # fedseg's round lines time training and the previous round's scoring (evaluate-in-train):
+        # fedseg's round lines time training and the previous round's scoring (inside its train message):
         # the last round's scoring comes after them, so the loop's is left out of the comparison
         plain_s -= last_validation_s
         rows.append({"local epochs": epochs, "what": "plain MONAI loop", "seconds": plain_s,
                      "optimizer steps": plain_steps, "ratio": 1.0})
-        for cache_mb in (cfg.site_cache_mb, 0):  # decoded cases kept across rounds, and read every round
+        for cache_mb in (SITE_CACHE_MB, 0):  # decoded cases kept across rounds, and read every round
             tag = f"site-cache-mb={cache_mb}"
             start = time.perf_counter()
-            run_dir = simulate(cfg.replace(site_cache_mb=cache_mb, run_name=f"sim-e{epochs}-c{cache_mb}"),
-                               num_cpus=1)
+            run_dir = simulate(cfg.replace(run_name=f"sim-e{epochs}-c{cache_mb}"), num_cpus=1,
+                               site_cache_mb=cache_mb)
             sim_s = time.perf_counter() - start
             rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
             rounds_s = sum(r["seconds"] for r in rounds)

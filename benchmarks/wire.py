@@ -5,9 +5,8 @@ between a SuperNode and the SuperLink is counted by a TCP relay in between.
 Usage: python -m benchmarks.wire
 Each setting runs twice, 2 and 4 rounds; (bytes of the 4-round run - bytes of the 2-round run) / 2
 is what one steady round costs (the app bundle download, discovery and start-up cancel out).
-Settings: one array per tensor with a separate evaluation message (fedseg before issue #13),
-``pack-weights`` alone, ``pack-weights`` + ``evaluate-in-train`` (the defaults), and that in
-``transfer-dtype=float16``.
+Settings: the default (weights packed into one array per dtype, each site's scores inside its next
+train message) and ``transfer-dtype=float16``.
 """
 
 from __future__ import annotations
@@ -25,10 +24,8 @@ from fedseg.simulations.synth import write_study
 from tests.deployment.federation import Federation, free_port
 
 SETTINGS = {
-    "one array per tensor, separate evaluation": "pack-weights=false evaluate-in-train=false",
-    "packed, separate evaluation": "evaluate-in-train=false",
-    "packed + evaluate-in-train (defaults)": "",
-    "packed + evaluate-in-train + float16": "transfer-dtype='float16'",
+    "float32 (default)": "",
+    "float16": "transfer-dtype='float16'",
 }
 CHANNELS = (16, 32, 64, 128)
 

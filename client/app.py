@@ -20,7 +20,7 @@ from fedseg.client.site_model import round_model
 from fedseg.client.state import run_key
 from fedseg.client.tasks import task_for
 from fedseg.client.trainer import train_local
-from fedseg.common.config import SiteData, SiteRoundConfig
+from fedseg.common.round_config import SiteData, SiteRoundConfig
 from fedseg.common.data import DataError, case_seed, read_site, split_training
 from fedseg.common.logs import setup_logging
 from fedseg.common.models import ensemble_members, split_state, unseen_norm_set
@@ -97,14 +97,14 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
     if cfg.evaluate_in_train:  # the server asks: what last round's evaluation message would score
         with site_precision(cfg.amp, device, deterministic=cfg.deterministic).autocast():
             scores = task.evaluate(mine.model, spec, val_cases, patch_size=cfg.patch_size, device=device,
-                                   min_group_cases=cfg.min_group_cases)
+                                   min_group_cases=site.policy.group_threshold(cfg.min_group_cases))
         scores[NUM_EXAMPLES] = len(val_cases)
     result = train_local(
         mine.model, task, spec, cases, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
         lr=cfg.round_lr(server_round), patch_size=cfg.patch_size,
         seed=case_seed(cfg.data.seed, spec.name, server_round),
         proximal_mu=cfg.proximal_mu, global_params=mine.shared, device=device, dp=dp, augment=cfg.augment,
-        cache_mb=cfg.site_cache_mb, flips=cfg.flip_axes,
+        cache_mb=cfg.data.site_cache_mb, flips=cfg.flip_axes,
         precision=site_precision(cfg.amp, device, dp=dp is not None, deterministic=cfg.deterministic))
     mine.save_local_layers(server_round)
     log.info("site %s round %d: loss %.4f over %d cases, %d steps", spec.name, server_round,
@@ -129,7 +129,8 @@ def _evaluate(msg: Message, node_config: dict) -> RecordDict:
     received, earlier = ensemble_members(received_state(msg.content[ARRAYS]))
     model = round_model(cfg, site, received, server_round).model
     task = task_for(cfg.model)
-    options = dict(patch_size=cfg.patch_size, device=device, min_group_cases=cfg.min_group_cases)
+    options = dict(patch_size=cfg.patch_size, device=device,
+                   min_group_cases=site.policy.group_threshold(cfg.min_group_cases))
     precision = site_precision(cfg.amp, device, deterministic=cfg.deterministic)
     with precision.autocast():
         scores = task.evaluate(model, spec, cases, **options)

@@ -192,11 +192,15 @@ def run_export(args: argparse.Namespace) -> int:
         return 2
     info = export_onnx(args.model, args.state_dir, args.output)
     check = info["check"]
+    layers = {"site": "with this site's own local layers",
+              "unseen-site": "with the federation's unseen-site norm set (this state dir holds no local "
+                             "layers of that run)",
+              "initial": "with initial local layers (no local layers of that run found)"}
     print(f"wrote {args.output} (+ .json): {info['model']['spatial_dims']}D U-Net, patch {info['patch_size']}, "
-          f"{'with this site' + chr(39) + 's local layers' if info['local_layers'] else 'no site local layers'}; "
+          f"{layers.get(info['local_layers'], 'no site-local layers')}; "
           f"ONNX Runtime vs PyTorch: logits within {check['max_abs_diff']:.2g}, "
           f"{check['label_agreement']:.2%} of labels equal")
-    if info["local_layers"]:
+    if info["local_layers"] == "site":
         print("the file holds this site's own local layers: keep it at the site, like its state dir")
     return 0
 

@@ -18,7 +18,7 @@ from torch import nn
 from fedseg.client.site_model import SavedModel, recorded_flip_axes, saved_model
 from fedseg.client.tasks import task_for
 from fedseg.common.atomic import atomic_write_json
-from fedseg.common.config import ModelSpec
+from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.data import DataError
 
 SIDECAR = ".json"  # model.onnx.json: what rebuilds the sliding windows (spec, patch size) + the check
@@ -39,7 +39,7 @@ def export_onnx(model_path: str | Path, state_dir: str | Path | None, output: st
         DataError: not a U-Net model, or the export packages are not installed.
         RuntimeError: the exported graph disagrees with the PyTorch model (nothing written).
     """
-    model, spec, patch, flips = saved_model(model_path, state_dir)
+    model, spec, patch, flips, local_source = saved_model(model_path, state_dir)
     if not task_for(spec).dense_logits:
         raise DataError(f"{model_path}: fedseg export covers U-Net models; a {spec.model} model "
                         "(boxes and masks per instance) is not exported")
@@ -69,7 +69,7 @@ def export_onnx(model_path: str | Path, state_dir: str | Path | None, output: st
                            f"by up to {diff:.3g} (allowed {MAX_ABS_DIFF:g}); nothing written")
     info = {"format": "onnx", "model": spec.to_dict(), "patch_size": patch,
             "flip_axes": list(flips), "source": str(model_path),
-            "local_layers": bool(state_dir), "check": {"max_abs_diff": diff, "label_agreement": agreement},
+            "local_layers": local_source, "check": {"max_abs_diff": diff, "label_agreement": agreement},
             "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__}}
     os.replace(staged, output)
     atomic_write_json(Path(str(output) + SIDECAR), info)

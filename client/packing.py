@@ -1,5 +1,5 @@
-"""``pack-weights`` at a site: unpack the weights a message brings, pack the weights its reply
-sends back the same way (the server decides; a site mirrors it, so one setting covers both ends)."""
+"""Packed weights at a site: unpack the weights a message brings, pack the weights its reply
+sends back the same way (the server packs every message; a site mirrors what it receives)."""
 
 from __future__ import annotations
 

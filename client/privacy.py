@@ -17,7 +17,7 @@ import secrets
 import time
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,9 +29,8 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from fedseg.common.atomic import atomic_write_json, private_dir
-from fedseg.common.config import DPSettings
-from fedseg.common.dp_recipe import (ACCOUNTANT, DPRound, DPTraining, describe, dp_training, fit_to_noise,
-                                     noise_to_signal, plan_round, warning)
+from fedseg.common.round_config import DPSettings
+from fedseg.common.dp_recipe import ACCOUNTANT, DPRound, DPTraining, describe, noise_to_signal, site_round, warning
 
 log = logging.getLogger(__name__)
 LEDGER_FILE = "privacy_ledger.json"
@@ -49,26 +48,37 @@ class SitePolicy:
         max_epsilon: total record-level epsilon the site will ever spend (None: no cap).
         require_dp: refuse any round that is not record-level DP (``dp=sample``).
         min_noise_multiplier: refuse DP rounds with less noise than this.
+        min_group_cases: the fewest cases a fairness group needs before the site reports its
+            Dice (the k-threshold); the server may ask for more, never for fewer.
     """
 
     max_epsilon: float | None = None
     require_dp: bool = False
     min_noise_multiplier: float = 0.0
+    min_group_cases: int = 5
+
+    def group_threshold(self, asked: int) -> int:
+        """The k-threshold the site uses when the server asks for ``asked``: never below its own."""
+        return max(asked, self.min_group_cases)
 
     @classmethod
     def from_config(cls, raw: dict[str, Any], source: str) -> SitePolicy:
-        """Parse ``max-epsilon``, ``require-dp``, ``min-noise-multiplier``; errors name ``source``."""
+        """Parse ``max-epsilon``, ``require-dp``, ``min-noise-multiplier``, ``min-group-cases``;
+        errors name ``source``."""
         try:
             max_eps = raw.get("max-epsilon")
             policy = cls(
                 max_epsilon=None if max_eps in (None, "", "none") else float(max_eps),
                 require_dp=str(raw.get("require-dp", False)).lower() in ("true", "1", "yes"),
                 min_noise_multiplier=float(raw.get("min-noise-multiplier", 0.0)),
+                min_group_cases=int(raw.get("min-group-cases", cls.min_group_cases)),
             )
         except (TypeError, ValueError) as err:
             raise ValueError(f"{source}: bad site privacy policy ({err})") from None
         if policy.max_epsilon is not None and policy.max_epsilon <= 0:
             raise ValueError(f"{source}: max-epsilon must be > 0")
+        if policy.min_group_cases < 1:
+            raise ValueError(f"{source}: min-group-cases must be >= 1")
         return policy
 
 
@@ -207,10 +217,7 @@ class DPSession:
             admit(policy, dp, None, None, site)
             return None
         ledger = PrivacyLedger(state_dir)
-        training = dp_training(dp, num_cases, batch_size, epochs)
-        plan = plan_round(dp, num_cases, training, ledger.planned_noise(run))
-        training = fit_to_noise(dp, training, plan)
-        training = replace(training, lr=training.lr * lr_factor)
+        training, plan = site_round(dp, num_cases, batch_size, epochs, ledger.planned_noise(run), lr_factor)
         admit(policy, dp, plan, ledger, site)
         log.info("%s", describe(site, num_cases, training, plan, dp))
         if (text := warning(site, num_cases, training, plan, dp.warm_start)) is not None:

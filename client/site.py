@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.client.privacy import SitePolicy
-from fedseg.common.config import SiteData
+from fedseg.common.round_config import SiteData
 from fedseg.common.devices import resolve_device
 from fedseg.common.data import (NIFTI_SUFFIXES, DataError, SiteRef, SiteSpec, check_site, image_channels,
                                read_site, split_training, study_sites)
@@ -17,9 +17,9 @@ from fedseg.common.data import (NIFTI_SUFFIXES, DataError, SiteRef, SiteSpec, ch
 SIM_POLICIES_FILE = "site_policies.json"
 # What a hospital may set in its SuperNode's node config (Flower adds the partition keys in simulation).
 NODE_CONFIG_KEYS = ("site-dir", "state-dir", "site-name", "max-epsilon", "require-dp",
-                    "min-noise-multiplier", "device", "pretrained-weights")
+                    "min-noise-multiplier", "min-group-cases", "device", "pretrained-weights")
 FLOWER_NODE_KEYS = ("partition-id", "num-partitions")
-POLICY_KEYS = ("max-epsilon", "require-dp", "min-noise-multiplier")
+POLICY_KEYS = ("max-epsilon", "require-dp", "min-noise-multiplier", "min-group-cases")
 
 
 @dataclass(frozen=True)

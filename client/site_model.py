@@ -12,7 +12,8 @@ from torch import nn
 
 from fedseg.client.site import SiteLocation
 from fedseg.client.state import RunState, SiteState
-from fedseg.common.config import ModelSpec, SiteRoundConfig
+from fedseg.common.model_kinds import ModelSpec
+from fedseg.common.round_config import SiteRoundConfig
 from fedseg.common.data import DataError
 from fedseg.common.models import build_model, local_keys, model_signature, unseen_norms
 from fedseg.common.weights import load_pretrained
@@ -72,13 +73,16 @@ def round_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 class SavedModel(NamedTuple):
-    """A loaded model (eval mode), its spec, the run's patch size (sliding-window ROI / tile) and
-    the axes its training mirrored patches along (``fedseg predict``'s test-time flips)."""
+    """A loaded model (eval mode), its spec, the run's patch size (sliding-window ROI / tile), the
+    axes its training mirrored patches along (``fedseg predict``'s test-time flips), and which
+    site-local layers it holds: ``site`` (this site's own), ``unseen-site`` (the federation's
+    unseen-site norm set), ``initial`` (none found: initial values) or ``""`` (it has none)."""
 
     model: nn.Module
     spec: ModelSpec
     patch_size: int
     flip_axes: tuple[int, ...]
+    local_source: str = ""
 
 
 def recorded_flip_axes(meta: dict[str, Any], spec: ModelSpec) -> tuple[int, ...]:
@@ -108,16 +112,18 @@ def saved_model(model_path: str | Path, state_dir: str | Path | None) -> SavedMo
         run = SiteState(state_dir).run(run_name, run_id)
         mine = run.load_local_layers(_signature(model, spec, local_layers, local))
     unseen = {k: v for k, v in unseen_norms(saved["state_dict"]).items() if k in local}
+    has_local = any(torch.is_floating_point(v) for k, v in model.state_dict().items() if k in local)
+    source = "site" if mine else "unseen-site" if unseen else "initial" if has_local else ""
     if mine:
         model.load_state_dict(mine, strict=False)
     elif unseen:
         model.load_state_dict(unseen, strict=False)
         log.info("no local layers of run %s %s: using the federation's unseen-site norm set",
                  run_name, f"in {state_dir}" if state_dir else "(no site state dir given)")
-    elif any(torch.is_floating_point(v) for k, v in model.state_dict().items() if k in local):
+    elif has_local:
         log.warning("no local layers of run %s %s: site-local layers keep their initial values",
                     run_name, f"in {state_dir}" if state_dir else "(no site state dir given)")
-    return SavedModel(model.eval(), spec, int(saved["patch_size"]), recorded_flip_axes(saved, spec))
+    return SavedModel(model.eval(), spec, int(saved["patch_size"]), recorded_flip_axes(saved, spec), source)
 
 
 def _signature(model: nn.Module, spec: ModelSpec, local_layers: str, local: set[str]) -> str:

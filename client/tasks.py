@@ -23,7 +23,7 @@ from torch import nn
 from fedseg.client.prefetch import ahead_depth, prefetched
 from fedseg.client.privacy import OpacusStep, PerCaseStep
 from fedseg.client.site_cache import cached_dataset
-from fedseg.common.config import MODEL_KINDS, ModelSpec
+from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.data import Case, SiteSpec, eval_transforms, to_dicts, train_transforms
 from fedseg.common.instance_metrics import InstanceScores
 from fedseg.common.instances import predict_instances, targets_from_instances
@@ -65,8 +65,8 @@ class Task(ABC):
     @property
     def dense_logits(self) -> bool:
         """The network scores every pixel: class probabilities to ensemble, explanation maps,
-        entropy to adapt on (``ModelKind.dense``, the one table that knows the kinds apart)."""
-        return MODEL_KINDS[self.spec.model].dense
+        entropy to adapt on (``ModelKind.dense``)."""
+        return self.spec.kind.dense
 
     def training_data(self, site: SiteSpec, cases: list[Case], patch_size: int, seed: int,
                       augment: bool = False, cache_mb: int = 0,
@@ -207,13 +207,9 @@ class InstanceTask(Task):
                    _spacing(data["image"], 2), group)
 
 
-_TASKS: dict[str, type[Task]] = {"unet": SemanticTask, "maskrcnn": InstanceTask}
-assert set(_TASKS) == set(MODEL_KINDS)
-
-
 def task_for(spec: ModelSpec) -> Task:
-    """The task of the spec's model kind (the one place that tells kinds apart at a site)."""
-    return _TASKS[spec.model](spec)
+    """The task of the spec's model kind, as the registry names it (``model_kinds.KINDS``)."""
+    return spec.kind.load("task")(spec)
 
 
 class _FirstPatch(Sequence):

@@ -17,7 +17,7 @@ from torch import nn
 
 from fedseg.client.prefetch import ahead_depth, prefetched
 from fedseg.client.privacy import DPSession, Step
-from fedseg.common.config import MODEL_KINDS, ModelSpec
+from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.data import Case, SiteSpec
 from fedseg.common.precision import Precision
 
@@ -144,7 +144,7 @@ def training_layout(spec: ModelSpec, device: str, private: bool = False) -> torc
     """Channels-last for a 3D U-Net trained without DP on a CPU: 1.03x and 1.14x faster steps on
     Hippocampus in two runs (benchmarks/RESULTS.md, layout). Not for DP steps (1.23x and 0.89x:
     inconclusive), nor for 2D (0.97x), nor on CUDA (not measured: no GPU was lent)."""
-    if MODEL_KINDS[spec.model].dense and spec.spatial_dims == 3 and device == "cpu" and not private:
+    if spec.kind.dense and spec.spatial_dims == 3 and device == "cpu" and not private:
         return torch.channels_last_3d
     return torch.contiguous_format
 

@@ -204,16 +204,6 @@ def _embedded_text(path: Path) -> list[str]:
         return []
 
 
-def require_clean(site_dir: str | Path) -> None:
-    """Raise ``DataError`` listing every problem when ``check_site`` finds any."""
-    problems = check_site(site_dir)
-    if problems:
-        raise DataError(
-            f"site {site_dir} fails the data check ({len(problems)} problem(s)):\n  "
-            + "\n  ".join(problems)
-        )
-
-
 def split_training(spec: SiteSpec, val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
     """Deterministic (train, validation) split of a site's training cases.
 

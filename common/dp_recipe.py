@@ -6,22 +6,21 @@ Non-private settings (batch 8, lr 0.05 with momentum 0.9) collapse under DP nois
 of the first MSD Hippocampus benchmark predicted background. The recipe keeps the round's number
 of optimizer steps, but each step averages an expected third of the site's cases (Poisson
 sampled), clips each case's gradient to 0.1, and takes plain SGD steps. A run that starts from
-pretrained weights that score well at the sites takes 10x smaller steps (lr 0.1): at lr 1.0 the
-noise wiped out a public model's Hippocampus Dice (0.64 -> 0.45), at 0.25 it wore it away round by
-round (0.803 alone -> 0.772-0.787 after 10 rounds at eps 8), at 0.1 it held it (0.805); from
-weaker ones it takes larger steps (``warm_lr``), and its
-server evaluates and saves a moving average of the global model, which smooths the noise around
-a good start (+0.014 Dice at eps 8, +0.024 at eps 4) but lags a model still learning from scratch
-(-0.01 to -0.045 in four scratch runs). Each case's gradient is the mean over 2 random patches:
-4 helped on Hippocampus from scratch (+0.01, +0.06 Dice) and lost on MoNuSeg (0.59 vs 0.66 over
-four and three runs), for twice the compute. Measured in benchmarks/RESULTS.md.
+pretrained weights that score well at the sites takes 10x smaller steps (larger ones let the noise
+wear the pretrained model away round by round), from weaker ones larger steps (``warm_lr``). Only
+around a good start (``GOOD_START`` or more at the sites, or not scored) does the server evaluate
+and save a moving average of the global model, which smooths the noise; from scratch or a weak
+start the model is still climbing and an average would lag it, so there is none. Each case's
+gradient is the mean over 2 random patches. The measurements behind each choice are in
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from fedseg.common.config import AUTO, DPSettings, RunConfig
+from fedseg.common.config import AUTO, RunConfig
+from fedseg.common.round_config import DPSettings
 
 ACCOUNTANT = "rdp"  # Opacus RDPAccountant (Renyi DP of the subsampled Gaussian mechanism)
 BATCH_SHARE = 1 / 3  # expected cases per step, as a share of the site's cases
@@ -76,6 +75,24 @@ class DPRound:
     delta: float
 
 
+def site_round(dp: DPSettings, num_cases: int, batch_size: int, epochs: int,
+               planned_noise: float | None = None, lr_factor: float = 1.0) -> tuple[DPTraining, DPRound]:
+    """What a site with ``num_cases`` training cases trains with in a DP round, and the round's
+    plan as the accountant sees it: the one computation behind both the site's training and the
+    plan the server records in run.json.
+
+    Args:
+        dp: the DP settings the server asks for.
+        batch_size, epochs: the round's non-private schedule (the DP round takes as many steps).
+        planned_noise: the noise this run derived from its target epsilon in an earlier round.
+        lr_factor: the run's learning-rate schedule in this round (``lr-schedule``).
+    """
+    training = dp_training(dp, num_cases, batch_size, epochs)
+    plan = plan_round(dp, num_cases, training, planned_noise)
+    training = fit_to_noise(dp, training, plan)
+    return replace(training, lr=training.lr * lr_factor), plan
+
+
 def dp_training(dp: DPSettings, num_cases: int, batch_size: int, epochs: int) -> DPTraining:
     """The recipe for a site with ``num_cases`` training cases whose non-private round would
     take ``epochs`` passes in batches of ``batch_size``: as many steps, larger expected batches,
@@ -100,9 +117,8 @@ def dp_training(dp: DPSettings, num_cases: int, batch_size: int, epochs: int) ->
 def warm_lr(start_dice: float) -> float:
     """A warm start's learning rate by what the pretrained model scored at the sites before round
     1 (-1: not scored): lr_warm from ``GOOD_START`` up, the scratch rate at ``NO_WARM_START``,
-    log-linear between. From a public Hippocampus model scoring 0.803, lr 0.1 held it where 0.25
-    wore it away; from one scoring 0.385 (10 public cases), 0.3 reached 0.525 where 0.1 reached
-    0.465 (benchmarks/RESULTS.md, dp_utility)."""
+    log-linear between: a good model needs small steps to keep what it knows, a weak one larger
+    steps to improve (benchmarks/RESULTS.md, dp_utility)."""
     if start_dice < 0 or start_dice >= GOOD_START:
         return RECIPE["lr_warm"]
     share = (GOOD_START - max(start_dice, NO_WARM_START)) / (GOOD_START - NO_WARM_START)
@@ -129,9 +145,8 @@ def plan_round(dp: DPSettings, num_cases: int, training: DPTraining,
 
 def fit_to_noise(dp: DPSettings, training: DPTraining, plan: DPRound) -> DPTraining:
     """A warm start's learning rate, when the recipe chose it, shrunk in proportion to the noise
-    beyond ``WARM_NOISE``: at epsilon 2 (noise / signal 0.41) lr 0.25 took a public Hippocampus
-    model from 0.802 to 0.407 Dice, lr 0.077 kept 0.760; from lr_warm 0.1 the rate there is 0.032
-    (benchmarks/RESULTS.md, dp_utility)."""
+    beyond ``WARM_NOISE``: at small epsilon the noise otherwise undoes what the pretrained model
+    knew (benchmarks/RESULTS.md, dp_utility)."""
     if not dp.warm_start or "dp-lr" not in training.chosen:
         return training
     return replace(training, lr=training.lr * min(1.0, WARM_NOISE / noise_to_signal(plan, training)))
@@ -180,7 +195,7 @@ def ema_decay(cfg: RunConfig, start_dice: float = -1.0) -> float:
     """The server's moving-average decay: the run's ``dp-ema``, else the recipe's under dp=sample
     for a run from pretrained weights that scored ``GOOD_START`` or more at the sites (or were not
     scored). None from scratch or from a weaker start, where the average lags a model still
-    learning (from a 0.385 public model: 0.465 / 0.525 averaged vs 0.478 / 0.544 plain)."""
+    learning."""
     if cfg.dp_ema != AUTO:
         return cfg.dp_ema
     good = start_dice < 0 or start_dice >= GOOD_START

@@ -3,3 +3,7 @@
 
 class DataError(ValueError):
     """A site's data breaks the contract; the message lists every problem with its file."""
+
+
+class ConfigError(ValueError):
+    """A run-config key has a bad value; the message names the key."""

@@ -13,8 +13,8 @@ import torch
 from monai.networks.nets import UNet
 from torch import nn
 
-from fedseg.common.config import MODEL_KINDS, ModelSpec
 from fedseg.common.maskrcnn import HEAD_PREFIXES, build_maskrcnn
+from fedseg.common.model_kinds import ModelSpec
 
 __all__ = ["ENSEMBLE_PREFIX", "ModelSpec", "UNSEEN_PREFIX", "build_model", "ensemble_members", "local_keys",
            "model_signature", "split_state", "unseen_norm_set", "unseen_norms", "with_ensemble"]
@@ -27,8 +27,9 @@ ENSEMBLE_PREFIX = "ensemble-"  # ensemble-1/<key>: the previous round's model, e
 
 
 @dataclass(frozen=True)
-class _Network:
-    """How one model kind is built, and which of its layers are its class-specific head."""
+class Network:
+    """How one model kind is built, and which of its layers are its class-specific head (the
+    registry, ``model_kinds.KINDS``, names one per kind)."""
 
     build: Callable[[ModelSpec], nn.Module]
     heads: Callable[[nn.Module], tuple[str, ...]]
@@ -55,13 +56,9 @@ def _last_conv(model: nn.Module) -> tuple[str, ...]:
     return ([n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)][-1] + ".",)
 
 
-_NETWORKS = {
-    "unet": _Network(_build_unet, _last_conv),
-    "maskrcnn": _Network(
-        lambda spec: build_maskrcnn(spec.in_channels, spec.backbone, spec.norm, spec.image_size),
-        lambda model: HEAD_PREFIXES),
-}
-assert set(_NETWORKS) == set(MODEL_KINDS)
+UNET = Network(_build_unet, _last_conv)
+MASK_RCNN = Network(lambda spec: build_maskrcnn(spec.in_channels, spec.backbone, spec.norm, spec.image_size),
+                    lambda model: HEAD_PREFIXES)
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
@@ -76,7 +73,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if spec.spatial_dims not in kind.dims:
         raise ValueError(f"model={spec.model} is {'/'.join(map(str, kind.dims))}D only; "
                          f"the sites hold {spec.spatial_dims}D data")
-    return _NETWORKS[spec.model].build(spec)
+    return kind.load("network").build(spec)
 
 
 def local_keys(model: nn.Module, spec: ModelSpec, local_layers: str) -> set[str]:
@@ -99,7 +96,7 @@ def local_keys(model: nn.Module, spec: ModelSpec, local_layers: str) -> set[str]
         if isinstance(module, NORM_TYPES):
             keys |= {k for k in state if k.startswith(f"{name}.")}
     if local_layers == "norm+head":
-        keys |= {k for k in state if k.startswith(_NETWORKS[spec.model].heads(model))}
+        keys |= {k for k in state if k.startswith(spec.kind.load("network").heads(model))}
     return keys
 
 

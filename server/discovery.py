@@ -9,7 +9,9 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedseg.common.config import ConfigError, ModelSpec, RunConfig, SiteData
+from fedseg.common.config import ConfigError, RunConfig
+from fedseg.common.model_kinds import ModelSpec
+from fedseg.common.round_config import SiteData
 from fedseg.common.data import study_sites
 from fedseg.common.records import CONFIG
 
@@ -72,7 +74,7 @@ def model_for_sites(cfg: RunConfig, sites: dict[int, dict[str, Any]]) -> ModelSp
     dims = int(info["spatial-dims"])
     if cfg.spatial_dims and cfg.spatial_dims != dims:
         raise ConfigError(f"run-config 'spatial-dims' = {cfg.spatial_dims} but the sites hold {dims}D data")
-    spec = ModelSpec.for_run(cfg, dims, int(info["in-channels"]), int(info["num-classes"]))
+    spec = cfg.model_spec(dims, int(info["in-channels"]), int(info["num-classes"]))
     kind = spec.kind
     misfits = sorted(i["site"] for i in sites.values() if kind.site_task and i["task"] != kind.site_task)
     if misfits or dims not in kind.dims:

@@ -11,7 +11,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Message, RecordDict
 
-from fedseg.common.records import ARRAYS, EVAL_PREFIX, METRICS, record_bytes
+from fedseg.common.records import ARRAYS, METRICS, record_bytes
 from fedseg.server.checkpoints import save_checkpoint
 from fedseg.server.run_folder import RunFolder
 
@@ -40,9 +40,6 @@ class RoundRecorder:
                 self._rounds[server_round]["errors"][site] = msg.error.reason
                 continue
             entry = dict(msg.content[METRICS])
-            scores = {k[len(EVAL_PREFIX):]: entry.pop(k) for k in list(entry) if k.startswith(EVAL_PREFIX)}
-            if scores:  # evaluate-in-train: the scores of the previous round's global model
-                self._rounds[server_round - 1]["eval"][site] = scores
             entry["bytes-up"] = record_bytes(msg.content[ARRAYS])
             self._rounds[server_round]["train"][site] = entry
         record = self._rounds[server_round]
@@ -55,7 +52,12 @@ class RoundRecorder:
             if msg.has_error():
                 self._rounds[server_round]["errors"][f"{site}/eval"] = msg.error.reason
             else:
-                self._rounds[server_round]["eval"][site] = dict(msg.content[METRICS])
+                self.scored(server_round, site, dict(msg.content[METRICS]))
+
+    def scored(self, server_round: int, site: str, scores: dict[str, Any]) -> None:
+        """Record one site's validation scores of the round's model (from an evaluation reply,
+        or from the next round's train reply)."""
+        self._rounds[server_round]["eval"][site] = scores
 
     def note(self, server_round: int, key: str, value: Any) -> None:
         """Attach a server-side figure to the round (e.g. client-level epsilon)."""
@@ -78,9 +80,9 @@ class RoundRecorder:
 class RoundLog:
     """The round-end hooks: checkpoint the global model, append the round to rounds.jsonl, log it.
 
-    A round scored inside the next round's train messages (``evaluate-in-train``) is checkpointed
-    when its training ends (``trained``), with what it recorded so far, and logged when its
-    scores arrive (``__call__``); any other round does both when its evaluation ends.
+    A round scored inside the next round's train messages is checkpointed when its training ends
+    (``trained``), with what it recorded so far, and logged when its scores arrive (``ended``);
+    any other round does both when its evaluation ends.
 
     Args:
         folder: the run folder.
@@ -110,15 +112,18 @@ class RoundLog:
         self.checkpointed = server_round
         log.info("round %d/%d trained in %.1fs (checkpoint saved)%s", server_round, self.total_rounds, seconds,
                  f"; its validation scores come with round {server_round + 1}'s training replies, "
-                 "and so on each round (evaluate-in-train)" if first else "")
+                 "and so on each round" if first else "")
 
-    def __call__(self, server_round: int, aggregate: ArrayRecord, evaluated: ArrayRecord,
-                 server_state: dict[str, Any] | None = None) -> None:
+    def ended(self, server_round: int, aggregate: ArrayRecord | None, evaluated: ArrayRecord | None,
+              server_state: dict[str, Any] | None = None) -> None:
+        """Checkpoint the round (unless ``trained`` did) and append its rounds.jsonl line."""
         record = self.recorder.pop(server_round)
         if "seconds" not in record:  # else timed when its training ended (``trained``)
             now = time.monotonic()
             record["seconds"], self._mark = round(now - self._mark, 3), now
         if server_round != self.checkpointed:
+            if aggregate is None or evaluated is None:
+                raise ValueError(f"round {server_round} has no checkpoint yet: its weights are needed")
             save_checkpoint(self.folder.dir, server_round, aggregate, self.meta,
                             average=None if evaluated is aggregate else evaluated, server_state=server_state)
         self.folder.append_round(record)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from fedseg.common.config import ConfigError, RunConfig, key_help, key_metavar, keys
+from fedseg.common.round_config import SITE_CACHE_MB
 
 ALIASES = {"num-server-rounds": ["--rounds"]}
 PRETRAIN_KEYS = ("split-site", "num-server-rounds", "local-epochs", "batch-size", "lr", "seed", "model",
@@ -44,6 +45,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     simulate.add_argument("--ray-address", default="", metavar="HOST:PORT",
                           help="run the virtual sites on this running Ray cluster instead of this "
                                "machine alone (README: larger studies)")
+    _engine_flags(simulate)
     _config_flags(simulate, skip=("study-dir", "resume"))
     simulate.set_defaults(func=_simulate)
 
@@ -61,18 +63,33 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="CPU cores Ray may use (default: all); each virtual site takes one")
     study.add_argument("--ray-address", default="", metavar="HOST:PORT",
                        help="run the virtual sites on this running Ray cluster (README: larger studies)")
+    _engine_flags(study)
     _config_flags(study, skip=("study-dir", "resume", "strategy", "local-layers"))
     study.set_defaults(func=_study)
 
 
+def _engine_flags(parser: argparse.ArgumentParser) -> None:
+    """What only a simulation on this machine (or a Ray cluster) has: GPU share and data cache."""
+    from_help = "1.0 where the run computes on a GPU, else 0"
+    parser.add_argument("--gpus-per-site", type=float, default=None, metavar="X",
+                        help=f"GPU share of each virtual site (0.25 runs four sites on one GPU at once; "
+                             f"default: {from_help})")
+    parser.add_argument("--site-cache-mb", type=int, default=SITE_CACHE_MB, metavar="N",
+                        help="MiB of decoded training cases each virtual site keeps across rounds "
+                             "(0: read from disk every round; default: 1024)")
+
+
 def _config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (),
                   only: tuple[str, ...] | None = None) -> None:
-    """One flag per run-config key, its help from the schema: meaning, default, choices."""
+    """One flag per run-config key, its help from the schema: meaning, default, choices; the DP
+    recipe's overrides in a group of their own (fedseg sets them well by itself)."""
     helps = key_help()
+    expert = parser.add_argument_group("expert DP recipe settings (-1: fedseg's DP recipe decides)")
     for key in keys():
         if key not in skip and (only is None or key in only):
-            parser.add_argument(f"--{key}", *ALIASES.get(key, []), dest=key, default=None,
-                                metavar=key_metavar(key), help=helps[key])
+            text, is_expert = helps[key]
+            (expert if is_expert else parser).add_argument(
+                f"--{key}", *ALIASES.get(key, []), dest=key, default=None, metavar=key_metavar(key), help=text)
 
 
 def _given(args: argparse.Namespace) -> dict[str, str]:
@@ -87,7 +104,7 @@ def _study(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.study_dir}: study folder not found")
     try:
         out = run_study(cfg, [b.strip() for b in args.baselines.split(",") if b.strip()], args.num_cpus,
-                        args.ray_address)
+                        args.ray_address, args.gpus_per_site, args.site_cache_mb)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     print((out / "comparison.csv").read_text())
@@ -130,7 +147,7 @@ def _simulate(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.study_dir}: study folder not found")
     else:
         raise ConfigError("give a STUDY_DIR, or --resume-run RUN_DIR")
-    return _run_and_report(cfg, args.num_cpus, args.ray_address)
+    return _run_and_report(cfg, args.num_cpus, args.ray_address, args.gpus_per_site, args.site_cache_mb)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -147,12 +164,14 @@ def _demo(args: argparse.Namespace) -> int:
     return _run_and_report(cfg, None)
 
 
-def _run_and_report(cfg: RunConfig, num_cpus: int | None, ray_address: str = "") -> int:
+def _run_and_report(cfg: RunConfig, num_cpus: int | None, ray_address: str = "",
+                    gpus_per_site: float | None = None, site_cache_mb: int = SITE_CACHE_MB) -> int:
     from fedseg.server.report import site_table
     from fedseg.simulations.simulate import simulate
 
     started = time.monotonic()
-    run_dir = simulate(cfg, num_cpus=num_cpus, ray_address=ray_address)
+    run_dir = simulate(cfg, num_cpus=num_cpus, ray_address=ray_address, gpus_per_site=gpus_per_site,
+                       site_cache_mb=site_cache_mb)
     print()
     print(site_table(run_dir))
     print(f"\nrun folder: {run_dir}  ({time.monotonic() - started:.0f}s)")

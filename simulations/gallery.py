@@ -61,7 +61,7 @@ def make_gallery(run_dir: str | Path, max_sites: int = 4) -> list[dict[str, Any]
     for site in (info["training_sites"] + info["heldout_sites"])[:max_sites]:
         log.info("report gallery: %s", site)
         state = sim_state_dir(run_dir / "site-state", site)
-        model, _, patch, _ = saved_model(run_dir / "model" / "global.pt", state if state.is_dir() else None)
+        model, _, patch, *_ = saved_model(run_dir / "model" / "global.pt", state if state.is_dir() else None)
         spec = read_site(refs[site], seed=cfg["seed"])
         _, val = split_training(spec, cfg["val-fraction"], cfg["seed"])
         transform = task.eval_data(spec)

@@ -12,7 +12,9 @@ import torch
 from fedseg.client.tasks import Task, task_for
 from fedseg.client.trainer import train_local
 from fedseg.common.atomic import atomic_torch_save
-from fedseg.common.config import ConfigError, ModelSpec, RunConfig, round_lr
+from fedseg.common.config import ConfigError, RunConfig
+from fedseg.common.model_kinds import ModelSpec
+from fedseg.common.lr_schedule import round_lr
 from fedseg.common.data import (SiteRef, SiteSpec, case_seed, flip_axes, image_channels, read_site,
                                split_training, study_sites)
 from fedseg.common.devices import resolve_device
@@ -33,7 +35,7 @@ def train_pooled(cfg: RunConfig, sites: list[SiteSpec], seed_site: str) -> tuple
     """
     cases = [c for s in sites for c in split_training(s, cfg.val_fraction, cfg.seed)[0]]
     first = sites[0]
-    spec = ModelSpec.for_run(cfg, first.spatial_dims, image_channels(first), first.num_classes)
+    spec = cfg.model_spec(first.spatial_dims, image_channels(first), first.num_classes)
     torch.manual_seed(cfg.seed)
     model = build_model(spec)
     if cfg.pretrained_weights:

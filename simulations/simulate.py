@@ -13,6 +13,7 @@ from flwr.simulation import run_simulation
 
 from fedseg.client.app import app as client_app
 from fedseg.common.config import ConfigError, RunConfig
+from fedseg.common.round_config import SITE_CACHE_MB
 from fedseg.common.devices import resolve_device
 from fedseg.common.data import DataError, check_site, study_sites
 from fedseg.server.app import run_federation
@@ -24,7 +25,8 @@ from fedseg.simulations.gallery import make_gallery
 log = logging.getLogger(__name__)
 
 
-def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "") -> Path:
+def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
+             gpus_per_site: float | None = None, site_cache_mb: int = SITE_CACHE_MB) -> Path:
     """Validate every site, then run the study with one virtual Flower node per site.
 
     Args:
@@ -34,6 +36,10 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "")
         ray_address: attach to this running Ray cluster (``ray start --head`` on one machine,
             ``ray start --address ...`` on the others) instead of starting one here; every node
             needs fedseg installed and the study folder at the same path.
+        gpus_per_site: GPU share of each virtual site (0.25 runs four sites on one GPU at once);
+            None: 1.0 where the run computes on a GPU, else 0.
+        site_cache_mb: MiB of decoded training cases each virtual site keeps across rounds (0:
+            read from disk every round), >= 0.
 
     Returns:
         The run folder.
@@ -51,7 +57,11 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "")
         device = resolve_device(cfg.device, "run-config 'device'")
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    gpus = cfg.gpus_per_site if cfg.gpus_per_site >= 0 else float(device.startswith("cuda"))
+    if gpus_per_site is not None and gpus_per_site < 0:
+        raise ConfigError(f"--gpus-per-site {gpus_per_site:g}: must be >= 0")
+    if site_cache_mb < 0:
+        raise ConfigError(f"--site-cache-mb {site_cache_mb}: must be >= 0 (0: no cache)")
+    gpus = gpus_per_site if gpus_per_site is not None else float(device.startswith("cuda"))
     sites = study_sites(cfg.study_dir, cfg.split_site)
     problems = [p for folder in sorted({s.site_dir for s in sites}) for p in check_site(folder)]
     if problems:
@@ -63,7 +73,7 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "")
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        result["run_dir"] = run_federation(grid, cfg)
+        result["run_dir"] = run_federation(grid, cfg, site_cache_mb)
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # sites' lines look alike; Ray would fold them

@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.common.atomic import atomic_write_bytes, atomic_write_json
-from fedseg.common.config import MODEL_KINDS, RunConfig
+from fedseg.common.config import RunConfig
+from fedseg.common.model_kinds import KINDS
 from fedseg.common.data import SiteSpec, read_site, split_training, study_sites
 from fedseg.common.metrics import finite_mean
 from fedseg.common.precision import site_precision
 from fedseg.server.summary import INSTANCE_METRICS, site_spread
 from fedseg.server.report import write_study_report
 from fedseg.simulations.pooled import run_device, train_pooled
+from fedseg.common.round_config import SITE_CACHE_MB
 from fedseg.simulations.simulate import simulate
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,10 @@ FEDERATED = {"fedavg": dict(strategy="fedavg", local_layers="none"),
 
 
 def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None,
-              ray_address: str = "") -> Path:
+              ray_address: str = "", gpus_per_site: float | None = None,
+              site_cache_mb: int = SITE_CACHE_MB) -> Path:
     """Train and score every baseline; write comparison.{json,csv}, cross_site.{json,csv}, study.html.
+    ``num_cpus``, ``ray_address``, ``gpus_per_site``, ``site_cache_mb``: as for ``simulate``.
 
     Returns:
         The study output folder.
@@ -60,10 +64,10 @@ def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None,
         eta = f", about {elapsed / index * (len(baselines) - index):.0f}s left" if index else ""
         log.info("study: baseline %d/%d %s%s", index + 1, len(baselines), baseline, eta)
         if baseline in FEDERATED:
-            ensemble = ENSEMBLE_ROUNDS if heldout and MODEL_KINDS[cfg.model].dense else cfg.heldout_ensemble
+            ensemble = ENSEMBLE_ROUNDS if heldout and KINDS[cfg.model].dense else cfg.heldout_ensemble
             run = simulate(cfg.replace(output_dir=str(out / "runs"), run_name=baseline, resume=False,
                                        heldout_ensemble=ensemble, **FEDERATED[baseline]), num_cpus=num_cpus,
-                           ray_address=ray_address)
+                           ray_address=ray_address, gpus_per_site=gpus_per_site, site_cache_mb=site_cache_mb)
             rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
             scores[baseline] = {s: rounds[-1]["eval"].get(s, {}) for s in specs}
             if still_rising(rounds, training):

@@ -21,10 +21,15 @@ def test_the_exported_model_predicts_the_same_masks_as_the_pytorch_model(tmp_pat
     model = _run_dir(tmp_path, ModelSpec(dims, 1, 3, (4, 8), "instance"))
     onnx = tmp_path / "export" / "model.onnx"
     assert main(["export", str(model), "--state-dir", str(tmp_path / "state"), "--output", str(onnx)]) == 0
-    assert "with this site's local layers" in capsys.readouterr().out
+    assert "with this site's own local layers" in capsys.readouterr().out
     assert sorted(p.name for p in onnx.parent.iterdir()) == ["model.onnx", "model.onnx.json"]  # nothing else
     info = json.loads((tmp_path / "export" / "model.onnx.json").read_text())
-    assert info["patch_size"] == 16 and info["model"]["spatial_dims"] == dims and info["local_layers"]
+    assert info["patch_size"] == 16 and info["model"]["spatial_dims"] == dims and info["local_layers"] == "site"
+    # a state dir without local layers of that run: the export says what it holds instead
+    assert main(["export", str(model), "--state-dir", str(tmp_path / "other"), "--output",
+                 str(tmp_path / "other.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "own local layers" not in out and "unseen-site norm set" in out
     for name, path in (("torch", model), ("onnx", onnx)):
         assert main(["predict", str(site / "images"), str(tmp_path / name), "--model", str(path),
                      "--state-dir", str(tmp_path / "state")]) == 0

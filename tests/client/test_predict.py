@@ -105,7 +105,7 @@ def test_adapt_fits_the_norms_to_a_new_sites_images_without_changing_the_model_f
     (site,) = write_study(tmp_path / "study", sites=1, dims=2, cases=3, size=24, shift=1.0, seed=4)
     model = _run_dir(tmp_path, ModelSpec(2, 1, 2, (4, 8), "batch"))
     saved = model.read_bytes()
-    plain, spec, patch, _ = saved_model(model, None)
+    plain, spec, patch, *_ = saved_model(model, None)
     adapted = saved_model(model, None).model
     images = sorted((site / "images").iterdir())
     adapt_members([adapted], task_for(spec), images, patch, "cpu", model)

@@ -16,7 +16,8 @@ from fedseg.client.state import SiteState
 from fedseg.client.tasks import task_for
 from fedseg.client.trainer import train_local
 from fedseg.common.cli import main
-from fedseg.common.config import DPSettings, RunConfig
+from fedseg.common.config import RunConfig
+from fedseg.common.round_config import DPSettings
 from fedseg.common.data import read_site
 from fedseg.common.dp_recipe import dp_training, plan_round
 from fedseg.common.models import ModelSpec, build_model

@@ -26,7 +26,7 @@ def test_replies_and_errors_never_carry_file_names_or_paths(tmp_path):
     state = tmp_path / "hospital-state"
     cfg = RunConfig(channels=(8, 16), patch_size=32, batch_size=2, min_group_cases=1, val_fraction=0.5)
     spec = ModelSpec(2, 1, 3, (8, 16))
-    node = node_context(site, state)
+    node = node_context(site, state, **{"min-group-cases": 1})  # the site lowers its own k-threshold
     replies = [client_app(round_message(cfg, spec, message_type=t), node) for t in ("query", "train", "evaluate")]
     assert not any(r.has_error() for r in replies)
     group_keys = [k for k in replies[2].content["metrics"] if k.startswith("group-")]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fedseg.client.site import SIM_POLICIES_FILE, describe_site, resolve_site
-from fedseg.common.config import SiteData
+from fedseg.common.round_config import SiteData
 from fedseg.common.data import DataError
 from fedseg.simulations.synth import write_study
 

@@ -3,7 +3,8 @@ the plain warning for a site whose noise will swamp the signal."""
 
 import pytest
 
-from fedseg.common.config import AUTO, DPSettings, RunConfig
+from fedseg.common.config import AUTO, RunConfig
+from fedseg.common.round_config import DPSettings
 from fedseg.common.dp_recipe import (NOISE_WARNING, RECIPE, dp_training, ema_decay, noise_to_signal,
                                      plan_round, warning)
 
@@ -43,7 +44,7 @@ def test_a_warm_start_takes_steps_smaller_the_more_noise_there_is_unless_the_run
 
 def test_a_warm_started_run_takes_smaller_steps():
     assert dp_training(DPSettings("sample", warm_start=True), 98, 8, 2).lr == RECIPE["lr_warm"] < RECIPE["lr"]
-    from fedseg.common.config import ModelSpec
+    from fedseg.common.model_kinds import ModelSpec
 
     spec = ModelSpec(3, 1, 3, (16, 32, 64))
     assert RunConfig(dp="sample", pretrained_weights="public.pt").site_round(spec, "id").dp.warm_start
@@ -54,7 +55,8 @@ def test_a_weaker_pretrained_model_takes_larger_steps_up_to_the_scratch_rate():
     """The warm rate follows what the pretrained weights scored at the sites before round 1:
     lr_warm from a good model (or an unscored one), the scratch rate at NO_WARM_START, between
     them the weaker the start the larger the step; the score travels in the round config."""
-    from fedseg.common.config import ModelSpec, SiteRoundConfig
+    from fedseg.common.model_kinds import ModelSpec
+    from fedseg.common.round_config import SiteRoundConfig
     from fedseg.common.dp_recipe import GOOD_START, NO_WARM_START, warm_lr
 
     def lr(start_dice: float) -> float:

@@ -57,7 +57,7 @@ def test_round_log_checkpoints_and_appends_the_round(tmp_path):
     for rnd in (1, 2):
         recorder.evaluated(rnd, [])
         aggregate = ArrayRecord({"w": torch.full((3,), float(rnd))})
-        hook(rnd, aggregate, aggregate if rnd == 1 else ArrayRecord({"w": torch.full((3,), 1.5)}))
+        hook.ended(rnd, aggregate, aggregate if rnd == 1 else ArrayRecord({"w": torch.full((3,), 1.5)}))
     lines = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == [1, 2] and all(r["seconds"] >= 0 for r in lines)
     first = torch.load(tmp_path / "checkpoints" / "round-1.pt", weights_only=True)
@@ -94,7 +94,7 @@ def test_a_round_scored_next_round_is_checkpointed_first_and_a_resume_completes_
     again = RoundLog(folder, resumed, meta, total_rounds=3, checkpointed=1)
     resumed.evaluated(1, [("a", _reply(message, RecordDict(
         {"metrics": MetricRecord({"dice": 0.75, "num-examples": 2})})))])
-    again(1, WEIGHTS, WEIGHTS)
+    again.ended(1, None, None)  # checkpointed before the crash: only its line is written
     (line,) = folder.read_rounds()
     assert line["train"]["a"]["train-loss"] == 0.5 and line["eval"]["a"]["dice"] == 0.75
     assert open_run(RunConfig(output_dir=str(tmp_path), run_name="run", resume=True)).pending_record is None

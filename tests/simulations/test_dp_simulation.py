@@ -38,12 +38,17 @@ def test_record_level_dp_with_fedbn_budget_refusal_and_resume(study, tmp_path):
         assert first["train"][site]["epsilon"] == pytest.approx(independent_epsilon(q, 1.0, steps, 1e-5))
     assert "site-a" not in second["train"] and "max-epsilon 6.000" in second["errors"]["site-a"]
     assert second["train"]["site-b"]["epsilon"] == pytest.approx(independent_epsilon(q, 1.0, 2 * steps, 1e-5))
+    plan = json.loads((run_dir / "run.json").read_text())["dp_plan"]  # the coordinator's record ...
+    for site in ("site-a", "site-b"):  # ... is what each site trained with
+        reported = first["train"][site]
+        assert (plan[site]["noise_multiplier"], plan[site]["lr"]) == (reported["noise-multiplier"], reported["dp-lr"])
     ledger = json.loads((run_dir / "site-state" / "site-a" / "privacy_ledger.json").read_text())
     assert [r["round"] for r in ledger["rounds"]] == [1]  # the refused round spent nothing
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["record_level_dp"]["epsilon"] == {
         "site-a": first["train"]["site-a"]["epsilon"], "site-b": second["train"]["site-b"]["epsilon"]}
     outbox = [json.loads(x) for x in (run_dir / "site-state" / "site-b" / "outbox.jsonl").read_text().splitlines()]
+    assert any(r["records"].get("arrays", {}).get("items") for r in outbox)  # weights were sent
     assert all(not any(k.startswith("model.") and ".adn.N." in k
                        for k in r["records"].get("arrays", {}).get("items", {}))
                for r in outbox)  # FedBN norm layers stayed home under DP too (only their copy

@@ -87,7 +87,7 @@ def test_predict_writes_instance_masks(dp_run, study_instance, tmp_path, capsys)
     assert main(["predict", str(images), str(tmp_path / "pred"), "--model", str(dp_run / "model" / "global.pt"),
                  "--state-dir", str(dp_run / "site-state" / "site-c")]) == 0
     written = sorted((tmp_path / "pred").glob("*.png"))
-    assert len(written) == len(list(images.glob("*.png")))
+    assert written and len(written) == len(list(images.glob("*.png")))
     for path in written:
         mask = np.asarray(Image.open(path))
         assert mask.shape == (SIZE, SIZE) and mask.dtype == np.uint16

@@ -15,7 +15,7 @@ from fedseg.client.site import sim_state_dir
 from fedseg.client.site_model import saved_model
 from fedseg.client.tasks import task_for
 from fedseg.common.cli import main
-from fedseg.common.config import ModelSpec
+from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.data import read_site, study_sites, to_dicts
 from fedseg.simulations.gallery import case_view, explanation_maps
 from fedseg.simulations.synth import write_study
@@ -104,7 +104,7 @@ def test_gallery_explains_the_prediction_with_maps_that_are_not_blank(study_out)
     info = json.loads((run / "run.json").read_text())
     index = json.loads((run / "plots" / "gallery" / "gallery.json").read_text())
     assert index and all("occlusion" in i["caption"] and "gradient saliency" in i["caption"] for i in index)
-    model, _, patch, _ = saved_model(run / "model" / "global.pt", sim_state_dir(run / "site-state", "site-a"))
+    model, _, patch, *_ = saved_model(run / "model" / "global.pt", sim_state_dir(run / "site-state", "site-a"))
     site = read_site(study_sites(info["config"]["study-dir"])[0], seed=0)
     data = task_for(ModelSpec.from_dict(info["model"])).eval_data(site)(to_dicts(site.training)[0])
     image = data["image"][None]

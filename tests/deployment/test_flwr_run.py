@@ -11,11 +11,11 @@ import pytest
 
 from tests.deployment.federation import free_port, port_open, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("model", ["unet", "maskrcnn"])
-def test_flwr_run_writes_the_same_run_folder(model, request, tmp_path):
+def test_flwr_run_completes_a_run_with_every_site_scored(model, request, tmp_path):
     port = free_port()
     home = tmp_path / "flwr-home"
     home.mkdir()
