@@ -1,4 +1,4 @@
-"""Install the top-level folders as subpackages of ``fedseg`` (ARCHITECTURE §1).
+"""Install the top-level folders as subpackages of ``fedseg`` (docs/architecture.md).
 
 Only the folders that are present are installed: the hospital image copies ``common/`` and
 ``client/`` alone, so it can never carry the coordinator's code.

@@ -16,10 +16,10 @@ import time
 import torch
 
 from benchmarks.common import report
-from fedseg.client.privacy import OpacusStep, noise_generator
+from fedseg.client.privacy import noise_generator
+from fedseg.client.steps import OpacusStep, PlainStep
 from fedseg.common.dp_recipe import DPRound
 from fedseg.client.tasks import task_for
-from fedseg.client.trainer import PlainStep
 from fedseg.common.models import ModelSpec, build_model
 
 

@@ -18,7 +18,8 @@ import torch
 from opacus.accountants.utils import get_noise_multiplier
 
 from benchmarks.common import SHARED_DATA, report
-from fedseg.client.privacy import OpacusStep, noise_generator
+from fedseg.client.privacy import noise_generator
+from fedseg.client.steps import OpacusStep
 from fedseg.client.tasks import task_for
 from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.data import read_site

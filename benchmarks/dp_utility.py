@@ -7,7 +7,7 @@ Usage: python -m benchmarks.dp_utility [--dataset hippocampus|monuseg --sites 2 
 hippocampus: ``--public-cases`` seeded MSD Hippocampus cases (default 60) form a *public* site (a
 disjoint split of the same data, labelled so); the others are one private site split into
 ``--sites`` virtual sites. ``--public-cases 0`` keeps all 260 private (~97 training volumes per
-site for 2 sites, the setting of issue #12's scratch goal; no ``--warm public`` then).
+site for 2 sites, the setting of the scratch DP goal; no ``--warm public`` then).
 Every DP run adds only ``dp=sample dp-target-epsilon=E`` to the non-private run's config: fedseg's
 DP recipe chooses the rest (``--dp-set`` overrides it; ``--dp-set dp-target-epsilon=0 --dp-set
 dp-noise-multiplier=0`` runs the recipe's clipped steps without noise, what DP's optimizer alone

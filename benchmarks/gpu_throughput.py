@@ -23,7 +23,8 @@ from monai.losses import DiceCELoss
 from benchmarks.common import report
 from fedseg.client.tasks import task_for
 from fedseg.client.trainer import train_local
-from fedseg.common.data import eval_transforms, read_site, to_dicts, train_transforms
+from fedseg.common.data import read_site
+from fedseg.common.transforms import eval_transforms, to_dicts, train_transforms
 from fedseg.common.models import ModelSpec, build_model
 from fedseg.common.precision import site_precision
 from fedseg.simulations.synth import write_study

@@ -23,7 +23,8 @@ from fedseg.client.privacy import DPSession, SitePolicy
 from fedseg.client.tasks import task_for
 from fedseg.client.trainer import train_local
 from fedseg.common.round_config import DPSettings
-from fedseg.common.data import eval_transforms, read_site, to_dicts
+from fedseg.common.data import read_site
+from fedseg.common.transforms import eval_transforms, to_dicts
 from fedseg.common.models import ModelSpec, build_model
 
 SPEC = {b: ModelSpec(2, 3, 2, (8, 16), "group", "maskrcnn", b, 256) for b in ("slim", "resnet50")}

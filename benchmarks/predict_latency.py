@@ -24,7 +24,8 @@ from benchmarks.common import SHARED_DATA, report
 from benchmarks.dp_utility import hippocampus_split
 from fedseg.client.export import OnnxNetwork, export_onnx
 from fedseg.common.config import RunConfig
-from fedseg.common.data import image_transforms, read_site, split_training, to_dicts
+from fedseg.common.data import read_site, split_training
+from fedseg.common.transforms import image_transforms, to_dicts
 from fedseg.common.logs import setup_logging
 from fedseg.common.precision import site_precision
 from fedseg.server.checkpoints import save_global_model

@@ -23,8 +23,8 @@ from benchmarks.common import report
 from fedseg.common.logs import setup_logging
 from fedseg.common.config import RunConfig
 from fedseg.common.round_config import SITE_CACHE_MB
-from fedseg.common.data import (eval_transforms, read_site, split_training, study_sites, to_dicts,
-                                train_transforms)
+from fedseg.common.data import read_site, split_training, study_sites
+from fedseg.common.transforms import eval_transforms, to_dicts, train_transforms
 from fedseg.common.metrics import SegmentationScores
 from fedseg.common.models import ModelSpec, build_model
 from fedseg.simulations.simulate import simulate

@@ -11,7 +11,8 @@ import torch
 from monai.transforms import RandSpatialCrop, SpatialPad
 from torch import nn
 
-from fedseg.common.data import Case, SiteSpec, eval_transforms, to_dicts
+from fedseg.common.data import Case, SiteSpec
+from fedseg.common.transforms import eval_transforms, to_dicts
 from fedseg.common.models import NORM_TYPES
 
 TENT_STEPS = 10  # bounded: a few steps, so a site cannot drift far from the federated model

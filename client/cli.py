@@ -75,7 +75,8 @@ def run_check(args: argparse.Namespace) -> int:
     folders = _site_folders(args.site_dirs)
     if all(folder is None for folder in folders):
         return 1
-    from fedseg.common.data import check_site, identifying_text
+    from fedseg.common.data import check_site
+    from fedseg.client.identifying_text import identifying_text
 
     failed, warned = 0, False
     for site_dir in folders:

@@ -4,7 +4,6 @@ correct the model's proposals."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -21,7 +20,8 @@ from fedseg.client.export import OnnxNetwork, exported_model
 from fedseg.client.site_model import SavedModel, saved_model
 from fedseg.client.tasks import task_for
 from fedseg.common.atomic import atomic_write_json
-from fedseg.common.data import NIFTI_SUFFIXES, PNG_SUFFIXES, DataError, image_transforms
+from fedseg.common.data import NIFTI_SUFFIXES, PNG_SUFFIXES, DataError
+from fedseg.common.transforms import image_transforms
 from fedseg.common.precision import site_precision
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
     Returns:
         What was written for each case, in file order.
     """
-    model, spec, patch, trained_flips = _load(model_path, state_dir)
+    model, spec, patch, trained_flips, _ = _load(model_path, state_dir)
     members = [model] + [_load(path, state_dir).model for path in ensemble or []]
     task = task_for(spec)
     if adapt and any(isinstance(m, OnnxNetwork) for m in members):

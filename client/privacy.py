@@ -2,9 +2,9 @@
 
 The privacy unit is one case (patient). A round under ``dp=sample`` is one ``DPSession``: plan
 the round, let the site's own policy admit it, draw Poisson batches of cases from OS entropy,
-take clipped and noised steps (Opacus' per-sample gradients for networks it supports, exact
-per-case clipping by micro-batches for Mask R-CNN), account every step with Opacus' RDP
-accountant, and write the ledger after the last step. The ledger lives in the site's state dir,
+take clipped and noised steps (``steps.py``: Opacus' per-sample gradients for networks it
+supports, exact per-case clipping by micro-batches for Mask R-CNN), account every step with
+Opacus' RDP accountant, and write the ledger after the last step. The ledger lives in the site's state dir,
 so epsilon keeps growing across rounds, runs and restarts, and the server can never reset it.
 """
 
@@ -12,25 +12,21 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import secrets
 import time
-import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
-from opacus.optimizers import DPOptimizer
-from opacus.validators import ModuleValidator
 from torch import nn
 
+from fedseg.client.steps import OpacusStep, PerCaseStep, Step, TaskLoss
 from fedseg.common.atomic import atomic_write_json, private_dir
-from fedseg.common.round_config import DPSettings
 from fedseg.common.dp_recipe import ACCOUNTANT, DPRound, DPTraining, describe, noise_to_signal, site_round, warning
+from fedseg.common.round_config import DPSettings
 
 log = logging.getLogger(__name__)
 LEDGER_FILE = "privacy_ledger.json"
@@ -167,20 +163,6 @@ def admit(policy: SitePolicy, dp: DPSettings, plan: DPRound | None, ledger: Priv
                 f"{policy.max_epsilon:.3f} (delta={plan.delta:g})")
 
 
-class Step(Protocol):
-    """One optimizer step's gradient: plain, Opacus DP-SGD or exact per-case clipping."""
-
-    def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """The optimizer this step drives (Opacus wraps it to clip and noise)."""
-
-    def __call__(self, cases: list[list[Any]]) -> float | None:
-        """Set the gradients for a batch of cases, each given as its patches (augmentation
-        multiplicity: K patches of one case); returns the mean loss (None: no case)."""
-
-    def close(self) -> None:
-        """Undo what the step attached to the model."""
-
-
 class DPSession:
     """Record-level DP of one round at one site: plan -> policy admits -> sample, clip, noise,
     account -> ledger. Trainers see only this object (or None when DP is off).
@@ -234,7 +216,8 @@ class DPSession:
             draw = torch.rand(self.num_cases, generator=generator) < self.plan.sample_rate
             yield torch.nonzero(draw).flatten().tolist()
 
-    def step(self, step_kind: type, task: Any, model: nn.Module, device: str, chunk_cases: int) -> Step:
+    def step(self, step_kind: type[OpacusStep | PerCaseStep], task: TaskLoss, model: nn.Module, device: str,
+             chunk_cases: int) -> Step:
         """The clipped, noised step of ``step_kind`` (``OpacusStep`` or ``PerCaseStep``); the noise
         generator lives on the training device (Opacus draws noise where the parameters are).
 
@@ -256,121 +239,6 @@ class DPSession:
                                   self._planned_noise, noise_to_signal(self.plan, self.training))
 
 
-class OpacusStep:
-    """DP-SGD step with Opacus' per-sample gradients (U-Net): each case's gradient (the mean over
-    its K patches) is clipped to C, N(0, (sigma C)^2) is added to the sum, which is divided by
-    the expected batch size. Cases go through the network ``chunk_cases`` at a time."""
-
-    def __init__(self, task: Any, model: nn.Module, plan: DPRound, expected_batch: float,
-                 generator: torch.Generator, device: str, chunk_cases: int = 8) -> None:
-        check_dp_compatible(model)
-        self.task, self.plan, self.expected_batch = task, plan, expected_batch
-        self.generator, self.device, self.chunk_cases = generator, device, max(1, chunk_cases)
-        # torch.func's vmap per-sample gradients: 1.45 s vs 2.1 s for Opacus' hooks on a 3D U-Net
-        # step of 32 cases on one CPU core (the same gradients; tests check them by hand)
-        self.module = GradSampleModule(model, force_functorch=True)
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
-
-    def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        return DPOptimizer(optimizer, noise_multiplier=self.plan.noise_multiplier,
-                           max_grad_norm=self.plan.max_grad_norm,
-                           expected_batch_size=self.expected_batch, generator=self.generator)
-
-    def __call__(self, cases: list[list[Any]]) -> float | None:
-        if not cases:  # Poisson drew no case: the optimizer adds noise to zero gradients
-            for p in self.params:
-                p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
-            return None
-        per_case: dict[nn.Parameter, list[torch.Tensor]] = {p: [] for p in self.params}
-        total = 0.0
-        for start in range(0, len(cases), self.chunk_cases):
-            chunk = cases[start:start + self.chunk_cases]
-            patches = [patch for case in chunk for patch in case]
-            loss = self.task.loss(self.module, patches, self.device)
-            with warnings.catch_warnings():
-                # Opacus' hooks on the first layer, whose input needs no gradient: harmless
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss.backward()
-            total += float(loss.detach()) * len(chunk)
-            for p in self.params:  # a case's gradient: the mean of its patches' (the unit is the case)
-                grad = p.grad_sample
-                per_case[p].append(grad.view(len(chunk), -1, *grad.shape[1:]).mean(dim=1))
-                p.grad_sample = None
-        for p in self.params:
-            p.grad_sample = torch.cat(per_case[p])
-        return total / len(cases)
-
-    def close(self) -> None:
-        self.module._close()
-
-
-class PerCaseStep:
-    """DP-SGD step by exact per-case clipping (Mask R-CNN, whose heads Opacus cannot split): one
-    forward pass per case over its K patches."""
-
-    def __init__(self, task: Any, model: nn.Module, plan: DPRound, expected_batch: float,
-                 generator: torch.Generator, device: str, chunk_cases: int = 1) -> None:
-        self.task, self.model, self.plan, self.expected_batch = task, model, plan, expected_batch
-        self.generator, self.device = generator, device
-        self.params = [p for p in model.parameters() if p.requires_grad]
-
-    def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        return optimizer
-
-    def __call__(self, cases: list[list[Any]]) -> float | None:
-        losses: list[float] = []
-
-        def case_losses() -> Iterator[torch.Tensor]:
-            for patches in cases:
-                loss = self.task.loss(self.model, patches, self.device)
-                losses.append(float(loss.detach()))
-                yield loss
-
-        private_gradient(self.params, case_losses(), self.plan, self.expected_batch, self.generator)
-        return sum(losses) / len(losses) if losses else None
-
-    def close(self) -> None:
-        return None
-
-
-def check_dp_compatible(model: nn.Module) -> None:
-    """Raise ``ValueError`` with Opacus' reasons when the model cannot train under DP-SGD."""
-    errors = ModuleValidator.validate(model, strict=False)
-    if errors:
-        raise ValueError(f"model cannot train with DP-SGD: {errors[0]} (use norm=instance or group)")
-
-
 def noise_generator(device: str | torch.device) -> torch.Generator:
     """A generator on ``device`` seeded from OS entropy, never from the run seed."""
     return torch.Generator(device=device).manual_seed(secrets.randbits(63))
-
-
-def private_gradient(params: list[nn.Parameter], case_losses: Iterable[torch.Tensor],
-                     plan: DPRound, expected_batch_size: float, generator: torch.Generator) -> list[float]:
-    """Set ``p.grad`` to one DP-SGD step's noisy mean of per-case gradients clipped to norm C.
-
-    Each loss is one case's own forward pass (a micro-batch of one), so its gradient is exactly
-    that case's: Opacus' per-layer grad samplers cannot do this for Mask R-CNN, whose RPN and
-    RoI heads put proposals, not cases, on the batch axis (platform facts §4). Like Opacus, the
-    sum of clipped gradients plus N(0, (sigma C)^2) noise is divided by the expected batch size.
-
-    Returns:
-        Each case's gradient norm after clipping (<= C), in order.
-    """
-    total = [torch.zeros_like(p) for p in params]
-    clipped_norms = []
-    for loss in case_losses:
-        if not math.isfinite(float(loss.detach())):  # the loop reports it; never clip a NaN
-            continue
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
-        scale = min(1.0, plan.max_grad_norm / (float(norm) + 1e-6))
-        for acc, g in zip(total, grads):
-            acc.add_(g, alpha=scale)
-        clipped_norms.append(float(norm) * scale)
-    std = plan.noise_multiplier * plan.max_grad_norm
-    for p, acc in zip(params, total):
-        noise = torch.normal(0.0, std, acc.shape, generator=generator, device=acc.device)
-        p.grad = (acc + noise) / expected_batch_size
-    return clipped_norms

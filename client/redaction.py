@@ -14,7 +14,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedseg.client.site import SiteLocation, site_of_message
-from fedseg.common.data import IDENTIFYING_NAME, case_files
+from fedseg.client.identifying_text import IDENTIFYING_NAME, case_files
 
 
 class Redactor:

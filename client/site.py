@@ -11,8 +11,8 @@ from typing import Any
 from fedseg.client.privacy import SitePolicy
 from fedseg.common.round_config import SiteData
 from fedseg.common.devices import resolve_device
-from fedseg.common.data import (NIFTI_SUFFIXES, DataError, SiteRef, SiteSpec, check_site, image_channels,
-                               read_site, split_training, study_sites)
+from fedseg.common.data import NIFTI_SUFFIXES, DataError, SiteRef, SiteSpec, check_site, read_site, split_training, study_sites
+from fedseg.common.transforms import image_channels
 
 SIM_POLICIES_FILE = "site_policies.json"
 # What a hospital may set in its SuperNode's node config (Flower adds the partition keys in simulation).

@@ -21,10 +21,11 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from fedseg.client.prefetch import ahead_depth, prefetched
-from fedseg.client.privacy import OpacusStep, PerCaseStep
+from fedseg.client.steps import OpacusStep, PerCaseStep
 from fedseg.client.site_cache import cached_dataset
 from fedseg.common.model_kinds import ModelSpec
-from fedseg.common.data import Case, SiteSpec, eval_transforms, to_dicts, train_transforms
+from fedseg.common.data import Case, SiteSpec
+from fedseg.common.transforms import eval_transforms, to_dicts, train_transforms
 from fedseg.common.instance_metrics import InstanceScores
 from fedseg.common.instances import predict_instances, targets_from_instances
 from fedseg.common.maskrcnn import SCORE_THRESHOLD

@@ -8,7 +8,6 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,13 +15,12 @@ from monai.utils import set_determinism
 from torch import nn
 
 from fedseg.client.prefetch import ahead_depth, prefetched
-from fedseg.client.privacy import DPSession, Step
-from fedseg.common.model_kinds import ModelSpec
+from fedseg.client.privacy import DPSession
+from fedseg.client.steps import PlainStep, Step
+from fedseg.client.tasks import Task
 from fedseg.common.data import Case, SiteSpec
+from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.precision import Precision
-
-if TYPE_CHECKING:
-    from fedseg.client.tasks import Task
 
 log = logging.getLogger(__name__)
 PROGRESS_SECONDS = 30.0  # a progress line at most this often: short rounds stay quiet
@@ -147,55 +145,6 @@ def training_layout(spec: ModelSpec, device: str, private: bool = False) -> torc
     if spec.kind.dense and spec.spatial_dims == 3 and device == "cpu" and not private:
         return torch.channels_last_3d
     return torch.contiguous_format
-
-
-class PlainStep:
-    """Non-private step: the task's loss (+ FedProx's term) under the site's mixed precision,
-    backward (loss-scaled in fp16), optional clipping."""
-
-    def __init__(self, task: Task, model: nn.Module, device: str,
-                 anchors: list[tuple[torch.Tensor, torch.Tensor]], proximal_mu: float,
-                 precision: Precision | None = None) -> None:
-        self.task, self.model, self.device = task, model, device
-        self.anchors, self.proximal_mu = anchors, proximal_mu
-        self.precision = precision or Precision(device)
-        self.scaler = self.precision.scaler()
-        self.optimizer: torch.optim.Optimizer | None = None
-
-    def wrap(self, optimizer: torch.optim.Optimizer) -> Any:
-        self.optimizer = optimizer
-        return optimizer if self.scaler is None else _ScaledOptimizer(optimizer, self.scaler)
-
-    def __call__(self, cases: list[list[Any]]) -> float:
-        with self.precision.autocast():
-            loss = self.task.loss(self.model, [patch for case in cases for patch in case], self.device)
-        loss = loss.float()
-        if self.anchors:
-            loss = loss + self.proximal_mu / 2 * sum((p - a).pow(2).sum() for p, a in self.anchors)
-        if torch.isfinite(loss):
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-            if self.task.grad_clip:
-                if self.scaler and self.optimizer is not None:
-                    self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.task.grad_clip)
-        return float(loss.detach())
-
-    def close(self) -> None:
-        return None
-
-
-class _ScaledOptimizer:
-    """fp16: the step unscales the gradients and is skipped when they overflowed."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
-        self.optimizer, self.scaler = optimizer, scaler
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def step(self) -> None:
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
 
 
 def shuffled_batches(n: int, batch_size: int, epochs: int, seed: int) -> Iterator[list[int]]:

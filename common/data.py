@@ -1,42 +1,18 @@
-"""Site data contract (ARCHITECTURE §2): read dataset.json, validate a site, MONAI transforms."""
+"""Site data contract (docs/architecture.md): read dataset.json, validate a site folder, split it."""
 
 from __future__ import annotations
 
 import json
-import re
 import zlib
 from dataclasses import dataclass
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
-import torch
-from PIL import Image
 from monai.data import ImageReader, NibabelReader, PILReader
-from monai.transforms import (
-    Compose,
-    EnsureChannelFirst,
-    EnsureChannelFirstd,
-    EnsureType,
-    EnsureTyped,
-    LoadImage,
-    LoadImaged,
-    NormalizeIntensity,
-    NormalizeIntensityd,
-    RandAdjustContrastd,
-    RandBiasFieldd,
-    RandCropByPosNegLabeld,
-    RandFlipd,
-    RandGaussianNoised,
-    RandGaussianSmoothd,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-    SpatialPadd,
-)
+from monai.transforms import LoadImage
 
-from fedseg.common.config import ConfigError
 from fedseg.common.errors import DataError  # the contract's error, importable without torch
 
 PNG_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -123,7 +99,7 @@ def read_site(ref: SiteRef | str | Path, seed: int = 0) -> SiteSpec:
         DataError: dataset.json missing, not JSON, or without the required keys.
     """
     ref = ref if isinstance(ref, SiteRef) else SiteRef(Path(ref).name, Path(ref))
-    spec, problems = _parse_dataset_json(ref.site_dir)
+    spec, problems = parse_dataset_json(ref.site_dir)
     if problems:
         raise DataError("\n".join(problems))
     assert spec is not None
@@ -142,66 +118,12 @@ def check_site(site_dir: str | Path) -> list[str]:
     duplicate entries, wrong spatial_dims, image/label shape mismatch, undeclared label values,
     NaN/inf, empty dataset. Returns an empty list when the site is clean.
     """
-    spec, problems = _parse_dataset_json(Path(site_dir))
+    spec, problems = parse_dataset_json(Path(site_dir))
     if spec is None:
         return problems
     for case in spec.training + spec.test:
         problems.extend(_check_case(spec, case))
     return problems
-
-
-def case_files(site_dir: str | Path) -> list[str]:
-    """File names of every image and label a site folder holds (dataset.json's entries and what
-    lies in images/ and labels/), sorted: what must never leave the site."""
-    site_dir = Path(site_dir)
-    names = {p.name for sub in ("images", "labels", "imagesTr", "labelsTr", "imagesTs")
-             if (site_dir / sub).is_dir() for p in (site_dir / sub).iterdir()}
-    spec, _ = _parse_dataset_json(site_dir)
-    if spec is not None:
-        names |= {Path(p).name for case in spec.training + spec.test for p in (case.image, case.label)}
-    return sorted(names)
-
-
-IDENTIFYING_NAME = re.compile(
-    r"(19|20)\d{2}[-_.]?(0[1-9]|1[0-2])[-_.]?(0[1-9]|[12]\d|3[01])"  # a date: 19550101, 2021-03-04
-    r"|\d{7,}"  # a record or accession number
-    r"|\^"  # a DICOM person name (LAST^FIRST)
-    r"|patient|mrn|dob|birth", re.IGNORECASE)
-NIFTI_TEXT_FIELDS = ("descrip", "aux_file", "intent_name", "db_name")
-TRIVIAL_TEXT = re.compile(r"none|[\d.]+|[\d.]+ ?mm", re.IGNORECASE)  # "none", a software version
-
-
-def identifying_text(site_dir: str | Path) -> list[str]:
-    """Text in a site's files that may identify a patient: dates, record numbers or DICOM names
-    in file names, NIfTI header text fields, PNG text chunks. It stays at the site (fedseg never
-    sends it), but a hospital should know it is there; ``fedseg check --strict`` fails on it."""
-    found = [f"{name}: file name looks like it holds a date, record number or patient name"
-             for name in case_files(site_dir) if IDENTIFYING_NAME.search(name)]
-    spec, _ = _parse_dataset_json(Path(site_dir))
-    embedded: dict[str, list[Path]] = {}
-    for case in (spec.training + spec.test) if spec else ():
-        for path in (case.image, case.label):
-            for what in _embedded_text(path):
-                embedded.setdefault(what, []).append(path)
-    for what, paths in embedded.items():  # one line per distinct text, not one per file
-        more = f" (and {len(paths) - 1} more file(s))" if len(paths) > 1 else ""
-        found.append(f"{paths[0]}: {what}{more}")
-    return found
-
-
-def _embedded_text(path: Path) -> list[str]:
-    try:
-        if path.name.lower().endswith(NIFTI_SUFFIXES):
-            header = nib.load(path).header
-            values = {f: header[f].item() for f in NIFTI_TEXT_FIELDS if f in header}
-            texts = {f: v.decode(errors="replace").strip("\x00 ") for f, v in values.items()
-                     if isinstance(v, bytes)}
-            return [f"NIfTI header {f} = {t!r}" for f, t in texts.items()
-                    if t and not TRIVIAL_TEXT.fullmatch(t)]
-        with Image.open(path) as image:
-            return [f"PNG/JPEG text chunk {k!r}" for k, v in image.info.items() if isinstance(v, str) and v.strip()]
-    except Exception:  # noqa: BLE001 - unreadable files are check_site's to report
-        return []
 
 
 def split_training(spec: SiteSpec, val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
@@ -230,126 +152,8 @@ def image_reader(path: Path) -> ImageReader:
     return NibabelReader()
 
 
-def base_transforms(spec: SiteSpec, keep_instances: bool = False) -> list[Any]:
-    """Deterministic loading: channel-first image (z-scored per channel) and integer label
-    (instance ids kept as they are with ``keep_instances``, else foreground classes)."""
-    reader = image_reader(spec.training[0].image if spec.training else spec.test[0].image)
-    return [
-        LoadImaged(keys=("image", "label"), reader=reader, image_only=True),
-        EnsureChannelFirstd(keys=("image", "label")),
-        NormalizeIntensityd(keys="image", channel_wise=True),
-        _LabelToClasses(instance=spec.task == "instance" and not keep_instances),
-        EnsureTyped(keys="image", dtype=torch.float32),
-    ]
-
-
-def image_transforms(path: Path) -> Compose:
-    """Loading for inference on an unlabeled image, identical to training's image path."""
-    return Compose([LoadImage(reader=image_reader(path), image_only=True), EnsureChannelFirst(),
-                    NormalizeIntensity(channel_wise=True), EnsureType(dtype=torch.float32)])
-
-
-def image_channels(spec: SiteSpec) -> int:
-    """Channels of the site's images (1 for MRI/CT, 3 for RGB H&E), read from its first case."""
-    first = (spec.training or spec.test)[0]
-    return int(eval_transforms(spec)(to_dicts([first])[0])["image"].shape[0])
-
-
-SCANNER = re.compile(r"\b(MRI?|CT|CBCT|PET|SPECT|X-?RAY|RADIOGRAPH\w*|MAMMOGRAPH\w*|ULTRASOUND|"
-                     r"SONOGRAPH\w*|T1\w*|T2\w*|FLAIR|DWI|ADC)\b", re.IGNORECASE)
-
-
-def is_histology(modality: str) -> bool:
-    """A stained tissue slide (H&E), by the free-text modality of dataset.json."""
-    return any(word in modality.upper() for word in ("H&E", "HISTO", "PATHOLOGY", "STAIN"))
-
-
-def is_scan(modality: str) -> bool:
-    """An image from a scanner (MRI and its sequences, CT, PET, X-ray, ultrasound), by the free-text
-    modality of dataset.json."""
-    return SCANNER.search(modality) is not None
-
-
-def flip_axes(flips: str, spatial_dims: int, modalities: Iterable[str]) -> tuple[int, ...]:
-    """The spatial axes training patches are randomly mirrored along (run-config ``flips``).
-    ``auto``: none for scanner images and any 3D volume, which keep the patient's orientation:
-    anatomy is not mirror-symmetric, and mirroring MSD Hippocampus volumes front to back hid which
-    end is anterior (10 rounds: 0.749 Dice mirrored, 0.842 not; 0.30-0.36 vs 0.52-0.53 under DP
-    at epsilon 8, benchmarks/RESULTS.md); every axis for other 2D images (histology tiles,
-    photographs, synthetic blobs), which have no fixed orientation (MoNuSeg under DP: 0.66
-    mirrored, 0.57 not).
-
-    Raises:
-        ConfigError: an axis the images do not have.
-    """
-    if flips == "auto":
-        oriented = spatial_dims == 3 or any(is_scan(m) for m in modalities)
-        flips = "none" if oriented else "all"
-    if flips in ("all", "none"):
-        return tuple(range(spatial_dims)) if flips == "all" else ()
-    axes = tuple(sorted({int(a) for a in flips.split(",")}))
-    if axes[-1] >= spatial_dims:
-        raise ConfigError(f"run-config 'flips' = {flips!r}: the images are {spatial_dims}D (axes 0-{spatial_dims - 1})")
-    return axes
-
-
-def train_transforms(spec: SiteSpec, patch_size: int, keep_instances: bool = False,
-                     augment: bool = False, flips: tuple[int, ...] | None = None) -> Compose:
-    """Loading plus a foreground-balanced random patch per case, randomly mirrored along
-    ``flips`` (None: ``flip_axes``' choice for the site's modality); with ``augment``, the
-    appearance changes hospitals differ by (``appearance_transforms``)."""
-    roi = (patch_size,) * spec.spatial_dims
-    if flips is None:
-        flips = flip_axes("auto", spec.spatial_dims, [spec.modality])
-    aug = [
-        SpatialPadd(keys=("image", "label"), spatial_size=roi),
-        RandCropByPosNegLabeld(keys=("image", "label"), label_key="label", spatial_size=roi,
-                               pos=1, neg=1, num_samples=1),
-    ] + [RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=a) for a in flips]
-    return Compose(base_transforms(spec, keep_instances) + aug + (appearance_transforms(spec) if augment else []))
-
-
-def appearance_transforms(spec: SiteSpec) -> list[Any]:
-    """Scanner and stain differences, applied to the (z-scored) image only: intensity scale and
-    shift (per channel: a colour/stain jitter for RGB H&E), contrast, noise, blur, and a smooth
-    bias field for MRI/CT."""
-    histology = is_histology(spec.modality)
-    out = [RandScaleIntensityd(keys="image", factors=0.15, prob=0.5, channel_wise=True),
-           RandShiftIntensityd(keys="image", offsets=0.15, prob=0.5, channel_wise=True),
-           RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.3),
-           RandGaussianNoised(keys="image", std=0.05, prob=0.2),
-           RandGaussianSmoothd(keys="image", sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0),
-                               sigma_z=(0.25, 1.0), prob=0.2)]
-    if not histology:  # scanners' smooth intensity inhomogeneity
-        out.append(RandBiasFieldd(keys="image", coeff_range=(0.0, 0.1), prob=0.3))
-    return out
-
-
-def eval_transforms(spec: SiteSpec, keep_instances: bool = False) -> Compose:
-    """Loading only: whole images, scored by sliding-window or tiled inference."""
-    return Compose(base_transforms(spec, keep_instances))
-
-
-def to_dicts(cases: list[Case]) -> list[dict[str, str]]:
-    """MONAI dataset items for cases."""
-    return [{"image": str(c.image), "label": str(c.label)} for c in cases]
-
-
-class _LabelToClasses:
-    """Cast labels to int64 class maps; instance masks become foreground (label > 0)."""
-
-    def __init__(self, instance: bool) -> None:
-        self.instance = instance
-
-    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        label = torch.as_tensor(data["label"])
-        label = (label > 0) if self.instance else torch.round(label)
-        out = dict(data)
-        out["label"] = label.to(torch.int64)
-        return out
-
-
-def _parse_dataset_json(site_dir: Path) -> tuple[SiteSpec | None, list[str]]:
+def parse_dataset_json(site_dir: Path) -> tuple[SiteSpec | None, list[str]]:
+    """(the site's description, or None if unreadable; the problems found in dataset.json)."""
     path = site_dir / "dataset.json"
     if not path.is_file():
         return None, [f"{path}: missing (every site folder needs a dataset.json)"]

@@ -69,7 +69,7 @@ def build_maskrcnn(in_channels: int, backbone: str, norm: str, image_size: int) 
         box_roi_pool=MultiScaleRoIAlign(levels, 7, 2),
         box_head=box_head,
         box_predictor=FastRCNNPredictor(box_dim, NUM_CLASSES),
-        box_batch_size_per_image=128,  # RoI heads dominate the cost (platform facts §4)
+        box_batch_size_per_image=128,  # RoI heads dominate the cost
         box_detections_per_img=MAX_DETECTIONS,
         box_score_thresh=SCORE_THRESHOLD,
         mask_roi_pool=MultiScaleRoIAlign(levels, 14, 2),

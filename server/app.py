@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedseg.common.config import RunConfig
-from fedseg.common.data import flip_axes
+from fedseg.common.transforms import flip_axes
 from fedseg.common.dp_recipe import ema_decay
 from fedseg.common.logs import setup_logging
 from fedseg.common.model_kinds import ModelSpec

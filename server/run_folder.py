@@ -1,4 +1,4 @@
-"""The run folder (ARCHITECTURE §7): run.json, rounds.jsonl, summary.json; opening a new run or
+"""The run folder (docs/architecture.md, Outputs): run.json, rounds.jsonl, summary.json; opening a new run or
 resuming one (the one place that merges a stored run config with a resume request)."""
 
 from __future__ import annotations

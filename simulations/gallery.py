@@ -26,8 +26,11 @@ from fedseg.client.predict import PALETTE, overlay_image  # noqa: E402
 from fedseg.client.site import sim_state_dir  # noqa: E402
 from fedseg.client.site_model import saved_model  # noqa: E402
 from fedseg.client.tasks import task_for  # noqa: E402
-from fedseg.common.data import read_site, split_training, study_sites, to_dicts  # noqa: E402
+from fedseg.common.data import read_site, split_training, study_sites  # noqa: E402
+from fedseg.common.transforms import to_dicts  # noqa: E402
+from fedseg.common.atomic import atomic_write_bytes  # noqa: E402
 from fedseg.common.models import ModelSpec  # noqa: E402
+from fedseg.server.report import GALLERY  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -175,3 +178,20 @@ def _figure(view: dict[str, Any], maps: dict[str, np.ndarray], names: dict[int, 
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
+
+
+def write_gallery(run_dir: str | Path, items: list[dict[str, Any]]) -> None:
+    """Keep the gallery in the run folder, so that
+    every later ``write_report`` shows it: ``plots/gallery/NN.png`` plus ``gallery.json``.
+
+    Args:
+        run_dir: the run folder.
+        items: dicts with ``title``, ``caption`` and ``png`` bytes.
+    """
+    folder = Path(run_dir) / GALLERY
+    index = []
+    for i, item in enumerate(items):
+        name = f"{i:02d}.png"
+        atomic_write_bytes(folder / name, item["png"])
+        index.append({"title": item["title"], "caption": item["caption"], "file": name})
+    atomic_write_bytes(folder / "gallery.json", json.dumps(index, indent=1).encode())

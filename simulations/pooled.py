@@ -13,10 +13,9 @@ from fedseg.client.tasks import Task, task_for
 from fedseg.client.trainer import train_local
 from fedseg.common.atomic import atomic_torch_save
 from fedseg.common.config import ConfigError, RunConfig
-from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.lr_schedule import round_lr
-from fedseg.common.data import (SiteRef, SiteSpec, case_seed, flip_axes, image_channels, read_site,
-                               split_training, study_sites)
+from fedseg.common.data import SiteRef, SiteSpec, case_seed, read_site, split_training, study_sites
+from fedseg.common.transforms import flip_axes, image_channels
 from fedseg.common.devices import resolve_device
 from fedseg.common.models import build_model
 from fedseg.common.precision import site_precision

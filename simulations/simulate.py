@@ -17,10 +17,10 @@ from fedseg.common.round_config import SITE_CACHE_MB
 from fedseg.common.devices import resolve_device
 from fedseg.common.data import DataError, check_site, study_sites
 from fedseg.server.app import run_federation
-from fedseg.server.report import write_gallery, write_report
+from fedseg.server.report import write_report
 from fedseg.server.run_folder import RESUMABLE, resume_config
 from fedseg.simulations.engine import prompt_engine
-from fedseg.simulations.gallery import make_gallery
+from fedseg.simulations.gallery import make_gallery, write_gallery
 
 log = logging.getLogger(__name__)
 

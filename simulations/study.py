@@ -23,7 +23,7 @@ from fedseg.common.data import SiteSpec, read_site, split_training, study_sites
 from fedseg.common.metrics import finite_mean
 from fedseg.common.precision import site_precision
 from fedseg.server.summary import INSTANCE_METRICS, site_spread
-from fedseg.server.report import write_study_report
+from fedseg.simulations.study_report import write_study_report
 from fedseg.simulations.pooled import run_device, train_pooled
 from fedseg.common.round_config import SITE_CACHE_MB
 from fedseg.simulations.simulate import simulate

@@ -6,7 +6,8 @@ import torch
 
 from fedseg.client.adaptation import adapt_norm_statistics, site_images
 from fedseg.client.tasks import task_for
-from fedseg.common.data import read_site, to_dicts
+from fedseg.common.data import read_site
+from fedseg.common.transforms import to_dicts
 from fedseg.common.models import ModelSpec, build_model
 from fedseg.simulations.synth import write_study
 

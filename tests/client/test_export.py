@@ -29,7 +29,7 @@ def test_the_exported_model_predicts_the_same_masks_as_the_pytorch_model(tmp_pat
     assert main(["export", str(model), "--state-dir", str(tmp_path / "other"), "--output",
                  str(tmp_path / "other.onnx")]) == 0
     out = capsys.readouterr().out
-    assert "own local layers" not in out and "unseen-site norm set" in out
+    assert "this site's own local layers" not in out and "with initial local layers" in out
     for name, path in (("torch", model), ("onnx", onnx)):
         assert main(["predict", str(site / "images"), str(tmp_path / name), "--model", str(path),
                      "--state-dir", str(tmp_path / "state")]) == 0

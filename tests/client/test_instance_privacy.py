@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fedseg.client.app import app as client_app
-from fedseg.client.privacy import LEDGER_FILE, private_gradient
+from fedseg.client.privacy import LEDGER_FILE
+from fedseg.client.steps import private_gradient
 from fedseg.common.dp_recipe import DPRound
 from fedseg.client.state import SiteState
 from fedseg.client.tasks import task_for

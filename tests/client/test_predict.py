@@ -13,7 +13,7 @@ from fedseg.common.models import (ModelSpec, build_model, local_keys, model_sign
                                   unseen_norm_set)
 from fedseg.server.checkpoints import save_global_model
 from fedseg.common.cli import main
-from fedseg.common.data import image_transforms
+from fedseg.common.transforms import image_transforms
 from fedseg.simulations.synth import write_study
 
 

@@ -10,8 +10,8 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.rdp import RDPAccountant
 
 from fedseg.client.app import app as client_app
-from fedseg.client.privacy import (LEDGER_FILE, DPSession, PolicyRefusal, PrivacyLedger, SitePolicy,
-                                   check_dp_compatible)
+from fedseg.client.privacy import LEDGER_FILE, DPSession, PolicyRefusal, PrivacyLedger, SitePolicy
+from fedseg.client.steps import check_dp_compatible
 from fedseg.client.state import SiteState
 from fedseg.client.tasks import task_for
 from fedseg.client.trainer import train_local
@@ -161,7 +161,7 @@ def test_patches_per_case_do_not_change_epsilon(site, tmp_path):
 def test_each_cases_gradient_is_the_mean_of_its_patches_clipped_to_c(site):
     """Opacus' per-sample gradients, regrouped by case: with no noise the update is the sum over
     cases of clip_C(mean of the case's patch gradients) / expected batch, computed here by hand."""
-    from fedseg.client.privacy import OpacusStep
+    from fedseg.client.steps import OpacusStep
     from fedseg.common.dp_recipe import DPRound
 
     torch.manual_seed(0)

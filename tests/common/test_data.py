@@ -10,9 +10,8 @@ import torch
 import pytest
 from PIL import Image
 
-from fedseg.common.data import (DataError, check_site, eval_transforms, flip_axes, image_channels, read_site, train_transforms,
-                                split_training,
-                                study_sites, to_dicts)
+from fedseg.common.data import DataError, check_site, read_site, split_training, study_sites
+from fedseg.common.transforms import eval_transforms, flip_axes, image_channels, to_dicts, train_transforms
 from fedseg.common.cli import main
 from fedseg.common.config import ConfigError, RunConfig
 from fedseg.simulations.synth import write_study

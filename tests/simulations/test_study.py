@@ -16,7 +16,8 @@ from fedseg.client.site_model import saved_model
 from fedseg.client.tasks import task_for
 from fedseg.common.cli import main
 from fedseg.common.model_kinds import ModelSpec
-from fedseg.common.data import read_site, study_sites, to_dicts
+from fedseg.common.data import read_site, study_sites
+from fedseg.common.transforms import to_dicts
 from fedseg.simulations.gallery import case_view, explanation_maps
 from fedseg.simulations.synth import write_study
 
