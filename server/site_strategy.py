@@ -185,13 +185,12 @@ class SiteStrategy(Strategy):
         rnd = server_round + self.done
         replies = self._ordered(replies)
         for m in replies:
-            if m.has_error():
-                continue
-            if scores := _take_scores(m):  # last round's model, scored before training on it
+            if not m.has_error() and (scores := _take_scores(m)):  # last round's model, scored first
                 self.recorder.scored(rnd - 1, self.reply_site(m), scores)
-            if ARRAYS in m.content.array_records:  # aggregated in float32, tensor by tensor
+        self.recorder.trained(rnd, self._named(replies))  # the bytes as they travelled
+        for m in replies:
+            if not m.has_error() and ARRAYS in m.content.array_records:  # in float32, tensor by tensor
                 m.content[ARRAYS] = ArrayRecord(received_state(m.content[ARRAYS]))
-        self.recorder.trained(rnd, self._named(replies))
         ok = [m for m in replies if not m.has_error()]
         if len(ok) < self.min_sites:
             failures = "; ".join(f"{site}: {m.error.reason}" for site, m in self._named(replies) if m.has_error())
