@@ -7,9 +7,9 @@ batch 2, patch 16. The plain loop is `sim_overhead`'s (FedAvg in memory, data de
 the same per-case scores (MONAI Dice and HD95 per label) fedseg's evaluation computes;
 fedseg gets ``--num-cpus`` Ray CPUs, the plain loop one thread. Peak memory is the summed
 proportional set size (PSS) of the process and every process it started (Ray's included),
-sampled every 0.5 s. Seconds per round are rounds.jsonl's for the rounds between the first (which
-also pays for Ray's workers starting) and the last (whose model is also scored by an evaluation
-message of its own); "outside rounds" is start-up, discovery and the report. ``--no-plain``
+sampled every 0.5 s. Seconds per round, on both sides, are the mean of the rounds between the
+first (which also pays for Ray's workers starting) and the last (whose model is also scored by an
+evaluation message of its own); "outside rounds" is start-up, discovery and the report. ``--no-plain``
 skips the plain loop (for a memory-only run at 10,000 sites; no ratio then).
 """
 
@@ -81,6 +81,13 @@ def _pss(pid: int) -> int:
     return 0
 
 
+def _steady(seconds: list[float]) -> float:
+    """Mean seconds of the rounds between the first and the last (the last alone if there are
+    fewer than three)."""
+    middle = seconds[1:-1] or seconds[-1:]
+    return sum(middle) / len(middle)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sites", default="10,100,1000")
@@ -98,17 +105,16 @@ def main() -> None:
         cfg = RunConfig(study_dir=str(study), output_dir=str(work / "runs"), run_name=f"n{n}",
                         num_server_rounds=args.rounds, local_epochs=1, batch_size=2, patch_size=16,
                         channels=(4, 8), lr=0.05, min_train_sites=n, seed=0)
-        plain_s = None
+        plain_round = None
         if not args.no_plain:
-            plain_s, _, _ = plain_monai_loop(cfg, ModelSpec(2, 1, 3, cfg.channels, cfg.norm), scores=True)
+            plain = plain_monai_loop(cfg, ModelSpec(2, 1, 3, cfg.channels, cfg.norm), scores=True)
+            plain_round = _steady(plain.round_seconds)
         started = time.monotonic()
         with PeakMemory() as memory:
             run_dir = simulate(cfg, num_cpus=args.num_cpus)
         wall = time.monotonic() - started
         rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
-        steady = [r["seconds"] for r in rounds[1:-1]] or [rounds[-1]["seconds"]]
-        per_round = sum(steady) / len(steady)
-        plain_round = plain_s / args.rounds if plain_s is not None else None
+        per_round = _steady([r["seconds"] for r in rounds])
         rows.append({"sites": n, "fedseg s/round": per_round, "plain loop s/round": plain_round,
                      "ratio": per_round / plain_round if plain_round else None, "fedseg wall s": wall,
                      "outside rounds s": wall - sum(r["seconds"] for r in rounds),

@@ -12,6 +12,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,14 +32,21 @@ from fedseg.simulations.simulate import simulate
 from fedseg.simulations.synth import write_study
 
 
-def plain_monai_loop(cfg: RunConfig, mspec: ModelSpec, scores: bool = False) -> tuple[float, int, float]:
+@dataclass(frozen=True)
+class PlainRun:
+    """What ``plain_monai_loop`` measured: seconds in all, optimizer steps, seconds of the last
+    round's validation, and seconds of each round."""
+
+    seconds: float
+    steps: int
+    last_validation_s: float
+    round_seconds: list[float]
+
+
+def plain_monai_loop(cfg: RunConfig, mspec: ModelSpec, scores: bool = False) -> PlainRun:
     """FedAvg written as one plain loop: every site trains in turn, weights averaged in memory;
     with ``scores``, each validation case is also scored with MONAI's Dice and HD95 per label
-    (what fedseg's evaluation reports).
-
-    Returns:
-        (seconds, optimizer steps, seconds of the last round's validation).
-    """
+    (what fedseg's evaluation reports)."""
     sites = [read_site(ref, seed=cfg.seed) for ref in study_sites(cfg.study_dir)]
     data = []
     for spec in sites:
@@ -48,9 +56,10 @@ def plain_monai_loop(cfg: RunConfig, mspec: ModelSpec, scores: bool = False) -> 
     torch.manual_seed(cfg.seed)
     global_model = build_model(mspec)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    steps = 0
+    steps, round_seconds = 0, []
     start = time.perf_counter()
     for _ in range(cfg.num_server_rounds):
+        round_start = time.perf_counter()
         states, weights, validation_s = [], [], 0.0
         for spec, ds, val, n in data:
             model = build_model(mspec)
@@ -77,7 +86,8 @@ def plain_monai_loop(cfg: RunConfig, mspec: ModelSpec, scores: bool = False) -> 
         total = sum(weights)
         global_model.load_state_dict({k: sum(s[k].float() * w / total for s, w in zip(states, weights))
                                       for k in states[0]})
-    return time.perf_counter() - start, steps, validation_s
+        round_seconds.append(time.perf_counter() - round_start)
+    return PlainRun(time.perf_counter() - start, steps, validation_s, round_seconds)
 
 
 def main() -> None:
@@ -95,11 +105,11 @@ def main() -> None:
         cfg = RunConfig(study_dir=str(work / "study"), output_dir=str(work / "runs"), run_name=f"sim-e{epochs}",
                         num_server_rounds=args.rounds, local_epochs=epochs, batch_size=4,
                         lr=0.05, patch_size=48, channels=(16, 32, 64), local_layers="none", seed=0)
-        plain_s, plain_steps, last_validation_s = plain_monai_loop(
-            cfg, ModelSpec(2, 1, 3, cfg.channels, cfg.norm), scores=True)
+        plain = plain_monai_loop(cfg, ModelSpec(2, 1, 3, cfg.channels, cfg.norm), scores=True)
+        plain_steps = plain.steps
         # fedseg's round lines time training and the previous round's scoring (inside its train message):
         # the last round's scoring comes after them, so the loop's is left out of the comparison
-        plain_s -= last_validation_s
+        plain_s = plain.seconds - plain.last_validation_s
         rows.append({"local epochs": epochs, "what": "plain MONAI loop", "seconds": plain_s,
                      "optimizer steps": plain_steps, "ratio": 1.0})
         for cache_mb in (SITE_CACHE_MB, 0):  # decoded cases kept across rounds, and read every round

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from fedseg.client.state import SiteState
 from fedseg.common.config import RunConfig
+from fedseg.common.data import SiteSpec, read_site
+from fedseg.server.run_folder import RunFolder
 from fedseg.simulations.synth import write_study
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -34,6 +38,27 @@ def study_instance(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("study-instance")
     write_study(out, sites=3, dims=2, cases=6, size=48, task="instance", shift=0.5, seed=5)
     return out
+
+
+@pytest.fixture()
+def site(tmp_path: Path) -> SiteSpec:
+    """One 2D site of 6 synthetic 32 px cases, 2 foreground labels."""
+    return read_site(write_study(tmp_path / "study", sites=1, dims=2, cases=6, size=32, seed=0)[0])
+
+
+def read_rounds(run_dir: Path) -> list[dict]:
+    """A run's rounds.jsonl as the run folder reads it ([] before its first line)."""
+    return RunFolder(run_dir).read_rounds()
+
+
+def local_layers_file(state_dir: Path, run_dir: Path | None = None) -> Path | None:
+    """A site's local-layers file of a run: the run of ``run_dir`` (its run.json), else the run
+    ``round_message`` names (no run name, run id 0123456789abcdef); None when it has none."""
+    name, run_id = "", "0123456789abcdef"
+    if run_dir is not None:
+        info = json.loads((run_dir / "run.json").read_text())
+        name, run_id = info["config"]["run-name"], info["run_id"]
+    return SiteState(state_dir).run(name, run_id).local_layers_path()
 
 
 @pytest.fixture()

@@ -2,7 +2,6 @@
 the site's own budget, through the real ClientApp with a hospital's node config."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,14 +10,13 @@ from fedseg.client.app import app as client_app
 from fedseg.client.privacy import LEDGER_FILE
 from fedseg.client.steps import private_gradient
 from fedseg.common.dp_recipe import DPRound
-from fedseg.client.state import SiteState
 from fedseg.client.tasks import task_for
 from fedseg.common.config import RunConfig
 from fedseg.common.data import read_site
 from fedseg.common.models import ModelSpec, build_model
 from fedseg.simulations.synth import write_study
 from tests.client.test_privacy import _server_identity, independent_epsilon  # noqa: F401
-from tests.conftest import node_context, round_message
+from tests.conftest import local_layers_file, node_context, round_message
 
 SIZE = 48
 
@@ -70,10 +68,6 @@ def _train_message(cfg: RunConfig, server_round: int):
     return round_message(cfg, SPEC, server_round)
 
 
-def _local_layers(state: Path) -> Path | None:
-    return SiteState(state).run("", "0123456789abcdef").local_layers_path()
-
-
 def test_epsilon_matches_the_accountant_across_restarts_and_the_budget_is_enforced(site, tmp_path):
     cfg = RunConfig(model="maskrcnn", norm="group", patch_size=SIZE, dp="sample", dp_noise_multiplier=1.5,
                     dp_max_grad_norm=1.0, batch_size=1, local_epochs=1, lr=0.01)
@@ -89,11 +83,11 @@ def test_epsilon_matches_the_accountant_across_restarts_and_the_budget_is_enforc
         assert reply.content["metrics"]["epsilon"] == pytest.approx(expected, rel=1e-9)
     ledger = json.loads((state / LEDGER_FILE).read_text())
     assert ledger["history"] == [[1.5, q, 2 * steps]] and len(ledger["rounds"]) == 2
-    saved = _local_layers(state).read_bytes()
+    saved = local_layers_file(state).read_bytes()
     refused = client_app(_train_message(cfg, 3), node)  # would go over the site's max-epsilon
     assert refused.has_error() and "refuses" in refused.error.reason
     assert json.loads((state / LEDGER_FILE).read_text()) == ledger
-    assert _local_layers(state).read_bytes() == saved  # nothing trained
+    assert local_layers_file(state).read_bytes() == saved  # nothing trained
 
 
 def test_site_pretrained_weights_fill_its_local_layers_and_a_bad_file_is_refused(site, tmp_path):
@@ -109,7 +103,7 @@ def test_site_pretrained_weights_fill_its_local_layers_and_a_bad_file_is_refused
     reply = client_app(_train_message(cfg, 1), node_context(site.root, state, **{"pretrained-weights":
                                                                           str(tmp_path / "site-weights.pt")}))
     assert not reply.has_error()
-    local = torch.load(_local_layers(state), weights_only=True)["tensors"]
+    local = torch.load(local_layers_file(state), weights_only=True)["tensors"]
     norm_weights = [v for k, v in local.items() if k.endswith("weight")]
     assert norm_weights and all(torch.allclose(v, torch.full_like(v, 0.5), atol=1e-4) for v in norm_weights)
     (tmp_path / "broken.pt").write_bytes(b"\x00" * 10)

@@ -12,17 +12,14 @@ from opacus.accountants.rdp import RDPAccountant
 from fedseg.client.app import app as client_app
 from fedseg.client.privacy import LEDGER_FILE, DPSession, PolicyRefusal, PrivacyLedger, SitePolicy
 from fedseg.client.steps import check_dp_compatible
-from fedseg.client.state import SiteState
 from fedseg.client.tasks import task_for
 from fedseg.client.trainer import train_local
 from fedseg.common.cli import main
 from fedseg.common.config import RunConfig
 from fedseg.common.round_config import DPSettings
-from fedseg.common.data import read_site
 from fedseg.common.dp_recipe import dp_training, plan_round
 from fedseg.common.models import ModelSpec, build_model
-from fedseg.simulations.synth import write_study
-from tests.conftest import node_context, round_message
+from tests.conftest import local_layers_file, node_context, round_message
 
 SPEC = ModelSpec(2, 1, 3, (8, 16), "instance")
 
@@ -33,11 +30,6 @@ def independent_epsilon(q: float, sigma: float, steps: int, delta: float) -> flo
     eps, _ = get_privacy_spent(orders=orders, rdp=compute_rdp(q=q, noise_multiplier=sigma,
                                                               steps=steps, orders=orders), delta=delta)
     return float(eps)
-
-
-@pytest.fixture()
-def site(tmp_path):
-    return read_site(write_study(tmp_path / "study", sites=1, dims=2, cases=6, size=32, seed=0)[0])
 
 
 def _dp_round(site, state_dir: Path, server_round: int, cfg: RunConfig, run: str = "study-1") -> float:
@@ -109,10 +101,6 @@ def _train_message(cfg: RunConfig, server_extra: dict | None = None):
     return round_message(cfg, ModelSpec(2, 1, 3, cfg.channels, cfg.norm), extra=server_extra)
 
 
-def _local_layers(state: Path) -> Path | None:
-    return SiteState(state).run("", "0123456789abcdef").local_layers_path()
-
-
 def test_site_over_budget_refuses_before_training(site, tmp_path):
     cfg = RunConfig(dp="sample", dp_noise_multiplier=1.0, batch_size=2, channels=(8, 16), patch_size=32)
     state = tmp_path / "state"
@@ -120,7 +108,7 @@ def test_site_over_budget_refuses_before_training(site, tmp_path):
     reply = client_app(_train_message(cfg, {"max-epsilon": 1000.0}), node_context(site.root, state, **{"max-epsilon": 0.5}))
     assert reply.has_error()
     assert "refuses" in reply.error.reason and "max-epsilon 0.500" in reply.error.reason
-    assert _local_layers(state) is None  # nothing was trained
+    assert local_layers_file(state) is None  # nothing was trained
     assert not (state / LEDGER_FILE).exists()  # nothing was planned into the ledger
     assert json.loads((state / "outbox.jsonl").read_text())["records"] == {}  # no weights left
 

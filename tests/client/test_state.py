@@ -9,18 +9,11 @@ from fedseg.client.privacy import LEDGER_FILE
 from fedseg.client.state import SiteState, run_key
 from fedseg.common.cli import main
 from fedseg.common.config import RunConfig
-from fedseg.common.data import read_site
 from fedseg.common.models import ModelSpec
-from fedseg.simulations.synth import write_study
 from tests.conftest import node_context, round_message
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 A_ID, B_ID, C_ID = "aaaaaaaa00000000", "bbbbbbbb00000000", "cccccccc00000000"
-
-
-@pytest.fixture()
-def site(tmp_path):
-    return read_site(write_study(tmp_path / "study", sites=1, dims=2, cases=4, size=32, seed=0)[0])
 
 
 def _round(cfg: RunConfig, run_id: str, server_round: int, node) -> None:

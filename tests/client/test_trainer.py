@@ -13,11 +13,6 @@ from fedseg.simulations.synth import write_study
 SPEC = ModelSpec(2, 1, 3, (8, 16), "instance")
 
 
-@pytest.fixture()
-def site(tmp_path):
-    return read_site(write_study(tmp_path, sites=1, dims=2, cases=4, size=32, seed=0)[0])
-
-
 def _drift(site, mu: float) -> float:
     torch.manual_seed(0)
     model = build_model(SPEC)

@@ -7,11 +7,10 @@ import time
 import pytest
 import torch
 
-from fedseg.client.state import SiteState
 from fedseg.common.config import RunConfig
 from fedseg.simulations.simulate import simulate
 from fedseg.simulations.synth import write_study
-from tests.conftest import rename_cases
+from tests.conftest import local_layers_file, read_rounds, rename_cases
 from tests.deployment.federation import Federation
 
 CANARY = "SMITH-JOHN-19550101"
@@ -28,16 +27,6 @@ def federation(tmp_path):
         yield fed
     finally:
         fed.stop()
-
-
-def _local_layers(state_dir, run_dir):
-    info = json.loads((run_dir / "run.json").read_text())
-    return SiteState(state_dir).run(info["config"]["run-name"], info["run_id"]).local_layers_path()
-
-
-def _rounds(run_dir):
-    path = run_dir / "rounds.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
 
 
 def test_tls_federation_refuses_an_intruder_and_resumes_exactly_after_a_mid_round_crash(federation, tmp_path):
@@ -63,7 +52,7 @@ def test_tls_federation_refuses_an_intruder_and_resumes_exactly_after_a_mid_roun
     fed.kill("flwr-run")
     killed = time.monotonic()
     # round 1 is checkpointed with what it recorded; its scores were to come with round 2's replies
-    assert _rounds(run_dir) == []
+    assert read_rounds(run_dir) == []
     assert "fedseg round 1/3 trained" in fed.log_of("flwr-run")  # fedseg's lines reach the coordinator
     assert "fedseg site site-a round 1: loss" in fed.log_of("site-a")  # and each hospital's output
     first = torch.load(run_dir / "checkpoints" / "round-1.pt", weights_only=True)["pending_record"]
@@ -72,10 +61,10 @@ def test_tls_federation_refuses_an_intruder_and_resumes_exactly_after_a_mid_roun
 
     fed.start_superlink()
     fed.start_run(f"num-server-rounds=3 output-dir='{runs}' run-name='tls' resume=true")
-    fed.wait_for(lambda: len(_rounds(run_dir)) >= 2, 300, "the resumed run's round 2")
+    fed.wait_for(lambda: len(read_rounds(run_dir)) >= 2, 300, "the resumed run's round 2")
     resumed_s = time.monotonic() - killed
     fed.wait_for(lambda: (run_dir / "summary.json").is_file(), 300, "the resumed run to finish")
-    rounds = _rounds(run_dir)
+    rounds = read_rounds(run_dir)
     assert [r["round"] for r in rounds] == [1, 2, 3] and rounds[0]["train"] == first["train"]
     assert all(sorted(r["train"]) == sorted(r["eval"]) == ["site-a", "site-b"] for r in rounds)
 
@@ -88,7 +77,7 @@ def test_tls_federation_refuses_an_intruder_and_resumes_exactly_after_a_mid_roun
     final, reference = (torch.load(d / "model" / "global.pt", weights_only=True)["state_dict"]
                         for d in (run_dir, whole))
     assert all(torch.allclose(final[k], reference[k], rtol=0, atol=1e-6) for k in reference)
-    for resumed, uninterrupted in zip(rounds, _rounds(whole), strict=True):  # round 1's line completed
+    for resumed, uninterrupted in zip(rounds, read_rounds(whole), strict=True):  # round 1's line completed
         for site, scores in uninterrupted["eval"].items():
             assert resumed["eval"][site]["dice"] == pytest.approx(scores["dice"], abs=1e-5)
 
@@ -104,8 +93,9 @@ def test_site_dropping_out_mid_round_and_rejoining_with_its_ledger(federation, t
     state = {site: tmp_path / "state" / site for site in keys}
     for site in keys:
         fed.start_supernode(site, keys[site], study / site, state[site])
-    # a round is checkpointed when its training ends; its line waits for the next round's replies
-    fed.start_run(f"{RUN} num-server-rounds=4 output-dir='{runs}' run-name='drop' dp='sample' "
+    # a round is checkpointed when its training ends (its line waits for the next round's replies);
+    # 6 rounds: one message per site and round leaves the restarted site time to rejoin
+    fed.start_run(f"{RUN} num-server-rounds=6 output-dir='{runs}' run-name='drop' dp='sample' "
                   "min-train-sites=1 round-timeout=30.0")
     run_dir = runs / "drop"
     fed.wait_for(lambda: (run_dir / "checkpoints" / "round-1.pt").is_file(), 240, "round 1")
@@ -118,7 +108,7 @@ def test_site_dropping_out_mid_round_and_rejoining_with_its_ledger(federation, t
     round2_s = time.monotonic() - killed
     rejoin_s = fed.restart_supernode("site-b", keys["site-b"], study / "site-b", state["site-b"])
     fed.wait_for(lambda: (run_dir / "summary.json").is_file(), 400, "the run to finish")
-    rounds = _rounds(run_dir)
+    rounds = read_rounds(run_dir)
     assert sorted(rounds[0]["train"]) == ["site-a", "site-b"]
     assert list(rounds[1]["train"]) == ["site-a"] and "no reply" in rounds[1]["errors"]["site-b"]
     assert all("site-a" in r["train"] for r in rounds)  # the run never stopped
@@ -128,7 +118,7 @@ def test_site_dropping_out_mid_round_and_rejoining_with_its_ledger(federation, t
     assert [r["round"] for r in ledger["rounds"]] == trained  # the ledger survived the crash
     eps = [r["epsilon"] for r in ledger["rounds"]]
     assert eps == sorted(eps) and rounds[-1]["train"]["site-b"]["epsilon"] == pytest.approx(eps[-1])
-    saved_round = torch.load(_local_layers(state["site-b"], run_dir), weights_only=True)["round"]
+    saved_round = torch.load(local_layers_file(state["site-b"], run_dir), weights_only=True)["round"]
     assert saved_round == rounds[-1]["round"]  # its local layers kept training where they left off
     print(f"round 2 completed {round2_s:.1f}s after site-b was killed (round-timeout 30s); "
           f"site-b was re-admitted {rejoin_s:.1f}s after it restarted")

@@ -9,7 +9,7 @@ from fedseg.client.site import SIM_POLICIES_FILE
 from fedseg.simulations.simulate import simulate
 from fedseg.simulations.synth import write_study
 from tests.client.test_privacy import independent_epsilon
-from tests.conftest import tiny_config
+from tests.conftest import read_rounds, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -17,10 +17,6 @@ def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("dpstudy")
     write_study(out, sites=2, dims=2, cases=5, size=32, shift=0.5, seed=4)  # 4 train + 1 val each
     return out
-
-
-def _rounds(run_dir):
-    return [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
 
 
 def test_record_level_dp_with_fedbn_budget_refusal_and_resume(study, tmp_path):
@@ -32,7 +28,7 @@ def test_record_level_dp_with_fedbn_budget_refusal_and_resume(study, tmp_path):
                       batch_size=2, dp_noise_multiplier=1.0, min_train_sites=1, local_layers="norm")
     run_dir = simulate(cfg, num_cpus=2)
     assert simulate(cfg.replace(resume=True, num_server_rounds=2), num_cpus=2) == run_dir  # a restart
-    first, second = _rounds(run_dir)
+    first, second = read_rounds(run_dir)
     q, steps = 2 / 4, 2  # Poisson rate b/N and ceil(N/b) steps for 4 training cases
     for site in ("site-a", "site-b"):
         assert first["train"][site]["epsilon"] == pytest.approx(independent_epsilon(q, 1.0, steps, 1e-5))
@@ -68,6 +64,6 @@ def test_client_level_dp_is_accounted_by_flower(study, tmp_path):
     cfg = tiny_config(study, tmp_path, dp="client", dp_noise_multiplier=0.5, dp_max_grad_norm=1.0,
                       local_layers="none")
     run_dir = simulate(cfg, num_cpus=2)
-    eps = [r["client-level-dp"]["epsilon"] for r in _rounds(run_dir)]
+    eps = [r["client-level-dp"]["epsilon"] for r in read_rounds(run_dir)]
     assert len(eps) == 2 and 0 < eps[0] < eps[1]
     assert json.loads((run_dir / "summary.json").read_text())["client_level_dp"]["epsilon"] == eps[1]

@@ -13,7 +13,7 @@ from fedseg.client.privacy import LEDGER_FILE
 from fedseg.common.models import UNSEEN_PREFIX, ModelSpec, build_model, local_keys
 from fedseg.common.cli import main
 from fedseg.simulations.simulate import simulate
-from tests.conftest import tiny_config
+from tests.conftest import read_rounds, tiny_config
 
 SIZE = 48
 SITES = ["site-a", "site-b"]
@@ -35,12 +35,8 @@ def dp_run(study_instance, tmp_path_factory):
     return simulate(cfg, num_cpus=2)
 
 
-def _rounds(run_dir):
-    return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
-
-
 def test_instance_metrics_reach_rounds_and_summary(dp_run):
-    rounds = _rounds(dp_run)
+    rounds = read_rounds(dp_run)
     assert [r["round"] for r in rounds] == [1, 2]
     for record in rounds:
         assert sorted(record["train"]) == SITES and sorted(record["eval"]) == SITES + ["site-c"]

@@ -7,23 +7,16 @@ import pytest
 import torch
 
 from fedseg.client.audit import OUTBOX_FILE
-from fedseg.client.state import SiteState
 from fedseg.common.config import keys
 from fedseg.common.data import DataError, read_site, split_training
 from fedseg.common.models import UNSEEN_PREFIX, ModelSpec, build_model, local_keys
 from fedseg.common.cli import main
 from fedseg.simulations.simulate import simulate
-from tests.conftest import tiny_config
-
-
-def _rounds(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+from tests.conftest import local_layers_file, read_rounds, tiny_config
 
 
 def _local_layers(run_dir: Path, site: str) -> dict:
-    info = json.loads((run_dir / "run.json").read_text())
-    run = SiteState(run_dir / "site-state" / site).run(info["config"]["run-name"], info["run_id"])
-    return torch.load(run.local_layers_path(), weights_only=True)
+    return torch.load(local_layers_file(run_dir / "site-state" / site, run_dir), weights_only=True)
 
 
 def _outbox(run_dir: Path, site: str) -> list[dict]:
@@ -41,7 +34,7 @@ def test_run_folder_holds_the_output_contract(fedbn_run, study_2d):
     for name in ("run.json", "rounds.jsonl", "summary.json", "model/global.pt",
                  "checkpoints/round-1.pt", "checkpoints/round-2.pt"):
         assert (fedbn_run / name).is_file(), name
-    rounds = _rounds(fedbn_run)
+    rounds = read_rounds(fedbn_run)
     sites = ["site-a", "site-b", "site-c"]
     assert [r["round"] for r in rounds] == [1, 2]
     for record in rounds:
@@ -103,23 +96,23 @@ def test_fedbn_norm_layers_never_leave_a_site(fedbn_run):
 
 def test_same_seed_same_metrics_and_resume_continues_exactly(fedbn_run, study_2d, tmp_path):
     again = simulate(tiny_config(study_2d, tmp_path, run_name="again"), num_cpus=2)
-    first, second = _rounds(fedbn_run), _rounds(again)
+    first, second = read_rounds(fedbn_run), read_rounds(again)
     for r1, r2 in zip(first, second, strict=True):
         assert r1["train"] == r2["train"] and r1["eval"] == r2["eval"]
     # stop after round 1, then resume to round 2 from the checkpoint and the sites' state
     half = simulate(tiny_config(study_2d, tmp_path, run_name="half", num_server_rounds=1), num_cpus=2)
-    assert [r["round"] for r in _rounds(half)] == [1]
+    assert [r["round"] for r in read_rounds(half)] == [1]
     # a 2-round run's sites score round 1's model inside round 2's train message; a 1-round run
     # scores it in evaluation messages: the same scores, with one message per site and round
-    assert _rounds(half)[0]["eval"].keys() == first[0]["eval"].keys() == {"site-a", "site-b", "site-c"}
-    for site, scores in _rounds(half)[0]["eval"].items():
+    assert read_rounds(half)[0]["eval"].keys() == first[0]["eval"].keys() == {"site-a", "site-b", "site-c"}
+    for site, scores in read_rounds(half)[0]["eval"].items():
         assert first[0]["eval"][site] == pytest.approx(scores, rel=1e-5), site
     assert not any(k.startswith("eval/") for m in first[0]["train"].values() for k in m)
     for site in ("site-a", "site-b", "site-c"):
         kinds = [r["type"] for r in _outbox(fedbn_run, site)]
         assert kinds.count("train") == 2 and kinds.count("evaluate") == 1, kinds
     assert main(["simulate", "--resume-run", str(half), "--rounds", "2", "--num-cpus", "2"]) == 0
-    resumed = _rounds(half)
+    resumed = read_rounds(half)
     assert [r["round"] for r in resumed] == [1, 2]
     assert resumed[1]["train"] == first[1]["train"] and resumed[1]["eval"] == first[1]["eval"]
     assert json.loads((half / "run.json").read_text())["resumed_from_round"] == 1
@@ -129,7 +122,7 @@ def test_3d_nifti_study_with_fedprox(study_3d, tmp_path):
     cfg = tiny_config(study_3d, tmp_path, num_server_rounds=1, patch_size=16, channels=(4, 8),
                       strategy="fedprox", proximal_mu=0.1, local_layers="none")
     run_dir = simulate(cfg, num_cpus=2)
-    (record,) = _rounds(run_dir)
+    (record,) = read_rounds(run_dir)
     assert sorted(record["eval"]) == ["site-a", "site-b"]
     for scores in record["eval"].values():  # every site has foreground and a prediction to measure
         assert 0.0 <= scores["dice"] <= 1.0 and scores["hd95"] >= 0.0, scores
@@ -141,7 +134,7 @@ def test_fedadam_with_a_heldout_site(study_2d, tmp_path):
     cfg = tiny_config(study_2d, tmp_path, num_server_rounds=1, strategy="fedadam",
                       heldout_sites=("site-c",))
     run_dir = simulate(cfg, num_cpus=2)
-    (record,) = _rounds(run_dir)
+    (record,) = read_rounds(run_dir)
     assert sorted(record["train"]) == ["site-a", "site-b"]  # the held-out site never trains
     assert sorted(record["eval"]) == ["site-a", "site-b", "site-c"]
     # FedBN: only the site that never trains receives the unseen-site norm set, and uses it
@@ -161,7 +154,7 @@ def test_half_precision_transfer_and_the_heldout_ensemble(fedbn_run, study_2d, t
     cfg = tiny_config(study_2d, tmp_path, heldout_sites=("site-c",), heldout_ensemble=2,
                       transfer_dtype="float16")
     run_dir = simulate(cfg, num_cpus=2)
-    half, full = _rounds(run_dir)[-1], _rounds(fedbn_run)[-1]
+    half, full = read_rounds(run_dir)[-1], read_rounds(fedbn_run)[-1]
     saved = torch.load(run_dir / "model" / "global.pt", weights_only=True)["state_dict"]
     assert {v.dtype for v in saved.values() if v.is_floating_point()} == {torch.float32}
     # every floating-point value sent (shared weights + the unseen-site norm set) costs 2 bytes, not 4
@@ -261,7 +254,7 @@ def test_a_run_killed_mid_round_resumes_to_the_same_model(study_2d, tmp_path):
     assert not (run_dir / "rounds.jsonl").exists() and (run_dir / "checkpoints" / "round-1.pt").is_file()
     assert not (run_dir / "summary.json").exists()
     assert main(["simulate", "--resume-run", str(run_dir), "--num-cpus", "1"]) == 0
-    resumed, uninterrupted = _rounds(run_dir), _rounds(whole)
+    resumed, uninterrupted = read_rounds(run_dir), read_rounds(whole)
     assert [r["round"] for r in resumed] == [1, 2, 3]
     for r1, r2 in zip(resumed[:2], uninterrupted[:2]):
         assert r1["train"] == r2["train"] and r1["eval"] == r2["eval"]
@@ -302,7 +295,7 @@ def test_simulation_attaches_to_a_running_ray_cluster(study_2d, tmp_path):
         assert main(["simulate", str(study_2d), "--ray-address", f"127.0.0.1:{port}", "--num-server-rounds",
                      "1", "--patch-size", "32", "--channels", "8,16", "--batch-size", "2",
                      "--output-dir", str(tmp_path), "--run-name", "cluster"]) == 0
-        assert set(_rounds(tmp_path / "cluster")[0]["train"]) == {"site-a", "site-b", "site-c"}
+        assert set(read_rounds(tmp_path / "cluster")[0]["train"]) == {"site-a", "site-b", "site-c"}
         worker_logs = " ".join(p.read_text(errors="replace")
                                for p in Path(temp, "session_latest", "logs").glob("worker-*"))
         assert "fedseg site site-a round 1" in worker_logs  # the sites ran on that cluster's workers
