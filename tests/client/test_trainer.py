@@ -28,9 +28,9 @@ def test_proximal_term_keeps_weights_closer_to_the_global_model(site):
 
 def test_training_reports_cases_not_batches(site):
     model = build_model(SPEC)
-    result = train_local(model, task_for(SPEC), site, list(site.training), epochs=2, batch_size=3, lr=0.01,
+    result = train_local(model, task_for(SPEC), site, list(site.training), epochs=2, batch_size=4, lr=0.01,
                          patch_size=32, seed=0)
-    assert result.num_examples == 4 and result.steps == 2 * 2  # ceil(4 / 3) steps per epoch
+    assert result.num_examples == 6 and result.steps == 2 * 2  # ceil(6 / 4) steps per epoch
 
 
 def test_diverging_training_stops_with_a_clear_error(site):
