@@ -45,12 +45,13 @@ def _cell(value: Any) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name", help="a benchmark module in benchmarks/, e.g. sim_overhead")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark (after --)")
-    args = parser.parse_args()
-    extra = [a for a in args.args if a != "--"]
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    extra = argv[split + 1:]  # the benchmark's own arguments
     runs, extras = [], []
     for i in range(args.runs):
         print(f"--- run {i + 1}/{args.runs}: python -m benchmarks.{args.name} {' '.join(extra)}", flush=True)
