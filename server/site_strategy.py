@@ -202,6 +202,7 @@ class SiteStrategy(Strategy):
         if (spent := client_level_privacy(self.inner)) is not None:
             self.recorder.note(rnd, "client-level-dp", spent)
         if arrays is not None:
+            arrays = ArrayRecord(received_state(arrays))  # float32 again (FedAdam computes in float64)
             self.average.update(arrays)
             self._aggregate, self._evaluated = arrays, self.average.model(arrays)
         return arrays, metrics
