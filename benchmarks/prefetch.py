@@ -46,7 +46,7 @@ def timed_training(site_dir: Path, dims: int, channels: int, patch: int, batch: 
     spec = ModelSpec(dims, channels, site.num_classes, (4, 8) if patch < 32 else (16, 32, 64))
     torch.manual_seed(0)
     model, task = build_model(spec), task_for(spec)
-    # decode the cases before timing (fedseg keeps them across rounds, site-cache-mb)
+    # decode the cases before timing (fedseg keeps them across rounds, --site-cache-mb)
     task.training_data(site, cases, patch, 0, True, 1024)
     start = time.perf_counter()
     result = trainer.train_local(model, task, site, cases, epochs=epochs, batch_size=batch, lr=0.05,

@@ -113,7 +113,7 @@ def main() -> None:
         rows.append({"local epochs": epochs, "what": "plain MONAI loop", "seconds": plain_s,
                      "optimizer steps": plain_steps, "ratio": 1.0})
         for cache_mb in (SITE_CACHE_MB, 0):  # decoded cases kept across rounds, and read every round
-            tag = f"site-cache-mb={cache_mb}"
+            tag = f"--site-cache-mb {cache_mb}"
             start = time.perf_counter()
             run_dir = simulate(cfg.replace(run_name=f"sim-e{epochs}-c{cache_mb}"), num_cpus=1,
                                site_cache_mb=cache_mb)

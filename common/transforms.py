@@ -78,11 +78,9 @@ def is_scan(modality: str) -> bool:
 def flip_axes(flips: str, spatial_dims: int, modalities: Iterable[str]) -> tuple[int, ...]:
     """The spatial axes training patches are randomly mirrored along (run-config ``flips``).
     ``auto``: none for scanner images and any 3D volume, which keep the patient's orientation:
-    anatomy is not mirror-symmetric, and mirroring MSD Hippocampus volumes front to back hid which
-    end is anterior (10 rounds: 0.749 Dice mirrored, 0.842 not; 0.30-0.36 vs 0.52-0.53 under DP
-    at epsilon 8, benchmarks/RESULTS.md); every axis for other 2D images (histology tiles,
-    photographs, synthetic blobs), which have no fixed orientation (MoNuSeg under DP: 0.66
-    mirrored, 0.57 not).
+    anatomy is not mirror-symmetric, and mirroring hides which end of a structure is which; every
+    axis for other 2D images (histology tiles, photographs, synthetic blobs), which have no fixed
+    orientation (benchmarks/RESULTS.md, ideas tried and not taken).
 
     Raises:
         ConfigError: an axis the images do not have.

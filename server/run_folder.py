@@ -104,7 +104,8 @@ class OpenRun:
         start_average: the server's moving average at that checkpoint, if it kept one.
         server_state: the strategy's state at that checkpoint (``strategies.server_state``).
         pending_record: what the checkpoint's round recorded before a crash cut it off from the
-            scores it awaited (``evaluate-in-train``): the resumed run completes its line.
+            scores it awaited (they come with the next round's train replies): the resumed run
+            completes its line.
     """
 
     folder: RunFolder

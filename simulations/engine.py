@@ -9,8 +9,8 @@ messages in the same order, at most one per node per poll as Flower's does, with
 the stored messages.
 
 Both the pump and the ServerApp's grid (``InMemoryGrid.pull_interval``) wait 0.1 s between polls,
-so every round paid up to 0.2 s of waiting on top of its training (a third of a demo round's
-overhead, benchmarks/RESULTS.md sim_overhead); here both poll every ``POLL_S``, or less often
+so every round paid up to 0.2 s of waiting on top of its training; here both poll every
+``POLL_S``, or less often
 where a poll itself takes long (thousands of sites).
 """
 

@@ -68,7 +68,7 @@ def test_round_log_checkpoints_and_appends_the_round(tmp_path):
 
 
 def test_a_round_scored_next_round_is_checkpointed_first_and_a_resume_completes_its_line(tmp_path):
-    """evaluate-in-train: round 1 is checkpointed with what it recorded when its training ends; a
+    """Scores inside the next round's train replies: round 1 is checkpointed with what it recorded when its training ends; a
     crash before round 2's replies (which carry round 1's scores) leaves no line, and the resumed
     run is handed round 1's record to complete."""
     from fedseg.common.config import RunConfig
