@@ -132,7 +132,7 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation) -> ArrayRecord:
         The final global shared weights.
     """
     initial = shared_record(fed.shared, fed.local)
-    if run.cfg.pretrained_weights and not run.done and run.cfg.num_server_rounds > run.done:
+    if run.cfg.pretrained_weights and not run.done:
         start_config = ConfigRecord(run.cfg.site_round(fed.spec, run.run_id, fed.data, flip_axes=fed.flip_axes)
                                     .to_record())
         score_pretrained(grid, run.folder, fed.site_of, fed.training_sites, sorted(run.cfg.heldout_sites),

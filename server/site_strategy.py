@@ -126,7 +126,6 @@ class SiteStrategy(Strategy):
             self._pending = done
         self._recent: list[ArrayRecord] = []  # the models sites scored in the last rounds, newest last
         self._aggregate: ArrayRecord | None = None  # the round's aggregate (what training goes on from)
-        self._evaluated: ArrayRecord | None = None  # the model sites score this round
         self._wired: tuple[ArrayRecord, ArrayRecord] | None = None  # weights, their training-site form
         if server_state:
             self._restore(server_state)
@@ -159,10 +158,6 @@ class SiteStrategy(Strategy):
             state["recent"] = [m.to_torch_state_dict() for m in self._recent]
         return state
 
-    def reply_site(self, reply: Message) -> str:
-        """The site a reply came from (``reply_site``)."""
-        return reply_site(self.site_of, reply)
-
     # -- Flower's hooks ---------------------------------------------------------------------------
 
     def summary(self) -> None:
@@ -186,7 +181,7 @@ class SiteStrategy(Strategy):
         replies = self._ordered(replies)
         for m in replies:
             if not m.has_error() and (scores := _take_scores(m)):  # last round's model, scored first
-                self.recorder.scored(rnd - 1, self.reply_site(m), scores)
+                self.recorder.scored(rnd - 1, reply_site(self.site_of, m), scores)
         self.recorder.trained(rnd, self._named(replies))  # the bytes as they travelled
         for m in replies:
             if not m.has_error() and ARRAYS in m.content.array_records:  # in float32, tensor by tensor
@@ -204,18 +199,17 @@ class SiteStrategy(Strategy):
         if arrays is not None:
             arrays = ArrayRecord(received_state(arrays))  # float32 again (FedAdam computes in float64)
             self.average.update(arrays)
-            self._aggregate, self._evaluated = arrays, self.average.model(arrays)
+            self._aggregate = arrays
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         rnd = server_round + self.done
-        self._aggregate = arrays
-        self._evaluated = evaluated = self.average.model(arrays)
+        self._aggregate = arrays  # the previous one again when this round's aggregation gave none
+        evaluated = self.average.model(arrays)
         if self._scored_in_train(rnd):  # training sites score it next round; held-out sites now
             config["server-round"] = rnd
-            messages = [Message(content=RecordDict({ARRAYS: evaluated, CONFIG: config}),
-                                message_type=MessageType.EVALUATE, dst_node_id=node)
+            messages = [evaluate_message(evaluated, config, node)
                         for node in sorted(self.heldout_nodes & set(grid.get_node_ids()))]
         else:
             messages = list(self.inner.configure_evaluate(rnd, evaluated, config,
@@ -234,10 +228,10 @@ class SiteStrategy(Strategy):
         training = [m for m in replies if m.metadata.src_node_id not in self.heldout_nodes]
         metrics = self.inner.aggregate_evaluate(rnd, training)
         if self._scored_in_train(rnd):
-            self.round_log.trained(rnd, self._aggregate, self._evaluated, self.state())
+            self.round_log.trained(rnd, self._aggregate, self.average.model(self._aggregate), self.state())
             self._pending = rnd
         else:
-            self._end_round(rnd, self._aggregate, self._evaluated)
+            self._end_round(rnd, self._aggregate, self.average.model(self._aggregate))
         return metrics
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -295,7 +289,7 @@ class SiteStrategy(Strategy):
             time.sleep(1.0)
 
     def _named(self, replies: list[Message]) -> list[tuple[str, Message]]:
-        return [(self.reply_site(m), m) for m in replies]
+        return [(reply_site(self.site_of, m), m) for m in replies]
 
     def _ordered(self, replies: Iterable[Message]) -> list[Message]:
         return sorted(replies, key=lambda m: self.site_of.get(m.metadata.src_node_id, ""))
@@ -307,6 +301,12 @@ def wire_form(arrays: ArrayRecord, transfer_dtype: str) -> ArrayRecord:
     if transfer_dtype != "float32":
         arrays = wire_record(arrays.to_torch_state_dict(), transfer_dtype)
     return packed_record(arrays)
+
+
+def evaluate_message(arrays: ArrayRecord, config: ConfigRecord, node: int) -> Message:
+    """An evaluation message to ``node``: score ``arrays`` under ``config``."""
+    return Message(content=RecordDict({ARRAYS: arrays, CONFIG: config}), message_type=MessageType.EVALUATE,
+                   dst_node_id=node)
 
 
 def reply_site(site_of: dict[int, str], reply: Message) -> str:

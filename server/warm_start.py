@@ -6,16 +6,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from fedseg.common.config import RunConfig
 from fedseg.common.dp_recipe import NO_WARM_START
 from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.models import build_model
-from fedseg.common.records import ARRAYS, CONFIG, METRICS
+from fedseg.common.records import METRICS
 from fedseg.server.run_folder import RunFolder
-from fedseg.server.site_strategy import reply_site, wire_form
+from fedseg.server.site_strategy import evaluate_message, reply_site, wire_form
 from fedseg.server.summary import site_spread
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,7 @@ def score_pretrained(grid: Grid, folder: RunFolder, site_of: dict[int, str], tra
     training added (or lost). A site whose evaluation fails is left out, and logged."""
     config = ConfigRecord({**dict(config), "server-round": 0})
     wired = wire_form(initial, cfg.transfer_dtype)
-    messages = [Message(content=RecordDict({ARRAYS: wired, CONFIG: config}), message_type=MessageType.EVALUATE,
-                        dst_node_id=node) for node in sorted(set(grid.get_node_ids()) & set(site_of))]
+    messages = [evaluate_message(wired, config, node) for node in sorted(set(grid.get_node_ids()) & set(site_of))]
     scores: dict[str, dict[str, float]] = {}
     for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
         site = reply_site(site_of, reply)
