@@ -24,6 +24,7 @@ from fedseg.client.site import sim_state_dir
 from fedseg.client.site_model import round_checkpoints, saved_model
 from fedseg.client.tasks import task_for
 from fedseg.common.data import read_site, split_training, study_sites
+from fedseg.server.run_folder import RunFolder
 
 CLIP = 0.1  # the recipe's dp-max-grad-norm
 
@@ -35,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = json.loads((args.run_dir / "run.json").read_text())["config"]
-    site = read_site(study_sites(cfg["study-dir"], cfg["split-site"])[0], seed=cfg["seed"])
+    site = read_site(study_sites(cfg["study-dir"], RunFolder(args.run_dir).split_site())[0], seed=cfg["seed"])
     cases = split_training(site, cfg["val-fraction"], cfg["seed"])[0]
     last = round_checkpoints(args.run_dir)[-1]  # a site state dir keeps its last rounds' local layers
     model, spec, patch_size, *_ = saved_model(last, sim_state_dir(args.run_dir / "site-state", site.name))

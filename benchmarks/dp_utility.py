@@ -64,9 +64,9 @@ def label_dice(scores: dict[str, dict[str, float]]) -> dict[str, float]:
     return {f"mean {k}": sum(site[k] for site in scores.values()) / len(scores) for k in keys}
 
 
-def run(label: str, init: str, cfg: RunConfig, rows: list[dict]) -> None:
+def run(label: str, init: str, cfg: RunConfig, rows: list[dict], split_site: int) -> None:
     started = time.monotonic()
-    run_dir = simulate(cfg)
+    run_dir = simulate(cfg, split_site=split_site)
     summary = json.loads((run_dir / "summary.json").read_text())
     if label == "no DP" and "pretrained_alone" in summary:  # scored by the sites before round 1
         start = summary["pretrained_alone"]["in_federation"]
@@ -110,11 +110,12 @@ def main() -> None:
         for site in ("site1-breast-bladder", "site2-kidney", "site3-prostate-stomach", "site4-liver-colon"):
             shutil.copytree(SHARED_DATA / "monuseg" / site, study / site)
         shape = dict(study_dir=str(study), batch_size=2, patch_size=128)
-        public = None
+        public, split = None, 0
     else:
         public, private = hippocampus_split(work, args.public_cases)
         public = public if args.public_cases else None
-        shape = dict(study_dir=str(private), split_site=args.sites, batch_size=8, patch_size=32)
+        split = args.sites
+        shape = dict(study_dir=str(private), batch_size=8, patch_size=32)
     base = RunConfig(output_dir=str(work / "runs"), num_server_rounds=args.rounds,
                      local_epochs=args.local_epochs, lr=0.05, channels=(16, 32, 64),
                      local_layers="norm", seed=0, **shape)
@@ -128,20 +129,20 @@ def main() -> None:
                 source = work / "synthetic"
                 write_study(source, sites=1, dims=3, cases=60, size=40, num_labels=2, seed=3)
             weights = work / f"{warm}.pt"
-            pretrain(source, weights, base.replace(split_site=0, pretrained_weights="", num_server_rounds=1,
+            pretrain(source, weights, base.replace(pretrained_weights="", num_server_rounds=1,
                                                    local_epochs=args.pretrain_epochs, val_fraction=0.1))
             init = f"warm ({warm} data)"
             cfg = base.replace(pretrained_weights=str(weights))
         elif warm != "none":
             continue
         name = warm.replace("none", "scratch")
-        run("no DP", init, cfg.replace(run_name=f"nodp-{name}"), rows)
+        run("no DP", init, cfg.replace(run_name=f"nodp-{name}"), rows, split)
         for target in targets:
             dp_cfg = cfg.replace(run_name=f"dp{target:g}-{name}", dp="sample",
                                  dp_target_epsilon=target).replace(**dp_changes)
             label = (f"DP target eps {dp_cfg.dp_target_epsilon:g}" if dp_cfg.dp_target_epsilon > 0
                      else f"DP noise x{dp_cfg.dp_noise_multiplier:g}")  # --dp-set dp-target-epsilon=0
-            run(label, init, dp_cfg, rows)
+            run(label, init, dp_cfg, rows, split)
     for row in rows:
         reference = next(r for r in rows if r["init"] == row["init"] and r["run"] == "no DP")
         row["vs no DP"] = row["mean dice"] / reference["mean dice"] if reference["mean dice"] else None

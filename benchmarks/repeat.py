@@ -3,7 +3,8 @@ noisy: a goal is met only when the whole range clears it).
 
 Usage: python -m benchmarks.repeat NAME [--runs 3] [-- ARGS...]
 Runs ``python -m benchmarks.NAME ARGS`` ``--runs`` times in fresh processes, reads each run's
-``benchmarks/out/NAME.json``, prints one row per row of the benchmark's table with each number as
+JSON (``benchmarks/out/NAME.json``, or the one file the run wrote where its name carries the
+run's settings), prints one row per row of the benchmark's table with each number as
 ``median [min-max]``, and writes ``benchmarks/out/NAME-repeated.json``.
 """
 
@@ -14,6 +15,8 @@ import json
 import statistics
 import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import OUT, machine
@@ -38,6 +41,14 @@ def repeated(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return merged
 
 
+def _written(name: str, since: float) -> Path:
+    """The JSON a run of benchmark ``name`` wrote after ``since``."""
+    fresh = [p for p in OUT.glob(f"{name}*.json") if p.stat().st_mtime >= since and "-repeated" not in p.name]
+    if len(fresh) != 1:
+        raise RuntimeError(f"benchmarks.{name} wrote {len(fresh)} JSON file(s) to {OUT}, expected 1")
+    return fresh[0]
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, dict) and "median" in value:
         return f"{value['median']:.4g} [{value['min']:.4g}-{value['max']:.4g}]"
@@ -55,8 +66,9 @@ def main() -> None:
     runs, extras = [], []
     for i in range(args.runs):
         print(f"--- run {i + 1}/{args.runs}: python -m benchmarks.{args.name} {' '.join(extra)}", flush=True)
+        started = time.time()
         subprocess.run([sys.executable, "-m", f"benchmarks.{args.name}", *extra], check=True)
-        result = json.loads((OUT / f"{args.name}.json").read_text())
+        result = json.loads(_written(args.name, started).read_text())
         runs.append(result.pop("rows"))
         extras.append(result)
     rows = repeated(runs)

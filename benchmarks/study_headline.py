@@ -46,15 +46,15 @@ def main() -> None:
         shape = dict(study_dir=str(work / "synthetic"), heldout_sites=("site-e",), batch_size=4,
                      patch_size=64)
     else:
-        shape = dict(study_dir=str(SHARED_DATA / "hippocampus"), split_site=4,
-                     heldout_sites=("site-msd#3",), batch_size=8, patch_size=32)
+        shape = dict(study_dir=str(SHARED_DATA / "hippocampus"), heldout_sites=("site-msd#3",),
+                     batch_size=8, patch_size=32)
     if args.patch_size:
         shape["patch_size"] = args.patch_size
     channels = tuple(int(c) for c in args.channels.split(","))
     cfg = RunConfig(output_dir=str(work), run_name=args.dataset, num_server_rounds=args.rounds,
                     local_epochs=args.local_epochs, lr=0.05, channels=channels, seed=0, norm=args.norm,
                     augment=args.augment, lr_schedule=args.lr_schedule, **shape)
-    out = run_study(cfg, args.baselines.split(","))
+    out = run_study(cfg, args.baselines.split(","), split_site=4 if args.dataset == "hippocampus" else 0)
     comparison = json.loads((out / "comparison.json").read_text())["baselines"]
     rows = [{"baseline": r["baseline"], "in-federation mean Dice": r["mean_dice"],
              "worst site": r["worst_site"], "worst Dice": r["worst_dice"],

@@ -48,7 +48,6 @@ class RunConfig:
     meaning is its ``help``."""
 
     study_dir: str = key("", "study folder (simulation only: maps partition-id -> site folder).")
-    split_site: int = key(0, ">0 splits a single-site study into this many virtual sites.")
     num_server_rounds: int = key(3, "federated rounds, >= 1.")
     local_epochs: int = key(1, "passes over the site's training cases per round, >= 1.")
     batch_size: int = key(4, "cases per optimizer step, >= 1.")
@@ -163,7 +162,6 @@ class RunConfig:
     def __post_init__(self) -> None:
         kind = KINDS.get(self.model)
         checks: list[tuple[str, bool, str]] = [
-            ("split-site", self.split_site >= 0, "must be >= 0"),
             ("num-server-rounds", self.num_server_rounds >= 1, "must be >= 1"),
             ("local-epochs", self.local_epochs >= 1, "must be >= 1"),
             ("batch-size", self.batch_size >= 1, "must be >= 1"),
@@ -272,12 +270,13 @@ class RunConfig:
         return ModelSpec(spatial_dims, in_channels, out_channels, self.channels, self.norm, self.model,
                          self.backbone, self.patch_size)
 
-    def site_data(self, state_root: str = "", site_cache_mb: int = 0) -> SiteData:
-        """What every message tells a site about its data (simulation: where its folder is, where
-        its state lives and how much decoded data it may keep across rounds)."""
+    def site_data(self, state_root: str = "", site_cache_mb: int = 0, split_site: int = 0) -> SiteData:
+        """What every message tells a site about its data (simulation: where its folder is, how
+        many virtual sites it is split into, where their state lives and how much decoded data
+        each may keep across rounds)."""
         if not self.study_dir:
             return SiteData(self.seed, self.val_fraction)
-        return SiteData(self.seed, self.val_fraction, self.study_dir, self.split_site, state_root, site_cache_mb)
+        return SiteData(self.seed, self.val_fraction, self.study_dir, split_site, state_root, site_cache_mb)
 
     def site_round(self, model: ModelSpec, run_id: str, data: SiteData | None = None,
                    start_dice: float = -1.0, flip_axes: tuple[int, ...] = ()) -> SiteRoundConfig:

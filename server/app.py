@@ -71,12 +71,14 @@ class Federation:
         return {i["site"]: int(i["num-train"]) for i in self.sites.values() if i["site"] in self.training_sites}
 
 
-def run_federation(grid: Grid, cfg: RunConfig, site_cache_mb: int = 0) -> Path:
+def run_federation(grid: Grid, cfg: RunConfig, site_cache_mb: int = 0, split_site: int = 0) -> Path:
     """Run (or resume) a whole federated study over the sites connected to ``grid``.
 
     Args:
         site_cache_mb: simulation only: MiB of decoded training cases each virtual site keeps
             across rounds.
+        split_site: simulation only: > 1 splits the study's one site into this many virtual
+            sites (a resume keeps the run's own split, stored in run.json).
 
     Returns:
         The run folder.
@@ -84,7 +86,9 @@ def run_federation(grid: Grid, cfg: RunConfig, site_cache_mb: int = 0) -> Path:
     run = open_run(cfg)
     random.seed(run.cfg.seed)  # Flower samples nodes with `random`
     state_root = str((run.folder.dir / "site-state").resolve()) if run.cfg.study_dir else ""
-    data = run.cfg.site_data(state_root, site_cache_mb)
+    if run.cfg.resume:
+        split_site = run.folder.split_site()
+    data = run.cfg.site_data(state_root, site_cache_mb, split_site)
     sites = discover_sites(grid, run.cfg, data)
     fed = initial_model(run, sites, data)
     final = run_rounds(grid, run, fed)
@@ -118,6 +122,7 @@ def initial_model(run: OpenRun, sites: dict[int, dict[str, Any]], data: SiteData
         "config": cfg.to_dict(), "run_id": run.run_id, "model": spec.to_dict(), "versions": versions(),
         "sites": {i["site"]: _public(i) for i in sites.values()}, "flip_axes": list(flips),
         "training_sites": training, "heldout_sites": sorted(cfg.heldout_sites), "seed": cfg.seed,
+        "split_site": data.split_site,
         "started": now(), "ended": None, "pretrained": pretrained.to_dict() if pretrained else None,
         "dp_plan": None, "device": cfg.device}
     run.folder.write_run_info(info)

@@ -29,7 +29,7 @@ def discover_sites(grid: Grid, cfg: RunConfig, data: SiteData) -> dict[int, dict
     Raises:
         SiteDiscoveryError: too few sites, a failed data check, or sites that disagree.
     """
-    expected = (len(study_sites(cfg.study_dir, cfg.split_site)) if cfg.study_dir
+    expected = (len(study_sites(data.study_dir, data.split_site)) if data.study_dir
                 else cfg.min_train_sites + len(cfg.heldout_sites))
     deadline = time.monotonic() + cfg.round_timeout
     while len(nodes := sorted(grid.get_node_ids())) < expected and time.monotonic() < deadline:

@@ -22,6 +22,9 @@ from fedseg.server.checkpoints import latest_checkpoint
 log = logging.getLogger(__name__)
 
 RESUMABLE = ("num-server-rounds", "round-timeout")  # what a resume may change
+# keys a run folder written by an earlier fedseg may hold, now settings of their own (the
+# simulation's split is run.json's ``split_site``) or no longer settings at all
+RETIRED_KEYS = ("split-site", "site-cache-mb", "gpus-per-site", "pack-weights", "evaluate-in-train")
 
 
 class RunFolder:
@@ -42,6 +45,11 @@ class RunFolder:
     def read_run_info(self) -> dict[str, Any]:
         """run.json as written."""
         return json.loads((self.dir / "run.json").read_text())
+
+    def split_site(self) -> int:
+        """Virtual sites the simulation split its study's one site into (0: not split)."""
+        info = self.read_run_info()
+        return int(info.get("split_site", info["config"].get("split-site", 0)))
 
     def append_round(self, record: dict[str, Any]) -> None:
         """Append one round to rounds.jsonl and fsync it."""
@@ -132,7 +140,8 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> RunConfig:
     if refused:
         raise ConfigError(f"cannot change {refused} when resuming {run_dir}; a resume may change "
                           f"only {list(RESUMABLE)}")
-    stored = json.loads((run_dir / "run.json").read_text())["config"]
+    stored = {k: v for k, v in json.loads((run_dir / "run.json").read_text())["config"].items()
+              if k not in RETIRED_KEYS}
     return RunConfig.from_dict({**stored, **overrides, "output-dir": str(run_dir.parent),
                                 "run-name": run_dir.name, "resume": True})
 

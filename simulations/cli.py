@@ -10,7 +10,7 @@ from fedseg.common.config import ConfigError, RunConfig, key_help, key_metavar, 
 from fedseg.common.round_config import SITE_CACHE_MB
 
 ALIASES = {"num-server-rounds": ["--rounds"]}
-PRETRAIN_KEYS = ("split-site", "num-server-rounds", "local-epochs", "batch-size", "lr", "seed", "model",
+PRETRAIN_KEYS = ("num-server-rounds", "local-epochs", "batch-size", "lr", "seed", "model",
                  "backbone", "pretrained-weights", "spatial-dims", "patch-size", "channels", "norm",
                  "val-fraction")
 
@@ -69,8 +69,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _engine_flags(parser: argparse.ArgumentParser) -> None:
-    """What only a simulation on this machine (or a Ray cluster) has: GPU share and data cache."""
+    """What only a simulation has: virtual sites from one folder, GPU share and data cache."""
     from_help = "1.0 where the run computes on a GPU, else 0"
+    parser.add_argument("--split-site", type=int, default=0, metavar="K",
+                        help="split a study of one site into K virtual sites (disjoint, seeded; "
+                             "default: one site per folder)")
     parser.add_argument("--gpus-per-site", type=float, default=None, metavar="X",
                         help=f"GPU share of each virtual site (0.25 runs four sites on one GPU at once; "
                              f"default: {from_help})")
@@ -104,7 +107,7 @@ def _study(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.study_dir}: study folder not found")
     try:
         out = run_study(cfg, [b.strip() for b in args.baselines.split(",") if b.strip()], args.num_cpus,
-                        args.ray_address, args.gpus_per_site, args.site_cache_mb)
+                        args.ray_address, args.gpus_per_site, args.site_cache_mb, args.split_site)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     print((out / "comparison.csv").read_text())
@@ -147,7 +150,8 @@ def _simulate(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.study_dir}: study folder not found")
     else:
         raise ConfigError("give a STUDY_DIR, or --resume-run RUN_DIR")
-    return _run_and_report(cfg, args.num_cpus, args.ray_address, args.gpus_per_site, args.site_cache_mb)
+    return _run_and_report(cfg, args.num_cpus, args.ray_address, args.gpus_per_site, args.site_cache_mb,
+                           args.split_site)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -165,13 +169,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _run_and_report(cfg: RunConfig, num_cpus: int | None, ray_address: str = "",
-                    gpus_per_site: float | None = None, site_cache_mb: int = SITE_CACHE_MB) -> int:
+                    gpus_per_site: float | None = None, site_cache_mb: int = SITE_CACHE_MB,
+                    split_site: int = 0) -> int:
     from fedseg.server.report import site_table
     from fedseg.simulations.simulate import simulate
 
     started = time.monotonic()
     run_dir = simulate(cfg, num_cpus=num_cpus, ray_address=ray_address, gpus_per_site=gpus_per_site,
-                       site_cache_mb=site_cache_mb)
+                       site_cache_mb=site_cache_mb, split_site=split_site)
     print()
     print(site_table(run_dir))
     print(f"\nrun folder: {run_dir}  ({time.monotonic() - started:.0f}s)")

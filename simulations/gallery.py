@@ -31,6 +31,7 @@ from fedseg.common.transforms import to_dicts  # noqa: E402
 from fedseg.common.atomic import atomic_write_bytes  # noqa: E402
 from fedseg.common.models import ModelSpec  # noqa: E402
 from fedseg.server.report import GALLERY  # noqa: E402
+from fedseg.server.run_folder import RunFolder  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def make_gallery(run_dir: str | Path, max_sites: int = 4) -> list[dict[str, Any]
     if not cfg.get("study-dir") or not Path(cfg["study-dir"]).is_dir():
         return []
     items = []
-    refs = {r.name: r for r in study_sites(cfg["study-dir"], cfg.get("split-site", 0))}
+    refs = {r.name: r for r in study_sites(cfg["study-dir"], RunFolder(run_dir).split_site())}
     for site in (info["training_sites"] + info["heldout_sites"])[:max_sites]:
         log.info("report gallery: %s", site)
         state = sim_state_dir(run_dir / "site-state", site)

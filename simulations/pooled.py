@@ -76,7 +76,7 @@ def pretrain(public_dir: str | Path, output: str | Path, cfg: RunConfig) -> dict
     """
     public = Path(public_dir)
     refs = ([SiteRef(public.name, public)] if (public / "dataset.json").is_file()
-            else study_sites(public, cfg.split_site))
+            else study_sites(public))
     sites = [read_site(ref, seed=cfg.seed) for ref in refs]
     log.info("pretraining on %d public site(s): %s", len(sites), ", ".join(s.name for s in sites))
     model, task = train_pooled(cfg, sites, seed_site="public")

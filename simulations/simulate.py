@@ -18,7 +18,7 @@ from fedseg.common.devices import resolve_device
 from fedseg.common.data import DataError, check_site, study_sites
 from fedseg.server.app import run_federation
 from fedseg.server.report import write_report
-from fedseg.server.run_folder import RESUMABLE, resume_config
+from fedseg.server.run_folder import RESUMABLE, RunFolder, resume_config
 from fedseg.simulations.engine import prompt_engine
 from fedseg.simulations.gallery import make_gallery, write_gallery
 
@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
-             gpus_per_site: float | None = None, site_cache_mb: int = SITE_CACHE_MB) -> Path:
+             gpus_per_site: float | None = None, site_cache_mb: int = SITE_CACHE_MB,
+             split_site: int = 0) -> Path:
     """Validate every site, then run the study with one virtual Flower node per site.
 
     Args:
@@ -40,6 +41,8 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
             None: 1.0 where the run computes on a GPU, else 0.
         site_cache_mb: MiB of decoded training cases each virtual site keeps across rounds (0:
             read from disk every round), >= 0.
+        split_site: > 1 splits a study of one site into this many virtual sites (disjoint,
+            seeded), >= 0; a resume keeps the run's own split.
 
     Returns:
         The run folder.
@@ -48,7 +51,13 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
         DataError: a site fails the data check (every problem listed, nothing trained).
     """
     if cfg.resume:
-        cfg = resume_config(Path(cfg.output_dir) / cfg.run_name, {k: cfg.to_dict()[k] for k in RESUMABLE})
+        run_dir = Path(cfg.output_dir) / cfg.run_name
+        cfg = resume_config(run_dir, {k: cfg.to_dict()[k] for k in RESUMABLE})
+        stored_split = RunFolder(run_dir).split_site()
+        if split_site not in (0, stored_split):
+            raise ConfigError(f"--split-site {split_site}: {run_dir} was split into {stored_split} "
+                              "virtual site(s); a resume keeps its split")
+        split_site = stored_split
     if not cfg.study_dir:
         raise DataError("simulation needs a study folder (run-config 'study-dir')")
     cfg = cfg.replace(study_dir=str(Path(cfg.study_dir).resolve()),
@@ -59,10 +68,12 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
         raise ConfigError(str(err)) from None
     if gpus_per_site is not None and gpus_per_site < 0:
         raise ConfigError(f"--gpus-per-site {gpus_per_site:g}: must be >= 0")
+    if split_site < 0:
+        raise ConfigError(f"--split-site {split_site}: must be >= 0 (0: one site per folder)")
     if site_cache_mb < 0:
         raise ConfigError(f"--site-cache-mb {site_cache_mb}: must be >= 0 (0: no cache)")
     gpus = gpus_per_site if gpus_per_site is not None else float(device.startswith("cuda"))
-    sites = study_sites(cfg.study_dir, cfg.split_site)
+    sites = study_sites(cfg.study_dir, split_site)
     problems = [p for folder in sorted({s.site_dir for s in sites}) for p in check_site(folder)]
     if problems:
         raise DataError(f"{len(problems)} data problem(s) in {cfg.study_dir}:\n  " + "\n  ".join(problems))
@@ -73,7 +84,7 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        result["run_dir"] = run_federation(grid, cfg, site_cache_mb)
+        result["run_dir"] = run_federation(grid, cfg, site_cache_mb, split_site)
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # sites' lines look alike; Ray would fold them

@@ -38,9 +38,10 @@ FEDERATED = {"fedavg": dict(strategy="fedavg", local_layers="none"),
 
 def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None,
               ray_address: str = "", gpus_per_site: float | None = None,
-              site_cache_mb: int = SITE_CACHE_MB) -> Path:
+              site_cache_mb: int = SITE_CACHE_MB, split_site: int = 0) -> Path:
     """Train and score every baseline; write comparison.{json,csv}, cross_site.{json,csv}, study.html.
-    ``num_cpus``, ``ray_address``, ``gpus_per_site``, ``site_cache_mb``: as for ``simulate``.
+    ``num_cpus``, ``ray_address``, ``gpus_per_site``, ``site_cache_mb``, ``split_site``: as for
+    ``simulate``.
 
     Returns:
         The study output folder.
@@ -48,7 +49,7 @@ def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None,
     unknown = set(baselines) - set(BASELINES)
     if unknown or not baselines:
         raise ValueError(f"baselines must be among {BASELINES}, got {baselines}")
-    refs = study_sites(cfg.study_dir, cfg.split_site)
+    refs = study_sites(cfg.study_dir, split_site)
     specs = {r.name: read_site(r, seed=cfg.seed) for r in refs}
     training = [n for n in specs if n not in cfg.heldout_sites]
     heldout = [n for n in specs if n in cfg.heldout_sites]
@@ -67,7 +68,8 @@ def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None,
             ensemble = ENSEMBLE_ROUNDS if heldout and KINDS[cfg.model].dense else cfg.heldout_ensemble
             run = simulate(cfg.replace(output_dir=str(out / "runs"), run_name=baseline, resume=False,
                                        heldout_ensemble=ensemble, **FEDERATED[baseline]), num_cpus=num_cpus,
-                           ray_address=ray_address, gpus_per_site=gpus_per_site, site_cache_mb=site_cache_mb)
+                           ray_address=ray_address, gpus_per_site=gpus_per_site, site_cache_mb=site_cache_mb,
+                           split_site=split_site)
             rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
             scores[baseline] = {s: rounds[-1]["eval"].get(s, {}) for s in specs}
             if still_rising(rounds, training):

@@ -1,5 +1,5 @@
 """Checkpoints: what rebuilds the model travels with the weights; a damaged newest file falls
-back to the previous one, with a warning naming it."""
+back to the previous one, with a warning naming it; an older run folder still resumes."""
 
 import logging
 
@@ -7,7 +7,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
+from fedseg.common.config import ConfigError, RunConfig
 from fedseg.server.checkpoints import latest_checkpoint, save_checkpoint, save_global_model
+from fedseg.server.run_folder import RunFolder, resume_config
 
 META = {"model": {"spatial_dims": 2}, "local_layers": "norm", "local_keys": ["n.weight"],
         "patch_size": 32, "flip_axes": [], "run_name": "study", "run_id": "0123456789abcdef"}
@@ -40,3 +42,16 @@ def test_global_model_refuses_meta_that_could_not_rebuild_the_model(tmp_path):
     assert torch.load(path, weights_only=True)["round"] == 5
     with pytest.raises(ValueError, match="run_id"):
         save_global_model(tmp_path, 5, _arrays(1.0), {k: v for k, v in META.items() if k != "run_id"})
+
+
+def test_a_run_folder_of_an_earlier_fedseg_resumes_with_its_split(tmp_path):
+    # earlier versions kept simulation settings (and two settings since dropped) as run-config keys
+    old = {**RunConfig(study_dir="/studies/msd", num_server_rounds=2).to_dict(), "split-site": 4,
+           "site-cache-mb": 512, "gpus-per-site": 0.5, "pack-weights": True, "evaluate-in-train": True}
+    run_dir = tmp_path / "old-run"
+    RunFolder(run_dir).write_run_info({"config": old, "run_id": "0123456789abcdef"})
+    cfg = resume_config(run_dir, {"num-server-rounds": 5})
+    assert cfg.num_server_rounds == 5 and cfg.resume and cfg.study_dir == "/studies/msd"
+    assert RunFolder(run_dir).split_site() == 4
+    with pytest.raises(ConfigError, match="cannot change"):
+        resume_config(run_dir, {"lr": 0.5})

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from fedseg.client.audit import OUTBOX_FILE
-from fedseg.common.config import keys
+from fedseg.common.config import ConfigError, RunConfig, keys
 from fedseg.common.data import DataError, read_site, split_training
 from fedseg.common.models import UNSEEN_PREFIX, ModelSpec, build_model, local_keys
 from fedseg.common.cli import main
 from fedseg.simulations.simulate import simulate
+from fedseg.simulations.synth import write_study
 from tests.conftest import local_layers_file, read_rounds, tiny_config
 
 
@@ -116,6 +117,26 @@ def test_same_seed_same_metrics_and_resume_continues_exactly(fedbn_run, study_2d
     assert [r["round"] for r in resumed] == [1, 2]
     assert resumed[1]["train"] == first[1]["train"] and resumed[1]["eval"] == first[1]["eval"]
     assert json.loads((half / "run.json").read_text())["resumed_from_round"] == 1
+
+
+def test_split_site_is_a_simulate_flag_that_a_resume_keeps(tmp_path, capsys):
+    study = tmp_path / "one-site"
+    write_study(study, sites=1, dims=2, cases=12, size=32, seed=2)
+    flags = ["--local-epochs", "1", "--batch-size", "2", "--patch-size", "32", "--channels", "8,16",
+             "--output-dir", str(tmp_path / "runs"), "--run-name", "split", "--num-cpus", "2"]
+    assert main(["simulate", str(study), "--split-site", "3", "--rounds", "1", *flags]) == 0
+    run_dir = tmp_path / "runs" / "split"
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["split_site"] == 3 and "split-site" not in info["config"]
+    assert sorted(info["training_sites"]) == ["site-a#0", "site-a#1", "site-a#2"]
+    with pytest.raises(ConfigError, match="unknown run-config key 'split-site'"):
+        RunConfig.from_dict({"split-site": 3})
+    capsys.readouterr()
+    assert main(["simulate", "--resume-run", str(run_dir), "--split-site", "2", "--rounds", "2"]) == 2
+    assert "keeps its split" in capsys.readouterr().err
+    assert main(["simulate", "--resume-run", str(run_dir), "--rounds", "2", "--num-cpus", "2"]) == 0
+    (_, second) = read_rounds(run_dir)
+    assert sorted(second["train"]) == ["site-a#0", "site-a#1", "site-a#2"]
 
 
 def test_3d_nifti_study_with_fedprox(study_3d, tmp_path):
