@@ -19,13 +19,14 @@ from fedseg.common.dp_recipe import ema_decay
 from fedseg.common.logs import setup_logging
 from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.models import UNSEEN_PREFIX, build_model, local_keys, split_state, unseen_norm_set
-from fedseg.common.records import shared_record
+from fedseg.common.records import received_state, shared_record
 from fedseg.common.round_config import SiteData
 from fedseg.common.weights import load_pretrained
 from fedseg.server.checkpoints import save_global_model
 from fedseg.server.discovery import discover_sites, model_for_sites, site_names
 from fedseg.server.dp_plan import dp_plans
 from fedseg.server.model_average import ModelAverage
+from fedseg.server.reply_checks import DeclaredSite, ReplyChecks
 from fedseg.server.report import write_report
 from fedseg.server.run_folder import OpenRun, now, open_run, versions
 from fedseg.server.site_strategy import SiteStrategy
@@ -69,6 +70,10 @@ class Federation:
     def train_cases(self) -> dict[str, int]:
         """Training site -> its training cases, as discovery reported them."""
         return {i["site"]: int(i["num-train"]) for i in self.sites.values() if i["site"] in self.training_sites}
+
+    def declared(self) -> dict[str, DeclaredSite]:
+        """Every site's training and validation cases, as discovery reported them."""
+        return {i["site"]: DeclaredSite(int(i["num-train"]), int(i["num-val"])) for i in self.sites.values()}
 
 
 def run_federation(grid: Grid, cfg: RunConfig, site_cache_mb: int = 0, split_site: int = 0) -> Path:
@@ -137,11 +142,12 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation) -> ArrayRecord:
         The final global shared weights.
     """
     initial = shared_record(fed.shared, fed.local)
+    checks = ReplyChecks(received_state(initial), fed.declared())
     if run.cfg.pretrained_weights and not run.done:
         start_config = ConfigRecord(run.cfg.site_round(fed.spec, run.run_id, fed.data, flip_axes=fed.flip_axes)
                                     .to_record())
         score_pretrained(grid, run.folder, fed.site_of, fed.training_sites, sorted(run.cfg.heldout_sites),
-                         initial, start_config, run.cfg)
+                         initial, start_config, run.cfg, checks)
     info = run.folder.read_run_info()
     cfg = without_failed_warm_start(run.cfg, fed.spec, info)
     start_dice = pretrained_dice(cfg, info)
@@ -150,7 +156,7 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation) -> ArrayRecord:
         run.folder.write_run_info({**info, "dp_plan": dp_plans(round_config, fed.train_cases())})
     average = ModelAverage(ema_decay(cfg, start_dice), run.start_average)
     strategy = SiteStrategy(
-        build_strategy(cfg, len(fed.training_sites)), fed.site_of, folder=run.folder,
+        build_strategy(cfg, len(fed.training_sites)), fed.site_of, reply_checks=checks, folder=run.folder,
         checkpoint_meta=fed.checkpoint_meta(run), num_rounds=cfg.num_server_rounds,
         heldout_nodes=fed.heldout_nodes, min_sites=cfg.min_train_sites, round_timeout=cfg.round_timeout,
         average=average, ensemble_size=cfg.heldout_ensemble, transfer_dtype=cfg.transfer_dtype,

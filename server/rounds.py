@@ -46,6 +46,10 @@ class RoundRecorder:
         for site in set(record["bytes-down"]) - set(record["train"]) - set(record["errors"]):
             record["errors"][site] = "no reply within round-timeout (site dropped out?)"
 
+    def failed(self, server_round: int, site: str, reason: str) -> None:
+        """Record a site's failure the coordinator found (a reply it refused)."""
+        self._rounds[server_round]["errors"][site] = reason
+
     def evaluated(self, server_round: int, replies: list[tuple[str, Message]]) -> None:
         """Record each site's validation scores (or its error)."""
         for site, msg in replies:

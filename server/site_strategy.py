@@ -6,6 +6,8 @@ wrap a strategy:
 
 - only sites checked at discovery are ever sampled; held-out sites never train but score every
   round (with the unseen-site norm set, and with ``heldout-ensemble`` K the K - 1 earlier models);
+- every reply is checked before it counts (``reply_checks``): one that fails is that site's
+  failure for the round, never part of the global model;
 - replies are aggregated in a fixed site order (a seeded run is bit-for-bit repeatable), in
   float32 tensor by tensor whatever form they travelled in; too few sites stop the run clearly;
 - weights travel packed (one flat array per dtype) in ``transfer-dtype``;
@@ -35,6 +37,7 @@ from fedseg.common.models import UNSEEN_PREFIX, with_ensemble
 from fedseg.common.records import (ARRAYS, CONFIG, EVAL_PREFIX, METRICS, packed_record, received_state,
                                    wire_record)
 from fedseg.server.model_average import ModelAverage
+from fedseg.server.reply_checks import ReplyChecks, ReplyRefused
 from fedseg.server.rounds import RoundLog, RoundRecorder
 from fedseg.server.run_folder import RunFolder
 from fedseg.server.strategies import client_level_privacy, restore_strategy_state, samples_sites, strategy_state
@@ -66,6 +69,7 @@ class SiteStrategy(Strategy):
     Args:
         inner: the Flower strategy that samples and aggregates (``strategies.build_strategy``).
         site_of: node id -> site name, from discovery; at least one site.
+        reply_checks: what every reply must pass (the model sent, the cases sites declared).
         folder: the run folder (checkpoints, rounds.jsonl).
         checkpoint_meta: what rebuilds the model beside the weights (``checkpoints.META_KEYS``).
         num_rounds: the run's planned rounds, >= 1.
@@ -86,7 +90,7 @@ class SiteStrategy(Strategy):
         ValueError: an argument out of range, naming it.
     """
 
-    def __init__(self, inner: Strategy, site_of: dict[int, str], *, folder: RunFolder,
+    def __init__(self, inner: Strategy, site_of: dict[int, str], *, reply_checks: ReplyChecks, folder: RunFolder,
                  checkpoint_meta: dict[str, Any], num_rounds: int, heldout_nodes: set[int] | None = None,
                  min_sites: int = 1, round_timeout: float = 3600.0, average: ModelAverage | None = None,
                  ensemble_size: int = 0, transfer_dtype: str = "float32", pretrained_start: bool = False,
@@ -109,6 +113,7 @@ class SiteStrategy(Strategy):
             if not ok:
                 raise ValueError(f"SiteStrategy: {name} {why}")
         self.inner, self.site_of, self.heldout_nodes = inner, dict(site_of), heldout
+        self.checks = reply_checks
         self.num_rounds, self.done = num_rounds, done
         self.min_sites, self.round_timeout = min_sites, round_timeout
         self.average = average or ModelAverage(0.0)
@@ -153,7 +158,8 @@ class SiteStrategy(Strategy):
         """What the run carries from round to round beyond the weights: the inner strategy's
         state (``strategies.strategy_state``), the held-out ensemble's members and the sampler's
         random state (Flower samples sites with ``random``)."""
-        state: dict[str, Any] = {"random": random.getstate(), **strategy_state(self.inner)}
+        state: dict[str, Any] = {"random": random.getstate(), "epsilon": dict(self.checks.epsilon),
+                                 **strategy_state(self.inner)}
         if self._recent:
             state["recent"] = [m.to_torch_state_dict() for m in self._recent]
         return state
@@ -178,17 +184,18 @@ class SiteStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.done
-        replies = self._ordered(replies)
+        replies, states = self._checked(rnd, self._ordered(replies))
         for m in replies:
             if not m.has_error() and (scores := _take_scores(m)):  # last round's model, scored first
                 self.recorder.scored(rnd - 1, reply_site(self.site_of, m), scores)
         self.recorder.trained(rnd, self._named(replies))  # the bytes as they travelled
         for m in replies:
-            if not m.has_error() and ARRAYS in m.content.array_records:  # in float32, tensor by tensor
-                m.content[ARRAYS] = ArrayRecord(received_state(m.content[ARRAYS]))
+            if id(m) in states:  # in float32, tensor by tensor
+                m.content[ARRAYS] = ArrayRecord(states[id(m)])
         ok = [m for m in replies if not m.has_error()]
         if len(ok) < self.min_sites:
-            failures = "; ".join(f"{site}: {m.error.reason}" for site, m in self._named(replies) if m.has_error())
+            errors = sorted(self.recorder.peek(rnd)["errors"].items())
+            failures = "; ".join(f"{site}: {why}" for site, why in errors)
             raise TooFewSitesError(f"round {rnd}: {len(ok)} site(s) trained, min-train-sites is {self.min_sites}"
                                    + (f" (failed: {failures})" if failures else ""))
         if self._pending == rnd - 1:  # its scores came with these replies
@@ -223,7 +230,7 @@ class SiteStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rnd = server_round + self.done
-        replies = self._ordered(replies)
+        replies = self._checked_scores(rnd, self._ordered(replies))
         self.recorder.evaluated(rnd, self._named(replies))
         training = [m for m in replies if m.metadata.src_node_id not in self.heldout_nodes]
         metrics = self.inner.aggregate_evaluate(rnd, training)
@@ -236,6 +243,37 @@ class SiteStrategy(Strategy):
 
     # -- helpers ----------------------------------------------------------------------------------
 
+    def _checked(self, rnd: int, replies: list[Message]) -> tuple[list[Message], dict[int, Any]]:
+        """The training replies that pass ``reply_checks`` (and those that carry a site's error),
+        with the weights of each that passed, unpacked in float32."""
+        kept, states = [], {}
+        for site, m in self._named(replies):
+            if not m.has_error():
+                try:
+                    states[id(m)] = self.checks.train_reply(site, m.content)
+                except ReplyRefused as err:
+                    self._refuse(rnd, site, site, err)
+                    continue
+            kept.append(m)
+        return kept, states
+
+    def _checked_scores(self, rnd: int, replies: list[Message]) -> list[Message]:
+        """The evaluation replies that pass ``reply_checks`` (and those that carry a site's error)."""
+        kept = []
+        for site, m in self._named(replies):
+            if not m.has_error():
+                try:
+                    self.checks.evaluate_reply(site, m.content)
+                except ReplyRefused as err:
+                    self._refuse(rnd, site, f"{site}/eval", err)
+                    continue
+            kept.append(m)
+        return kept
+
+    def _refuse(self, rnd: int, site: str, key: str, err: ReplyRefused) -> None:
+        log.warning("round %d: %s's reply refused: %s", rnd, site, err)
+        self.recorder.failed(rnd, key, f"reply refused: {err}")
+
     def _scored_in_train(self, rnd: int) -> bool:
         return self.evaluate_in_train and rnd < self.num_rounds
 
@@ -247,6 +285,7 @@ class SiteStrategy(Strategy):
 
     def _restore(self, state: dict[str, Any]) -> None:
         random.setstate(state["random"])
+        self.checks.epsilon.update(state.get("epsilon", {}))
         self._recent = [ArrayRecord(m) for m in state.get("recent", [])]
         restore_strategy_state(self.inner, state)
 

@@ -14,6 +14,7 @@ from fedseg.common.dp_recipe import NO_WARM_START
 from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.models import build_model
 from fedseg.common.records import METRICS
+from fedseg.server.reply_checks import ReplyChecks, ReplyRefused
 from fedseg.server.run_folder import RunFolder
 from fedseg.server.site_strategy import evaluate_message, reply_site, wire_form
 from fedseg.server.summary import site_spread
@@ -23,11 +24,12 @@ log = logging.getLogger(__name__)
 
 def score_pretrained(grid: Grid, folder: RunFolder, site_of: dict[int, str], training_sites: list[str],
                      heldout_sites: list[str], initial: ArrayRecord, config: ConfigRecord,
-                     cfg: RunConfig) -> None:
+                     cfg: RunConfig, checks: ReplyChecks) -> None:
     """Every connected site scores the starting model as it is (its own norms included: the
     unseen-site norm set) on its validation split, before round 1; run.json's
     ``pretrained_alone`` keeps the scores, beside which the run's own Dice shows what federated
-    training added (or lost). A site whose evaluation fails is left out, and logged."""
+    training added (or lost). A site whose evaluation fails, or whose scores fail ``checks``, is
+    left out, and logged."""
     config = ConfigRecord({**dict(config), "server-round": 0})
     wired = wire_form(initial, cfg.transfer_dtype)
     messages = [evaluate_message(wired, config, node) for node in sorted(set(grid.get_node_ids()) & set(site_of))]
@@ -36,8 +38,13 @@ def score_pretrained(grid: Grid, folder: RunFolder, site_of: dict[int, str], tra
         site = reply_site(site_of, reply)
         if reply.has_error():
             log.warning("site %s could not score the starting model: %s", site, reply.error.reason)
-        else:
-            scores[site] = dict(reply.content[METRICS])
+            continue
+        try:
+            checks.evaluate_reply(site, reply.content)
+        except ReplyRefused as err:
+            log.warning("site %s's scores of the starting model refused: %s", site, err)
+            continue
+        scores[site] = dict(reply.content[METRICS])
     scores = dict(sorted(scores.items()))
     entry: dict[str, Any] = {
         "sites": scores, "in_federation": site_spread({s: scores.get(s, {}).get("dice") for s in training_sites})}

@@ -3,6 +3,7 @@ aggregation in a fixed site order, too few sites stop the run, held-out sites sc
 averaged, every round checkpointed and logged, and a resume that continues exactly."""
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedseg.common.config import ConfigError, RunConfig
 from fedseg.common.records import packed_record
 from fedseg.server.model_average import ModelAverage
+from fedseg.server.reply_checks import DeclaredSite, ReplyChecks
 from fedseg.server.run_folder import RunFolder
 from fedseg.server.site_strategy import SiteStrategy, TooFewSitesError
 from fedseg.server.strategies import build_strategy
@@ -29,9 +31,15 @@ META = {"model": {}, "local_layers": "none", "local_keys": [], "patch_size": 16,
 def _site_strategy(tmp_path, cfg: RunConfig = RunConfig(), heldout: set[int] = frozenset(), num_rounds: int = 3,
                    **kwargs) -> SiteStrategy:
     """A strategy resumed after round 2 of ``num_rounds`` (its rounds are numbered from 3)."""
-    return SiteStrategy(build_strategy(cfg, len(SITES) - len(heldout)), SITES, folder=RunFolder(tmp_path),
+    return SiteStrategy(build_strategy(cfg, len(SITES) - len(heldout)), SITES, reply_checks=_checks(),
+                        folder=RunFolder(tmp_path),
                         checkpoint_meta=META, num_rounds=num_rounds, heldout_nodes=set(heldout),
                         min_sites=cfg.min_train_sites, ensemble_size=cfg.heldout_ensemble, done=2, **kwargs)
+
+
+def _checks() -> ReplyChecks:
+    """The model is one tensor ``w`` of 2 values; every site declared 10 training and 5 validation cases."""
+    return ReplyChecks({"w": torch.zeros(2)}, {site: DeclaredSite(10, 5) for site in SITES.values()})
 
 
 def _reply(node: int, content: RecordDict | Error, kind: str = MessageType.TRAIN) -> Message:
@@ -91,8 +99,9 @@ def test_fedadam_moves_the_model_by_its_own_rule_not_fedavgs(tmp_path):
 def test_a_round_with_too_few_sites_stops_with_their_reasons(tmp_path):
     strategy = _site_strategy(tmp_path, RunConfig(min_train_sites=2))
     refused = _reply(22, Error(code=3100, reason="site site-b refuses: over budget"))
-    with pytest.raises(TooFewSitesError, match="round 3: 1 site.*site-b: site site-b refuses"):
-        strategy.aggregate_train(1, [_train_reply(11, 1.0, 3), refused])
+    with pytest.raises(TooFewSitesError, match="round 3: 1 site.*site-b: site site-b refuses.*"
+                                               "site-c: reply refused: tensor 'w' holds 2 non-finite"):
+        strategy.aggregate_train(1, [_train_reply(11, 1.0, 3), refused, _train_reply(33, float("nan"), 3)])
 
 
 def test_heldout_sites_are_scored_but_not_averaged(tmp_path):
@@ -112,10 +121,11 @@ def test_scores_inside_train_replies_complete_the_previous_round(tmp_path):
     strategy.aggregate_train(1, [_train_reply(11, 1.0, 3), _train_reply(22, 2.0, 3), _train_reply(33, 3.0, 3)])
     strategy.aggregate_evaluate(1, [])
     assert RunFolder(tmp_path).read_rounds() == [] and (tmp_path / "checkpoints" / "round-3.pt").is_file()
-    strategy.aggregate_train(2, [_train_reply(n, 1.0, 3, **{"eval/dice": 0.25 * i}) for i, n in enumerate(SITES)])
+    strategy.aggregate_train(2, [_train_reply(n, 1.0, 3, **{"eval/dice": 0.25 * i, "eval/num-examples": 2})
+                                 for i, n in enumerate(SITES)])
     (line,) = RunFolder(tmp_path).read_rounds()
-    assert line["round"] == 3 and line["eval"] == {"site-a": {"dice": 0.0}, "site-b": {"dice": 0.25},
-                                                    "site-c": {"dice": 0.5}}
+    assert line["round"] == 3 and {s: e["dice"] for s, e in line["eval"].items()} == {
+        "site-a": 0.0, "site-b": 0.25, "site-c": 0.5}
 
 
 def test_sites_score_in_evaluation_messages_where_some_would_not_train_the_model(tmp_path):
@@ -173,4 +183,81 @@ def test_packed_replies_are_averaged_tensor_by_tensor(tmp_path):
 def test_a_strategy_with_a_bad_argument_is_refused_by_name(tmp_path, argument, value):
     kwargs = {"num_rounds": 3, argument: value}
     with pytest.raises(ValueError, match=f"SiteStrategy: {argument}"):
-        SiteStrategy(FedAvg(), SITES, folder=RunFolder(tmp_path), checkpoint_meta=META, **kwargs)
+        SiteStrategy(FedAvg(), SITES, reply_checks=_checks(), folder=RunFolder(tmp_path), checkpoint_meta=META,
+                     **kwargs)
+
+
+def _nan(reply: Message) -> None:
+    reply.content["arrays"] = ArrayRecord({"w": torch.tensor([1.0, float("nan")])})
+
+
+def _wrong_shape(reply: Message) -> None:
+    reply.content["arrays"] = ArrayRecord({"w": torch.ones(3)})
+
+
+def _extra_tensor(reply: Message) -> None:
+    reply.content["arrays"] = ArrayRecord({"w": torch.ones(2), "smuggled": torch.ones(1)})
+
+
+def _broken_manifest(reply: Message) -> None:
+    packed = dict(packed_record(reply.content["arrays"]).items())
+    packed["packed/float32"] = ArrayRecord({"x": torch.ones(5)})["x"]  # 5 values, the manifest names 2
+    reply.content["arrays"] = ArrayRecord(packed)
+
+
+def _claims(count: float):
+    def change(reply: Message) -> None:
+        reply.content["metrics"] = MetricRecord({**dict(reply.content["metrics"]), "num-examples": count})
+    return change
+
+
+def _score(key: str, value: float):
+    def change(reply: Message) -> None:
+        reply.content["metrics"] = MetricRecord({**dict(reply.content["metrics"]), key: value,
+                                                 "eval/num-examples": 2})
+    return change
+
+
+@pytest.mark.parametrize("corrupt, reason", [
+    (_nan, "tensor 'w' holds 1 non-finite value"), (_wrong_shape, r"tensor 'w' is torch.float32 \(3,\)"),
+    (_extra_tensor, "unexpected smuggled"), (_broken_manifest, "more values than their manifest names"),
+    (_claims(10**9), "num-examples = 1000000000 where the site declared 10 training"),
+    (_claims(2.5), "num-examples = 2.5"), (_score("eval/dice", 1.5), r"dice = 1.5 is outside \[0, 1\]"),
+    (_score("train-loss", float("inf")), "train-loss not finite")])
+def test_a_reply_that_fails_a_check_is_the_sites_failure_and_never_averaged(tmp_path, corrupt, reason):
+    strategy = _site_strategy(tmp_path)
+    hostile = _train_reply(33, 7.0, 3)
+    corrupt(hostile)
+    arrays, _ = strategy.aggregate_train(1, [_train_reply(11, 1.0, 3), _train_reply(22, 2.0, 1), hostile])
+    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((2,), 5 / 4))  # the honest sites'
+    strategy.aggregate_evaluate(1, [_eval_reply(n, 0.5) for n in SITES])
+    (line,) = RunFolder(tmp_path).read_rounds()
+    assert list(line["train"]) == ["site-a", "site-b"]
+    assert re.search(reason, line["errors"]["site-c"]) and line["errors"]["site-c"].startswith("reply refused")
+
+
+def test_a_site_whose_epsilon_goes_down_is_refused_and_a_resume_remembers_its_budget(tmp_path):
+    strategy = _site_strategy(tmp_path, num_rounds=4)
+    strategy.aggregate_train(1, [_train_reply(11, 1.0, 3, epsilon=2.0), _train_reply(22, 2.0, 3, epsilon=2.5),
+                                 _train_reply(33, 3.0, 3, epsilon=2.5)])
+    resumed = _site_strategy(tmp_path / "resumed", num_rounds=4, server_state=strategy.state())
+    arrays, _ = resumed.aggregate_train(2, [_train_reply(11, 1.0, 3, epsilon=1.0),  # below its 2.0
+                                            _train_reply(22, 2.0, 3, epsilon=2.5),  # as before: no steps
+                                            _train_reply(33, 3.0, 3, epsilon=3.0)])
+    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((2,), 2.5))  # sites b and c
+    resumed.aggregate_evaluate(2, [_eval_reply(n, 0.5) for n in SITES])
+    errors = RunFolder(tmp_path / "resumed").read_rounds()[-1]["errors"]
+    assert "epsilon 1 is below the 2 it has already spent" in errors["site-a"]
+
+
+def test_scores_out_of_range_are_refused_in_evaluation_replies_too(tmp_path):
+    strategy = _site_strategy(tmp_path, heldout={33})
+    strategy.aggregate_train(1, [_train_reply(11, 1.0, 3), _train_reply(22, 2.0, 3)])
+    too_many = _reply(22, RecordDict({"metrics": MetricRecord({"dice": 0.6, "num-examples": 50})}),
+                      MessageType.EVALUATE)
+    metrics = strategy.aggregate_evaluate(1, [_eval_reply(11, 0.8), too_many, _eval_reply(33, -0.1)])
+    assert metrics["dice"] == pytest.approx(0.8)
+    (line,) = RunFolder(tmp_path).read_rounds()
+    assert set(line["eval"]) == {"site-a"}
+    assert "declared 5 validation" in line["errors"]["site-b/eval"]
+    assert "dice = -0.1 is outside [0, 1]" in line["errors"]["site-c/eval"]
