@@ -19,7 +19,8 @@ import torch
 
 import fedseg.client.trainer as trainer
 from benchmarks.common import SHARED_DATA, report
-from fedseg.client.privacy import DPSession, SitePolicy
+from fedseg.client.privacy import DPSession
+from fedseg.client.site_policy import SitePolicy
 from fedseg.client.tasks import task_for
 from fedseg.common.round_config import DPSettings
 from fedseg.common.model_kinds import ModelSpec

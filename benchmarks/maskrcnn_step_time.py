@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import SHARED_DATA, report
-from fedseg.client.privacy import DPSession, SitePolicy
+from fedseg.client.privacy import DPSession
+from fedseg.client.site_policy import SitePolicy
 from fedseg.client.tasks import task_for
 from fedseg.client.trainer import train_local
 from fedseg.common.round_config import DPSettings

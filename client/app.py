@@ -17,9 +17,10 @@ from fedseg.client.privacy import DPSession
 from fedseg.client.redaction import redaction_mod
 from fedseg.client.site import SiteLocation, describe_site, resolve_site, site_device
 from fedseg.client.site_model import round_model
-from fedseg.client.state import run_key
+from fedseg.client.site_policy import admit_model, admit_workload
+from fedseg.client.state import SiteState, run_key
 from fedseg.client.tasks import task_for
-from fedseg.client.trainer import train_local
+from fedseg.client.trainer import round_steps, train_local
 from fedseg.common.round_config import SiteData, SiteRoundConfig
 from fedseg.common.data import DataError, case_seed, read_site, split_training
 from fedseg.common.logs import setup_logging
@@ -90,6 +91,10 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
                         batch_size=cfg.batch_size, epochs=cfg.local_epochs,
                         run=run_key(cfg.run_name, cfg.run_id), server_round=server_round,
                         site=spec.name, lr_factor=cfg.lr_factor(server_round))
+    state = SiteState(site.state_dir)
+    counting = site.policy.max_rounds_per_day is not None  # rounds a day are counted where limited
+    admit_workload(site.policy, cfg, round_steps(len(cases), cfg.batch_size, cfg.local_epochs, dp),
+                   state.rounds_trained_today() if counting else 0, spec.name)
     # the local layers as they were before this round, even if it runs again after a crash
     mine = round_model(cfg, site, received_state(msg.content[ARRAYS]), server_round - 1)
     task = task_for(cfg.model)
@@ -107,6 +112,8 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
         cache_mb=cfg.data.site_cache_mb, flips=cfg.flip_axes,
         precision=site_precision(cfg.amp, device, dp=dp is not None, deterministic=cfg.deterministic))
     mine.save_local_layers(server_round)
+    if counting:
+        state.note_round_trained()
     log.info("site %s round %d: loss %.4f over %d cases, %d steps", spec.name, server_round,
              result.loss, result.num_examples, result.steps)
     metrics = {"train-loss": result.loss, NUM_EXAMPLES: result.num_examples, "steps": result.steps,
@@ -125,6 +132,7 @@ def _train(msg: Message, node_config: dict) -> RecordDict:
 def _evaluate(msg: Message, node_config: dict) -> RecordDict:
     cfg, site, server_round, device = _open_round(msg, node_config)
     spec = read_site(site.ref, seed=cfg.data.seed)
+    admit_model(site.policy, cfg, spec.name)
     _, cases = split_training(spec, cfg.data.val_fraction, cfg.data.seed)
     received, earlier = ensemble_members(received_state(msg.content[ARRAYS]))
     model = round_model(cfg, site, received, server_round).model

@@ -1,4 +1,4 @@
-"""Record-level DP at a site: the DP session of a round, the site's privacy ledger, its policy.
+"""Record-level DP at a site: the DP session of a round and the site's privacy ledger.
 
 The privacy unit is one case (patient). A round under ``dp=sample`` is one ``DPSession``: plan
 the round, let the site's own policy admit it, draw Poisson batches of cases from OS entropy,
@@ -15,7 +15,6 @@ import logging
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from opacus.accountants import RDPAccountant
 from torch import nn
 
+from fedseg.client.site_policy import PolicyRefusal, SitePolicy
 from fedseg.client.steps import OpacusStep, PerCaseStep, Step, TaskLoss
 from fedseg.common.atomic import atomic_write_json, private_dir
 from fedseg.common.dp_recipe import ACCOUNTANT, DPRound, DPTraining, describe, noise_to_signal, site_round, warning
@@ -30,52 +30,6 @@ from fedseg.common.round_config import DPSettings
 
 log = logging.getLogger(__name__)
 LEDGER_FILE = "privacy_ledger.json"
-
-
-class PolicyRefusal(RuntimeError):
-    """The site refuses a round because it would break the site's own privacy policy."""
-
-
-@dataclass(frozen=True)
-class SitePolicy:
-    """What the hospital allows, from its own node config; nothing the server sends can relax it.
-
-    Args:
-        max_epsilon: total record-level epsilon the site will ever spend (None: no cap).
-        require_dp: refuse any round that is not record-level DP (``dp=sample``).
-        min_noise_multiplier: refuse DP rounds with less noise than this.
-        min_group_cases: the fewest cases a fairness group needs before the site reports its
-            Dice (the k-threshold); the server may ask for more, never for fewer.
-    """
-
-    max_epsilon: float | None = None
-    require_dp: bool = False
-    min_noise_multiplier: float = 0.0
-    min_group_cases: int = 5
-
-    def group_threshold(self, asked: int) -> int:
-        """The k-threshold the site uses when the server asks for ``asked``: never below its own."""
-        return max(asked, self.min_group_cases)
-
-    @classmethod
-    def from_config(cls, raw: dict[str, Any], source: str) -> SitePolicy:
-        """Parse ``max-epsilon``, ``require-dp``, ``min-noise-multiplier``, ``min-group-cases``;
-        errors name ``source``."""
-        try:
-            max_eps = raw.get("max-epsilon")
-            policy = cls(
-                max_epsilon=None if max_eps in (None, "", "none") else float(max_eps),
-                require_dp=str(raw.get("require-dp", False)).lower() in ("true", "1", "yes"),
-                min_noise_multiplier=float(raw.get("min-noise-multiplier", 0.0)),
-                min_group_cases=int(raw.get("min-group-cases", cls.min_group_cases)),
-            )
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{source}: bad site privacy policy ({err})") from None
-        if policy.max_epsilon is not None and policy.max_epsilon <= 0:
-            raise ValueError(f"{source}: max-epsilon must be > 0")
-        if policy.min_group_cases < 1:
-            raise ValueError(f"{source}: min-group-cases must be >= 1")
-        return policy
 
 
 class PrivacyLedger:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedseg.client.privacy import SitePolicy
+from fedseg.client.site_policy import POLICY_KEYS, SitePolicy
 from fedseg.common.round_config import SiteData
 from fedseg.common.devices import resolve_device
 from fedseg.common.data import NIFTI_SUFFIXES, DataError, SiteRef, SiteSpec, check_site, read_site, split_training, study_sites
@@ -16,10 +16,8 @@ from fedseg.common.transforms import image_channels
 
 SIM_POLICIES_FILE = "site_policies.json"
 # What a hospital may set in its SuperNode's node config (Flower adds the partition keys in simulation).
-NODE_CONFIG_KEYS = ("site-dir", "state-dir", "site-name", "max-epsilon", "require-dp",
-                    "min-noise-multiplier", "min-group-cases", "device", "pretrained-weights")
+NODE_CONFIG_KEYS = ("site-dir", "state-dir", "site-name", "device", "pretrained-weights", *POLICY_KEYS)
 FLOWER_NODE_KEYS = ("partition-id", "num-partitions")
-POLICY_KEYS = ("max-epsilon", "require-dp", "min-noise-multiplier", "min-group-cases")
 
 
 @dataclass(frozen=True)

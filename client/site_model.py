@@ -15,7 +15,7 @@ from fedseg.client.state import RunState, SiteState
 from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.round_config import SiteRoundConfig
 from fedseg.common.data import DataError
-from fedseg.common.models import build_model, local_keys, model_signature, unseen_norms
+from fedseg.common.models import UNSEEN_PREFIX, build_model, local_keys, model_signature, unseen_norms
 from fedseg.common.weights import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,14 @@ def round_model(cfg: SiteRoundConfig, site: SiteLocation, received: dict[str, to
     """Build the run's model: the site's local layers of this run as they were after round
     ``local_round`` (before its first round: the site's own pretrained file, else the unseen-site
     norm set if the message carries one, as it does for sites that never train), then the global
-    shared weights ``received`` (anything sent for a site-local key is ignored)."""
+    shared weights ``received`` (anything sent for a site-local key is ignored).
+
+    Raises:
+        MessageRefused: ``received`` is not the model the round config describes.
+    """
     model = build_model(cfg.model)
     local = local_keys(model, cfg.model, cfg.local_layers)
+    check_received(received, model.state_dict(), local)
     signature = _signature(model, cfg.model, cfg.local_layers, local)
     run = SiteState(site.state_dir).run(cfg.run_name, cfg.run_id)
     saved = run.load_local_layers(signature, up_to_round=local_round)
@@ -65,6 +70,36 @@ def round_model(cfg: SiteRoundConfig, site: SiteLocation, received: dict[str, to
     shared = {k: v for k, v in received.items() if k in model.state_dict() and k not in local}
     model.load_state_dict(shared, strict=False)
     return SiteModel(model, local, shared, run, signature)
+
+
+class MessageRefused(ValueError):
+    """A message's weights are not the model its round config describes; nothing is trained."""
+
+
+def check_received(received: dict[str, torch.Tensor], model: dict[str, torch.Tensor], local: set[str]) -> None:
+    """The weights a message brought are the model's shared tensors (and at most its unseen-site
+    norm set): every shared name present, nothing else, each tensor of the model's shape and
+    finite. A broken or hostile coordinator's NaN would otherwise surface as a training loss
+    that "became nan", and a missing tensor would silently train from initial values.
+
+    Raises:
+        MessageRefused: naming the first problem found.
+    """
+    expected = {k: v for k, v in model.items() if k not in local}
+    expected |= {UNSEEN_PREFIX + k: v for k, v in model.items() if k in local}
+    missing = sorted(set(expected) - set(received) - {k for k in expected if k.startswith(UNSEEN_PREFIX)})
+    unknown = sorted(k for k in received if k not in expected and k not in local)
+    if missing or unknown:
+        raise MessageRefused(f"the message's weights are not the model its round config describes: "
+                             f"{len(missing)} tensor(s) missing {missing[:3]}, {len(unknown)} unknown {unknown[:3]}")
+    for name, tensor in received.items():
+        if name in local:
+            continue
+        if tensor.shape != expected[name].shape:
+            raise MessageRefused(f"the message's tensor {name!r} has shape {tuple(tensor.shape)}, the model "
+                                 f"its round config describes has {tuple(expected[name].shape)}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise MessageRefused(f"the message's tensor {name!r} holds non-finite values; nothing was trained")
 
 
 def round_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -4,11 +4,13 @@
 tagged with the model signature they belong to; the last two rounds are kept, so a round the
 coordinator runs again after a crash starts from the same local layers as the first time.
 ``state-dir/privacy_ledger.json`` (``privacy.py``) is site-wide, because epsilon belongs to the
-site across every run.
+site across every run; so is ``state-dir/rounds_trained.json``, when the site trained in the last
+24 hours (its ``max-rounds-per-day`` counts every run).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -18,10 +20,12 @@ from typing import Any
 
 import torch
 
-from fedseg.common.atomic import atomic_torch_save, private_dir
+from fedseg.common.atomic import atomic_torch_save, atomic_write_json, private_dir
 
 RUNS_DIR = "runs"
 LOCAL_LAYERS = re.compile(r"local_layers-(\d+)\.pt$")
+TRAINED_FILE = "rounds_trained.json"
+DAY_SECONDS = 24 * 3600
 
 
 def run_key(run_name: str, run_id: str) -> str:
@@ -128,6 +132,28 @@ class SiteState:
                                    time.strftime("%Y-%m-%d %H:%M", time.localtime(stat.st_mtime)),
                                    sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())))
         return sorted(found, key=lambda r: r.modified)
+
+    def rounds_trained_today(self, now: float | None = None) -> int:
+        """Training rounds this site took in the 24 hours before ``now`` (default: the clock)."""
+        now = time.time() if now is None else now
+        return sum(1 for t in self._trained_times() if now - DAY_SECONDS < t <= now)
+
+    def note_round_trained(self, now: float | None = None) -> None:
+        """Record a finished training round (atomically; only the last 24 hours are kept)."""
+        now = time.time() if now is None else now
+        recent = [t for t in self._trained_times() if now - DAY_SECONDS < t <= now] + [now]
+        private_dir(self.dir)
+        atomic_write_json(self.dir / TRAINED_FILE, recent)
+
+    def _trained_times(self) -> list[float]:
+        path = self.dir / TRAINED_FILE
+        if not path.is_file():
+            return []
+        try:
+            return [float(t) for t in json.loads(path.read_text())]
+        except (ValueError, TypeError) as err:  # a damaged file must not lift the limit
+            raise RuntimeError(f"{path}: unreadable ({err}); refusing to train until it is restored "
+                               "or removed by the site") from err
 
     def delete_run(self, key: str) -> Path:
         """Remove one run's folder (its local layers); the privacy ledger is never touched.

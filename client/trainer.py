@@ -36,6 +36,11 @@ class TrainResult:
     epsilon: float | None = None
 
 
+def round_steps(num_cases: int, batch_size: int, epochs: int, dp: DPSession | None) -> int:
+    """Optimizer steps of a round: the DP plan's, else ``epochs`` passes of ``batch_size`` batches."""
+    return dp.plan.steps if dp is not None else epochs * -(-num_cases // batch_size)
+
+
 def train_local(
     model: nn.Module,
     task: Task,
@@ -106,7 +111,7 @@ def train_local(
         optimizer = step.wrap(task.optimizer(model, dp.training.lr, dp.training.momentum))
     losses: list[float] = []
     steps = 0
-    total = dp.plan.steps if dp is not None else epochs * -(-len(cases) // batch_size)
+    total = round_steps(len(cases), batch_size, epochs, dp)
     started = last_line = time.monotonic()
     # the next batch's patches are cropped and augmented while this one trains, where a core is free
     ahead = prefetched(batches, lambda indices: [[data[i] for _ in range(patches_per_case)] for i in indices],

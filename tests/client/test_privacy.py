@@ -10,7 +10,8 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.rdp import RDPAccountant
 
 from fedseg.client.app import app as client_app
-from fedseg.client.privacy import LEDGER_FILE, DPSession, PolicyRefusal, PrivacyLedger, SitePolicy
+from fedseg.client.privacy import LEDGER_FILE, DPSession, PrivacyLedger
+from fedseg.client.site_policy import PolicyRefusal, SitePolicy
 from fedseg.client.steps import check_dp_compatible
 from fedseg.client.tasks import task_for
 from fedseg.client.trainer import train_local

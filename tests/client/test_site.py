@@ -51,8 +51,6 @@ def test_a_site_reports_hd95_in_mm_for_nifti_and_in_pixels_for_png(tmp_path):
 def test_a_late_round_under_the_cosine_schedule_takes_smaller_steps(tmp_path, server_identity):
     """The site trains round r at the schedule's rate for r: the same round moves the weights
     far less near the end of the run than at its start."""
-    import torch
-
     from fedseg.client.app import app as client_app
     from fedseg.common.config import RunConfig
     from fedseg.common.models import ModelSpec

@@ -250,10 +250,8 @@ def test_a_run_killed_mid_round_resumes_to_the_same_model(study_2d, tmp_path):
     2 there is a whole site's training and both evaluations, time enough to kill in between."""
     import os
     import signal
-    import shutil
     import subprocess
     import sys
-    import tempfile
     import time
 
     flags = dict(strategy="fedadam", num_server_rounds=3, local_epochs=3)
