@@ -22,15 +22,14 @@ from fedseg.client.state import SiteState, run_key
 from fedseg.client.tasks import task_for
 from fedseg.client.trainer import round_steps, train_local
 from fedseg.common.round_config import SiteData, SiteRoundConfig
-from fedseg.common.data import DataError, case_seed, read_site, split_training
+from fedseg.common.data import Case, DataError, SiteSpec, case_seed, read_site, split_training
 from fedseg.common.logs import setup_logging
 from fedseg.common.models import ensemble_members, split_state, unseen_norm_set
 from fedseg.common.precision import site_precision
-from fedseg.common.records import (ARRAYS, CONFIG, EVAL_PREFIX, METRICS, NUM_EXAMPLES, PrivacyBoundaryError,
-                                   received_state, scalar_metrics, shared_record)
+from fedseg.common.records import (ARRAYS, CONFIG, EVAL_PREFIX, METRICS, NUM_EXAMPLES, SITE_ERROR,
+                                   PrivacyBoundaryError, received_state, scalar_metrics, shared_record)
 
 log = logging.getLogger(__name__)
-SITE_ERROR = 3100  # Flower error code for a site that refuses a message with a clear reason
 
 # mods run outermost first: the audit logs the reply as it leaves, after redaction (tensor by
 # tensor: packing, when the server asks for it, only joins them into one array per dtype)
@@ -63,6 +62,10 @@ def _guarded(msg: Message, context: Context,
     except (ValueError, PrivacyBoundaryError, FloatingPointError, RuntimeError) as err:
         log.error("%s", err)
         return Message(Error(code=SITE_ERROR, reason=str(err).splitlines()[0]), reply_to=msg)
+    except OSError as err:  # a full or read-only state dir: every state file is written atomically
+        log.error("the site's state cannot be written: %s", err)
+        return Message(Error(code=SITE_ERROR, reason=f"the site's state cannot be written ({err}); this "
+                             "round is not counted"), reply_to=msg)
 
 
 def _describe(msg: Message, node_config: dict) -> RecordDict:
@@ -81,16 +84,27 @@ def _open_round(msg: Message, node_config: dict) -> tuple[SiteRoundConfig, SiteL
 
 
 def _train(msg: Message, node_config: dict) -> RecordDict:
-    cfg, site, server_round, device = _open_round(msg, node_config)
+    opened = _open_round(msg, node_config)
+    cfg, site, server_round, _ = opened
     spec = read_site(site.ref, seed=cfg.data.seed)
     cases, val_cases = split_training(spec, cfg.data.val_fraction, cfg.data.seed)
     if not cases:
         raise DataError(f"site {spec.name} has no training cases (held-out sites only evaluate)")
-    # the site's policy admits the round before anything runs
+    # the site's policy admits the round before anything runs (a DP round holds the site's ledger)
     dp = DPSession.open(cfg.dp, site.policy, site.state_dir, num_cases=len(cases),
                         batch_size=cfg.batch_size, epochs=cfg.local_epochs,
                         run=run_key(cfg.run_name, cfg.run_id), server_round=server_round,
                         site=spec.name, lr_factor=cfg.lr_factor(server_round))
+    try:
+        return _train_admitted(msg, opened, spec, cases, val_cases, dp)
+    finally:
+        if dp is not None:
+            dp.release()  # a round refused or failed after its plan; a finished one released it already
+
+
+def _train_admitted(msg: Message, opened: tuple[SiteRoundConfig, SiteLocation, int, str], spec: SiteSpec,
+                    cases: list[Case], val_cases: list[Case], dp: DPSession | None) -> RecordDict:
+    cfg, site, server_round, device = opened
     state = SiteState(site.state_dir)
     counting = site.policy.max_rounds_per_day is not None  # rounds a day are counted where limited
     admit_workload(site.policy, cfg, round_steps(len(cases), cfg.batch_size, cfg.local_epochs, dp),

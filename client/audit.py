@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedseg.client.site import site_of_message
 from fedseg.common.atomic import private_dir
-from fedseg.common.records import CONFIG
+from fedseg.common.records import CONFIG, SITE_ERROR
 
 OUTBOX_FILE = "outbox.jsonl"
+log = logging.getLogger(__name__)
 
 
 def outbox_audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -22,7 +24,8 @@ def outbox_audit_mod(msg: Message, context: Context, call_next: ClientAppCallabl
     One line per reply: message type, server round, for every record its kind and contents (array
     names, shapes, dtypes and bytes; metric and config names with their values), and the names of
     the arrays the message brought. Hospital IT can read exactly what crossed the wire; tests use
-    it to prove the privacy boundary.
+    it to prove the privacy boundary. A reply that cannot be logged (a full or read-only state
+    dir) is withheld.
     """
     reply = call_next(msg, context)
     site = site_of_message(dict(context.node_config), msg)
@@ -44,9 +47,16 @@ def outbox_audit_mod(msg: Message, context: Context, call_next: ClientAppCallabl
             entry["records"][name] = {"kind": "metrics", "items": dict(record)}
         for name, record in reply.content.config_records.items():
             entry["records"][name] = {"kind": "config", "items": dict(record)}
-    private_dir(state_dir)
-    with open(state_dir / OUTBOX_FILE, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(entry, default=str) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        private_dir(state_dir)
+        with open(state_dir / OUTBOX_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry, default=str) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:  # a reply that cannot be logged does not leave (an error reply carries nothing)
+        log.error("outbox audit not written: %s", err)
+        if reply.has_error():
+            return reply
+        return Message(Error(code=SITE_ERROR, reason=f"the site's outbox audit cannot be written ({err}); "
+                             "the reply was withheld"), reply_to=msg)
     return reply

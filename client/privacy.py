@@ -10,8 +10,10 @@ so epsilon keeps growing across rounds, runs and restarts, and the server can ne
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import secrets
 import time
 from collections.abc import Iterator
@@ -30,6 +32,7 @@ from fedseg.common.round_config import DPSettings
 
 log = logging.getLogger(__name__)
 LEDGER_FILE = "privacy_ledger.json"
+LOCK_FILE = "privacy_ledger.lock"
 
 
 class PrivacyLedger:
@@ -117,16 +120,51 @@ def admit(policy: SitePolicy, dp: DPSettings, plan: DPRound | None, ledger: Priv
                 f"{policy.max_epsilon:.3f} (delta={plan.delta:g})")
 
 
+class LedgerLock:
+    """The site's ledger, held by one DP round at a time, from its plan (the budget check) to its
+    record. Two federations sharing a state dir would otherwise each add their round to the
+    history they read at the start, and the later write would drop the earlier round's steps.
+    The operating system releases the lock of a process that dies.
+
+    Args:
+        state_dir: the site's state folder (``privacy_ledger.lock`` lives there).
+    """
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.path = Path(state_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self, site: str) -> None:
+        """Take the lock, waiting (and saying so) while another DP round at this site holds it."""
+        private_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("site %s: another federation's DP round holds this site's privacy ledger; waiting "
+                     "for it to finish", site)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Let the next DP round at this site go on (again: nothing)."""
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
 class DPSession:
     """Record-level DP of one round at one site: plan -> policy admits -> sample, clip, noise,
     account -> ledger. Trainers see only this object (or None when DP is off).
 
-    Open with ``DPSession.open``; nothing is written to the ledger before ``close``.
+    Open with ``DPSession.open``; nothing is written to the ledger before ``close``. The session
+    holds the site's ledger (``LedgerLock``) from ``open`` to ``close`` or ``release``.
     """
 
     def __init__(self, training: DPTraining, plan: DPRound, ledger: PrivacyLedger, run: str,
-                 server_round: int, num_cases: int, planned_noise: float | None) -> None:
-        self.training, self.plan, self.ledger = training, plan, ledger
+                 server_round: int, num_cases: int, planned_noise: float | None, lock: LedgerLock) -> None:
+        self.training, self.plan, self.ledger, self.lock = training, plan, ledger, lock
         self.run, self.server_round, self.num_cases = run, server_round, num_cases
         self.expected_batch = plan.sample_rate * num_cases
         self._planned_noise = planned_noise
@@ -152,14 +190,20 @@ class DPSession:
         if dp.mode != "sample":
             admit(policy, dp, None, None, site)
             return None
-        ledger = PrivacyLedger(state_dir)
-        training, plan = site_round(dp, num_cases, batch_size, epochs, ledger.planned_noise(run), lr_factor)
-        admit(policy, dp, plan, ledger, site)
+        lock = LedgerLock(state_dir)
+        lock.acquire(site)
+        try:
+            ledger = PrivacyLedger(state_dir)
+            training, plan = site_round(dp, num_cases, batch_size, epochs, ledger.planned_noise(run), lr_factor)
+            admit(policy, dp, plan, ledger, site)
+        except BaseException:
+            lock.release()
+            raise
         log.info("%s", describe(site, num_cases, training, plan, dp))
         if (text := warning(site, num_cases, training, plan, dp.warm_start)) is not None:
             log.warning("%s", text)
         return cls(training, plan, ledger, run, server_round, num_cases,
-                   plan.noise_multiplier if dp.target_epsilon > 0 else None)
+                   plan.noise_multiplier if dp.target_epsilon > 0 else None, lock)
 
     def batches(self) -> Iterator[list[int]]:
         """Poisson-sampled case indices per step, from OS entropy, never from the run seed (the
@@ -188,9 +232,17 @@ class DPSession:
                               sample_rate=self.plan.sample_rate)
 
     def close(self) -> float:
-        """Write the ledger (atomically) after the last step; returns the site's epsilon."""
-        return self.ledger.record(self.run, self.server_round, self.plan, self._accountant,
-                                  self._planned_noise, noise_to_signal(self.plan, self.training))
+        """Write the ledger (atomically) after the last step and let the next DP round at this
+        site go on; returns the site's epsilon."""
+        try:
+            return self.ledger.record(self.run, self.server_round, self.plan, self._accountant,
+                                      self._planned_noise, noise_to_signal(self.plan, self.training))
+        finally:
+            self.lock.release()
+
+    def release(self) -> None:
+        """Give up a round that will not be recorded (refused or failed before ``close``)."""
+        self.lock.release()
 
 
 def noise_generator(device: str | torch.device) -> torch.Generator:

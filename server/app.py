@@ -96,8 +96,12 @@ def run_federation(grid: Grid, cfg: RunConfig, site_cache_mb: int = 0, split_sit
     data = run.cfg.site_data(state_root, site_cache_mb, split_site)
     sites = discover_sites(grid, run.cfg, data)
     fed = initial_model(run, sites, data)
-    final = run_rounds(grid, run, fed)
-    return finalize(run, fed, final)
+    try:
+        return finalize(run, fed, run_rounds(grid, run, fed))
+    except OSError as err:  # a full or read-only disk: every file is written atomically, so stop and say how
+        log.error("the run folder cannot be written (%s); the run stops here. Once it can, resume it (resume=true, "
+                  "or `fedseg simulate --resume-run %s`) from its last checkpoint", err, run.folder.dir)
+        raise
 
 
 def initial_model(run: OpenRun, sites: dict[int, dict[str, Any]], data: SiteData) -> Federation:

@@ -49,14 +49,16 @@ def save_global_model(run_dir: Path, server_round: int, arrays: ArrayRecord, met
     return path
 
 
-def latest_checkpoint(run_dir: Path) -> tuple[int, dict[str, Any]] | None:
-    """(round, checkpoint) of the newest readable checkpoint, or None if there is none.
+def latest_checkpoint(run_dir: Path, up_to: int | None = None) -> tuple[int, dict[str, Any]] | None:
+    """(round, checkpoint) of the newest readable checkpoint (of round ``up_to`` or before), or
+    None if there is none.
 
     A damaged newest file (e.g. the disk filled up) falls back to the one before it, with a
     warning that names it.
     """
     found = sorted(((int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("round-*.pt")
-                    if (m := _ROUND_FILE.search(p.name))), reverse=True)
+                    if (m := _ROUND_FILE.search(p.name)) and (up_to is None or int(m.group(1)) <= up_to)),
+                   reverse=True)
     for server_round, path in found:
         try:
             return server_round, torch.load(path, map_location="cpu", weights_only=True)

@@ -61,15 +61,20 @@ class RunFolder:
 
     def read_rounds(self) -> list[dict[str, Any]]:
         """All complete rounds logged so far (a torn last line from a crash is ignored)."""
+        return self.intact_rounds()[0]
+
+    def intact_rounds(self) -> tuple[list[dict[str, Any]], int | None]:
+        """(the rounds logged before any damaged line, the 1-based number of the first damaged
+        line or None): a write cut off by a crash or a full disk leaves a torn line."""
         if not self.rounds_path.is_file():
-            return []
+            return [], None
         rounds = []
-        for line in self.rounds_path.read_text().splitlines():
+        for number, line in enumerate(self.rounds_path.read_text().splitlines(), start=1):
             try:
                 rounds.append(json.loads(line))
             except json.JSONDecodeError:
-                break
-        return rounds
+                return rounds, number
+        return rounds, None
 
     def keep_rounds_up_to(self, last_round: int) -> list[dict[str, Any]]:
         """On resume: drop logged rounds newer than the checkpoint; returns the rounds kept."""
@@ -146,8 +151,25 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> RunConfig:
                                 "run-name": run_dir.name, "resume": True})
 
 
+def _resume_point(folder: RunFolder) -> tuple[int, dict[str, Any]] | None:
+    """(round, checkpoint) a resume continues after: the newest readable checkpoint whose round
+    is logged, or the one after it if it kept what its round recorded (its scores were still to
+    come). A checkpoint whose line was lost (torn by a crash or a full disk) is run again."""
+    logged, damaged = folder.intact_rounds()
+    last = logged[-1]["round"] if logged else 0
+    if damaged is not None:
+        log.warning("%s line %d is damaged (a write cut off by a crash or a full disk): the rounds "
+                    "from there on run again", folder.rounds_path, damaged)
+    found = latest_checkpoint(folder.dir, up_to=last + 1)
+    if found is not None and found[0] == last + 1 and not found[1].get("pending_record"):
+        log.warning("round %d was checkpointed but its rounds.jsonl line is missing: it runs again", last + 1)
+        found = latest_checkpoint(folder.dir, up_to=last)
+    return found
+
+
 def open_run(cfg: RunConfig) -> OpenRun:
-    """Create a new run folder, or reopen one to resume after its newest readable checkpoint.
+    """Create a new run folder, or reopen one to resume after its newest readable checkpoint
+    whose round is logged (``_resume_point``).
 
     Raises:
         ConfigError: a new run's folder exists already, or a resume names no run.
@@ -158,7 +180,7 @@ def open_run(cfg: RunConfig) -> OpenRun:
         folder = RunFolder(Path(cfg.output_dir) / cfg.run_name)
         cfg = resume_config(folder.dir, {k: cfg.to_dict()[k] for k in RESUMABLE})
         run_id = folder.read_run_info()["run_id"]
-        found = latest_checkpoint(folder.dir)
+        found = _resume_point(folder)
         if found is None:
             log.warning("no readable checkpoint in %s: starting it from round 1", folder.dir)
             folder.keep_rounds_up_to(0)

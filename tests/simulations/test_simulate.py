@@ -1,6 +1,9 @@
 """End to end in Flower's real simulation engine: outputs, privacy boundary, determinism, resume."""
 
+import errno
 import json
+import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -238,6 +241,46 @@ def test_run_files_follow_the_umask_and_site_state_is_owner_only(fedbn_run):
         assert stat.S_IMODE((fedbn_run / name).stat().st_mode) == 0o666 & ~umask, name
     for site in ("site-a", "site-b", "site-c"):
         assert stat.S_IMODE((fedbn_run / "site-state" / site).stat().st_mode) == 0o700
+
+
+def test_a_full_disk_at_the_coordinator_and_a_torn_line_resume_to_the_same_rounds(fedbn_run, study_2d, tmp_path,
+                                                                                   monkeypatch, caplog):
+    from fedseg.server import checkpoints
+
+    logger = logging.getLogger("fedseg")
+    logger.addHandler(caplog.handler)  # the CLI's logging setup stops fedseg's records at its own handler
+    save = checkpoints.atomic_torch_save
+
+    def full_disk(path, obj):  # the run folder's disk fills up while round 2 is checkpointed
+        if Path(path).name == "round-2.pt":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        save(path, obj)
+
+    monkeypatch.setattr(checkpoints, "atomic_torch_save", full_disk)
+    try:
+        with pytest.raises(OSError, match="No space left on device"):
+            simulate(tiny_config(study_2d, tmp_path, run_name="full"), num_cpus=2)
+        assert "the run folder cannot be written ([Errno 28] No space left on device" in caplog.text
+        assert "resume" in caplog.text
+        run_dir = tmp_path / "full"
+        assert [r["round"] for r in read_rounds(run_dir)] == [1]
+        monkeypatch.setattr(checkpoints, "atomic_torch_save", save)  # space again
+        assert main(["simulate", "--resume-run", str(run_dir), "--num-cpus", "2"]) == 0
+        assert _same_rounds(run_dir, fedbn_run)
+        # a crash (or a full disk) cut round 2's line in half: it is reported and round 2 runs again
+        lines = (run_dir / "rounds.jsonl").read_text().splitlines()
+        (run_dir / "rounds.jsonl").write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
+        assert main(["simulate", "--resume-run", str(run_dir), "--num-cpus", "2"]) == 0
+        assert "rounds.jsonl line 2 is damaged" in caplog.text
+        assert _same_rounds(run_dir, fedbn_run)
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+def _same_rounds(run_dir: Path, reference: Path) -> bool:
+    """The same training and validation figures, round by round (times differ)."""
+    got, want = read_rounds(run_dir), read_rounds(reference)
+    return [(r["round"], r["train"], r["eval"]) for r in got] == [(r["round"], r["train"], r["eval"]) for r in want]
 
 
 def test_a_run_killed_mid_round_resumes_to_the_same_model(study_2d, tmp_path):
