@@ -151,6 +151,14 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> RunConfig:
                                 "run-name": run_dir.name, "resume": True})
 
 
+def resume_overrides(cfg: RunConfig) -> dict[str, Any]:
+    """The ``RESUMABLE`` keys to which ``cfg`` gives other values than the defaults. Flower's run
+    config carries every key, given or not, so a default means "keep the run's own value": a
+    resume without ``round-timeout`` keeps the run's, rather than falling back to the default."""
+    default, given = RunConfig().to_dict(), cfg.to_dict()
+    return {k: given[k] for k in RESUMABLE if given[k] != default[k]}
+
+
 def _resume_point(folder: RunFolder) -> tuple[int, dict[str, Any]] | None:
     """(round, checkpoint) a resume continues after: the newest readable checkpoint whose round
     is logged, or the one after it if it kept what its round recorded (its scores were still to
@@ -178,7 +186,7 @@ def open_run(cfg: RunConfig) -> OpenRun:
         if not cfg.run_name:
             raise ConfigError("run-config 'resume' needs 'run-name' (the run folder to continue)")
         folder = RunFolder(Path(cfg.output_dir) / cfg.run_name)
-        cfg = resume_config(folder.dir, {k: cfg.to_dict()[k] for k in RESUMABLE})
+        cfg = resume_config(folder.dir, resume_overrides(cfg))
         run_id = folder.read_run_info()["run_id"]
         found = _resume_point(folder)
         if found is None:

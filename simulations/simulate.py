@@ -18,7 +18,7 @@ from fedseg.common.devices import resolve_device
 from fedseg.common.data import DataError, check_site, study_sites
 from fedseg.server.app import run_federation
 from fedseg.server.report import write_report
-from fedseg.server.run_folder import RESUMABLE, RunFolder, resume_config
+from fedseg.server.run_folder import RunFolder, resume_config, resume_overrides
 from fedseg.simulations.engine import prompt_engine
 from fedseg.simulations.gallery import make_gallery, write_gallery
 
@@ -52,7 +52,7 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
     """
     if cfg.resume:
         run_dir = Path(cfg.output_dir) / cfg.run_name
-        cfg = resume_config(run_dir, {k: cfg.to_dict()[k] for k in RESUMABLE})
+        cfg = resume_config(run_dir, resume_overrides(cfg))
         stored_split = RunFolder(run_dir).split_site()
         if split_site not in (0, stored_split):
             raise ConfigError(f"--split-site {split_site}: {run_dir} was split into {stored_split} "

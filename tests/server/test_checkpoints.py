@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord
 
 from fedseg.common.config import ConfigError, RunConfig
 from fedseg.server.checkpoints import latest_checkpoint, save_checkpoint, save_global_model
-from fedseg.server.run_folder import RunFolder, resume_config
+from fedseg.server.run_folder import RunFolder, resume_config, resume_overrides
 
 META = {"model": {"spatial_dims": 2}, "local_layers": "norm", "local_keys": ["n.weight"],
         "patch_size": 32, "flip_axes": [], "run_name": "study", "run_id": "0123456789abcdef"}
@@ -55,3 +55,10 @@ def test_a_run_folder_of_an_earlier_fedseg_resumes_with_its_split(tmp_path):
     assert RunFolder(run_dir).split_site() == 4
     with pytest.raises(ConfigError, match="cannot change"):
         resume_config(run_dir, {"lr": 0.5})
+
+
+def test_a_resume_keeps_the_runs_round_timeout_unless_given_another():
+    # Flower's run config carries every key: a resume that gives only resume=true carries defaults
+    assert resume_overrides(RunConfig(resume=True)) == {}
+    assert resume_overrides(RunConfig(resume=True, num_server_rounds=9, round_timeout=60.0)) == {
+        "num-server-rounds": 9, "round-timeout": 60.0}
