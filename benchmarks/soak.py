@@ -34,7 +34,8 @@ RUN = "patch-size=32 channels='8,16' batch-size=2 lr=0.05 dp='sample' dp-noise-m
 
 
 def tree_usage(pid: int) -> tuple[int, int]:
-    """(PSS bytes, open file descriptors) of a process and all its descendants (0, 0 if gone)."""
+    """(PSS bytes, open file descriptors) of a process and its long-lived descendants (0, 0 if
+    gone): a SuperNode's ``flwr-clientapp`` lives for one message and is left out."""
     pids, seen = [pid], set()
     while pids:
         p = pids.pop()
@@ -49,6 +50,8 @@ def tree_usage(pid: int) -> tuple[int, int]:
     pss = fds = 0
     for p in seen:
         try:
+            if b"flwr-clientapp" in Path(f"/proc/{p}/cmdline").read_bytes():
+                continue
             for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
                     pss += int(line.split()[1]) * 1024
