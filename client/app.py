@@ -62,10 +62,10 @@ def _guarded(msg: Message, context: Context,
     except (ValueError, PrivacyBoundaryError, FloatingPointError, RuntimeError) as err:
         log.error("%s", err)
         return Message(Error(code=SITE_ERROR, reason=str(err).splitlines()[0]), reply_to=msg)
-    except OSError as err:  # a full or read-only state dir: every state file is written atomically
-        log.error("the site's state cannot be written: %s", err)
-        return Message(Error(code=SITE_ERROR, reason=f"the site's state cannot be written ({err}); this "
-                             "round is not counted"), reply_to=msg)
+    except OSError as err:  # e.g. a full or read-only state dir: every state file is replaced atomically
+        log.error("a file at this site could not be read or written: %s", err)
+        return Message(Error(code=SITE_ERROR, reason=f"a file at the site could not be read or written ({err})"),
+                       reply_to=msg)
 
 
 def _describe(msg: Message, node_config: dict) -> RecordDict:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -184,7 +184,7 @@ class SiteStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.done
-        replies, states = self._checked(rnd, self._ordered(replies))
+        replies, states = self._passing(rnd, self._ordered(replies), self.checks.train_reply)
         for m in replies:
             if not m.has_error() and (scores := _take_scores(m)):  # last round's model, scored first
                 self.recorder.scored(rnd - 1, reply_site(self.site_of, m), scores)
@@ -230,7 +230,7 @@ class SiteStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rnd = server_round + self.done
-        replies = self._checked_scores(rnd, self._ordered(replies))
+        replies, _ = self._passing(rnd, self._ordered(replies), self.checks.evaluate_reply, "/eval")
         self.recorder.evaluated(rnd, self._named(replies))
         training = [m for m in replies if m.metadata.src_node_id not in self.heldout_nodes]
         metrics = self.inner.aggregate_evaluate(rnd, training)
@@ -243,36 +243,21 @@ class SiteStrategy(Strategy):
 
     # -- helpers ----------------------------------------------------------------------------------
 
-    def _checked(self, rnd: int, replies: list[Message]) -> tuple[list[Message], dict[int, Any]]:
-        """The training replies that pass ``reply_checks`` (and those that carry a site's error),
-        with the weights of each that passed, unpacked in float32."""
-        kept, states = [], {}
+    def _passing(self, rnd: int, replies: list[Message], check: Callable[[str, RecordDict], Any],
+                 suffix: str = "") -> tuple[list[Message], dict[int, Any]]:
+        """The replies that pass ``check`` (and those that carry a site's error), with what the
+        check returned for each that passed; a refused reply is its site's failure for the round."""
+        kept, results = [], {}
         for site, m in self._named(replies):
             if not m.has_error():
                 try:
-                    states[id(m)] = self.checks.train_reply(site, m.content)
+                    results[id(m)] = check(site, m.content)
                 except ReplyRefused as err:
-                    self._refuse(rnd, site, site, err)
+                    log.warning("round %d: %s's reply refused: %s", rnd, site, err)
+                    self.recorder.failed(rnd, site + suffix, f"reply refused: {err}")
                     continue
             kept.append(m)
-        return kept, states
-
-    def _checked_scores(self, rnd: int, replies: list[Message]) -> list[Message]:
-        """The evaluation replies that pass ``reply_checks`` (and those that carry a site's error)."""
-        kept = []
-        for site, m in self._named(replies):
-            if not m.has_error():
-                try:
-                    self.checks.evaluate_reply(site, m.content)
-                except ReplyRefused as err:
-                    self._refuse(rnd, site, f"{site}/eval", err)
-                    continue
-            kept.append(m)
-        return kept
-
-    def _refuse(self, rnd: int, site: str, key: str, err: ReplyRefused) -> None:
-        log.warning("round %d: %s's reply refused: %s", rnd, site, err)
-        self.recorder.failed(rnd, key, f"reply refused: {err}")
+        return kept, results
 
     def _scored_in_train(self, rnd: int) -> bool:
         return self.evaluate_in_train and rnd < self.num_rounds

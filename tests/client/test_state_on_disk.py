@@ -49,7 +49,7 @@ def test_a_full_state_dir_fails_the_round_clearly_and_leaves_every_file_whole(si
     monkeypatch.setattr(os, "fsync", full_disk)
     reply = client_app(round_message(CFG, SPEC, server_round=2), context)
     assert reply.has_error()
-    assert "the site's state cannot be written" in reply.error.reason and "No space left" in reply.error.reason
+    assert "could not be read or written" in reply.error.reason and "No space left" in reply.error.reason
     assert _files(state) == before  # the ledger and the local layers as they were, no temporary file left
 
     monkeypatch.setattr(os, "fsync", real_fsync)  # space again: the round runs (the ledger is not held)
