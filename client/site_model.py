@@ -16,6 +16,7 @@ from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.round_config import SiteRoundConfig
 from fedseg.common.data import DataError
 from fedseg.common.models import UNSEEN_PREFIX, build_model, local_keys, model_signature, unseen_norms
+from fedseg.common.records import weights_problem
 from fedseg.common.weights import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -78,28 +79,19 @@ class MessageRefused(ValueError):
 
 def check_received(received: dict[str, torch.Tensor], model: dict[str, torch.Tensor], local: set[str]) -> None:
     """The weights a message brought are the model's shared tensors (and at most its unseen-site
-    norm set): every shared name present, nothing else, each tensor of the model's shape and
-    finite. A broken or hostile coordinator's NaN would otherwise surface as a training loss
-    that "became nan", and a missing tensor would silently train from initial values.
+    norm set; tensors sent for site-local names are ignored): every shared name present, nothing
+    else, the model's shapes, finite. A broken or hostile coordinator's NaN would otherwise
+    surface as a training loss that "became nan", and a missing tensor would silently train from
+    initial values.
 
     Raises:
         MessageRefused: naming the first problem found.
     """
-    expected = {k: v for k, v in model.items() if k not in local}
-    expected |= {UNSEEN_PREFIX + k: v for k, v in model.items() if k in local}
-    missing = sorted(set(expected) - set(received) - {k for k in expected if k.startswith(UNSEEN_PREFIX)})
-    unknown = sorted(k for k in received if k not in expected and k not in local)
-    if missing or unknown:
-        raise MessageRefused(f"the message's weights are not the model its round config describes: "
-                             f"{len(missing)} tensor(s) missing {missing[:3]}, {len(unknown)} unknown {unknown[:3]}")
-    for name, tensor in received.items():
-        if name in local:
-            continue
-        if tensor.shape != expected[name].shape:
-            raise MessageRefused(f"the message's tensor {name!r} has shape {tuple(tensor.shape)}, the model "
-                                 f"its round config describes has {tuple(expected[name].shape)}")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise MessageRefused(f"the message's tensor {name!r} holds non-finite values; nothing was trained")
+    unseen = {UNSEEN_PREFIX + k: v for k, v in model.items() if k in local}
+    shared = {k: v for k, v in model.items() if k not in local} | unseen
+    if (problem := weights_problem(received, shared, optional=unseen, ignored=local)) is not None:
+        raise MessageRefused(f"the message's weights are not the model its round config describes: {problem}; "
+                             "nothing was trained")
 
 
 def round_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 import torch
@@ -92,6 +92,26 @@ def _unpacked(record: ArrayRecord) -> dict[str, np.ndarray]:
     if any(used[dtype] != flat[dtype].size for dtype in flat):
         raise ValueError("packed weights hold more values than their manifest names")
     return out
+
+
+def weights_problem(state: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor],
+                    optional: Collection[str] = (), ignored: Collection[str] = ()) -> str | None:
+    """Why ``state`` is not ``model``'s tensors, or None: names missing or unknown (``optional``
+    names may be missing, ``ignored`` ones are not checked), another shape or dtype, a value
+    that is not finite. Both ends check the weights they receive with it."""
+    missing = sorted(set(model) - set(state) - set(optional))
+    unknown = sorted(set(state) - set(model) - set(ignored))
+    if missing or unknown:
+        return f"{len(missing)} tensor(s) missing {missing[:3]}, {len(unknown)} unknown {unknown[:3]}"
+    for name, got in state.items():
+        if name not in model:
+            continue
+        want = model[name]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            return f"tensor {name!r} is {got.dtype} {tuple(got.shape)}, the model's is {want.dtype} {tuple(want.shape)}"
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            return f"tensor {name!r} holds {int((~torch.isfinite(got)).sum())} non-finite value(s)"
+    return None
 
 
 def record_bytes(record: ArrayRecord) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from flwr.app import RecordDict
 
-from fedseg.common.records import ARRAYS, EVAL_PREFIX, METRICS, NUM_EXAMPLES, received_state
+from fedseg.common.records import ARRAYS, EVAL_PREFIX, METRICS, NUM_EXAMPLES, received_state, weights_problem
 
 # scores that are fractions (Dice, panoptic quality and its parts, AJI, AP; also as ``ensemble-``
 # and ``tta-`` scores): [0, 1], or NaN where a label was never scored; every other score (HD95,
@@ -64,7 +64,8 @@ class ReplyChecks:
             state = received_state(content[ARRAYS])
         except (ValueError, KeyError, TypeError) as err:  # a packed message that breaks its manifest
             raise ReplyRefused(f"its weights cannot be read: {err}") from None
-        self._check_weights(state)
+        if (problem := weights_problem(state, self.model)) is not None:
+            raise ReplyRefused(problem)
         metrics = dict(content[METRICS])
         scores = {k[len(EVAL_PREFIX):]: v for k, v in metrics.items() if k.startswith(EVAL_PREFIX)}
         own = {k: v for k, v in metrics.items() if not k.startswith(EVAL_PREFIX)}
@@ -96,20 +97,6 @@ class ReplyChecks:
         if site not in self.declared:
             raise ReplyRefused("the site was not admitted at discovery")
         return self.declared[site]
-
-    def _check_weights(self, state: Mapping[str, torch.Tensor]) -> None:
-        missing, extra = sorted(set(self.model) - set(state)), sorted(set(state) - set(self.model))
-        if missing or extra:
-            raise ReplyRefused(f"its tensors differ from the model's: missing {_few(missing)}, "
-                               f"unexpected {_few(extra)}")
-        for name, sent in self.model.items():
-            got = state[name]
-            if got.shape != sent.shape or got.dtype != sent.dtype:
-                raise ReplyRefused(f"tensor {name!r} is {got.dtype} {tuple(got.shape)}, the model's is "
-                                   f"{sent.dtype} {tuple(sent.shape)}")
-            if got.is_floating_point() and not bool(torch.isfinite(got).all()):
-                raise ReplyRefused(f"tensor {name!r} holds {int((~torch.isfinite(got)).sum())} "
-                                   "non-finite value(s)")
 
 
 def check_scores(scores: Mapping[str, Any], val_cases: int) -> None:

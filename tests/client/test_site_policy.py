@@ -78,8 +78,8 @@ def _corrupt(message, change) -> None:
 
 @pytest.mark.parametrize("change, reason", [
     (lambda s: s.__setitem__(next(iter(s)), torch.full_like(next(iter(s.values())), float("nan"))),
-     "holds non-finite values"),
-    (lambda s: s.__setitem__(next(iter(s)), torch.zeros(3)), "has shape (3,), the model its round config"),
+     "non-finite value(s); nothing was trained"),
+    (lambda s: s.__setitem__(next(iter(s)), torch.zeros(3)), "is torch.float32 (3,), the model's is torch.float32"),
     (lambda s: s.pop(next(iter(s))), "1 tensor(s) missing"),
     (lambda s: s.__setitem__("smuggled", torch.zeros(1)), "1 unknown ['smuggled']")])
 def test_weights_that_are_not_the_described_model_are_refused(site, tmp_path, change, reason):

@@ -220,7 +220,7 @@ def _score(key: str, value: float):
 
 @pytest.mark.parametrize("corrupt, reason", [
     (_nan, "tensor 'w' holds 1 non-finite value"), (_wrong_shape, r"tensor 'w' is torch.float32 \(3,\)"),
-    (_extra_tensor, "unexpected smuggled"), (_broken_manifest, "more values than their manifest names"),
+    (_extra_tensor, r"1 unknown \['smuggled'\]"), (_broken_manifest, "more values than their manifest names"),
     (_claims(10**9), "num-examples = 1000000000 where the site declared 10 training"),
     (_claims(2.5), "num-examples = 2.5"), (_score("eval/dice", 1.5), r"dice = 1.5 is outside \[0, 1\]"),
     (_score("train-loss", float("inf")), "train-loss not finite")])
