@@ -135,25 +135,25 @@ class SiteState:
 
     def rounds_trained_today(self, now: float | None = None) -> int:
         """Training rounds this site took in the 24 hours before ``now`` (default: the clock)."""
-        now = time.time() if now is None else now
-        return sum(1 for t in self._trained_times() if now - DAY_SECONDS < t <= now)
+        return len(self._trained_since(time.time() if now is None else now))
 
     def note_round_trained(self, now: float | None = None) -> None:
         """Record a finished training round (atomically; only the last 24 hours are kept)."""
         now = time.time() if now is None else now
-        recent = [t for t in self._trained_times() if now - DAY_SECONDS < t <= now] + [now]
         private_dir(self.dir)
-        atomic_write_json(self.dir / TRAINED_FILE, recent)
+        atomic_write_json(self.dir / TRAINED_FILE, self._trained_since(now) + [now])
 
-    def _trained_times(self) -> list[float]:
+    def _trained_since(self, now: float) -> list[float]:
+        """When the site trained in the 24 hours before ``now``."""
         path = self.dir / TRAINED_FILE
         if not path.is_file():
             return []
         try:
-            return [float(t) for t in json.loads(path.read_text())]
+            times = [float(t) for t in json.loads(path.read_text())]
         except (ValueError, TypeError) as err:  # a damaged file must not lift the limit
             raise RuntimeError(f"{path}: unreadable ({err}); refusing to train until it is restored "
                                "or removed by the site") from err
+        return [t for t in times if now - DAY_SECONDS < t <= now]
 
     def delete_run(self, key: str) -> Path:
         """Remove one run's folder (its local layers); the privacy ledger is never touched.

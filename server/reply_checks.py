@@ -126,7 +126,3 @@ def _check_count(metrics: Mapping[str, Any], declared: int, kind: str, fewest: i
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _few(names: list[str]) -> str:
-    return (", ".join(names[:3]) + (f" (+{len(names) - 3})" if len(names) > 3 else "")) if names else "none"
