@@ -3,17 +3,23 @@ ledger agrees with the rounds its site took part in, and the long-lived processe
 open files stay flat.
 
 Usage: python -m benchmarks.soak [--rounds 200] [--sites 4] [--site-kill-every 20]
-       [--coordinator-kills 2] [--warm-up 20]
+       [--coordinator-kills 2] [--warm-up 20] [--dp sample|off] [--local-layers norm|none]
+       [--round-timeout 120]
 Real processes on 127.0.0.1 (``flower-superlink`` with TLS and node authentication, one
-``flower-supernode`` per site, ``flwr run . fedseg``), a synthetic 2D study, U-Net 8/16 under
-record-level DP (``dp=sample``), ``min-train-sites`` = sites - 1, ``round-timeout`` 120 s (a
-killed site's round waits that long for its lost reply). Every
+``flower-supernode`` per site, ``flwr run . fedseg``), a synthetic 2D study, U-Net 8/16 (under
+record-level DP with ``--dp sample``), ``min-train-sites`` = sites - 1 (a killed site's round
+waits ``--round-timeout`` seconds for its lost reply). Every
 ``--site-kill-every`` rounds one site (in turn, all but the last, which lives through the whole
 run) is killed -9 and restarted at once; ``--coordinator-kills`` times, evenly spaced, the
 SuperLink with its ServerApp is killed -9 and the run resumed (``resume=true``). Each second the
 script samples every long-lived process tree's PSS and open file descriptors; a process's growth is
 its last sample against its sample ``--warm-up`` rounds after it started. Needs the ``flower-*``
 commands on PATH (the environment fedseg is installed in).
+
+Where the arithmetic allows it (no DP noise, no local layers a killed site may have trained
+before its reply was lost), the final global model is compared with an uninterrupted simulation
+of the same sequence: the same run, each site missing the rounds it missed here
+(``tests.deployment.replay``).
 """
 
 from __future__ import annotations
@@ -24,13 +30,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from benchmarks.common import report
 from fedseg.server.checkpoints import latest_checkpoint
 from fedseg.server.run_folder import RunFolder
 from fedseg.simulations.synth import write_study
 from tests.deployment.federation import Federation
+from tests.deployment.replay import replay
 
-RUN = "patch-size=32 channels='8,16' batch-size=2 lr=0.05 dp='sample' dp-noise-multiplier=1.0 round-timeout=120.0"
+RUN = "patch-size=32 channels='8,16' batch-size=2 lr=0.05 dp-noise-multiplier=1.0"
 
 
 def tree_usage(pid: int) -> tuple[int, int]:
@@ -96,6 +105,8 @@ class Lives:
 
 def ledger_agrees(state_dir: Path, site: str, rounds: list[dict]) -> bool:
     """Every round the run logged the site as trained is in its ledger, and epsilon never fell."""
+    if not any("epsilon" in r["train"].get(site, {}) for r in rounds):
+        return not (state_dir / "privacy_ledger.json").exists()  # no DP: nothing spent, nothing written
     ledger = json.loads((state_dir / "privacy_ledger.json").read_text())
     recorded = {r["round"] for r in ledger["rounds"]}
     eps = [r["epsilon"] for r in ledger["rounds"]]
@@ -111,6 +122,9 @@ def main() -> None:
     parser.add_argument("--site-kill-every", type=int, default=20)
     parser.add_argument("--coordinator-kills", type=int, default=2)
     parser.add_argument("--warm-up", type=int, default=20)
+    parser.add_argument("--dp", choices=("sample", "off"), default="sample")
+    parser.add_argument("--local-layers", choices=("norm", "none"), default="norm")
+    parser.add_argument("--round-timeout", type=float, default=120.0)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedseg-soak-"))
     sites = [p.name for p in write_study(work / "study", sites=args.sites, dims=2, cases=6, size=32, seed=0)]
@@ -127,6 +141,7 @@ def main() -> None:
             fed.start_supernode(site, keys[site], work / "study" / site, work / "state" / site)
             lives.started(site, 0)
         fed.start_run(f"{RUN} num-server-rounds={args.rounds} min-train-sites={args.sites - 1} "
+                      f"dp='{args.dp}' local-layers='{args.local_layers}' round-timeout={args.round_timeout} "
                       f"output-dir='{runs}' run-name='soak'")
         next_site_kill = args.site_kill_every
         while not (run_dir / "summary.json").is_file():
@@ -155,12 +170,24 @@ def main() -> None:
         fed.stop()
     rounds = RunFolder(run_dir).read_rounds()
     ledgers = {site: ledger_agrees(work / "state" / site, site, rounds) for site in sites}
+    wall = time.monotonic() - started
     report("soak", lives.rows(args.warm_up), {
         "rounds planned": args.rounds, "rounds logged": len(rounds),
         "rounds in order": [r["round"] for r in rounds] == list(range(1, args.rounds + 1)),
         "site kills": site_kills, "coordinator kills": coordinator_kills,
         "rounds with a failed site": sum(1 for r in rounds if r["errors"]),
-        "ledgers agree with the rounds": all(ledgers.values()), "wall s": time.monotonic() - started})
+        "ledgers agree with the rounds": all(ledgers.values()), "wall s": wall,
+        "final model vs uninterrupted simulation, max abs difference": replayed_difference(args, run_dir, work)})
+
+
+def replayed_difference(args: argparse.Namespace, run_dir: Path, work: Path) -> float | str:
+    """Largest difference between the final global model and an uninterrupted simulation's of
+    the same sequence, or why the arithmetic does not allow the comparison."""
+    if args.dp != "off" or args.local_layers != "none":
+        return "not compared: DP noise and a killed site's local layers cannot be replayed"
+    replayed = replay(run_dir, work / "study", work / "replay")
+    got, want = (torch.load(d / "model" / "global.pt", weights_only=True)["state_dict"] for d in (run_dir, replayed))
+    return max(float((got[k] - want[k]).abs().max()) for k in want)
 
 
 if __name__ == "__main__":

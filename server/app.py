@@ -23,7 +23,7 @@ from fedseg.common.records import received_state, shared_record
 from fedseg.common.round_config import SiteData
 from fedseg.common.weights import load_pretrained
 from fedseg.server.checkpoints import save_global_model
-from fedseg.server.discovery import discover_sites, model_for_sites, site_names
+from fedseg.server.discovery import LateSites, discover_sites, model_for_sites, site_names
 from fedseg.server.dp_plan import dp_plans
 from fedseg.server.model_average import ModelAverage
 from fedseg.server.reply_checks import DeclaredSite, ReplyChecks
@@ -52,6 +52,7 @@ class Federation:
     """What the steps hand on: the sites, the model, and the initial shared weights."""
 
     sites: dict[int, dict[str, Any]]
+    cohort: dict[str, dict[str, Any]]
     site_of: dict[int, str]
     heldout_nodes: set[int]
     training_sites: list[str]
@@ -73,7 +74,7 @@ class Federation:
 
     def declared(self) -> dict[str, DeclaredSite]:
         """Every site's training and validation cases, as discovery reported them."""
-        return {i["site"]: DeclaredSite(int(i["num-train"]), int(i["num-val"])) for i in self.sites.values()}
+        return {i["site"]: DeclaredSite.from_discovery(i) for i in self.sites.values()}
 
 
 def run_federation(grid: Grid, cfg: RunConfig, site_cache_mb: int = 0, split_site: int = 0) -> Path:
@@ -94,8 +95,9 @@ def run_federation(grid: Grid, cfg: RunConfig, site_cache_mb: int = 0, split_sit
     if run.cfg.resume:
         split_site = run.folder.split_site()
     data = run.cfg.site_data(state_root, site_cache_mb, split_site)
-    sites = discover_sites(grid, run.cfg, data)
-    fed = initial_model(run, sites, data)
+    cohort = run.folder.read_run_info()["sites"] if run.done else None  # a resume: the run's own sites
+    sites = discover_sites(grid, run.cfg, data, cohort)
+    fed = initial_model(run, sites, data, cohort)
     try:
         return finalize(run, fed, run_rounds(grid, run, fed))
     except OSError as err:  # a full or read-only disk: every file is written atomically, so stop and say how
@@ -104,11 +106,18 @@ def run_federation(grid: Grid, cfg: RunConfig, site_cache_mb: int = 0, split_sit
         raise
 
 
-def initial_model(run: OpenRun, sites: dict[int, dict[str, Any]], data: SiteData) -> Federation:
+def initial_model(run: OpenRun, sites: dict[int, dict[str, Any]], data: SiteData,
+                  cohort: dict[str, dict[str, Any]] | None = None) -> Federation:
     """Build the seeded initial model (or the checkpoint's, on resume), loading the server's own
-    pretrained file into a new run; write run.json."""
+    pretrained file into a new run; write run.json.
+
+    Args:
+        cohort: a resumed run's sites (run.json's ``sites``); None: a new run, whose sites are
+            those that answered discovery.
+    """
     cfg = run.cfg
-    site_of, heldout, training = site_names(sites, cfg)
+    site_of, heldout, training = site_names(sites, cfg, None if cohort is None else sorted(cohort))
+    cohort = cohort if cohort is not None else {i["site"]: _public(i) for i in sites.values()}
     spec = model_for_sites(cfg, sites)
     torch.manual_seed(cfg.seed)
     model = build_model(spec)
@@ -125,11 +134,11 @@ def initial_model(run: OpenRun, sites: dict[int, dict[str, Any]], data: SiteData
     flips = flip_axes(cfg.flips, spec.spatial_dims, [str(i.get("modality", "")) for i in sites.values()])
     log.info("training patches are mirrored %s (run-config flips=%s)",
              f"at random along axes {', '.join(map(str, flips))}" if flips else "along no axis", cfg.flips)
-    fed = Federation(sites, site_of, heldout, training, spec, local, shared, flips, data)
+    fed = Federation(sites, cohort, site_of, heldout, training, spec, local, shared, flips, data)
     info: dict[str, Any] = {**run.folder.read_run_info(), "config": cfg.to_dict(), "resumed": now(),
                             "resumed_from_round": run.done} if run.done else {
         "config": cfg.to_dict(), "run_id": run.run_id, "model": spec.to_dict(), "versions": versions(),
-        "sites": {i["site"]: _public(i) for i in sites.values()}, "flip_axes": list(flips),
+        "sites": cohort, "flip_axes": list(flips),
         "training_sites": training, "heldout_sites": sorted(cfg.heldout_sites), "seed": cfg.seed,
         "split_site": data.split_site,
         "started": now(), "ended": None, "pretrained": pretrained.to_dict() if pretrained else None,
@@ -165,7 +174,8 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation) -> ArrayRecord:
         heldout_nodes=fed.heldout_nodes, min_sites=cfg.min_train_sites, round_timeout=cfg.round_timeout,
         average=average, ensemble_size=cfg.heldout_ensemble, transfer_dtype=cfg.transfer_dtype,
         pretrained_start=bool(cfg.pretrained_weights), done=run.done, server_state=run.server_state,
-        pending_record=run.pending_record)
+        pending_record=run.pending_record,
+        late_sites=LateSites(fed.data, fed.cohort, set(cfg.heldout_sites), cfg.round_timeout))
     log.info("federated %s over %d site(s) (%s), %d round(s)%s", cfg.strategy,
              len(fed.training_sites), ", ".join(fed.training_sites), cfg.num_server_rounds,
              f", resuming after round {run.done}" if run.done else "")

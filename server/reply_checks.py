@@ -36,6 +36,11 @@ class DeclaredSite:
     train: int
     val: int
 
+    @classmethod
+    def from_discovery(cls, info: Mapping[str, Any]) -> DeclaredSite:
+        """What a site's discovery answer declares."""
+        return cls(int(info["num-train"]), int(info["num-val"]))
+
 
 @dataclass
 class ReplyChecks:
@@ -49,7 +54,7 @@ class ReplyChecks:
     """
 
     model: Mapping[str, torch.Tensor]
-    declared: Mapping[str, DeclaredSite]
+    declared: dict[str, DeclaredSite]
     epsilon: dict[str, float] = field(default_factory=dict)
 
     def train_reply(self, site: str, content: RecordDict) -> dict[str, torch.Tensor]:

@@ -4,8 +4,9 @@ The inner strategy (FedAvg, FedProx, ..., or Flower's client-level DP wrapper) s
 aggregates; ``SiteStrategy`` owns everything fedseg adds around it, as Flower's own DP wrappers
 wrap a strategy:
 
-- only sites checked at discovery are ever sampled; held-out sites never train but score every
-  round (with the unseen-site norm set, and with ``heldout-ensemble`` K the K - 1 earlier models);
+- only sites checked at discovery are ever sampled (a site of the run that connects later, say
+  back from a restart while the coordinator resumed, is asked first: ``discovery.LateSites``);
+  held-out sites never train but score every round (with the unseen-site norm set, and with ``heldout-ensemble`` K the K - 1 earlier models);
 - every reply is checked before it counts (``reply_checks``): one that fails is that site's
   failure for the round, never part of the global model;
 - replies are aggregated in a fixed site order (a seeded run is bit-for-bit repeatable), in
@@ -37,7 +38,8 @@ from fedseg.common.models import UNSEEN_PREFIX, with_ensemble
 from fedseg.common.records import (ARRAYS, CONFIG, EVAL_PREFIX, METRICS, packed_record, received_state,
                                    wire_record)
 from fedseg.server.model_average import ModelAverage
-from fedseg.server.reply_checks import ReplyChecks, ReplyRefused
+from fedseg.server.discovery import LateSites
+from fedseg.server.reply_checks import DeclaredSite, ReplyChecks, ReplyRefused
 from fedseg.server.rounds import RoundLog, RoundRecorder
 from fedseg.server.run_folder import RunFolder
 from fedseg.server.strategies import client_level_privacy, restore_strategy_state, samples_sites, strategy_state
@@ -85,6 +87,7 @@ class SiteStrategy(Strategy):
         server_state: ``state()`` at the checkpoint a resume continues from.
         pending_record: what the checkpoint's round recorded before a crash cut it off from the
             scores it awaited: the resumed run completes its rounds.jsonl line.
+        late_sites: admits the run's sites that connect after discovery (None: none are).
 
     Raises:
         ValueError: an argument out of range, naming it.
@@ -95,7 +98,7 @@ class SiteStrategy(Strategy):
                  min_sites: int = 1, round_timeout: float = 3600.0, average: ModelAverage | None = None,
                  ensemble_size: int = 0, transfer_dtype: str = "float32", pretrained_start: bool = False,
                  done: int = 0, server_state: dict[str, Any] | None = None,
-                 pending_record: dict[str, Any] | None = None) -> None:
+                 pending_record: dict[str, Any] | None = None, late_sites: LateSites | None = None) -> None:
         heldout = set(heldout_nodes or ())
         checks = [
             ("inner", isinstance(inner, Strategy), "must be a Flower Strategy"),
@@ -113,11 +116,11 @@ class SiteStrategy(Strategy):
             if not ok:
                 raise ValueError(f"SiteStrategy: {name} {why}")
         self.inner, self.site_of, self.heldout_nodes = inner, dict(site_of), heldout
-        self.checks = reply_checks
+        self.checks, self.late_sites = reply_checks, late_sites
         self.num_rounds, self.done = num_rounds, done
         self.min_sites, self.round_timeout = min_sites, round_timeout
         self.average = average or ModelAverage(0.0)
-        self.ensemble_size = ensemble_size if heldout else 0
+        self.ensemble_size = ensemble_size if heldout or (late_sites and late_sites.heldout_sites) else 0
         self.transfer_dtype, self.pretrained_start = transfer_dtype, pretrained_start
         # a moving average is not the model sites train on, and sites left out of a round would not
         # score the last one: both are scored in evaluation messages
@@ -173,7 +176,8 @@ class SiteStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         rnd = server_round + self.done
         view = _SiteView(grid, self.site_of, self.heldout_nodes)
-        self._wait_for_sites(view, rnd)
+        self._admit_late(grid)
+        self._wait_for_sites(grid, view, rnd)
         config["evaluate-in-train"] = self._pending is not None  # score the model you receive first
         sampled = self.inner.configure_train(rnd, arrays, config, view)
         messages = [self._to_training_site(m, keep_norms=self.pretrained_start and rnd == 1) for m in sampled]
@@ -301,10 +305,22 @@ class SiteStrategy(Strategy):
         own = msg.content[ARRAYS].to_torch_state_dict()
         return _with_arrays(msg, ArrayRecord(with_ensemble(own, members)))
 
-    def _wait_for_sites(self, view: _SiteView, rnd: int) -> None:
-        """Wait up to ``round_timeout`` for ``min_sites`` to be connected, else stop clearly."""
+    def _admit_late(self, grid: Grid) -> None:
+        """Add the run's sites that connected since discovery and answered it now."""
+        if self.late_sites is None:
+            return
+        for node, info in self.late_sites.admit(grid, self.site_of).items():
+            self.site_of[node] = info["site"]
+            if info["site"] in self.late_sites.heldout_sites:
+                self.heldout_nodes.add(node)
+            self.checks.declared[info["site"]] = DeclaredSite.from_discovery(info)
+
+    def _wait_for_sites(self, grid: Grid, view: _SiteView, rnd: int) -> None:
+        """Wait up to ``round_timeout`` for ``min_sites`` to be connected (admitting the run's
+        sites as they come), else stop clearly."""
         deadline = time.monotonic() + self.round_timeout
         while len(view.get_node_ids()) < self.min_sites:
+            self._admit_late(grid)
             if time.monotonic() > deadline:
                 online = sorted(self.site_of[n] for n in view.get_node_ids())
                 raise TooFewSitesError(
