@@ -28,6 +28,7 @@ DP_MODES = ("off", "sample", "client")
 TRANSFER_DTYPES = ("float32", "float16")  # Flower carries NumPy arrays: no bfloat16
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 FLIPS = re.compile(r"auto|all|none|[0-2](,[0-2])*")
+TRACKERS = ("tensorboard", "mlflow")
 CHOICES = {"strategy": STRATEGIES, "local_layers": LOCAL_LAYERS, "model": MODELS, "backbone": BACKBONES,
            "norm": NORMS, "dp": DP_MODES, "lr_schedule": LR_SCHEDULES, "amp": AMP_MODES,
            "transfer_dtype": TRANSFER_DTYPES}
@@ -155,6 +156,15 @@ class RunConfig:
         "precision of the shared weights on the wire, both ways: float32 or float16 (half the bytes; "
         "sites train and the server aggregates in float32 either way, and DP noise is added before the "
         "cast).")
+    tracking: str = key(
+        "",
+        "where else the coordinator logs every round's per-site and mean metrics: tensorboard (event files "
+        "in the run folder's tensorboard/), mlflow, or both as tensorboard,mlflow; empty: rounds.jsonl and "
+        "the report only. Needs pip install 'fedseg[tracking]'.")
+    mlflow_uri: str = key(
+        "",
+        "MLflow tracking URI for tracking=mlflow (a tracking server, or a database such as "
+        "sqlite:////srv/mlflow.db); empty: a SQLite file mlflow.db in the run folder.")
     output_dir: str = key("runs", "parent folder of run folders (server only).")
     run_name: str = key("", "run folder name; empty picks <study>-<strategy>-<timestamp>.")
     resume: bool = key(False, "continue output_dir/run_name from its last checkpoint (server only).")
@@ -187,6 +197,8 @@ class RunConfig:
             ("fraction-train", 0 < self.fraction_train <= 1, "must be in (0, 1]"),
             ("min-train-sites", self.min_train_sites >= 1, "must be >= 1"),
             ("round-timeout", self.round_timeout > 0, "must be > 0"),
+            ("tracking", all(t in TRACKERS for t in self.trackers()),
+             f"must be empty or a comma-separated list of {TRACKERS}"),
             ("val-fraction", 0 < self.val_fraction < 1, "must be in (0, 1)"),
             ("flips", FLIPS.fullmatch(self.flips) is not None,
              "must be auto, all, none or spatial axes such as 0,2"),
@@ -260,6 +272,10 @@ class RunConfig:
         """Kebab-case dict of every key (lists for tuples), the inverse of ``from_dict``."""
         return {kebab(f.name): list(v) if isinstance(v := getattr(self, f.name), tuple) else v
                 for f in dataclasses.fields(self)}
+
+    def trackers(self) -> tuple[str, ...]:
+        """The trackers ``tracking`` names, in its order."""
+        return tuple(t.strip() for t in self.tracking.split(",") if t.strip())
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with some fields changed (validated again)."""

@@ -28,10 +28,11 @@ from fedseg.server.dp_plan import dp_plans
 from fedseg.server.model_average import ModelAverage
 from fedseg.server.reply_checks import DeclaredSite, ReplyChecks
 from fedseg.server.report import write_report
-from fedseg.server.run_folder import OpenRun, now, open_run, versions
+from fedseg.server.run_folder import OpenRun, now, open_run, resume_config, resume_overrides, versions
 from fedseg.server.site_strategy import SiteStrategy
 from fedseg.server.strategies import build_strategy
 from fedseg.server.summary import below_pretrained, summarize
+from fedseg.server.tracking import RoundTracking, check_trackers
 from fedseg.server.warm_start import pretrained_dice, score_pretrained, without_failed_warm_start
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,10 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point under ``flwr run``: the run config comes from pyproject + ``--run-config``;
     fedseg's round lines go to the ServerApp's output, which ``flwr run --stream`` shows."""
     setup_logging(quiet_flower=False)
-    run_federation(grid, RunConfig.from_dict(dict(context.run_config)))
+    cfg = RunConfig.from_dict(dict(context.run_config))
+    if cfg.resume and cfg.run_name:  # every key arrives, given or not: a default keeps the run's own value
+        cfg = resume_config(Path(cfg.output_dir) / cfg.run_name, resume_overrides(cfg))
+    run_federation(grid, cfg)
 
 
 @dataclass
@@ -90,6 +94,7 @@ def run_federation(grid: Grid, cfg: RunConfig, site_cache_mb: int = 0, split_sit
         The run folder.
     """
     run = open_run(cfg)
+    check_trackers(run.cfg)
     random.seed(run.cfg.seed)  # Flower samples nodes with `random`
     state_root = str((run.folder.dir / "site-state").resolve()) if run.cfg.study_dir else ""
     if run.cfg.resume:
@@ -98,12 +103,15 @@ def run_federation(grid: Grid, cfg: RunConfig, site_cache_mb: int = 0, split_sit
     cohort = run.folder.read_run_info()["sites"] if run.done else None  # a resume: the run's own sites
     sites = discover_sites(grid, run.cfg, data, cohort)
     fed = initial_model(run, sites, data, cohort)
+    tracking = RoundTracking(run.cfg, run.folder.dir, run.run_id, set(run.cfg.heldout_sites), run.done)
     try:
-        return finalize(run, fed, run_rounds(grid, run, fed))
+        return finalize(run, fed, run_rounds(grid, run, fed, tracking))
     except OSError as err:  # a full or read-only disk: every file is written atomically, so stop and say how
         log.error("the run folder cannot be written (%s); the run stops here. Once it can, resume it (resume=true, "
                   "or `fedseg simulate --resume-run %s`) from its last checkpoint", err, run.folder.dir)
         raise
+    finally:
+        tracking.close()
 
 
 def initial_model(run: OpenRun, sites: dict[int, dict[str, Any]], data: SiteData,
@@ -147,9 +155,9 @@ def initial_model(run: OpenRun, sites: dict[int, dict[str, Any]], data: SiteData
     return fed
 
 
-def run_rounds(grid: Grid, run: OpenRun, fed: Federation) -> ArrayRecord:
+def run_rounds(grid: Grid, run: OpenRun, fed: Federation, tracking: RoundTracking | None = None) -> ArrayRecord:
     """Score pretrained weights at the sites (a fresh warm run), plan DP, then the remaining rounds
-    in ``SiteStrategy``.
+    in ``SiteStrategy`` (each round's line also goes to ``tracking``).
 
     Returns:
         The final global shared weights.
@@ -175,7 +183,7 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation) -> ArrayRecord:
         average=average, ensemble_size=cfg.heldout_ensemble, transfer_dtype=cfg.transfer_dtype,
         pretrained_start=bool(cfg.pretrained_weights), done=run.done, server_state=run.server_state,
         pending_record=run.pending_record,
-        late_sites=LateSites(fed.data, fed.cohort, set(cfg.heldout_sites), cfg.round_timeout))
+        late_sites=LateSites(fed.data, fed.cohort, set(cfg.heldout_sites), cfg.round_timeout), tracking=tracking)
     log.info("federated %s over %d site(s) (%s), %d round(s)%s", cfg.strategy,
              len(fed.training_sites), ", ".join(fed.training_sites), cfg.num_server_rounds,
              f", resuming after round {run.done}" if run.done else "")

@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from fedseg.common.records import ARRAYS, METRICS, record_bytes
 from fedseg.server.checkpoints import save_checkpoint
 from fedseg.server.run_folder import RunFolder
+from fedseg.server.tracking import RoundTracking
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +95,12 @@ class RoundLog:
         checkpoint_meta: what rebuilds the model beside the weights (see ``checkpoints``).
         total_rounds: the run's planned rounds (for the progress line).
         checkpointed: a round already checkpointed whose line is still to come (resume).
+        tracking: where each line also goes (``tracking.RoundTracking``; None: nowhere else).
     """
 
     def __init__(self, folder: RunFolder, recorder: RoundRecorder, checkpoint_meta: dict[str, Any],
-                 total_rounds: int, checkpointed: int = 0) -> None:
-        self.folder, self.recorder, self.meta = folder, recorder, checkpoint_meta
+                 total_rounds: int, checkpointed: int = 0, tracking: RoundTracking | None = None) -> None:
+        self.folder, self.recorder, self.meta, self.tracking = folder, recorder, checkpoint_meta, tracking
         self.total_rounds = total_rounds
         self.checkpointed = checkpointed
         self._mark = time.monotonic()  # when the last round ended (its training, if scored later)
@@ -132,6 +134,8 @@ class RoundLog:
                             average=None if evaluated is aggregate else evaluated, server_state=server_state)
         self.folder.append_round(record)
         log_round(record, self.total_rounds)
+        if self.tracking is not None:
+            self.tracking.log(record)
 
 
 def log_round(record: dict[str, Any], total: int) -> None:

@@ -21,7 +21,7 @@ from fedseg.server.checkpoints import latest_checkpoint
 
 log = logging.getLogger(__name__)
 
-RESUMABLE = ("num-server-rounds", "round-timeout")  # what a resume may change
+RESUMABLE = ("num-server-rounds", "round-timeout", "tracking", "mlflow-uri")  # what a resume may change
 # keys a run folder written by an earlier fedseg may hold, now settings of their own (the
 # simulation's split is run.json's ``split_site``) or no longer settings at all
 RETIRED_KEYS = ("split-site", "site-cache-mb", "gpus-per-site", "pack-weights", "evaluate-in-train")
@@ -152,11 +152,18 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> RunConfig:
 
 
 def resume_overrides(cfg: RunConfig) -> dict[str, Any]:
-    """The ``RESUMABLE`` keys to which ``cfg`` gives other values than the defaults. Flower's run
-    config carries every key, given or not, so a default means "keep the run's own value": a
-    resume without ``round-timeout`` keeps the run's, rather than falling back to the default."""
+    """The ``RESUMABLE`` keys to which a config from Flower's run config gives other values than
+    the defaults. Flower's run config carries every key, given or not, so there a default means
+    "keep the run's own value": a resume without ``round-timeout`` keeps the run's, rather than
+    falling back to the default."""
     default, given = RunConfig().to_dict(), cfg.to_dict()
     return {k: given[k] for k in RESUMABLE if given[k] != default[k]}
+
+
+def resumable(cfg: RunConfig) -> dict[str, Any]:
+    """``cfg``'s ``RESUMABLE`` keys, every one as it is (a config built or resolved by its caller)."""
+    given = cfg.to_dict()
+    return {k: given[k] for k in RESUMABLE}
 
 
 def _resume_point(folder: RunFolder) -> tuple[int, dict[str, Any]] | None:
@@ -177,7 +184,7 @@ def _resume_point(folder: RunFolder) -> tuple[int, dict[str, Any]] | None:
 
 def open_run(cfg: RunConfig) -> OpenRun:
     """Create a new run folder, or reopen one to resume after its newest readable checkpoint
-    whose round is logged (``_resume_point``).
+    whose round is logged (``_resume_point``); a resume takes ``cfg``'s ``RESUMABLE`` keys as they are.
 
     Raises:
         ConfigError: a new run's folder exists already, or a resume names no run.
@@ -186,7 +193,7 @@ def open_run(cfg: RunConfig) -> OpenRun:
         if not cfg.run_name:
             raise ConfigError("run-config 'resume' needs 'run-name' (the run folder to continue)")
         folder = RunFolder(Path(cfg.output_dir) / cfg.run_name)
-        cfg = resume_config(folder.dir, resume_overrides(cfg))
+        cfg = resume_config(folder.dir, resumable(cfg))
         run_id = folder.read_run_info()["run_id"]
         found = _resume_point(folder)
         if found is None:

@@ -37,12 +37,13 @@ from fedseg.common.config import TRANSFER_DTYPES
 from fedseg.common.models import UNSEEN_PREFIX, with_ensemble
 from fedseg.common.records import (ARRAYS, CONFIG, EVAL_PREFIX, METRICS, packed_record, received_state,
                                    wire_record)
-from fedseg.server.model_average import ModelAverage
 from fedseg.server.discovery import LateSites
+from fedseg.server.model_average import ModelAverage
 from fedseg.server.reply_checks import DeclaredSite, ReplyChecks, ReplyRefused
 from fedseg.server.rounds import RoundLog, RoundRecorder
 from fedseg.server.run_folder import RunFolder
 from fedseg.server.strategies import client_level_privacy, restore_strategy_state, samples_sites, strategy_state
+from fedseg.server.tracking import RoundTracking
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class SiteStrategy(Strategy):
         pending_record: what the checkpoint's round recorded before a crash cut it off from the
             scores it awaited: the resumed run completes its rounds.jsonl line.
         late_sites: admits the run's sites that connect after discovery (None: none are).
+        tracking: where each round's line also goes (TensorBoard, MLflow; None: nowhere else).
 
     Raises:
         ValueError: an argument out of range, naming it.
@@ -98,7 +100,8 @@ class SiteStrategy(Strategy):
                  min_sites: int = 1, round_timeout: float = 3600.0, average: ModelAverage | None = None,
                  ensemble_size: int = 0, transfer_dtype: str = "float32", pretrained_start: bool = False,
                  done: int = 0, server_state: dict[str, Any] | None = None,
-                 pending_record: dict[str, Any] | None = None, late_sites: LateSites | None = None) -> None:
+                 pending_record: dict[str, Any] | None = None, late_sites: LateSites | None = None,
+                 tracking: RoundTracking | None = None) -> None:
         heldout = set(heldout_nodes or ())
         checks = [
             ("inner", isinstance(inner, Strategy), "must be a Flower Strategy"),
@@ -127,7 +130,7 @@ class SiteStrategy(Strategy):
         self.evaluate_in_train = self.average.decay == 0 and not samples_sites(inner)
         self.recorder = RoundRecorder()
         self.round_log = RoundLog(folder, self.recorder, checkpoint_meta, num_rounds,
-                                  checkpointed=done if pending_record is not None else 0)
+                                  checkpointed=done if pending_record is not None else 0, tracking=tracking)
         self._pending: int | None = None  # a trained round whose scores come with the next replies
         if pending_record is not None:
             self.recorder.restore(done, pending_record)

@@ -18,7 +18,8 @@ from fedseg.common.devices import resolve_device
 from fedseg.common.data import DataError, check_site, study_sites
 from fedseg.server.app import run_federation
 from fedseg.server.report import write_report
-from fedseg.server.run_folder import RunFolder, resume_config, resume_overrides
+from fedseg.server.run_folder import RunFolder, resumable, resume_config
+from fedseg.server.tracking import check_trackers
 from fedseg.simulations.engine import prompt_engine
 from fedseg.simulations.gallery import make_gallery, write_gallery
 
@@ -52,7 +53,7 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
     """
     if cfg.resume:
         run_dir = Path(cfg.output_dir) / cfg.run_name
-        cfg = resume_config(run_dir, resume_overrides(cfg))
+        cfg = resume_config(run_dir, resumable(cfg))
         stored_split = RunFolder(run_dir).split_site()
         if split_site not in (0, stored_split):
             raise ConfigError(f"--split-site {split_site}: {run_dir} was split into {stored_split} "
@@ -60,6 +61,7 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
         split_site = stored_split
     if not cfg.study_dir:
         raise DataError("simulation needs a study folder (run-config 'study-dir')")
+    check_trackers(cfg)
     cfg = cfg.replace(study_dir=str(Path(cfg.study_dir).resolve()),
                       output_dir=str(Path(cfg.output_dir).resolve()))
     try:  # every virtual site computes on this machine: a missing GPU stops the run before round 1
