@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 from fedseg.client.adaptation import adapt_to_site, site_images
 from fedseg.client.audit import outbox_audit_mod
 from fedseg.client.client_level_dp import client_level_clipping_mod
+from fedseg.client.local_curves import write_local_curves
 from fedseg.client.packing import weight_packing_mod
 from fedseg.client.privacy import DPSession
 from fedseg.client.redaction import redaction_mod
@@ -128,6 +129,9 @@ def _train_admitted(msg: Message, opened: tuple[SiteRoundConfig, SiteLocation, i
     mine.save_local_layers(server_round)
     if counting:
         state.note_round_trained()
+    if site.tensorboard:
+        write_local_curves(state.run(cfg.run_name, cfg.run_id).path, server_round, result,
+                           {k: v for k, v in scores.items() if k != NUM_EXAMPLES})
     log.info("site %s round %d: loss %.4f over %d cases, %d steps", spec.name, server_round,
              result.loss, result.num_examples, result.steps)
     metrics = {"train-loss": result.loss, NUM_EXAMPLES: result.num_examples, "steps": result.steps,

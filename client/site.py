@@ -16,21 +16,24 @@ from fedseg.common.transforms import image_channels
 
 SIM_POLICIES_FILE = "site_policies.json"
 # What a hospital may set in its SuperNode's node config (Flower adds the partition keys in simulation).
-NODE_CONFIG_KEYS = ("site-dir", "state-dir", "site-name", "device", "pretrained-weights", *POLICY_KEYS)
+NODE_CONFIG_KEYS = ("site-dir", "state-dir", "site-name", "device", "pretrained-weights", "tensorboard",
+                    *POLICY_KEYS)
 FLOWER_NODE_KEYS = ("partition-id", "num-partitions")
 
 
 @dataclass(frozen=True)
 class SiteLocation:
     """A site's data and its private state folder, plus the compute device its node config sets
-    ("" when it leaves it to the run) and its own pretrained weights file (node config
-    ``pretrained-weights``; "" for none)."""
+    ("" when it leaves it to the run), its own pretrained weights file (node config
+    ``pretrained-weights``; "" for none) and whether it keeps TensorBoard curves of its own
+    training in its state dir (node config ``tensorboard``)."""
 
     ref: SiteRef
     state_dir: Path
     device: str = ""
     policy: SitePolicy = SitePolicy()
     pretrained: str = ""
+    tensorboard: bool = False
 
 
 def resolve_site(node_config: dict[str, Any], data: SiteData | None) -> SiteLocation:
@@ -58,7 +61,8 @@ def resolve_site(node_config: dict[str, Any], data: SiteData | None) -> SiteLoca
         name = str(node_config.get("site-name", site_dir.name))
         policy = _policy(node_config, "node config")
         return SiteLocation(SiteRef(name, site_dir), Path(str(node_config["state-dir"])), device, policy,
-                            str(node_config.get("pretrained-weights", "")))
+                            str(node_config.get("pretrained-weights", "")),
+                            str(node_config.get("tensorboard", "false")).lower() == "true")
     if "partition-id" not in node_config or data is None or not data.study_dir:
         raise DataError("this node has no 'site-dir' in its node config (deployment) and no "
                         "partition-id/study-dir (simulation): cannot tell which site it is")

@@ -34,6 +34,7 @@ class TrainResult:
     num_examples: int
     steps: int
     epsilon: float | None = None
+    losses: tuple[float, ...] = ()  # each step's, for the site's own curves (never sent)
 
 
 def round_steps(num_cases: int, batch_size: int, epochs: int, dp: DPSession | None) -> int:
@@ -140,7 +141,7 @@ def train_local(
         model.to(memory_format=torch.contiguous_format)  # what is saved and sent is laid out as usual
     epsilon = dp.close() if dp is not None else None
     return TrainResult(loss=sum(losses) / max(len(losses), 1), num_examples=len(cases), steps=steps,
-                       epsilon=epsilon)
+                       epsilon=epsilon, losses=tuple(losses))
 
 
 def training_layout(spec: ModelSpec, device: str, private: bool = False) -> torch.memory_format:
