@@ -49,12 +49,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                               "no label is read, the model files are not changed)")
     predict.set_defaults(func=run_predict)
     export = sub.add_parser("export", help="write the global model + this site's local layers as an "
-                            "ONNX graph (checked against PyTorch) for ONNX Runtime or another platform")
+                            "ONNX graph (checked against PyTorch) for ONNX Runtime or another platform, "
+                            "or as a MONAI Bundle for MONAI Label and MONAI Deploy")
     export.add_argument("model", metavar="MODEL", help="RUN_DIR/model/global.pt (or a checkpoint)")
     export.add_argument("--state-dir", default=None,
-                        help="this site's state dir: its own local layers of that run go into the graph")
-    export.add_argument("--output", required=True, metavar="OUT.onnx",
-                        help="the graph; OUT.onnx.json beside it describes it (model, patch size, check)")
+                        help="this site's state dir: its own local layers of that run go into the export")
+    export.add_argument("--format", choices=("onnx", "monai-bundle"), default="onnx",
+                        help="onnx: one graph file; monai-bundle: a bundle folder (configs/, models/) that "
+                             "`python -m monai.bundle run` executes on a folder of NIfTI images")
+    export.add_argument("--output", required=True, metavar="OUT",
+                        help="onnx: the graph (OUT.json beside it describes it: model, patch size, check); "
+                             "monai-bundle: the bundle folder")
+    export.add_argument("--label-names", default="", metavar="NAME,NAME",
+                        help="monai-bundle: the foreground classes' names in label order (default label-1, ...)")
     export.set_defaults(func=run_export)
     privacy = sub.add_parser("privacy", help="print a site's privacy ledger in plain words")
     privacy.add_argument("state_dir", metavar="STATE_DIR")
@@ -191,12 +198,14 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"{args.model}: not found; a run writes its global model to RUN_DIR/model/global.pt",
               file=sys.stderr)
         return 2
-    info = export_onnx(args.model, args.state_dir, args.output)
-    check = info["check"]
     layers = {"site": "with this site's own local layers",
               "unseen-site": "with the federation's unseen-site norm set (this state dir holds no local "
                              "layers of that run)",
               "initial": "with initial local layers (no local layers of that run found)"}
+    if args.format == "monai-bundle":
+        return _export_bundle(args, layers)
+    info = export_onnx(args.model, args.state_dir, args.output)
+    check = info["check"]
     print(f"wrote {args.output} (+ .json): {info['model']['spatial_dims']}D U-Net, patch {info['patch_size']}, "
           f"{layers.get(info['local_layers'], 'no site-local layers')}; "
           f"ONNX Runtime vs PyTorch: logits within {check['max_abs_diff']:.2g}, "
@@ -244,4 +253,19 @@ def run_predict(args: argparse.Namespace) -> int:
     print(f"{len(done)} case(s), {total / len(done):.2f}s per case{members}")
     if args.pre_annotate:
         print(f"pre-annotations, most uncertain first: {Path(args.out_dir) / 'pre_annotations.json'}")
+    return 0
+
+
+def _export_bundle(args: argparse.Namespace, layers: dict[str, str]) -> int:
+    from fedseg.client.bundle import RUN_NEEDS, export_bundle
+
+    names = [n.strip() for n in args.label_names.split(",") if n.strip()] or None
+    meta = export_bundle(args.model, args.state_dir, args.output, names)
+    local = meta["fedseg"]["local_layers"]
+    print(f"wrote the MONAI Bundle {args.output} (configs/, models/model.pt, models/model.ts): "
+          f"{meta['task']}, {layers.get(local, 'no site-local layers')}")
+    print(f"run it: cd {args.output} && python -m monai.bundle run --config_file configs/inference.json "
+          f"--dataset_dir IMAGES_DIR --output_dir OUT_DIR  (needs {RUN_NEEDS})")
+    if local == "site":
+        print("the bundle holds this site's own local layers: keep it at the site, like its state dir")
     return 0

@@ -35,21 +35,21 @@ class Network:
     heads: Callable[[nn.Module], tuple[str, ...]]
 
 
-def _build_unet(spec: ModelSpec) -> nn.Module:
+def unet_arguments(spec: ModelSpec) -> dict[str, Any]:
+    """The keyword arguments of MONAI's ``UNet`` for ``spec`` (JSON-friendly: a MONAI Bundle's
+    ``network_def`` takes them as they are)."""
     norms: dict[str, Any] = {
-        "instance": ("instance", {"affine": True}),
+        "instance": ["instance", {"affine": True}],
         "batch": "batch",
-        "group": ("group", {"num_groups": _num_groups(spec)}),
+        "group": ["group", {"num_groups": _num_groups(spec)}],
     }
-    return UNet(
-        spatial_dims=spec.spatial_dims,
-        in_channels=spec.in_channels,
-        out_channels=spec.out_channels,
-        channels=spec.channels,
-        strides=(2,) * (len(spec.channels) - 1),
-        num_res_units=1,
-        norm=norms[spec.norm],
-    )
+    return {"spatial_dims": spec.spatial_dims, "in_channels": spec.in_channels, "out_channels": spec.out_channels,
+            "channels": list(spec.channels), "strides": [2] * (len(spec.channels) - 1), "num_res_units": 1,
+            "norm": norms[spec.norm]}
+
+
+def _build_unet(spec: ModelSpec) -> nn.Module:
+    return UNet(**unet_arguments(spec))
 
 
 def _last_conv(model: nn.Module) -> tuple[str, ...]:
