@@ -1,5 +1,5 @@
-"""Site commands that run inside a hospital with no server: ``fedseg check``, ``predict``,
-``export``, ``privacy``, ``state``."""
+"""Site commands that run inside a hospital with no server: ``fedseg ingest``, ``check``,
+``predict``, ``export``, ``privacy``, ``state``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,15 @@ from pathlib import Path
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the site commands on the ``fedseg`` parser."""
+    ingest = sub.add_parser("ingest", help="turn a folder of DICOM studies (CT or MR series, labels as DICOM "
+                            "SEG or a NIfTI mask in a series' folder) into a site folder, without patient "
+                            "identifiers")
+    ingest.add_argument("dicom_dir", metavar="DICOM_DIR")
+    ingest.add_argument("site_dir", metavar="SITE_DIR", help="the new site folder")
+    ingest.add_argument("--mapping", default=None, metavar="FILE.csv",
+                        help="where the case id -> DICOM UIDs and patient ids table goes, outside the site "
+                             "folder (default: SITE_DIR-dicom-ids.csv beside it); fedseg never reads it")
+    ingest.set_defaults(func=run_ingest)
     check = sub.add_parser("check", help="validate site folders against the data contract, and "
                            "warn about text in them that may identify a patient")
     check.add_argument("site_dirs", nargs="+", metavar="SITE_DIR",
@@ -187,6 +196,22 @@ def run_state(args: argparse.Namespace) -> int:
     print(f"{'run':<40} {'run name':<28} {'last round':>10} {'modified':<17} {'size':>9}")
     for r in runs:
         print(f"{r.key:<40} {r.run_name:<28} {r.round:>10} {r.modified:<17} {r.bytes / 1024:>7.0f}kB")
+    return 0
+
+
+def run_ingest(args: argparse.Namespace) -> int:
+    """Ingest DICOM into a new site folder and say what was left out and why."""
+    from fedseg.client.dicom_ingest import ingest
+
+    done = ingest(args.dicom_dir, args.site_dir, args.mapping)
+    labelled = sum(1 for p in (done.site_dir / "labels").glob("*.nii.gz"))
+    left = f"{len(done.skipped)} series left out:" if done.skipped else "nothing left out"
+    print(f"{len(done.cases)} case(s) ingested ({labelled} labelled, {len(done.cases) - labelled} for inference "
+          f"only); {left}")
+    for line in done.skipped:
+        print(f"  {line}")
+    print(f"wrote {done.site_dir}; the case ids' DICOM UIDs and patient ids are in {done.mapping}: keep it at the "
+          f"hospital (fedseg never reads it). Next: fedseg check {done.site_dir} --strict")
     return 0
 
 
