@@ -37,6 +37,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                          help="this site's state dir: its own local layers of that run (without it, "
                               "the site-local layers keep their initial values)")
     predict.add_argument("--device", default="auto", help="auto (CUDA where present), cpu, cuda or cuda:N")
+    predict.add_argument("--format", choices=("nifti-png", "dicom-seg"), default="nifti-png",
+                         help="nifti-png: IMAGES_DIR holds NIfTI/PNG images, one label map each; dicom-seg: "
+                              "IMAGES_DIR holds DICOM studies, one DICOM SEG per CT/MR series "
+                              "(OUT_DIR/<SeriesInstanceUID>.seg.dcm) referencing its images")
+    predict.add_argument("--label-names", default="", metavar="NAME,NAME",
+                         help="dicom-seg: the segments' names in label order (default label-1, ...)")
     predict.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
                          help="mixed precision (auto: bf16/fp16 on CUDA, float32 on CPU)")
     predict.add_argument("--overlay", action="store_true",
@@ -264,6 +270,8 @@ def run_predict(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(str(err), file=sys.stderr)
         return 2
+    if args.format == "dicom-seg":
+        return _predict_dicom(args, device)
     checkpoints = round_checkpoints(Path(args.model).parent.parent)
     ensemble = [Path(p) for p in args.ensemble] + (checkpoints[-args.last_rounds:] if args.last_rounds else [])
     done = predict_folder(args.model, args.state_dir, args.images_dir, args.out_dir, device,
@@ -278,6 +286,23 @@ def run_predict(args: argparse.Namespace) -> int:
     print(f"{len(done)} case(s), {total / len(done):.2f}s per case{members}")
     if args.pre_annotate:
         print(f"pre-annotations, most uncertain first: {Path(args.out_dir) / 'pre_annotations.json'}")
+    return 0
+
+
+def _predict_dicom(args: argparse.Namespace, device: str) -> int:
+    from fedseg.client.dicom_seg import predict_dicom
+
+    if args.ensemble or args.last_rounds or args.uncertainty or args.pre_annotate or args.overlay or args.adapt:
+        print("--format dicom-seg writes the model's labels as DICOM SEG; --ensemble, --last-rounds, --uncertainty, "
+              "--pre-annotate, --overlay and --adapt go with --format nifti-png", file=sys.stderr)
+        return 2
+    names = [n.strip() for n in args.label_names.split(",") if n.strip()] or None
+    done, skipped = predict_dicom(args.model, args.state_dir, args.images_dir, args.out_dir, device, args.amp, names)
+    for case in done:
+        print(f"{case.labels}  ({case.image})  {case.seconds:.2f}s")
+    print(f"{len(done)} series segmented" + (f"; {len(skipped)} left out:" if skipped else ""))
+    for line in skipped:
+        print(f"  {line}")
     return 0
 
 

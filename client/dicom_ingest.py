@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 MODALITIES = {"CT": "CT", "MR": "MRI"}  # DICOM Modality -> dataset.json modality
 INSTALL = "pip install 'fedseg[dicom]' (pydicom, highdicom)"
+CASE_ID_LETTERS = "bcdfghjkmnpqrstvwxz"  # no digits (never a date or a record number), no vowels (no words)
 ATOL_MM = 1e-3  # how far a NIfTI voxel centre may sit from its DICOM slice's position
 
 
@@ -55,14 +56,14 @@ def ingest(dicom_dir: str | Path, site_dir: str | Path, mapping: str | Path | No
     Raises:
         DataError: the packages are missing, ``site_dir`` exists, or no series can be used.
     """
-    pydicom, hd = _packages()
+    pydicom, hd = dicom_packages()
     source, target = Path(dicom_dir), Path(site_dir)
     mapping = Path(mapping) if mapping else target.with_name(target.name + "-dicom-ids.csv")
     if target.exists():
         raise DataError(f"{target}: exists; ingest writes a new site folder")
     if mapping.resolve().is_relative_to(target.resolve()):
         raise DataError(f"{mapping}: the id mapping must stay outside the site folder")
-    series, segs, skipped = _scan(pydicom, source)
+    series, segs, skipped = scan_dicom(pydicom, source)
     out = Ingested(target, mapping, skipped=skipped)
     staged = target.with_name(target.name + ".partial")
     shutil.rmtree(staged, ignore_errors=True)
@@ -72,18 +73,10 @@ def ingest(dicom_dir: str | Path, site_dir: str | Path, mapping: str | Path | No
     for uid, datasets in sorted(series.items()):
         first = datasets[0]
         where = f"series {uid} ({_folder(datasets, source)})"
-        if (why := _unusable(first, datasets)) is not None:
-            out.skipped.append(f"{where}: {why}")
-            continue
         try:
-            volume = hd.get_volume_from_series(datasets, dtype=np.float32)
-        except (ValueError, RuntimeError, AttributeError, TypeError) as err:
-            out.skipped.append(f"{where}: its slices do not form one volume (a slice missing, uneven spacing, "
-                               f"or another series' slices mixed in): {err}")
-            continue
-        image = _nifti(volume)
-        if (why := _geometry_problem(image, datasets)) is not None:
-            out.skipped.append(f"{where}: {why}")
+            volume, image = read_series(hd, datasets)
+        except DataError as err:
+            out.skipped.append(f"{where}: {err}")
             continue
         try:
             labels, names = _labels(hd, volume, image, segs.get(uid, []), datasets, source)
@@ -93,7 +86,7 @@ def ingest(dicom_dir: str | Path, site_dir: str | Path, mapping: str | Path | No
         if labels is not None and label_names is not None and names != label_names:
             out.skipped.append(f"{where}: its segments {names} differ from the other cases' {label_names}")
             continue
-        case = f"case-{secrets.token_hex(4)}"
+        case = "case-" + "".join(secrets.choice(CASE_ID_LETTERS) for _ in range(8))
         nib.save(image, staged / "images" / f"{case}.nii.gz")
         if labels is not None:
             label_names = names
@@ -122,7 +115,7 @@ def ingest(dicom_dir: str | Path, site_dir: str | Path, mapping: str | Path | No
     return out
 
 
-def _packages() -> tuple[Any, Any]:
+def dicom_packages() -> tuple[Any, Any]:
     try:
         import highdicom
         import pydicom
@@ -131,7 +124,7 @@ def _packages() -> tuple[Any, Any]:
     return pydicom, highdicom
 
 
-def _scan(pydicom: Any, source: Path) -> tuple[dict[str, list[Any]], dict[str, list[Any]], list[str]]:
+def scan_dicom(pydicom: Any, source: Path) -> tuple[dict[str, list[Any]], dict[str, list[Any]], list[str]]:
     """(image series UID -> its datasets, referenced series UID -> SEG datasets, what was left out)."""
     if not source.is_dir():
         raise DataError(f"{source}: not a folder")
@@ -165,7 +158,26 @@ def _scan(pydicom: Any, source: Path) -> tuple[dict[str, list[Any]], dict[str, l
     return dict(series), dict(segs), skipped
 
 
-def _unusable(first: Any, datasets: list[Any]) -> str | None:
+def read_series(hd: Any, datasets: list[Any]) -> tuple[Any, nib.Nifti1Image]:
+    """A CT/MR series as a highdicom volume and as NIfTI on the same grid.
+
+    Raises:
+        DataError: why the series cannot be used.
+    """
+    if (why := unusable(datasets[0], datasets)) is not None:
+        raise DataError(why)
+    try:
+        volume = hd.get_volume_from_series(datasets, dtype=np.float32)
+    except (ValueError, RuntimeError, AttributeError, TypeError) as err:
+        raise DataError(f"its slices do not form one volume (a slice missing, uneven spacing, or another series' "
+                        f"slices mixed in): {err}") from None
+    image = volume_nifti(volume)
+    if (why := _geometry_problem(image, datasets)) is not None:
+        raise DataError(why)
+    return volume, image
+
+
+def unusable(first: Any, datasets: list[Any]) -> str | None:
     if any("LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])] for ds in datasets):
         return "a localizer"
     if any("PixelData" not in ds for ds in datasets):
@@ -180,7 +192,7 @@ def _unusable(first: Any, datasets: list[Any]) -> str | None:
     return None
 
 
-def _nifti(volume: Any) -> nib.Nifti1Image:
+def volume_nifti(volume: Any) -> nib.Nifti1Image:
     """The volume as NIfTI (highdicom turns DICOM's LPS into NIfTI's RAS) with its axes in the
     closest RAS order, as other sites' NIfTI files usually are, without any header text."""
     image = nib.as_closest_canonical(volume.to_nibabel())

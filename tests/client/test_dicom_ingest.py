@@ -1,7 +1,8 @@
-"""`fedseg ingest DICOM_DIR SITE_DIR`: DICOM series with SEG labels (built from real Hippocampus
-MRI) and a real CT file shipped by pydicom become a site folder that passes `fedseg check
---strict`, on the series' own geometry, without a patient identifier; series that cannot be used
-are listed with the reason and the rest is ingested."""
+"""DICOM in and out. `fedseg ingest DICOM_DIR SITE_DIR`: DICOM series with SEG labels (built from
+real Hippocampus MRI) and a real CT file shipped by pydicom become a site folder that passes
+`fedseg check --strict`, on the series' own geometry, without a patient identifier; series that
+cannot be used are listed with the reason and the rest is ingested. `fedseg predict --format
+dicom-seg`: one DICOM SEG per series, named segments, holding exactly fedseg predict's mask."""
 
 import csv
 import gzip
@@ -13,10 +14,12 @@ import numpy as np
 import pytest
 
 from fedseg.common.cli import main
+from fedseg.common.models import ModelSpec
+from tests.client.test_predict import _run_dir
 from tests.conftest import SHARED_DATA
 
 pydicom = pytest.importorskip("pydicom", reason="the dicom extra (pip install 'fedseg[dicom]') is not installed")
-pytest.importorskip("highdicom", reason="the dicom extra (pip install 'fedseg[dicom]') is not installed")
+hd = pytest.importorskip("highdicom", reason="the dicom extra (pip install 'fedseg[dicom]') is not installed")
 from tests.client.dicom_series import PATIENT, write_seg, write_series  # noqa: E402
 
 HIPPO = SHARED_DATA / "hippocampus" / "site-msd"
@@ -120,3 +123,26 @@ def test_a_real_ct_file_and_broken_input_are_handled_with_their_reasons(tmp_path
     assert "exists; ingest writes a new site folder" in capsys.readouterr().err
     assert main(["ingest", str(tmp_path / "elsewhere"), str(tmp_path / "none")]) != 0
     assert "no usable CT or MR series" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+def test_predict_writes_a_dicom_seg_per_series_that_reads_back_as_fedseg_predicts_mask(tmp_path, capsys):
+    image, _ = _hippocampus(0)
+    series = write_series(tmp_path / "pacs" / "study" / "t1", image, (1.0, 1.0, 1.0))
+    write_series(tmp_path / "pacs" / "scout", image[:, :, :2], (1.0, 1.0, 1.0), localizer=True)
+    model = _run_dir(tmp_path, ModelSpec(3, 1, 3, (4, 8), "instance"))
+    assert main(["predict", str(tmp_path / "pacs"), str(tmp_path / "seg"), "--model", str(model), "--state-dir",
+                 str(tmp_path / "state"), "--format", "dicom-seg", "--label-names", "anterior,posterior"]) == 0
+    out = capsys.readouterr().out
+    assert "1 series segmented; 1 left out:" in out and "a localizer" in out
+    seg = hd.seg.segread(tmp_path / "seg" / f"{series[0].SeriesInstanceUID}.seg.dcm")
+    assert [seg.get_segment_description(n).segment_label for n in seg.segment_numbers] == ["anterior", "posterior"]
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series[0].SeriesInstanceUID
+    # the same model on the same series ingested as NIfTI: the SEG holds exactly that mask
+    assert main(["ingest", str(tmp_path / "pacs"), str(tmp_path / "site")]) == 0
+    assert main(["predict", str(tmp_path / "site" / "images"), str(tmp_path / "nifti"), "--model", str(model),
+                 "--state-dir", str(tmp_path / "state")]) == 0
+    (mask_file,) = (tmp_path / "nifti").glob("*.nii.gz")
+    volume = hd.get_volume_from_series(series, dtype=np.float32)
+    want = hd.Volume.from_nibabel(nib.load(mask_file)).match_geometry(volume).array
+    got = seg.get_volume(combine_segments=True, relabel=True).match_geometry(volume).array
+    assert np.array_equal(got, want) and len(np.unique(want)) > 1
