@@ -75,6 +75,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--output", required=True, metavar="OUT",
                         help="onnx: the graph (OUT.json beside it describes it: model, patch size, check); "
                              "monai-bundle: the bundle folder")
+    export.add_argument("--quantize", choices=("int8",), default=None,
+                        help="onnx: write the graph quantized to int8 for fast CPU inference, calibrated on "
+                             "--calibration-images and checked against the float graph")
+    export.add_argument("--calibration-images", default=None, metavar="IMAGES_DIR",
+                        help="with --quantize: a folder of the site's own images (unlabeled is fine)")
     export.add_argument("--label-names", default="", metavar="NAME,NAME",
                         help="monai-bundle: the foreground classes' names in label order (default label-1, ...)")
     export.set_defaults(func=run_export)
@@ -235,12 +240,19 @@ def run_export(args: argparse.Namespace) -> int:
               "initial": "with initial local layers (no local layers of that run found)"}
     if args.format == "monai-bundle":
         return _export_bundle(args, layers)
-    info = export_onnx(args.model, args.state_dir, args.output)
+    if bool(args.quantize) != bool(args.calibration_images) or (args.quantize and args.format != "onnx"):
+        print("--quantize int8 goes with --calibration-images IMAGES_DIR (the site's own images) and --format onnx",
+              file=sys.stderr)
+        return 2
+    info = export_onnx(args.model, args.state_dir, args.output, args.calibration_images)
     check = info["check"]
     print(f"wrote {args.output} (+ .json): {info['model']['spatial_dims']}D U-Net, patch {info['patch_size']}, "
           f"{layers.get(info['local_layers'], 'no site-local layers')}; "
           f"ONNX Runtime vs PyTorch: logits within {check['max_abs_diff']:.2g}, "
           f"{check['label_agreement']:.2%} of labels equal")
+    if "int8" in info:
+        print(f"quantized to int8 on {info['int8']['calibration_patches']} patches of {args.calibration_images}: "
+              f"{info['int8']['label_agreement']:.2%} of their voxels keep the float graph's label")
     if info["local_layers"] == "site":
         print("the file holds this site's own local layers: keep it at the site, like its state dir")
     return 0

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedseg.client.quantize import calibration_patches, quantize_int8
 from fedseg.client.site_model import SavedModel, recorded_flip_axes, saved_model
 from fedseg.client.tasks import task_for
 from fedseg.common.atomic import atomic_write_json
@@ -26,11 +27,14 @@ MAX_ABS_DIFF = 1e-3  # logits of the exported graph vs PyTorch's on the check ba
 INSTALL = "pip install 'fedseg[export]' (onnx, onnxscript, onnxruntime)"
 
 
-def export_onnx(model_path: str | Path, state_dir: str | Path | None, output: str | Path) -> dict[str, Any]:
+def export_onnx(model_path: str | Path, state_dir: str | Path | None, output: str | Path,
+                calibration_images: str | Path | None = None) -> dict[str, Any]:
     """Write ``output`` (ONNX, batch axis dynamic) and ``output.json`` for a fedseg U-Net model.
 
     The graph is run by ONNX Runtime on a random batch of another size than the one it was
-    traced with, and written only if its logits match PyTorch's within ``MAX_ABS_DIFF``.
+    traced with, and written only if its logits match PyTorch's within ``MAX_ABS_DIFF``. With
+    ``calibration_images`` (the site's own unlabeled images) the file written is that graph
+    quantized to int8 (``quantize.quantize_int8``), checked against it in turn.
 
     Returns:
         The sidecar's content (model spec, patch size, the check's figures).
@@ -71,7 +75,14 @@ def export_onnx(model_path: str | Path, state_dir: str | Path | None, output: st
             "flip_axes": list(flips), "source": str(model_path),
             "local_layers": local_source, "check": {"max_abs_diff": diff, "label_agreement": agreement},
             "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__}}
-    os.replace(staged, output)
+    if calibration_images is not None:
+        try:
+            patches = calibration_patches(calibration_images, spec.in_channels, patch, spec.spatial_dims)
+            info["int8"] = quantize_int8(staged, output, patches)
+        finally:
+            staged.unlink(missing_ok=True)
+    else:
+        os.replace(staged, output)
     atomic_write_json(Path(str(output) + SIDECAR), info)
     return info
 

@@ -56,3 +56,26 @@ def test_an_exported_model_cannot_adapt_and_a_missing_description_is_named(tmp_p
     (tmp_path / "model.onnx.json").unlink()
     assert main(["predict", str(site / "images"), str(tmp_path / "out"), "--model", str(onnx)]) != 0
     assert "model.onnx.json: the exported model's description is missing" in capsys.readouterr().err
+
+
+def test_an_int8_export_calibrated_on_the_sites_images_predicts_the_float_models_masks(tmp_path, capsys):
+    (site,) = write_study(tmp_path / "study", sites=1, dims=3, cases=2, size=20, seed=0)
+    model = _run_dir(tmp_path, ModelSpec(3, 1, 3, (4, 8), "instance"))
+    assert main(["export", str(model), "--output", str(tmp_path / "m.onnx"), "--quantize", "int8"]) != 0
+    assert "--quantize int8 goes with --calibration-images" in capsys.readouterr().err
+    for name, extra in (("float", []), ("int8", ["--quantize", "int8", "--calibration-images", str(site / "images")])):
+        assert main(["export", str(model), "--state-dir", str(tmp_path / "state"), "--output",
+                     str(tmp_path / f"{name}.onnx"), *extra]) == 0
+        assert main(["predict", str(site / "images"), str(tmp_path / name), "--model", str(tmp_path / f"{name}.onnx")]) == 0
+    assert "quantized to int8 on 32 patches" in capsys.readouterr().out
+    info = json.loads((tmp_path / "int8.onnx.json").read_text())
+    assert info["int8"]["label_agreement"] >= 0.98 and "int8" not in json.loads((tmp_path / "float.onnx.json").read_text())
+    import nibabel as nib
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
+    assert any(w.data_type == onnx.TensorProto.INT8 for w in graph.initializer)  # int8 weights
+    for mask in sorted((tmp_path / "float").glob("*.nii.gz")):
+        same = np.asarray(nib.load(mask).dataobj) == np.asarray(nib.load(tmp_path / "int8" / mask.name).dataobj)
+        assert same.mean() >= 0.95, mask.name  # untrained weights: near-tied logits, the hardest case for int8

@@ -47,7 +47,7 @@ def test_short_soak_survives_an_intruder_a_coordinator_crash_and_a_site_crash_wi
     assert "No SuperNode found with the given public key" in fed.log_of("superlink")
 
     run_dir, checkpoint = runs / "soak", lambda n: (runs / "soak" / "checkpoints" / f"round-{n}.pt").is_file()
-    fed.start_run(f"{RUN} num-server-rounds=20 local-layers='none' min-train-sites=1 round-timeout=20.0 "
+    fed.start_run(f"{RUN} num-server-rounds=20 local-layers='none' min-train-sites=1 round-timeout=30.0 "
                   f"output-dir='{runs}' run-name='soak'")
     fed.wait_for(lambda: checkpoint(6) and all(fed.log_of(s).count("Receiving: train message") >= 7 for s in keys),
                  300, "both sites to receive their round-7 training message")
