@@ -41,6 +41,15 @@ def _world_values(site, entry: str, source: np.ndarray, spacing) -> np.ndarray:
     return np.asarray(image.dataobj)[index[..., 0], index[..., 1], index[..., 2]]
 
 
+def _ingest(pacs, site, capsys) -> tuple[str, dict]:
+    """Ingest as a user would: what it printed, and the dataset.json of a folder that passes
+    `fedseg check --strict`."""
+    assert main(["ingest", str(pacs), str(site)]) == 0
+    out = capsys.readouterr().out
+    assert main(["check", str(site), "--strict"]) == 0
+    return out, json.loads((site / "dataset.json").read_text())
+
+
 def test_dicom_series_with_seg_become_a_clean_site_folder_and_bad_series_are_named(tmp_path, capsys):
     pacs, spacing = tmp_path / "pacs", (1.0, 1.0, 1.0)
     sources = {}
@@ -61,14 +70,10 @@ def test_dicom_series_with_seg_become_a_clean_site_folder_and_bad_series_are_nam
     (pacs / "notes.txt").write_text("exported from PACS")
 
     site = tmp_path / "site-a"
-    assert main(["ingest", str(pacs), str(site)]) == 0
-    out = capsys.readouterr().out
+    out, meta = _ingest(pacs, site, capsys)
     assert "3 case(s) ingested (2 labelled, 1 for inference only); 3 series left out:" in out
     assert "(scout/loc): a localizer" in out and "(empty/t1): a file without pixel data" in out
     assert "(gap/t1): its slices do not form one volume (a slice missing" in out
-    assert main(["check", str(site), "--strict"]) == 0
-
-    meta = json.loads((site / "dataset.json").read_text())
     assert meta["modality"] == "MRI" and meta["spatial_dims"] == 3
     assert meta["labels"] == {"0": "background", "1": "anterior", "2": "posterior"}
     assert len(meta["training"]) == 2 and len(meta["test"]) == 1
@@ -107,13 +112,10 @@ def test_a_real_ct_file_and_broken_input_are_handled_with_their_reasons(tmp_path
         ds["PixelData"].VR = "OB"
         ds.save_as(ds.filename, enforce_file_format=True)
     site = tmp_path / "site-ct"
-    assert main(["ingest", str(pacs), str(site)]) == 0
-    out = capsys.readouterr().out
+    out, meta = _ingest(pacs, site, capsys)
     assert "1 case(s) ingested (0 labelled, 1 for inference only)" in out
     assert "orphan-seg.dcm: a SEG of series" in out and "which is not in" in out
     assert "(jpeg/t1): its pixel data cannot be decoded here (transfer syntax JPEG Baseline" in out
-    assert main(["check", str(site), "--strict"]) == 0
-    meta = json.loads((site / "dataset.json").read_text())
     assert meta["modality"] == "CT" and meta["training"] == [] and len(meta["test"]) == 1
     values = np.asarray(nib.load(site / meta["test"][0]).dataobj)
     hu = ct.pixel_array * float(ct.RescaleSlope) + float(ct.RescaleIntercept)
