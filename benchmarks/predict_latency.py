@@ -1,12 +1,14 @@
 """Seconds per case of site inference (MONAI sliding windows over whole cases) and the Dice each
 way gives, on real data: PyTorch float32, PyTorch bf16 autocast, the `fedseg export` ONNX graph in
-ONNX Runtime, and that graph quantized to int8 (ONNX Runtime static quantization, calibrated on
-training patches); on a GPU also PyTorch float32 and AMP there.
+ONNX Runtime, and `fedseg export --quantize int8`'s graph (calibrated on the first training site's
+images); on a GPU also PyTorch float32 and AMP there.
 
 Usage: python -m benchmarks.predict_latency [--dataset hippocampus|monuseg] [--epochs 20]
 hippocampus: a U-Net 16/32/64 (patch 32) trained on 200 MSD Hippocampus cases, scored on the 60
 cases it never saw. monuseg: a U-Net 16..128 (patch 256) trained on the four client sites' tiles,
-scored on the held-out site's 1000 x 1000 tiles. Dice change is against PyTorch float32.
+scored on the held-out site's 1000 x 1000 tiles. Dice change is against PyTorch float32. Seconds
+per case: the median over 10 cases, in 3 passes that take turns over the variants; each figure is
+the median [range] of the passes, and a speed ratio is taken within each pass.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from fedseg.common.logs import setup_logging
 from fedseg.common.precision import site_precision
 from fedseg.server.checkpoints import save_global_model
 from fedseg.simulations.pooled import train_pooled
+
+TIMED_CASES = 10
+PASSES = 3
 
 
 def main() -> None:
@@ -58,72 +63,61 @@ def main() -> None:
     train_s = time.perf_counter() - started
     model = model.cpu().eval()
     meta = {"model": task.spec.to_dict(), "local_layers": "none", "local_keys": [],
-            "patch_size": cfg.patch_size, "run_name": "latency", "run_id": "0"}
+            "patch_size": cfg.patch_size, "run_name": "latency", "run_id": "0",
+            "flip_axes": []}  # no test-time mirroring: every variant runs the same windows
     weights = save_global_model(work / "run", 1, ArrayRecord(model.state_dict()), meta)
     onnx_path = work / "model.onnx"
     export_onnx(weights, None, onnx_path)
-    int8_path = quantized(onnx_path, train_sites[0], cfg.patch_size)
+    onnx_path, int8_path = work / "model.onnx", work / "model-int8.onnx"
+    export_onnx(weights, None, onnx_path)
+    int8 = export_onnx(weights, None, int8_path, calibration_images=train_sites[0].root / "images")["int8"]
     variants = {"PyTorch float32": (model, "off"), "PyTorch bf16 autocast": (model, "bf16"),
                 "ONNX Runtime float32 (fedseg export)": (OnnxNetwork(onnx_path), "off"),
-                "ONNX Runtime int8 (static, QDQ)": (OnnxNetwork(int8_path), "off")}
+                "ONNX Runtime int8 (fedseg export --quantize int8)": (OnnxNetwork(int8_path), "off")}
     if torch.cuda.is_available():
         variants |= {"PyTorch float32, CUDA": (model, "off"), "PyTorch AMP, CUDA": (model, "auto")}
+    images = [image_transforms(Path(item["image"]))(item["image"]) for item in to_dicts(cases[:TIMED_CASES])]
+    passes: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(PASSES):  # interleaved, so a slow spell of the machine hits every variant alike
+        for name, (network, amp) in variants.items():
+            passes[name].append(seconds_per_case(task, network, images, cfg.patch_size, amp,
+                                                 "cuda" if "CUDA" in name else "cpu"))
     rows, reference = [], None
     for name, (network, amp) in variants.items():
         device = "cuda" if "CUDA" in name else "cpu"
-        precision = site_precision(amp, device)
-        seconds = []
-        for item in to_dicts(cases):
-            image = image_transforms(Path(item["image"]))(item["image"])
-            with precision.autocast():
-                task.infer(network, image, cfg.patch_size, device)  # warm: first call builds kernels
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                task.infer(network, image, cfg.patch_size, device)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                seconds.append(time.perf_counter() - start)
-            if len(seconds) == 10:
-                break
-        with precision.autocast():
+        with site_precision(amp, device).autocast():
             dice = task.evaluate(network, test_site, cases, patch_size=cfg.patch_size, device=device)["dice"]
-        reference = dice if reference is None else reference
         network.cpu()
+        reference = dice if reference is None else reference
+        speedups = [f / s for f, s in zip(passes["PyTorch float32"], passes[name])]
         rows.append({"dataset": args.dataset, "inference": name, "device": device,
-                     "median s/case": statistics.median(seconds), "mean Dice": dice,
-                     "Dice change": dice - reference})
-    report(f"predict_latency_{args.dataset}", rows, {"cases scored": len(cases), "threads": torch.get_num_threads(),
-                                                     "training seconds": train_s, "epochs": args.epochs})
+                     "s/case": spread(passes[name]), "speed vs float32": spread(speedups),
+                     "mean Dice": dice, "Dice change": dice - reference})
+    report(f"predict_latency_{args.dataset}", rows, {
+        "cases scored": len(cases), "cases timed": len(images), "passes": PASSES, "threads": torch.get_num_threads(),
+        "training seconds": train_s, "epochs": args.epochs, "int8 calibration": int8,
+        "passes s/case": passes})
 
 
-def quantized(onnx_path: Path, site, patch: int) -> Path:
-    """The graph with int8 weights and activations (ONNX Runtime static quantization, QDQ, per
-    channel), calibrated on 16 random training patches of ``site``."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+def seconds_per_case(task, network, images: list[torch.Tensor], patch: int, amp: str, device: str) -> float:
+    """Median seconds of one whole-case sliding-window inference (after one warm call)."""
+    precision, seconds = site_precision(amp, device), []
+    with precision.autocast():
+        task.infer(network, images[0], patch, device)  # warm: the first call builds kernels
+        for image in images:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            task.infer(network, image, patch, device)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
 
-    cases = split_training(site, 0.25, 0)[0][:16]
-    patches = []
-    for item in to_dicts(cases):
-        image = image_transforms(Path(item["image"]))(item["image"])
-        corner = [max(0, (s - patch) // 2) for s in image.shape[1:]]
-        window = image[(slice(None), *(slice(c, c + patch) for c in corner))]
-        pad = [x for s in reversed(window.shape[1:]) for x in (0, patch - s)]
-        patches.append(torch.nn.functional.pad(window, pad)[None].numpy())
 
-    class Patches(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter({"image": p} for p in patches)
-
-        def get_next(self):
-            return next(self.items, None)
-
-    prepared, out = onnx_path.with_name("prepared.onnx"), onnx_path.with_name("model-int8.onnx")
-    quant_pre_process(str(onnx_path), str(prepared))
-    quantize_static(str(prepared), str(out), Patches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return out
+def spread(values: list[float]) -> str:
+    """``median [min-max]``."""
+    return f"{statistics.median(values):.3g} [{min(values):.3g}-{max(values):.3g}]"
 
 
 if __name__ == "__main__":
