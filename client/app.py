@@ -4,6 +4,7 @@ site_model.py, tasks.py, trainer.py and privacy.py)."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
@@ -115,10 +116,11 @@ def _train_admitted(msg: Message, opened: tuple[SiteRoundConfig, SiteLocation, i
     task = task_for(cfg.model)
     scores = {}
     if cfg.evaluate_in_train:  # the server asks: what last round's evaluation message would score
+        started = time.perf_counter()
         with site_precision(cfg.amp, device, deterministic=cfg.deterministic).autocast():
             scores = task.evaluate(mine.model, spec, val_cases, patch_size=cfg.patch_size, device=device,
                                    min_group_cases=site.policy.group_threshold(cfg.min_group_cases))
-        scores[NUM_EXAMPLES] = len(val_cases)
+        scores |= {NUM_EXAMPLES: len(val_cases), "seconds-score": time.perf_counter() - started}
     result = train_local(
         mine.model, task, spec, cases, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
         lr=cfg.round_lr(server_round), patch_size=cfg.patch_size,
@@ -135,7 +137,8 @@ def _train_admitted(msg: Message, opened: tuple[SiteRoundConfig, SiteLocation, i
     log.info("site %s round %d: loss %.4f over %d cases, %d steps", spec.name, server_round,
              result.loss, result.num_examples, result.steps)
     metrics = {"train-loss": result.loss, NUM_EXAMPLES: result.num_examples, "steps": result.steps,
-               "cuda": float(device.startswith("cuda"))}
+               "cuda": float(device.startswith("cuda")), "seconds-train": result.seconds,
+               "seconds-data": result.data_seconds}
     if dp is not None:
         metrics |= {"epsilon": result.epsilon, "delta": dp.plan.delta,
                     "noise-multiplier": dp.plan.noise_multiplier, "dp-lr": dp.training.lr}
@@ -158,6 +161,7 @@ def _evaluate(msg: Message, node_config: dict) -> RecordDict:
     options = dict(patch_size=cfg.patch_size, device=device,
                    min_group_cases=site.policy.group_threshold(cfg.min_group_cases))
     precision = site_precision(cfg.amp, device, deterministic=cfg.deterministic)
+    started = time.perf_counter()
     with precision.autocast():
         scores = task.evaluate(model, spec, cases, **options)
         if earlier and spec.name in cfg.heldout_sites:  # also the ensemble of the last rounds' models
@@ -165,11 +169,15 @@ def _evaluate(msg: Message, node_config: dict) -> RecordDict:
             combined = task.evaluate(model, spec, cases, **options, ensemble=members)
             scores |= {f"ensemble-{k}": v for k, v in combined.items() if not k.startswith("group-")}
             scores["ensemble-models"] = 1 + len(members)
-    if spec.name in cfg.heldout_sites:  # an unseen hospital: also score after adapting its norms
+    scores["seconds-score"] = time.perf_counter() - started
+    # an unseen hospital: also score after adapting its norms, in the rounds the server asks for
+    if spec.name in cfg.heldout_sites and cfg.adapt_heldout:
+        started = time.perf_counter()
         # nothing applies to a model without BatchNorm and per-pixel classes (Mask R-CNN)
         if adapt_to_site(model, task, site_images(spec, cases), patch_size=cfg.patch_size,
                          seed=cfg.data.seed, device=device):
             with precision.autocast():
                 adapted = task.evaluate(model, spec, cases, **options)
             scores |= {f"tta-{k}": v for k, v in adapted.items() if not k.startswith("group-")}
+            scores["seconds-adapt"] = time.perf_counter() - started
     return RecordDict({METRICS: scalar_metrics({**scores, NUM_EXAMPLES: len(cases)})})

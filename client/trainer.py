@@ -35,6 +35,8 @@ class TrainResult:
     steps: int
     epsilon: float | None = None
     losses: tuple[float, ...] = ()  # each step's, for the site's own curves (never sent)
+    seconds: float = 0.0  # the round's training, from loading the cases to the last step
+    data_seconds: float = 0.0  # of which the steps waited for their patches (loading, cropping)
 
 
 def round_steps(num_cases: int, batch_size: int, epochs: int, dp: DPSession | None) -> int:
@@ -95,6 +97,7 @@ def train_local(
         Mean training loss, number of cases (FedAvg's weight), optimizer steps, and the
         site's cumulative epsilon when ``dp`` is set.
     """
+    started = time.perf_counter()
     set_determinism(seed=seed)
     data = task.training_data(site, cases, patch_size, seed, augment, cache_mb, flips)
     model.to(device).train()
@@ -113,12 +116,18 @@ def train_local(
     losses: list[float] = []
     steps = 0
     total = round_steps(len(cases), batch_size, epochs, dp)
-    started = last_line = time.monotonic()
+    first_step = last_line = time.monotonic()
     # the next batch's patches are cropped and augmented while this one trains, where a core is free
     ahead = prefetched(batches, lambda indices: [[data[i] for _ in range(patches_per_case)] for i in indices],
                        depth=ahead_depth(device, patch_size ** site.spatial_dims * batch_size * patches_per_case))
+    waited = time.perf_counter() - started  # opening the cases (decoding them unless cached) counts as data
     try:
-        for patches in ahead:
+        while True:
+            asked = time.perf_counter()
+            patches = next(ahead, None)
+            waited += time.perf_counter() - asked
+            if patches is None:
+                break
             optimizer.zero_grad(set_to_none=True)
             loss = step(patches)
             if loss is not None and not math.isfinite(loss):
@@ -132,7 +141,7 @@ def train_local(
                 losses.append(loss)
             if time.monotonic() - last_line > PROGRESS_SECONDS and steps < total:
                 last_line = time.monotonic()
-                left = (last_line - started) / steps * (total - steps)
+                left = (last_line - first_step) / steps * (total - steps)
                 log.info("site %s: step %d/%d, loss %.4f, about %.0fs left in this round", site.name,
                          steps, total, sum(losses[-10:]) / max(len(losses[-10:]), 1), left)
     finally:
@@ -141,7 +150,8 @@ def train_local(
         model.to(memory_format=torch.contiguous_format)  # what is saved and sent is laid out as usual
     epsilon = dp.close() if dp is not None else None
     return TrainResult(loss=sum(losses) / max(len(losses), 1), num_examples=len(cases), steps=steps,
-                       epsilon=epsilon, losses=tuple(losses))
+                       epsilon=epsilon, losses=tuple(losses), seconds=time.perf_counter() - started,
+                       data_seconds=waited)
 
 
 def training_layout(spec: ModelSpec, device: str, private: bool = False) -> torch.memory_format:

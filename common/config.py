@@ -27,11 +27,12 @@ LOCAL_LAYERS = ("none", "norm", "norm+head")
 DP_MODES = ("off", "sample", "client")
 TRANSFER_DTYPES = ("float32", "float16")  # Flower carries NumPy arrays: no bfloat16
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+HELDOUT_ADAPT = ("final", "every")  # held-out sites score after test-time adaptation: last round, each round
 FLIPS = re.compile(r"auto|all|none|[0-2](,[0-2])*")
 TRACKERS = ("tensorboard", "mlflow")
 CHOICES = {"strategy": STRATEGIES, "local_layers": LOCAL_LAYERS, "model": MODELS, "backbone": BACKBONES,
            "norm": NORMS, "dp": DP_MODES, "lr_schedule": LR_SCHEDULES, "amp": AMP_MODES,
-           "transfer_dtype": TRANSFER_DTYPES}
+           "transfer_dtype": TRANSFER_DTYPES, "heldout_adapt": HELDOUT_ADAPT}
 
 
 def key(default: Any, help: str, expert: bool = False) -> Any:  # noqa: A002 - argparse's word
@@ -130,6 +131,14 @@ class RunConfig:
         (),
         "sites that only ever evaluate (scored plain and after test-time adaptation of BatchNorm "
         "statistics on their own unlabeled images).")
+    heldout_adapt: str = key(
+        "final",
+        "when held-out sites also score after test-time adaptation (which takes as long as scoring again): "
+        "final (the last round only) or every (each round they score).")
+    evaluate_every: int = key(
+        1,
+        "score the model every K rounds, >= 1; the last round is always scored (training sites score a "
+        "round's model on their validation cases, held-out sites on all theirs).")
     heldout_ensemble: int = key(
         0,
         "K >= 2 also scores held-out sites with the ensemble of the last K rounds' models (class "
@@ -219,6 +228,8 @@ class RunConfig:
              "must be in [0, 1) (0: no averaging; -1: fedseg's DP recipe)"),
             ("dp-delta", 0 < self.dp_delta < 1, "must be in (0, 1)"),
             ("min-group-cases", self.min_group_cases >= 1, "must be >= 1"),
+            ("heldout-adapt", self.heldout_adapt in HELDOUT_ADAPT, f"must be one of {HELDOUT_ADAPT}"),
+            ("evaluate-every", self.evaluate_every >= 1, "must be >= 1"),
             ("heldout-ensemble", self.heldout_ensemble == 0 or self.heldout_ensemble >= 2,
              "must be 0 (off) or >= 2 (rounds whose models are averaged)"),
             ("heldout-ensemble", not (self.heldout_ensemble and kind is not None and not kind.dense),
@@ -308,7 +319,7 @@ class RunConfig:
             patch_size=self.patch_size, augment=self.augment, flip_axes=flip_axes,
             proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
             min_group_cases=self.min_group_cases, heldout_sites=self.heldout_sites,
-            evaluate_in_train=False,  # the server asks for it per train message
+            evaluate_in_train=False, adapt_heldout=False,  # the server asks for them per message
             device=self.device, amp=self.amp, deterministic=self.deterministic,
             transfer_dtype=self.transfer_dtype, data=data or self.site_data(),
             dp=DPSettings(self.dp, self.dp_noise_multiplier, self.dp_max_grad_norm, self.dp_delta,

@@ -103,9 +103,11 @@ class SiteRoundConfig:
         lr_schedule, num_rounds: how ``lr`` changes over the run's rounds (``round_lr``).
         proximal_mu: FedProx weight (0 unless the strategy is FedProx).
         min_group_cases: k-case threshold for fairness groups.
-        heldout_sites: sites that only evaluate (they also score after norm adaptation).
+        heldout_sites: sites that only evaluate.
         evaluate_in_train: score the received global model before training (``EVAL_PREFIX``
             metrics); the server sets it in a train message when the last round awaits its scores.
+        adapt_heldout: a held-out site also scores after test-time adaptation of its norms; the
+            server sets it in the rounds run-config ``heldout-adapt`` names.
         device: the server's device wish (a site's own node config ``device`` wins).
         amp, deterministic: mixed precision and cuDNN mode (``common/precision.py``).
         transfer_dtype: precision the site sends its shared weights in.
@@ -129,6 +131,7 @@ class SiteRoundConfig:
     min_group_cases: int
     heldout_sites: tuple[str, ...]
     evaluate_in_train: bool
+    adapt_heldout: bool
     device: str
     amp: str
     deterministic: bool

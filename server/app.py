@@ -183,7 +183,8 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation, tracking: RoundTrackin
         average=average, ensemble_size=cfg.heldout_ensemble, transfer_dtype=cfg.transfer_dtype,
         pretrained_start=bool(cfg.pretrained_weights), done=run.done, server_state=run.server_state,
         pending_record=run.pending_record,
-        late_sites=LateSites(fed.data, fed.cohort, set(cfg.heldout_sites), cfg.round_timeout), tracking=tracking)
+        late_sites=LateSites(fed.data, fed.cohort, set(cfg.heldout_sites), cfg.round_timeout), tracking=tracking,
+        evaluate_every=cfg.evaluate_every, adapt_every_round=cfg.heldout_adapt == "every")
     log.info("federated %s over %d site(s) (%s), %d round(s)%s", cfg.strategy,
              len(fed.training_sites), ", ".join(fed.training_sites), cfg.num_server_rounds,
              f", resuming after round {run.done}" if run.done else "")

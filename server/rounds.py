@@ -19,8 +19,11 @@ from fedseg.server.tracking import RoundTracking
 log = logging.getLogger(__name__)
 
 
+TIMING_PREFIX = "seconds-"  # a site's timing of its work (seconds-train, ...): kept apart from its scores
+
+
 def _empty_round() -> dict[str, Any]:
-    return {"train": {}, "eval": {}, "errors": {}, "bytes-down": {}}
+    return {"train": {}, "eval": {}, "errors": {}, "bytes-down": {}, "time": {}}
 
 
 class RoundRecorder:
@@ -40,7 +43,7 @@ class RoundRecorder:
             if msg.has_error():
                 self._rounds[server_round]["errors"][site] = msg.error.reason
                 continue
-            entry = dict(msg.content[METRICS])
+            entry = self._untimed(server_round, site, dict(msg.content[METRICS]))
             entry["bytes-up"] = record_bytes(msg.content[ARRAYS])
             self._rounds[server_round]["train"][site] = entry
         record = self._rounds[server_round]
@@ -62,7 +65,16 @@ class RoundRecorder:
     def scored(self, server_round: int, site: str, scores: dict[str, Any]) -> None:
         """Record one site's validation scores of the round's model (from an evaluation reply,
         or from the next round's train reply)."""
-        self._rounds[server_round]["eval"][site] = scores
+        self._rounds[server_round]["eval"][site] = self._untimed(server_round, site, scores)
+
+    def _untimed(self, server_round: int, site: str, metrics: dict[str, Any]) -> dict[str, Any]:
+        """``metrics`` without the site's timings, which go to the round's ``time`` part
+        (``seconds-train`` -> ``time[site]["train"]``): scores and losses stay what a seeded run
+        repeats exactly."""
+        timed = {k.removeprefix(TIMING_PREFIX): v for k, v in metrics.items() if k.startswith(TIMING_PREFIX)}
+        if timed:
+            self._rounds[server_round]["time"].setdefault(site, {}).update(timed)
+        return {k: v for k, v in metrics.items() if not k.startswith(TIMING_PREFIX)}
 
     def note(self, server_round: int, key: str, value: Any) -> None:
         """Attach a server-side figure to the round (e.g. client-level epsilon)."""
@@ -114,6 +126,7 @@ class RoundLog:
         save_checkpoint(self.folder.dir, server_round, aggregate, self.meta,
                         average=None if evaluated is aggregate else evaluated, server_state=server_state,
                         pending_record=self.recorder.peek(server_round))
+        self.recorder.note(server_round, "seconds-checkpoint", round(time.monotonic() - now, 3))
         first = not self.checkpointed
         self.checkpointed = server_round
         log.info("round %d/%d trained in %.1fs (checkpoint saved)%s", server_round, self.total_rounds, seconds,
@@ -130,8 +143,10 @@ class RoundLog:
         if server_round != self.checkpointed:
             if aggregate is None or evaluated is None:
                 raise ValueError(f"round {server_round} has no checkpoint yet: its weights are needed")
+            started = time.monotonic()
             save_checkpoint(self.folder.dir, server_round, aggregate, self.meta,
                             average=None if evaluated is aggregate else evaluated, server_state=server_state)
+            record["seconds-checkpoint"] = round(time.monotonic() - started, 3)
         self.folder.append_round(record)
         log_round(record, self.total_rounds)
         if self.tracking is not None:

@@ -6,7 +6,11 @@ wrap a strategy:
 
 - only sites checked at discovery are ever sampled (a site of the run that connects later, say
   back from a restart while the coordinator resumed, is asked first: ``discovery.LateSites``);
-  held-out sites never train but score every round (with the unseen-site norm set, and with ``heldout-ensemble`` K the K - 1 earlier models);
+  held-out sites never train but score every scored round (with the unseen-site norm set, and with
+  ``heldout-ensemble`` K the K - 1 earlier models), and score after test-time adaptation in the
+  last round (every round with ``heldout-adapt=every``);
+- a round is scored every ``evaluate-every`` rounds and always the last one; the rounds between
+  are trained, checkpointed and logged without scores;
 - every reply is checked before it counts (``reply_checks``): one that fails is that site's
   failure for the round, never part of the global model;
 - replies are aggregated in a fixed site order (a seeded run is bit-for-bit repeatable), in
@@ -90,6 +94,9 @@ class SiteStrategy(Strategy):
             scores it awaited: the resumed run completes its rounds.jsonl line.
         late_sites: admits the run's sites that connect after discovery (None: none are).
         tracking: where each round's line also goes (TensorBoard, MLflow; None: nowhere else).
+        evaluate_every: K >= 1: rounds K, 2K, ... and the last are scored.
+        adapt_every_round: held-out sites adapt and score again in every scored round, not only
+            the last.
 
     Raises:
         ValueError: an argument out of range, naming it.
@@ -101,7 +108,8 @@ class SiteStrategy(Strategy):
                  ensemble_size: int = 0, transfer_dtype: str = "float32", pretrained_start: bool = False,
                  done: int = 0, server_state: dict[str, Any] | None = None,
                  pending_record: dict[str, Any] | None = None, late_sites: LateSites | None = None,
-                 tracking: RoundTracking | None = None) -> None:
+                 tracking: RoundTracking | None = None, evaluate_every: int = 1,
+                 adapt_every_round: bool = False) -> None:
         heldout = set(heldout_nodes or ())
         checks = [
             ("inner", isinstance(inner, Strategy), "must be a Flower Strategy"),
@@ -113,6 +121,7 @@ class SiteStrategy(Strategy):
             ("ensemble_size", ensemble_size == 0 or ensemble_size >= 2, "must be 0 or >= 2"),
             ("transfer_dtype", transfer_dtype in TRANSFER_DTYPES, f"must be one of {TRANSFER_DTYPES}"),
             ("done", done >= 0, "must be >= 0"),
+            ("evaluate_every", evaluate_every >= 1, "must be >= 1"),
             ("pending_record", pending_record is None or done >= 1, "needs a completed round (done >= 1)"),
         ]
         for name, ok, why in checks:
@@ -125,6 +134,7 @@ class SiteStrategy(Strategy):
         self.average = average or ModelAverage(0.0)
         self.ensemble_size = ensemble_size if heldout or (late_sites and late_sites.heldout_sites) else 0
         self.transfer_dtype, self.pretrained_start = transfer_dtype, pretrained_start
+        self.evaluate_every, self.adapt_every_round = evaluate_every, adapt_every_round
         # a moving average is not the model sites train on, and sites left out of a round would not
         # score the last one: both are scored in evaluation messages
         self.evaluate_in_train = self.average.decay == 0 and not samples_sites(inner)
@@ -221,7 +231,10 @@ class SiteStrategy(Strategy):
         rnd = server_round + self.done
         self._aggregate = arrays  # the previous one again when this round's aggregation gave none
         evaluated = self.average.model(arrays)
-        if self._scored_in_train(rnd):  # training sites score it next round; held-out sites now
+        config["adapt-heldout"] = self.adapt_every_round or rnd == self.num_rounds
+        if not self._scored(rnd):
+            messages = []
+        elif self._scored_in_train(rnd):  # training sites score it next round; held-out sites now
             config["server-round"] = rnd
             messages = [evaluate_message(evaluated, config, node)
                         for node in sorted(self.heldout_nodes & set(grid.get_node_ids()))]
@@ -266,8 +279,11 @@ class SiteStrategy(Strategy):
             kept.append(m)
         return kept, results
 
+    def _scored(self, rnd: int) -> bool:
+        return rnd % self.evaluate_every == 0 or rnd >= self.num_rounds
+
     def _scored_in_train(self, rnd: int) -> bool:
-        return self.evaluate_in_train and rnd < self.num_rounds
+        return self.evaluate_in_train and rnd < self.num_rounds and self._scored(rnd)
 
     def _end_round(self, rnd: int, aggregate: ArrayRecord | None, evaluated: ArrayRecord | None) -> None:
         """Checkpoint the round (unless done when its training ended) and write its line."""

@@ -32,13 +32,16 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_\-. :/]")  # MLflow's metric-name alphabet; T
 
 def round_scalars(record: dict[str, Any], heldout_sites: set[str]) -> dict[str, float]:
     """Tag -> value of one rounds.jsonl line: ``train/<site>/<metric>``, ``val/<site>/<score>``,
-    ``val/mean-training-sites/dice``, ``val/mean-heldout-sites/dice`` and ``round/seconds``."""
+    ``val/mean-training-sites/dice``, ``val/mean-heldout-sites/dice``, ``time/<site>/<part>`` and
+    ``round/seconds``."""
     scalars: dict[str, float] = {"round/seconds": record["seconds"]} if "seconds" in record else {}
     for site, metrics in record["train"].items():
         scalars |= {f"train/{site}/{k}": metrics[k] for k in TRAIN_SCALARS if k in metrics}
     for site, scores in record["eval"].items():
         scalars |= {f"val/{site}/{k}": v for k, v in scores.items()
                     if k != "num-examples" and not k.startswith("group-cases:")}
+    for site, parts in record.get("time", {}).items():
+        scalars |= {f"time/{site}/{k}": v for k, v in parts.items()}
     for group, inside in (("training-sites", False), ("heldout-sites", True)):
         mean = site_spread({s: m.get("dice") for s, m in record["eval"].items()
                             if (s in heldout_sites) == inside})["mean"]

@@ -32,11 +32,11 @@ def test_recorder_keeps_scalars_bytes_errors_and_names_silent_sites():
     for site, msg in messages.items():
         recorder.sent(1, site, msg.content)
     ok = _reply(messages["a"], RecordDict({"arrays": WEIGHTS, "metrics": MetricRecord(
-        {"train-loss": 0.5, "num-examples": 4})}))
+        {"train-loss": 0.5, "num-examples": 4, "seconds-train": 2.0})}))
     refused = _reply(messages["b"], Error(code=3100, reason="site b refuses: over budget"))
     recorder.trained(1, [("a", ok), ("b", refused)])  # c never answered
     recorder.evaluated(1, [("a", _reply(messages["a"], RecordDict(
-        {"metrics": MetricRecord({"dice": 0.75, "num-examples": 2})})))])
+        {"metrics": MetricRecord({"dice": 0.75, "num-examples": 2, "seconds-score": 0.5})})))])
     recorder.note(1, "client-level-dp", {"epsilon": 1.5})
     record = recorder.pop(1)
     assert record["round"] == 1
@@ -45,8 +45,9 @@ def test_recorder_keeps_scalars_bytes_errors_and_names_silent_sites():
     assert record["errors"] == {"b": "site b refuses: over budget",
                                 "c": "no reply within round-timeout (site dropped out?)"}
     assert record["eval"] == {"a": {"dice": 0.75, "num-examples": 2}}
+    assert record["time"] == {"a": {"train": 2.0, "score": 0.5}}  # timings apart from what a seed repeats
     assert record["client-level-dp"] == {"epsilon": 1.5}
-    assert recorder.pop(1) == {"round": 1, "train": {}, "eval": {}, "errors": {}, "bytes-down": {}}
+    assert recorder.pop(1) == {"round": 1, "train": {}, "eval": {}, "errors": {}, "bytes-down": {}, "time": {}}
 
 
 def test_round_log_checkpoints_and_appends_the_round(tmp_path):

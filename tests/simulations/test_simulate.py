@@ -171,6 +171,30 @@ def test_fedadam_with_a_heldout_site(study_2d, tmp_path):
     assert set(summary["heldout"]) == {"site-c"} and set(summary["sites"]) == {"site-a", "site-b"}
 
 
+def test_evaluate_every_k_rounds_and_heldout_adaptation_in_the_last_round(study_2d, tmp_path):
+    """evaluate-every 2 over 3 rounds scores rounds 2 and 3 only (the last always); the held-out
+    site adapts its norms and scores again in the last round only; every site's timings are kept
+    apart from its scores."""
+    cfg = tiny_config(study_2d, tmp_path, num_server_rounds=3, evaluate_every=2, heldout_sites=("site-c",))
+    run_dir = simulate(cfg, num_cpus=2)
+    rounds = read_rounds(run_dir)
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert rounds[0]["eval"] == {}  # trained, checkpointed and logged, not scored
+    assert (run_dir / "checkpoints" / "round-1.pt").is_file()
+    for r in rounds[1:]:
+        assert sorted(r["eval"]) == ["site-a", "site-b", "site-c"]
+    assert "tta-dice" not in rounds[1]["eval"]["site-c"] and 0 <= rounds[2]["eval"]["site-c"]["tta-dice"] <= 1
+    held_out = [r for r in _outbox(run_dir, "site-c") if r["type"] == "evaluate"]
+    assert len(held_out) == 2  # rounds 2 and 3
+    for site in ("site-a", "site-b"):
+        assert rounds[0]["time"][site]["train"] >= rounds[0]["time"][site]["data"] > 0
+        assert "score" not in rounds[0]["time"][site] and rounds[1]["time"][site]["score"] > 0
+        assert not any(k.startswith("seconds-") for r in rounds for k in r["train"].get(site, {}))
+    assert rounds[2]["time"]["site-c"]["adapt"] > 0 and "adapt" not in rounds[1]["time"]["site-c"]
+    assert not any(k.startswith("seconds-") for r in rounds for e in r["eval"].values() for k in e)
+    assert all(r["seconds-checkpoint"] >= 0 for r in rounds)
+
+
 def test_half_precision_transfer_and_the_heldout_ensemble(fedbn_run, study_2d, tmp_path):
     """transfer-dtype=float16 halves the bytes both ways while the server keeps float32 weights;
     with heldout-ensemble the held-out site alone receives the earlier round's model and scores
