@@ -1,0 +1,103 @@
+"""Where a simulated round's time goes: the sites' own timings from rounds.jsonl (loading and
+cropping the patches the steps waited for, the steps themselves, scoring the training sites'
+validation cases, the held-out site's scoring and its test-time adaptation), the coordinator's
+checkpoint, and what is left of the cores' time (messaging, Ray, sites waiting for each other).
+
+Usage: python -m benchmarks.round_profile [--dataset monuseg|hippocampus] [--rounds 2]
+       [--local-epochs N] [--cpus 2] [--heldout-adapt final|every] [--evaluate-every K] [--amp off,bf16]
+monuseg: the four sites + the 14 official test tiles held out, U-Net 16..128 with one residual
+unit, 256 px crops, batch 8, 120 local epochs (one step per epoch at these sites: the
+side-by-side with the peer framework). hippocampus: MSD Hippocampus as 4 virtual sites, the
+last held out, U-Net 16/32/64, 32^3 patches, batch 8, 5 local epochs. Every part is summed over
+the sites and rounds; a share is of the rounds' wall time x the cores (each site has one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+from benchmarks.common import SHARED_DATA, report
+from fedseg.common.config import RunConfig
+from fedseg.common.logs import setup_logging
+from fedseg.simulations.simulate import simulate
+
+SETTINGS = {
+    "monuseg": dict(study=SHARED_DATA / "monuseg", split=0, heldout="heldout", channels=(16, 32, 64, 128),
+                    patch_size=256, batch_size=8, local_epochs=120),
+    "hippocampus": dict(study=SHARED_DATA / "hippocampus", split=4, heldout="site-msd#3", channels=(16, 32, 64),
+                        patch_size=32, batch_size=8, local_epochs=5),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dataset", choices=tuple(SETTINGS), default="monuseg")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--local-epochs", type=int, default=0, help="0: the dataset's")
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--heldout-adapt", default="final", choices=("final", "every"))
+    parser.add_argument("--evaluate-every", type=int, default=1)
+    parser.add_argument("--amp", default="off", help="run-config amp; several (off,bf16): one run each, in turn")
+    args = parser.parse_args()
+    setup_logging()
+    s = SETTINGS[args.dataset]
+    rows, extra = [], {}
+    for amp in args.amp.split(","):
+        cfg = RunConfig(study_dir=str(s["study"]), output_dir=tempfile.mkdtemp(prefix="fedseg-profile-"),
+                        run_name="profile", num_server_rounds=args.rounds,
+                        local_epochs=args.local_epochs or s["local_epochs"], batch_size=s["batch_size"], lr=0.05,
+                        channels=s["channels"], patch_size=s["patch_size"], local_layers="none",
+                        heldout_sites=(s["heldout"],), heldout_adapt=args.heldout_adapt,
+                        evaluate_every=args.evaluate_every, amp=amp, seed=0)
+        started = time.perf_counter()
+        run_dir = simulate(cfg, num_cpus=args.cpus, split_site=s["split"])
+        wall = time.perf_counter() - started
+        rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+        parts, budget = profile(rounds, s["heldout"], args.cpus)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        rows += [{"amp": amp, **part} for part in parts]
+        extra[amp] = {
+            "rounds seconds": sum(r["seconds"] for r in rounds), "whole run seconds": wall,
+            "evaluation share": sum(p["seconds"] for p in parts if p["part"] in EVALUATION) / budget,
+            "held-out Dice": summary.get("heldout_summary", {}).get("mean"),
+            "in-federation Dice": summary.get("in_federation", {}).get("mean")}
+    first, *others = extra
+    for other in others:  # measured in this run, one after the other
+        extra[f"{other} vs {first}"] = {
+            "rounds seconds ratio": extra[other]["rounds seconds"] / extra[first]["rounds seconds"],
+            "held-out Dice change": _change(extra, other, first, "held-out Dice"),
+            "in-federation Dice change": _change(extra, other, first, "in-federation Dice")}
+    report(f"round_profile_{args.dataset}", rows, {
+        **extra, "rounds": args.rounds, "cpus": args.cpus, "heldout-adapt": args.heldout_adapt,
+        "evaluate-every": args.evaluate_every, "local epochs": args.local_epochs or s["local_epochs"]})
+
+
+def _change(extra: dict, new: str, old: str, key: str) -> float | None:
+    a, b = extra[new][key], extra[old][key]
+    return None if a is None or b is None else a - b
+
+
+EVALUATION = ("score training sites", "score held-out", "adapt held-out")
+
+
+def profile(rounds: list[dict], heldout: str, cpus: int) -> tuple[list[dict], float]:
+    """Each part's seconds summed over the sites and rounds, and its share of the rounds'
+    core-seconds (wall x cores); "rest" is what no part accounts for. Parts are summed over the
+    run because a training site scores round r's model inside round r + 1's train message."""
+    times = [t for r in rounds for t in r.get("time", {}).items()]
+    parts = {"data wait": sum(t.get("data", 0.0) for _, t in times),
+             "steps": sum(t.get("train", 0.0) - t.get("data", 0.0) for _, t in times),
+             "score training sites": sum(t.get("score", 0.0) for s, t in times if s != heldout),
+             "score held-out": sum(t.get("score", 0.0) for s, t in times if s == heldout),
+             "adapt held-out": sum(t.get("adapt", 0.0) for s, t in times if s == heldout),
+             "checkpoint (coordinator)": sum(r.get("seconds-checkpoint", 0.0) for r in rounds)}
+    budget = sum(r["seconds"] for r in rounds) * cpus
+    parts["rest (messaging, Ray, idle cores)"] = budget - sum(parts.values())
+    return [{"part": name, "seconds": seconds, "share": seconds / budget} for name, seconds in parts.items()], budget
+
+
+if __name__ == "__main__":
+    main()
