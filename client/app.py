@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import torch
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -137,7 +138,8 @@ def _train_admitted(msg: Message, opened: tuple[SiteRoundConfig, SiteLocation, i
     log.info("site %s round %d: loss %.4f over %d cases, %d steps", spec.name, server_round,
              result.loss, result.num_examples, result.steps)
     metrics = {"train-loss": result.loss, NUM_EXAMPLES: result.num_examples, "steps": result.steps,
-               "cuda": float(device.startswith("cuda")), "seconds-train": result.seconds,
+               "cuda": float(device.startswith("cuda")), "threads": torch.get_num_threads(),
+               "seconds-train": result.seconds,
                "seconds-data": result.data_seconds}
     if dp is not None:
         metrics |= {"epsilon": result.epsilon, "delta": dp.plan.delta,

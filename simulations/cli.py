@@ -41,7 +41,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     simulate.add_argument("--resume-run", metavar="RUN_DIR",
                           help="continue this run folder (only --rounds and --round-timeout may change)")
     simulate.add_argument("--num-cpus", type=int, default=None,
-                          help="CPU cores Ray may use (default: all); each virtual site takes one")
+                          help="CPU cores Ray may use (default: all): fewer training sites than cores "
+                               "share them out as threads, more take turns, one core each")
     simulate.add_argument("--ray-address", default="", metavar="HOST:PORT",
                           help="run the virtual sites on this running Ray cluster instead of this "
                                "machine alone (README: larger studies)")
@@ -60,7 +61,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     study.add_argument("study_dir")
     study.add_argument("--baselines", default="local,pooled,fedavg,fedprox,fedbn")
     study.add_argument("--num-cpus", type=int, default=None,
-                       help="CPU cores Ray may use (default: all); each virtual site takes one")
+                       help="CPU cores Ray may use (default: all): fewer training sites than cores "
+                            "share them out as threads, more take turns, one core each")
     study.add_argument("--ray-address", default="", metavar="HOST:PORT",
                        help="run the virtual sites on this running Ray cluster (README: larger studies)")
     _engine_flags(study)

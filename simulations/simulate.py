@@ -26,6 +26,13 @@ from fedseg.simulations.gallery import make_gallery, write_gallery
 log = logging.getLogger(__name__)
 
 
+def site_threads(cores: int, training_sites: int) -> int:
+    """PyTorch threads per virtual site, so that the training sites of a round, run side by side,
+    keep every core busy: ``cores // training_sites`` (at least 1; more sites than cores take
+    turns, one core each)."""
+    return max(1, cores // max(1, training_sites))
+
+
 def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
              gpus_per_site: float | None = None, site_cache_mb: int = SITE_CACHE_MB,
              split_site: int = 0) -> Path:
@@ -34,7 +41,7 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
     Args:
         cfg: run config; ``study_dir`` must name the study folder (``resume``: the run folder
             ``output_dir/run_name`` is continued with its stored config).
-        num_cpus: CPUs Ray may use (default: all); each site's ClientApp gets one.
+        num_cpus: CPUs Ray may use (default: all), shared out as ``site_threads`` says.
         ray_address: attach to this running Ray cluster (``ray start --head`` on one machine,
             ``ray start --address ...`` on the others) instead of starting one here; every node
             needs fedseg installed and the study folder at the same path.
@@ -95,14 +102,18 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
         ray_args["address"] = ray_address
         log.info("attaching Flower's simulation engine to the Ray cluster at %s (one CPU per site%s)...",
                  ray_address, f", {gpus:g} GPU per site" if gpus else "")
+        threads = 1
     else:  # a Ray instance of its own, even where `ray start` left a cluster running on this machine
-        ray_args |= {"address": "local", "num_cpus": num_cpus or os.cpu_count() or 1}
-        log.info("starting Flower's simulation engine (Ray, %d CPU(s), one per site at a time%s)...",
-                 ray_args["num_cpus"], f", {gpus:g} GPU per site on {device}" if gpus else "")
+        cores = num_cpus or os.cpu_count() or 1
+        ray_args |= {"address": "local", "num_cpus": cores}
+        threads = site_threads(cores, sum(s.name not in cfg.heldout_sites for s in sites))
+        log.info("starting Flower's simulation engine (Ray, %d CPU(s): %d site(s) at a time, %d thread(s) "
+                 "each%s)...", cores, cores // threads, threads, f", {gpus:g} GPU per site on {device}" if gpus else "")
     with prompt_engine():  # Flower's own scans every inbox and waits 0.1 s per poll
         run_simulation(
             server_app=server_app, client_app=client_app, num_supernodes=len(sites),
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus}, "init_args": ray_args},
+            # Ray gives each site's process as many PyTorch threads as CPUs it assigns
+            backend_config={"client_resources": {"num_cpus": threads, "num_gpus": gpus}, "init_args": ray_args},
         )
     if "run_dir" not in result:
         raise RuntimeError("the simulation ended without finishing the run; see the log above")

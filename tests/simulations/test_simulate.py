@@ -195,6 +195,13 @@ def test_evaluate_every_k_rounds_and_heldout_adaptation_in_the_last_round(study_
     assert all(r["seconds-checkpoint"] >= 0 for r in rounds)
 
 
+def test_fewer_training_sites_than_cores_share_the_cores_out_as_threads(study_2d, tmp_path):
+    """2 training sites on 4 CPUs train side by side on 2 PyTorch threads each."""
+    cfg = tiny_config(study_2d, tmp_path, num_server_rounds=1, heldout_sites=("site-c",))
+    (record,) = read_rounds(simulate(cfg, num_cpus=4))
+    assert {site: m["threads"] for site, m in record["train"].items()} == {"site-a": 2, "site-b": 2}
+
+
 def test_half_precision_transfer_and_the_heldout_ensemble(fedbn_run, study_2d, tmp_path):
     """transfer-dtype=float16 halves the bytes both ways while the server keeps float32 weights;
     with heldout-ensemble the held-out site alone receives the earlier round's model and scores
