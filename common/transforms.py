@@ -43,7 +43,7 @@ def base_transforms(spec: SiteSpec, keep_instances: bool = False) -> list[Any]:
         LoadImaged(keys=("image", "label"), reader=reader, image_only=True),
         EnsureChannelFirstd(keys=("image", "label")),
         NormalizeIntensityd(keys="image", channel_wise=True),
-        _LabelToClasses(instance=spec.task == "instance" and not keep_instances),
+        _LabelToClasses(instance=spec.task == "instance" and not keep_instances, keep_instances=keep_instances),
         EnsureTyped(keys="image", dtype=torch.float32),
     ]
 
@@ -139,14 +139,18 @@ def to_dicts(cases: list[Case]) -> list[dict[str, str]]:
 
 
 class _LabelToClasses:
-    """Cast labels to int64 class maps; instance masks become foreground (label > 0)."""
+    """Cast labels to class maps, one byte per voxel where every class fits (what a site caches
+    across rounds is then an eighth of int64's size; MONAI's losses and metrics take any integer
+    type); instance masks become foreground (label > 0). Instance ids (``keep_instances``) stay
+    int64."""
 
-    def __init__(self, instance: bool) -> None:
-        self.instance = instance
+    def __init__(self, instance: bool, keep_instances: bool = False) -> None:
+        self.instance, self.keep_instances = instance, keep_instances
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         label = torch.as_tensor(data["label"])
         label = (label > 0) if self.instance else torch.round(label)
+        small = not self.keep_instances and (label.numel() == 0 or (label.min() >= 0 and label.max() <= 255))
         out = dict(data)
-        out["label"] = label.to(torch.int64)
+        out["label"] = label.to(torch.uint8 if small else torch.int64)
         return out
