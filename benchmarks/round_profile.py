@@ -5,11 +5,14 @@ checkpoint, and what is left of the cores' time (messaging, Ray, sites waiting f
 
 Usage: python -m benchmarks.round_profile [--dataset monuseg|hippocampus] [--rounds 2]
        [--local-epochs N] [--cpus 2] [--heldout-adapt final|every] [--evaluate-every K] [--amp off,bf16]
+       [--site-cache-mb MB]
 monuseg: the four sites + the 14 official test tiles held out, U-Net 16..128 with one residual
 unit, 256 px crops, batch 8, 120 local epochs (one step per epoch at these sites: the
 side-by-side with the peer framework). hippocampus: MSD Hippocampus as 4 virtual sites, the
 last held out, U-Net 16/32/64, 32^3 patches, batch 8, 5 local epochs. Every part is summed over
-the sites and rounds; a share is of the rounds' wall time x the cores (each site has one).
+the sites and rounds; a share is of the rounds' wall time x the cores (each site has one). Peak
+PSS: this process and every process it started (Ray's and the sites'), summed, sampled twice a
+second.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import tempfile
 import time
 
 from benchmarks.common import SHARED_DATA, report
+from benchmarks.scale import PeakMemory
 from fedseg.common.config import RunConfig
 from fedseg.common.logs import setup_logging
+from fedseg.common.round_config import SITE_CACHE_MB
 from fedseg.simulations.simulate import simulate
 
 SETTINGS = {
@@ -40,7 +45,8 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--heldout-adapt", default="final", choices=("final", "every"))
     parser.add_argument("--evaluate-every", type=int, default=1)
-    parser.add_argument("--amp", default="off", help="run-config amp; several (off,bf16): one run each, in turn")
+    parser.add_argument("--amp", default="auto", help="run-config amp; several (off,bf16): one run each, in turn")
+    parser.add_argument("--site-cache-mb", type=int, default=SITE_CACHE_MB)
     args = parser.parse_args()
     setup_logging()
     s = SETTINGS[args.dataset]
@@ -53,7 +59,8 @@ def main() -> None:
                         heldout_sites=(s["heldout"],), heldout_adapt=args.heldout_adapt,
                         evaluate_every=args.evaluate_every, amp=amp, seed=0)
         started = time.perf_counter()
-        run_dir = simulate(cfg, num_cpus=args.cpus, split_site=s["split"])
+        with PeakMemory() as memory:
+            run_dir = simulate(cfg, num_cpus=args.cpus, split_site=s["split"], site_cache_mb=args.site_cache_mb)
         wall = time.perf_counter() - started
         rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
         parts, budget = profile(rounds, s["heldout"], args.cpus)
@@ -61,6 +68,7 @@ def main() -> None:
         rows += [{"amp": amp, **part} for part in parts]
         extra[amp] = {
             "rounds seconds": sum(r["seconds"] for r in rounds), "whole run seconds": wall,
+            "peak PSS GiB": memory.peak / 2**30,
             "evaluation share": sum(p["seconds"] for p in parts if p["part"] in EVALUATION) / budget,
             "held-out Dice": summary.get("heldout_summary", {}).get("mean"),
             "in-federation Dice": summary.get("in_federation", {}).get("mean")}
@@ -71,7 +79,8 @@ def main() -> None:
             "held-out Dice change": _change(extra, other, first, "held-out Dice"),
             "in-federation Dice change": _change(extra, other, first, "in-federation Dice")}
     report(f"round_profile_{args.dataset}", rows, {
-        **extra, "rounds": args.rounds, "cpus": args.cpus, "heldout-adapt": args.heldout_adapt,
+        **extra, "rounds": args.rounds, "cpus": args.cpus, "site-cache-mb": args.site_cache_mb,
+        "heldout-adapt": args.heldout_adapt,
         "evaluate-every": args.evaluate_every, "local epochs": args.local_epochs or s["local_epochs"]})
 
 
