@@ -155,7 +155,8 @@ class RunConfig:
     amp: str = key(
         "auto",
         "mixed precision of training and inference: auto (bf16 on a CUDA device that supports it, else "
-        "fp16 there; off on CPU), off, bf16, fp16 (CUDA only); training under dp=sample stays float32.")
+        "fp16 there; on a CPU bf16 where it has bf16 units (AVX512-BF16, AMX), else off), off, bf16, fp16 "
+        "(CUDA only); training under dp=sample stays float32.")
     deterministic: bool = key(
         False,
         "bit-exact repeatable CUDA kernels (cuDNN autotuning off); CPU runs are seeded and repeatable "

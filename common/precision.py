@@ -43,10 +43,19 @@ class Precision:
         return torch.amp.GradScaler(self.device_type) if self.dtype == torch.float16 else None
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 units (AVX512-BF16 or AMX), where bf16 autocast trains and infers
+    faster than float32 at the same Dice (benchmarks/RESULTS.md, round_profile); elsewhere PyTorch
+    emulates bf16, slower than float32."""
+    return any(getattr(torch.cpu, check, lambda: False)()
+               for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def site_precision(amp: str, device: str, dp: bool = False, deterministic: bool = False) -> Precision:
     """The precision a site trains and evaluates in, and cuDNN's mode for the process.
 
-    ``auto`` is bf16 on a CUDA device that supports it, else fp16 there, float32 on CPU. Under
+    ``auto`` is bf16 on a CUDA device that supports it, else fp16 there; on a CPU, bf16 where it
+    computes bf16 natively (``cpu_has_bf16``), else float32. Under
     record-level DP (``dp``) training stays float32: per-case clipping in half precision could
     exceed the clipping bound the privacy accounting relies on. cuDNN autotunes its kernels
     (``benchmark``) unless the run asks for bit-exact determinism.
@@ -63,7 +72,7 @@ def site_precision(amp: str, device: str, dp: bool = False, deterministic: bool 
     if amp == "fp16" and not cuda:
         raise ValueError("run-config 'amp' = 'fp16' needs a CUDA device (use bf16 on a CPU, or off)")
     if amp == "auto":
-        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "off"
+        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else ("bf16" if cpu_has_bf16() else "off")
     if dp and amp != "off":
         log.info("mixed precision is off under dp=sample: per-case gradients are clipped in float32")
         amp = "off"

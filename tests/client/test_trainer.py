@@ -104,9 +104,10 @@ def test_mixed_precision_trains_in_bf16_and_keeps_float32_weights(site):
 
 
 def test_precision_follows_the_device_and_dp():
-    from fedseg.common.precision import site_precision
+    from fedseg.common.precision import cpu_has_bf16, site_precision
 
-    assert site_precision("auto", "cpu").dtype is None  # CPUs train in float32 unless asked
+    # a CPU with bf16 units trains in bf16 unless told otherwise; others in float32
+    assert site_precision("auto", "cpu").dtype == (torch.bfloat16 if cpu_has_bf16() else None)
     assert site_precision("bf16", "cpu").dtype == torch.bfloat16
     assert site_precision("bf16", "cpu", dp=True).dtype is None  # per-case clipping in float32
     with pytest.raises(ValueError, match="'fp16' needs a CUDA device"):
