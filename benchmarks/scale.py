@@ -104,7 +104,8 @@ def main() -> None:
         write_study(study, sites=n, dims=2, cases=4, size=16, seed=0)
         cfg = RunConfig(study_dir=str(study), output_dir=str(work / "runs"), run_name=f"n{n}",
                         num_server_rounds=args.rounds, local_epochs=1, batch_size=2, patch_size=16,
-                        channels=(4, 8), lr=0.05, min_train_sites=n, seed=0)
+                        channels=(4, 8), lr=0.05, min_train_sites=n, seed=0,
+                        amp="off")  # the plain loop computes in float32 too
         plain_round = None
         if not args.no_plain:
             plain = plain_monai_loop(cfg, ModelSpec(2, 1, 3, cfg.channels, cfg.norm), scores=True)

@@ -104,7 +104,8 @@ def main() -> None:
     for epochs in (int(e) for e in args.local_epochs.split(",")):
         cfg = RunConfig(study_dir=str(work / "study"), output_dir=str(work / "runs"), run_name=f"sim-e{epochs}",
                         num_server_rounds=args.rounds, local_epochs=epochs, batch_size=4,
-                        lr=0.05, patch_size=48, channels=(16, 32, 64), local_layers="none", seed=0)
+                        lr=0.05, patch_size=48, channels=(16, 32, 64), local_layers="none", seed=0,
+                        amp="off")  # the plain loop computes in float32 too
         plain = plain_monai_loop(cfg, ModelSpec(2, 1, 3, cfg.channels, cfg.norm), scores=True)
         plain_steps = plain.steps
         # fedseg's round lines time training and the previous round's scoring (inside its train message):
