@@ -139,10 +139,10 @@ def to_dicts(cases: list[Case]) -> list[dict[str, str]]:
 
 
 class _LabelToClasses:
-    """Cast labels to class maps, one byte per voxel where every class fits (what a site caches
-    across rounds is then an eighth of int64's size; MONAI's losses and metrics take any integer
-    type); instance masks become foreground (label > 0). Instance ids (``keep_instances``) stay
-    int64."""
+    """Cast labels to class maps, two bytes per voxel (what a site caches across rounds is then a
+    quarter of int64's size; MONAI's losses and metrics take any integer type, but its crop
+    sampler reads a uint8 label's background wrongly); instance masks become foreground
+    (label > 0). Instance ids (``keep_instances``) stay int64."""
 
     def __init__(self, instance: bool, keep_instances: bool = False) -> None:
         self.instance, self.keep_instances = instance, keep_instances
@@ -150,7 +150,7 @@ class _LabelToClasses:
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         label = torch.as_tensor(data["label"])
         label = (label > 0) if self.instance else torch.round(label)
-        small = not self.keep_instances and (label.numel() == 0 or (label.min() >= 0 and label.max() <= 255))
+        small = not self.keep_instances and (label.numel() == 0 or (label.min() >= 0 and label.max() <= 32767))
         out = dict(data)
-        out["label"] = label.to(torch.uint8 if small else torch.int64)
+        out["label"] = label.to(torch.int16 if small else torch.int64)
         return out

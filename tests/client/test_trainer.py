@@ -6,6 +6,7 @@ import torch
 from fedseg.client import site_cache
 from fedseg.client.tasks import task_for
 from fedseg.client.trainer import train_local
+from fedseg.common import transforms
 from fedseg.common.data import read_site, split_training
 from fedseg.common.models import ModelSpec, build_model
 from fedseg.simulations.synth import write_study
@@ -74,6 +75,30 @@ def test_cached_cases_train_exactly_as_cases_read_from_disk_and_edited_files_are
     label.write_bytes(label.read_bytes())  # same content, a new modification time
     _trained(site, cache_mb=64)
     assert site_cache.cached_bytes() > held  # a second entry, for the files as they are now
+
+
+def test_compact_labels_train_exactly_as_int64_labels(tmp_path, monkeypatch):
+    """Labels are decoded (and cached) in a compact integer type; the random patches, losses and
+    weights are exactly those of int64 labels (MONAI's crop sampler must still tell foreground
+    from background)."""
+    site = read_site(write_study(tmp_path / "study", sites=1, dims=2, cases=6, size=64, seed=1)[0])
+    decoded = transforms.eval_transforms(site)(transforms.to_dicts(site.training)[0])
+    assert decoded["label"].element_size() <= 2
+
+    def trained() -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = build_model(SPEC)
+        train_local(model, task_for(SPEC), site, list(site.training), epochs=4, batch_size=2, lr=0.1,
+                    patch_size=16, seed=5)
+        return model.state_dict()
+
+    compact = trained()
+    cast = transforms._LabelToClasses.__call__
+    monkeypatch.setattr(transforms._LabelToClasses, "__call__",
+                        lambda self, data: {**cast(self, data), "label": cast(self, data)["label"].long()})
+    wide = trained()
+    for k in compact:
+        assert torch.equal(compact[k], wide[k]), k
 
 
 def test_the_cache_stays_within_its_budget(site):
