@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -26,11 +27,18 @@ from fedseg.simulations.gallery import make_gallery, write_gallery
 log = logging.getLogger(__name__)
 
 
-def site_threads(cores: int, training_sites: int) -> int:
-    """PyTorch threads per virtual site, so that the training sites of a round, run side by side,
-    keep every core busy: ``cores // training_sites`` (at least 1; more sites than cores take
-    turns, one core each)."""
-    return max(1, cores // max(1, training_sites))
+def site_cpus(cores: int, training_sites: int) -> float:
+    """Ray CPUs per virtual site (Ray gives a site's process that many PyTorch threads, at least
+    one), so that a round's training sites keep every core busy: ``cores // sites`` with fewer
+    sites than cores; with up to twice as many, all side by side on a share of a core each (three
+    sites on two cores in turns would leave a core idle for the last one); beyond that, one core
+    each, in turns."""
+    sites = max(1, training_sites)
+    if sites <= cores:
+        return float(cores // sites)
+    if sites <= 2 * cores and sites % cores:
+        return math.floor(cores / sites * 1000) / 1000  # Flower runs int(cores / share) = sites at once
+    return 1.0
 
 
 def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
@@ -41,7 +49,7 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
     Args:
         cfg: run config; ``study_dir`` must name the study folder (``resume``: the run folder
             ``output_dir/run_name`` is continued with its stored config).
-        num_cpus: CPUs Ray may use (default: all), shared out as ``site_threads`` says.
+        num_cpus: CPUs Ray may use (default: all), shared out as ``site_cpus`` says.
         ray_address: attach to this running Ray cluster (``ray start --head`` on one machine,
             ``ray start --address ...`` on the others) instead of starting one here; every node
             needs fedseg installed and the study folder at the same path.
@@ -102,18 +110,19 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
         ray_args["address"] = ray_address
         log.info("attaching Flower's simulation engine to the Ray cluster at %s (one CPU per site%s)...",
                  ray_address, f", {gpus:g} GPU per site" if gpus else "")
-        threads = 1
+        share = 1.0
     else:  # a Ray instance of its own, even where `ray start` left a cluster running on this machine
         cores = num_cpus or os.cpu_count() or 1
         ray_args |= {"address": "local", "num_cpus": cores}
-        threads = site_threads(cores, sum(s.name not in cfg.heldout_sites for s in sites))
+        share = site_cpus(cores, sum(s.name not in cfg.heldout_sites for s in sites))
         log.info("starting Flower's simulation engine (Ray, %d CPU(s): %d site(s) at a time, %d thread(s) "
-                 "each%s)...", cores, cores // threads, threads, f", {gpus:g} GPU per site on {device}" if gpus else "")
+                 "each%s)...", cores, int(cores / share), max(1, int(share)),
+                 f", {gpus:g} GPU per site on {device}" if gpus else "")
     with prompt_engine():  # Flower's own scans every inbox and waits 0.1 s per poll
         run_simulation(
             server_app=server_app, client_app=client_app, num_supernodes=len(sites),
             # Ray gives each site's process as many PyTorch threads as CPUs it assigns
-            backend_config={"client_resources": {"num_cpus": threads, "num_gpus": gpus}, "init_args": ray_args},
+            backend_config={"client_resources": {"num_cpus": share, "num_gpus": gpus}, "init_args": ray_args},
         )
     if "run_dir" not in result:
         raise RuntimeError("the simulation ended without finishing the run; see the log above")

@@ -14,7 +14,7 @@ from fedseg.common.config import ConfigError, RunConfig, keys
 from fedseg.common.data import DataError, read_site, split_training
 from fedseg.common.models import UNSEEN_PREFIX, ModelSpec, build_model, local_keys
 from fedseg.common.cli import main
-from fedseg.simulations.simulate import simulate
+from fedseg.simulations.simulate import simulate, site_cpus
 from fedseg.simulations.synth import write_study
 from tests.conftest import local_layers_file, read_rounds, tiny_config
 
@@ -196,10 +196,15 @@ def test_evaluate_every_k_rounds_and_heldout_adaptation_in_the_last_round(study_
 
 
 def test_fewer_training_sites_than_cores_share_the_cores_out_as_threads(study_2d, tmp_path):
-    """2 training sites on 4 CPUs train side by side on 2 PyTorch threads each."""
+    """2 training sites on 4 CPUs train side by side on 2 PyTorch threads each; up to twice as
+    many sites as cores all run at once (Flower's pool holds cores / share processes), more take
+    turns on one core each."""
     cfg = tiny_config(study_2d, tmp_path, num_server_rounds=1, heldout_sites=("site-c",))
     (record,) = read_rounds(simulate(cfg, num_cpus=4))
     assert {site: m["threads"] for site, m in record["train"].items()} == {"site-a": 2, "site-b": 2}
+    at_once = {(cores, sites): int(cores / site_cpus(cores, sites)) for cores, sites in
+               ((2, 3), (4, 6), (2, 4), (2, 5), (16, 3))}
+    assert at_once == {(2, 3): 3, (4, 6): 6, (2, 4): 2, (2, 5): 2, (16, 3): 3}
 
 
 def test_half_precision_transfer_and_the_heldout_ensemble(fedbn_run, study_2d, tmp_path):
