@@ -10,7 +10,7 @@ monuseg: the four sites + the 14 official test tiles held out, U-Net 16..128 wit
 unit, 256 px crops, batch 8, 120 local epochs (one step per epoch at these sites: the
 side-by-side with the peer framework). hippocampus: MSD Hippocampus as 4 virtual sites, the
 last held out, U-Net 16/32/64, 32^3 patches, batch 8, 5 local epochs. Every part is summed over
-the sites and rounds; a share is of the rounds' wall time x the cores (each site has one). Peak
+the sites and rounds; a share is of the rounds' wall time x the cores. Peak
 PSS: this process and every process it started (Ray's and the sites'), summed, sampled twice a
 second.
 """
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import tempfile
 import time
 
@@ -59,7 +61,7 @@ def main() -> None:
                         heldout_sites=(s["heldout"],), heldout_adapt=args.heldout_adapt,
                         evaluate_every=args.evaluate_every, amp=amp, seed=0)
         started = time.perf_counter()
-        with PeakMemory() as memory:
+        with PeakMemory() as memory, GalleryStart() as gallery:
             run_dir = simulate(cfg, num_cpus=args.cpus, split_site=s["split"], site_cache_mb=args.site_cache_mb)
         wall = time.perf_counter() - started
         rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
@@ -68,7 +70,7 @@ def main() -> None:
         rows += [{"amp": amp, **part} for part in parts]
         extra[amp] = {
             "rounds seconds": sum(r["seconds"] for r in rounds), "whole run seconds": wall,
-            "peak PSS GiB": memory.peak / 2**30,
+            "peak PSS GiB": memory.peak / 2**30, "peak PSS GiB before the gallery": memory.peak_before(gallery.at) / 2**30,
             "evaluation share": sum(p["seconds"] for p in parts if p["part"] in EVALUATION) / budget,
             "held-out Dice": summary.get("heldout_summary", {}).get("mean"),
             "in-federation Dice": summary.get("in_federation", {}).get("mean")}
@@ -84,6 +86,26 @@ def main() -> None:
         "evaluate-every": args.evaluate_every, "local epochs": args.local_epochs or s["local_epochs"]})
 
 
+class GalleryStart(logging.Handler):
+    """When the run's report gallery started (``time.monotonic()``; inf until it does), from
+    fedseg's own log line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at = math.inf
+
+    def __enter__(self) -> GalleryStart:
+        logging.getLogger("fedseg").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("fedseg").removeHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("building the report gallery") and self.at == math.inf:
+            self.at = time.monotonic()
+
+
 def _change(extra: dict, new: str, old: str, key: str) -> float | None:
     a, b = extra[new][key], extra[old][key]
     return None if a is None or b is None else a - b
@@ -94,7 +116,8 @@ EVALUATION = ("score training sites", "score held-out", "adapt held-out")
 
 def profile(rounds: list[dict], heldout: str, cpus: int) -> tuple[list[dict], float]:
     """Each part's seconds summed over the sites and rounds, and its share of the rounds'
-    core-seconds (wall x cores); "rest" is what no part accounts for. Parts are summed over the
+    core-seconds (wall x cores, or the parts' sum where sites shared cores); "rest" is what no
+    part accounts for. Parts are summed over the
     run because a training site scores round r's model inside round r + 1's train message."""
     times = [t for r in rounds for t in r.get("time", {}).items()]
     parts = {"data wait": sum(t.get("data", 0.0) for _, t in times),
@@ -103,7 +126,8 @@ def profile(rounds: list[dict], heldout: str, cpus: int) -> tuple[list[dict], fl
              "score held-out": sum(t.get("score", 0.0) for s, t in times if s == heldout),
              "adapt held-out": sum(t.get("adapt", 0.0) for s, t in times if s == heldout),
              "checkpoint (coordinator)": sum(r.get("seconds-checkpoint", 0.0) for r in rounds)}
-    budget = sum(r["seconds"] for r in rounds) * cpus
+    # sites sharing cores (more sites than cores, side by side) each count their own wall time
+    budget = max(sum(r["seconds"] for r in rounds) * cpus, sum(parts.values()))
     parts["rest (messaging, Ray, idle cores)"] = budget - sum(parts.values())
     return [{"part": name, "seconds": seconds, "share": seconds / budget} for name, seconds in parts.items()], budget
 

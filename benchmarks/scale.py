@@ -39,6 +39,7 @@ class PeakMemory:
 
     def __init__(self) -> None:
         self.peak, self._stop = 0, threading.Event()
+        self.samples: list[tuple[float, int]] = []  # (time.monotonic(), summed PSS bytes)
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def __enter__(self) -> "PeakMemory":
@@ -51,7 +52,13 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.5):
-            self.peak = max(self.peak, sum(_pss(pid) for pid in _tree(os.getpid())))
+            pss = sum(_pss(pid) for pid in _tree(os.getpid()))
+            self.samples.append((time.monotonic(), pss))
+            self.peak = max(self.peak, pss)
+
+    def peak_before(self, moment: float) -> int:
+        """The largest sample taken before ``moment`` (``time.monotonic()``)."""
+        return max((pss for t, pss in self.samples if t < moment), default=0)
 
 
 def _tree(root: int) -> list[int]:
