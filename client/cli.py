@@ -44,8 +44,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--label-names", default="", metavar="NAME,NAME",
                          help="dicom-seg: the segments' names in label order (default label-1, ...)")
     predict.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
-                         help="mixed precision (auto: bf16/fp16 on CUDA; bf16 on a CPU with bf16 units, else "
-                              "float32)")
+                         help="mixed precision (auto: bf16/fp16 on CUDA, float32 on a CPU, the same masks as "
+                              "the exported models; bf16: faster on a CPU with bf16 units)")
     predict.add_argument("--overlay", action="store_true",
                          help="also write <case>_overlay.png: the prediction in colour over the image, "
                               "for a person to look at (label files stay label maps)")

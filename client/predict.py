@@ -87,7 +87,7 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
         raise DataError(f"{images_dir}: no .png/.jpg/.nii.gz images")
     if adapt:
         adapt_members(members, task, images, patch, device, model_path)
-    precision = site_precision(amp, device)
+    precision = site_precision(amp, device, predict=True)
     averaged = task.dense_logits and (len(members) > 1 or uncertainty or pre_annotate)
     test_flips = trained_flips if averaged and len(members) == 1 else ()
     out_dir = Path(out_dir)

@@ -51,11 +51,14 @@ def cpu_has_bf16() -> bool:
                for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
-def site_precision(amp: str, device: str, dp: bool = False, deterministic: bool = False) -> Precision:
+def site_precision(amp: str, device: str, dp: bool = False, deterministic: bool = False,
+                   predict: bool = False) -> Precision:
     """The precision a site trains and evaluates in, and cuDNN's mode for the process.
 
     ``auto`` is bf16 on a CUDA device that supports it, else fp16 there; on a CPU, bf16 where it
-    computes bf16 natively (``cpu_has_bf16``), else float32. Under
+    computes bf16 natively (``cpu_has_bf16``), else float32, except for ``fedseg predict``
+    (``predict``), whose masks on a CPU are by default exactly those of the model's float32
+    exports (ONNX, MONAI Bundle). Under
     record-level DP (``dp``) training stays float32: per-case clipping in half precision could
     exceed the clipping bound the privacy accounting relies on. cuDNN autotunes its kernels
     (``benchmark``) unless the run asks for bit-exact determinism.
@@ -71,9 +74,14 @@ def site_precision(amp: str, device: str, dp: bool = False, deterministic: bool 
         torch.backends.cudnn.deterministic = deterministic
     if amp == "fp16" and not cuda:
         raise ValueError("run-config 'amp' = 'fp16' needs a CUDA device (use bf16 on a CPU, or off)")
+    asked = amp
     if amp == "auto":
-        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else ("bf16" if cpu_has_bf16() else "off")
+        if cuda:
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            amp = "bf16" if cpu_has_bf16() and not predict else "off"
     if dp and amp != "off":
-        log.info("mixed precision is off under dp=sample: per-case gradients are clipped in float32")
+        if asked != "auto":
+            log.info("mixed precision is off under dp=sample: per-case gradients are clipped in float32")
         amp = "off"
     return Precision(device, _DTYPES.get(amp))

@@ -133,6 +133,7 @@ def test_precision_follows_the_device_and_dp():
 
     # a CPU with bf16 units trains in bf16 unless told otherwise; others in float32
     assert site_precision("auto", "cpu").dtype == (torch.bfloat16 if cpu_has_bf16() else None)
+    assert site_precision("auto", "cpu", predict=True).dtype is None  # predict matches the float32 exports
     assert site_precision("bf16", "cpu").dtype == torch.bfloat16
     assert site_precision("bf16", "cpu", dp=True).dtype is None  # per-case clipping in float32
     with pytest.raises(ValueError, match="'fp16' needs a CUDA device"):

@@ -12,6 +12,7 @@ from fedseg.common.data import read_site, split_training
 from fedseg.common.dp_recipe import GOOD_START, NO_WARM_START, RECIPE, WARM_NOISE, warm_lr
 from fedseg.client.state import SiteState
 from fedseg.common.models import UNSEEN_PREFIX, ModelSpec, build_model, local_keys
+from fedseg.common.precision import site_precision
 from fedseg.common.weights import load_pretrained
 from fedseg.server.report import curve_points, site_table
 from fedseg.simulations.pooled import pretrain
@@ -34,8 +35,9 @@ def test_sites_score_the_pretrained_model_alone_before_round_1(study_2d, tmp_pat
     task = task_for(ModelSpec(2, 1, 3, (8, 16), "instance"))
     for site in ("site-a", "site-b", "site-c"):
         spec = read_site(study_2d / site, seed=cfg.seed)
-        expected = task.evaluate(model, spec, split_training(spec, cfg.val_fraction, cfg.seed)[1],
-                                 patch_size=cfg.patch_size)
+        with site_precision(cfg.amp, "cpu").autocast():  # as the sites compute
+            expected = task.evaluate(model, spec, split_training(spec, cfg.val_fraction, cfg.seed)[1],
+                                     patch_size=cfg.patch_size)
         assert start["sites"][site]["dice"] == pytest.approx(expected["dice"], abs=1e-6), site
     assert start["in_federation"]["mean"] == pytest.approx(
         (start["sites"]["site-a"]["dice"] + start["sites"]["site-b"]["dice"]) / 2)
