@@ -117,7 +117,7 @@ def write_report(run_dir: str | Path) -> Path:
                 f"patches mirrored along {'axes ' + ', '.join(map(str, info['flip_axes'])) if info['flip_axes'] else 'no axis'}, ")
     body = [f"<h1>fedseg run {html.escape(str(cfg.get('run-name', folder.dir.name)))}</h1>",
             para(f"strategy {cfg['strategy']}, local layers {cfg['local-layers']}, {mirrored}"
-                  f"{summary.get('rounds', 0)} round(s), dp {cfg['dp']}, seed {cfg['seed']}; "
+                  f"{summary.get('rounds', 0)} round(s){_scored_every(cfg)}, dp {cfg['dp']}, seed {cfg['seed']}; "
                   f"started {info.get('started')}, ended {info.get('ended')}")]
     fed = summary.get("in_federation", {})
     body.append("<h2>Summary</h2>")
@@ -240,6 +240,12 @@ def _curves(rounds: list[dict[str, Any]], sites: list[str], part: str, key: str,
     if ax.lines:
         ax.legend(fontsize=7)
     return png(fig)
+
+
+def _scored_every(cfg: dict[str, Any]) -> str:
+    """", scored every K rounds and the last" for a run with ``evaluate-every`` K > 1."""
+    every = int(cfg.get("evaluate-every", 1))
+    return f", scored every {every} rounds and the last" if every > 1 else ""
 
 
 def _delta(after: float | None, before: float | None) -> float | None:

@@ -193,6 +193,7 @@ def test_evaluate_every_k_rounds_and_heldout_adaptation_in_the_last_round(study_
     assert rounds[2]["time"]["site-c"]["adapt"] > 0 and "adapt" not in rounds[1]["time"]["site-c"]
     assert not any(k.startswith("seconds-") for r in rounds for e in r["eval"].values() for k in e)
     assert all(r["seconds-checkpoint"] >= 0 for r in rounds)
+    assert "3 round(s), scored every 2 rounds and the last" in (run_dir / "report.html").read_text()
 
 
 def test_fewer_training_sites_than_cores_share_the_cores_out_as_threads(study_2d, tmp_path):
