@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 TIMING_PREFIX = "seconds-"  # a site's timing of its work (seconds-train, ...): kept apart from its scores
 
 
+def without_timings(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A site's metrics without its ``seconds-`` timings (what a seeded run repeats exactly)."""
+    return {k: v for k, v in metrics.items() if not k.startswith(TIMING_PREFIX)}
+
+
 def _empty_round() -> dict[str, Any]:
     return {"train": {}, "eval": {}, "errors": {}, "bytes-down": {}, "time": {}}
 
@@ -74,7 +79,7 @@ class RoundRecorder:
         timed = {k.removeprefix(TIMING_PREFIX): v for k, v in metrics.items() if k.startswith(TIMING_PREFIX)}
         if timed:
             self._rounds[server_round]["time"].setdefault(site, {}).update(timed)
-        return {k: v for k, v in metrics.items() if not k.startswith(TIMING_PREFIX)}
+        return without_timings(metrics)
 
     def note(self, server_round: int, key: str, value: Any) -> None:
         """Attach a server-side figure to the round (e.g. client-level epsilon)."""

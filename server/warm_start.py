@@ -15,7 +15,7 @@ from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.models import build_model
 from fedseg.common.records import METRICS
 from fedseg.server.reply_checks import ReplyChecks, ReplyRefused
-from fedseg.server.rounds import TIMING_PREFIX
+from fedseg.server.rounds import without_timings
 from fedseg.server.run_folder import RunFolder
 from fedseg.server.site_strategy import evaluate_message, reply_site, wire_form
 from fedseg.server.summary import site_spread
@@ -45,7 +45,7 @@ def score_pretrained(grid: Grid, folder: RunFolder, site_of: dict[int, str], tra
         except ReplyRefused as err:
             log.warning("site %s's scores of the starting model refused: %s", site, err)
             continue
-        scores[site] = {k: v for k, v in reply.content[METRICS].items() if not k.startswith(TIMING_PREFIX)}
+        scores[site] = without_timings(dict(reply.content[METRICS]))
     scores = dict(sorted(scores.items()))
     entry: dict[str, Any] = {
         "sites": scores, "in_federation": site_spread({s: scores.get(s, {}).get("dice") for s in training_sites})}
