@@ -20,7 +20,7 @@ from fedseg.client.export import OnnxNetwork, exported_model
 from fedseg.client.site_model import SavedModel, saved_model
 from fedseg.client.tasks import task_for
 from fedseg.common.atomic import atomic_write_json
-from fedseg.common.data import NIFTI_SUFFIXES, PNG_SUFFIXES, DataError
+from fedseg.common.data import NIFTI_SUFFIXES, DataError, image_files
 from fedseg.common.transforms import image_transforms
 from fedseg.common.precision import site_precision
 
@@ -81,8 +81,7 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
                         f"class probabilities; a {spec.model} model has none")
     for member in members:
         member.to(device)
-    images = sorted(p for p in Path(images_dir).iterdir()
-                    if p.name.lower().endswith(PNG_SUFFIXES + NIFTI_SUFFIXES) and not p.name.startswith("."))
+    images = image_files(images_dir)
     if not images:
         raise DataError(f"{images_dir}: no .png/.jpg/.nii.gz images")
     if adapt:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedseg.common.data import NIFTI_SUFFIXES, PNG_SUFFIXES, DataError
+from fedseg.common.data import DataError, image_files
 from fedseg.common.transforms import image_transforms
 
 CALIBRATION_PATCHES = 32  # patches the activation ranges are calibrated on
@@ -29,8 +29,7 @@ def calibration_patches(images_dir: str | Path, in_channels: int, patch: int, sp
         DataError: no image in the folder, or images of another shape than the model takes.
     """
     folder = Path(images_dir)
-    paths = sorted(p for p in folder.iterdir() if p.name.lower().endswith(PNG_SUFFIXES + NIFTI_SUFFIXES)) \
-        if folder.is_dir() else []
+    paths = image_files(folder) if folder.is_dir() else []
     if not paths:
         raise DataError(f"{folder}: no .png/.nii.gz images to calibrate the int8 model on")
     rng = np.random.default_rng(seed)

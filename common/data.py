@@ -145,6 +145,13 @@ def split_training(spec: SiteSpec, val_fraction: float, seed: int) -> tuple[list
     return train, val
 
 
+def image_files(folder: str | Path) -> list[Path]:
+    """The PNG/JPEG and NIfTI images of a folder (not its sub-folders), in name order; hidden files
+    (a copier's ``._case.nii.gz``) are left out."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.name.lower().endswith(PNG_SUFFIXES + NIFTI_SUFFIXES) and not p.name.startswith("."))
+
+
 def image_reader(path: Path) -> ImageReader:
     """MONAI reader for a file: PIL in numpy (row, column) order for 2D, nibabel for NIfTI."""
     if path.name.lower().endswith(PNG_SUFFIXES):
