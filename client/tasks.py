@@ -77,8 +77,10 @@ class Task(ABC):
         the site's modality decides, ``data.flip_axes``; with ``augment``, also a random
         appearance), the random stream starting from ``seed`` either way."""
         dataset = cached_dataset(site, cases, (patch_size, self.keep_instances, augment, flips), cache_mb,
+                                    # copy_cache=False: the random transforms crop, then compute new
+                                    # tensors, and never write to the cached case they crop from
                                     lambda: CacheDataset(to_dicts(cases), cache_rate=1.0, num_workers=0,
-                                                         progress=False, transform=train_transforms(
+                                                         progress=False, copy_cache=False, transform=train_transforms(
                                                              site, patch_size, keep_instances=self.keep_instances,
                                                              augment=augment, flips=flips)))
         dataset.transform.set_random_state(seed=seed)

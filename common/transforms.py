@@ -15,7 +15,10 @@ from monai.transforms import (
     EnsureChannelFirst,
     EnsureChannelFirstd,
     EnsureType,
+    CastToTyped,
+    DeleteItemsd,
     EnsureTyped,
+    FgBgToIndicesd,
     LoadImage,
     LoadImaged,
     NormalizeIntensity,
@@ -29,6 +32,7 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     SpatialPadd,
+    Transform,
 )
 
 from fedseg.common.data import Case, SiteSpec, image_reader
@@ -104,10 +108,16 @@ def train_transforms(spec: SiteSpec, patch_size: int, keep_instances: bool = Fal
     roi = (patch_size,) * spec.spatial_dims
     if flips is None:
         flips = flip_axes("auto", spec.spatial_dims, [spec.modality])
+    indices = ("label_fg_indices", "label_bg_indices")
     aug = [
         SpatialPadd(keys=("image", "label"), spatial_size=roi),
+        # where the foreground and background lie, found once per case and cached with it (not
+        # at every crop of a large tile); int32, half the size of the sampler's int64
+        FgBgToIndicesd(keys="label"),
+        CastToTyped(keys=indices, dtype=torch.int32),
         RandCropByPosNegLabeld(keys=("image", "label"), label_key="label", spatial_size=roi,
-                               pos=1, neg=1, num_samples=1),
+                               pos=1, neg=1, num_samples=1, fg_indices_key=indices[0], bg_indices_key=indices[1]),
+        DeleteItemsd(keys=indices),
     ] + [RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=a) for a in flips]
     return Compose(base_transforms(spec, keep_instances) + aug + (appearance_transforms(spec) if augment else []))
 
@@ -138,11 +148,12 @@ def to_dicts(cases: list[Case]) -> list[dict[str, str]]:
     return [{"image": str(c.image), "label": str(c.label)} for c in cases]
 
 
-class _LabelToClasses:
+class _LabelToClasses(Transform):
     """Cast labels to class maps, two bytes per voxel (what a site caches across rounds is then a
     quarter of int64's size; MONAI's losses and metrics take any integer type, but its crop
     sampler reads a uint8 label's background wrongly); instance masks become foreground
-    (label > 0). Instance ids (``keep_instances``) stay int64."""
+    (label > 0). Instance ids (``keep_instances``) stay int64. A MONAI ``Transform``, so that a
+    ``CacheDataset`` caches its output and what follows it up to the first random transform."""
 
     def __init__(self, instance: bool, keep_instances: bool = False) -> None:
         self.instance, self.keep_instances = instance, keep_instances
