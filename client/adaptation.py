@@ -4,7 +4,7 @@ entropy minimization (TENT, Wang et al. 2021) for every norm kind."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -20,13 +20,24 @@ TENT_LR = 1e-3
 
 
 @torch.no_grad()
-def site_images(spec: SiteSpec, cases: list[Case]) -> list[torch.Tensor]:
-    """A site's images (channel-first, normalized as for training); their labels are not read."""
-    transform = eval_transforms(spec)
-    return [transform(item)["image"] for item in to_dicts(cases)]
+def site_images(spec: SiteSpec, cases: list[Case]) -> Sequence[torch.Tensor]:
+    """A site's images (channel-first, normalized as for training), each read when it is used, so
+    that a site of many large images holds one at a time; their labels are not read."""
+    return _SiteImages(spec, cases)
 
 
-def adapt_norm_statistics(model: nn.Module, images: list[torch.Tensor], *, patch_size: int,
+class _SiteImages(Sequence):
+    def __init__(self, spec: SiteSpec, cases: list[Case]) -> None:
+        self.transform, self.items = eval_transforms(spec), to_dicts(cases)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        return self.transform(self.items[index])["image"]
+
+
+def adapt_norm_statistics(model: nn.Module, images: Sequence[torch.Tensor], *, patch_size: int,
                           seed: int, patches_per_case: int = 4, device: str = "cpu") -> int:
     """Recompute BatchNorm running statistics on a site's own unlabeled images.
 
@@ -50,7 +61,7 @@ def adapt_norm_statistics(model: nn.Module, images: list[torch.Tensor], *, patch
     return len(bns)
 
 
-def adapt_norm_affines(model: nn.Module, images: list[torch.Tensor], *, patch_size: int,
+def adapt_norm_affines(model: nn.Module, images: Sequence[torch.Tensor], *, patch_size: int,
                        seed: int, steps: int = TENT_STEPS, lr: float = TENT_LR,
                        device: str = "cpu") -> float:
     """TENT: a few Adam steps on the norm layers' affine parameters (every norm kind) that lower
@@ -87,7 +98,7 @@ def adapt_norm_affines(model: nn.Module, images: list[torch.Tensor], *, patch_si
     return float(entropy.detach())
 
 
-def adapt_to_site(model: nn.Module, task: Any, images: list[torch.Tensor], *, patch_size: int,
+def adapt_to_site(model: nn.Module, task: Any, images: Sequence[torch.Tensor], *, patch_size: int,
                   seed: int, device: str = "cpu") -> bool:
     """Both adaptations a model allows: BatchNorm statistics, then (per-pixel models; a detector
     has no per-pixel entropy) the norm affines.
@@ -101,7 +112,7 @@ def adapt_to_site(model: nn.Module, task: Any, images: list[torch.Tensor], *, pa
     return bool(statistics) or task.dense_logits
 
 
-def _patches(images: list[torch.Tensor], patch_size: int, seed: int,
+def _patches(images: Sequence[torch.Tensor], patch_size: int, seed: int,
              patches_per_case: int) -> Iterator[torch.Tensor]:
     """Per image, a batch of random patches (padded where the image is smaller)."""
     if not images:
