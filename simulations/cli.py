@@ -79,6 +79,10 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-site", type=float, default=None, metavar="X",
                         help=f"GPU share of each virtual site (0.25 runs four sites on one GPU at once; "
                              f"default: {from_help})")
+    parser.add_argument("--sites-at-once", type=int, default=0, metavar="N",
+                        help="training sites that compute side by side, each a process of its own "
+                             "(1: one at a time on every core, the least memory; default: as many as "
+                             "keep the cores busy)")
     parser.add_argument("--site-cache-mb", type=int, default=SITE_CACHE_MB, metavar="N",
                         help="MiB of decoded training cases each virtual site keeps across rounds "
                              "(0: read from disk every round; default: 1024)")
@@ -109,7 +113,8 @@ def _study(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.study_dir}: study folder not found")
     try:
         out = run_study(cfg, [b.strip() for b in args.baselines.split(",") if b.strip()], args.num_cpus,
-                        args.ray_address, args.gpus_per_site, args.site_cache_mb, args.split_site)
+                        args.ray_address, args.gpus_per_site, args.site_cache_mb, args.split_site,
+                        args.sites_at_once)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     print((out / "comparison.csv").read_text())
@@ -153,7 +158,7 @@ def _simulate(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("give a STUDY_DIR, or --resume-run RUN_DIR")
     return _run_and_report(cfg, args.num_cpus, args.ray_address, args.gpus_per_site, args.site_cache_mb,
-                           args.split_site)
+                           args.split_site, args.sites_at_once)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -172,13 +177,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _run_and_report(cfg: RunConfig, num_cpus: int | None, ray_address: str = "",
                     gpus_per_site: float | None = None, site_cache_mb: int = SITE_CACHE_MB,
-                    split_site: int = 0) -> int:
+                    split_site: int = 0, sites_at_once: int = 0) -> int:
     from fedseg.server.report import site_table
     from fedseg.simulations.simulate import simulate
 
     started = time.monotonic()
     run_dir = simulate(cfg, num_cpus=num_cpus, ray_address=ray_address, gpus_per_site=gpus_per_site,
-                       site_cache_mb=site_cache_mb, split_site=split_site)
+                       site_cache_mb=site_cache_mb, split_site=split_site, sites_at_once=sites_at_once)
     print()
     print(site_table(run_dir))
     print(f"\nrun folder: {run_dir}  ({time.monotonic() - started:.0f}s)")

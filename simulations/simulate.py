@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import resource
+import sys
 import time
 from pathlib import Path
 
@@ -27,12 +29,16 @@ from fedseg.simulations.gallery import make_gallery, write_gallery
 log = logging.getLogger(__name__)
 
 
-def site_cpus(cores: int, training_sites: int) -> float:
+def site_cpus(cores: int, training_sites: int, at_once: int = 0) -> float:
     """Ray CPUs per virtual site (Ray gives a site's process that many PyTorch threads, at least
-    one), so that a round's training sites keep every core busy: ``cores // sites`` with fewer
-    sites than cores; with up to twice as many, all side by side on a share of a core each (three
-    sites on two cores in turns would leave a core idle for the last one); beyond that, one core
-    each, in turns."""
+    one), so that a round's training sites keep every core busy. ``at_once`` > 0: that many sites
+    side by side on cores / at_once each (1: one site at a time on every core, one site process's
+    memory). 0: ``cores // sites`` with fewer sites than cores; with up to twice as many, all side
+    by side on a share of a core each (three sites on two cores in turns would leave a core idle
+    for the last one); beyond that, one core each, in turns."""
+    if at_once > 0:
+        at_once = min(at_once, max(1, training_sites))
+        return float(cores // at_once) if at_once <= cores else math.floor(cores / at_once * 1000) / 1000
     sites = max(1, training_sites)
     if sites <= cores:
         return float(cores // sites)
@@ -43,7 +49,7 @@ def site_cpus(cores: int, training_sites: int) -> float:
 
 def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
              gpus_per_site: float | None = None, site_cache_mb: int = SITE_CACHE_MB,
-             split_site: int = 0) -> Path:
+             split_site: int = 0, sites_at_once: int = 0) -> Path:
     """Validate every site, then run the study with one virtual Flower node per site.
 
     Args:
@@ -59,6 +65,8 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
             read from disk every round), >= 0.
         split_site: > 1 splits a study of one site into this many virtual sites (disjoint,
             seeded), >= 0; a resume keeps the run's own split.
+        sites_at_once: training sites that compute side by side, each a process of its own
+            (``site_cpus``); 0: as many as keep the cores busy. Fewer hold less memory.
 
     Returns:
         The run folder.
@@ -89,6 +97,8 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
         raise ConfigError(f"--split-site {split_site}: must be >= 0 (0: one site per folder)")
     if site_cache_mb < 0:
         raise ConfigError(f"--site-cache-mb {site_cache_mb}: must be >= 0 (0: no cache)")
+    if sites_at_once < 0:
+        raise ConfigError(f"--sites-at-once {sites_at_once}: must be >= 0 (0: as many as keep the cores busy)")
     gpus = gpus_per_site if gpus_per_site is not None else float(device.startswith("cuda"))
     sites = study_sites(cfg.study_dir, split_site)
     problems = [p for folder in sorted({s.site_dir for s in sites}) for p in check_site(folder)]
@@ -114,10 +124,13 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
     else:  # a Ray instance of its own, even where `ray start` left a cluster running on this machine
         cores = num_cpus or os.cpu_count() or 1
         ray_args |= {"address": "local", "num_cpus": cores}
-        share = site_cpus(cores, sum(s.name not in cfg.heldout_sites for s in sites))
+        share = site_cpus(cores, sum(s.name not in cfg.heldout_sites for s in sites), sites_at_once)
         log.info("starting Flower's simulation engine (Ray, %d CPU(s): %d site(s) at a time, %d thread(s) "
                  "each%s)...", cores, int(cores / share), max(1, int(share)),
                  f", {gpus:g} GPU per site on {device}" if gpus else "")
+        log.info("memory: each site process holds the libraries (%.1f GiB, as this process does now), its "
+                 "training step and up to %d MiB of decoded cases (--site-cache-mb); --sites-at-once 1 "
+                 "holds one such process", _resident_gib(), site_cache_mb)
     with prompt_engine():  # Flower's own scans every inbox and waits 0.1 s per poll
         run_simulation(
             server_app=server_app, client_app=client_app, num_supernodes=len(sites),
@@ -132,3 +145,12 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
     write_report(result["run_dir"])
     log.info("report gallery built in %.0fs", time.monotonic() - started)
     return result["run_dir"]
+
+
+def _resident_gib() -> float:
+    """This process's resident memory in GiB (its peak where there is no /proc)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; bytes on macOS
+        return peak / (2**30 if sys.platform == "darwin" else 2**20)

@@ -38,9 +38,10 @@ FEDERATED = {"fedavg": dict(strategy="fedavg", local_layers="none"),
 
 def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None,
               ray_address: str = "", gpus_per_site: float | None = None,
-              site_cache_mb: int = SITE_CACHE_MB, split_site: int = 0) -> Path:
+              site_cache_mb: int = SITE_CACHE_MB, split_site: int = 0,
+              sites_at_once: int = 0) -> Path:
     """Train and score every baseline; write comparison.{json,csv}, cross_site.{json,csv}, study.html.
-    ``num_cpus``, ``ray_address``, ``gpus_per_site``, ``site_cache_mb``, ``split_site``: as for
+    ``num_cpus``, ``ray_address``, ``gpus_per_site``, ``site_cache_mb``, ``split_site``, ``sites_at_once``: as for
     ``simulate``.
 
     Returns:
@@ -69,7 +70,7 @@ def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None,
             run = simulate(cfg.replace(output_dir=str(out / "runs"), run_name=baseline, resume=False,
                                        heldout_ensemble=ensemble, **FEDERATED[baseline]), num_cpus=num_cpus,
                            ray_address=ray_address, gpus_per_site=gpus_per_site, site_cache_mb=site_cache_mb,
-                           split_site=split_site)
+                           split_site=split_site, sites_at_once=sites_at_once)
             rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
             scores[baseline] = {s: rounds[-1]["eval"].get(s, {}) for s in specs}
             if still_rising(rounds, training):

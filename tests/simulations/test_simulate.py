@@ -199,13 +199,21 @@ def test_evaluate_every_k_rounds_and_heldout_adaptation_in_the_last_round(study_
 def test_fewer_training_sites_than_cores_share_the_cores_out_as_threads(study_2d, tmp_path):
     """2 training sites on 4 CPUs train side by side on 2 PyTorch threads each; up to twice as
     many sites as cores all run at once (Flower's pool holds cores / share processes), more take
-    turns on one core each."""
+    turns on one core each. --sites-at-once 1: one site process at a time, on every core."""
     cfg = tiny_config(study_2d, tmp_path, num_server_rounds=1, heldout_sites=("site-c",))
     (record,) = read_rounds(simulate(cfg, num_cpus=4))
     assert {site: m["threads"] for site, m in record["train"].items()} == {"site-a": 2, "site-b": 2}
+    assert site_cpus(2, 2) == 1.0  # on 2 CPUs the same sites train side by side on one thread each...
+    (record,) = read_rounds(simulate(cfg.replace(run_name="one-at-a-time"), num_cpus=2, sites_at_once=1))
+    assert {site: m["threads"] for site, m in record["train"].items()} == {"site-a": 2, "site-b": 2}  # ...or in turns
     at_once = {(cores, sites): int(cores / site_cpus(cores, sites)) for cores, sites in
                ((2, 3), (4, 6), (2, 4), (2, 5), (16, 3))}
     assert at_once == {(2, 3): 3, (4, 6): 6, (2, 4): 2, (2, 5): 2, (16, 3): 3}
+    chosen = {(cores, sites, n): int(cores / site_cpus(cores, sites, n)) for cores, sites, n in
+              ((2, 4, 1), (2, 4, 3), (2, 4, 9), (16, 3, 2))}
+    assert chosen == {(2, 4, 1): 1, (2, 4, 3): 3, (2, 4, 9): 4, (16, 3, 2): 2}
+    with pytest.raises(ConfigError, match="--sites-at-once -1"):
+        simulate(cfg, num_cpus=2, sites_at_once=-1)
 
 
 def test_half_precision_transfer_and_the_heldout_ensemble(fedbn_run, study_2d, tmp_path):
