@@ -97,7 +97,7 @@ def case_view(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor, patc
               dims: int) -> dict[str, Any]:
     """One patch-sized crop of a case (batch-first tensors) around its centre and, for a volume,
     the slice along the last axis with the most ground-truth foreground: what the figure shows
-    and the maps explain (~200 patch-sized passes for occlusion, a small share of a run)."""
+    and the maps explain (~120 patch-sized passes for occlusion, a small share of a run)."""
     spatial = image.shape[2:]
     focus = [s // 2 for s in spatial]
     if dims == 3:
@@ -124,7 +124,7 @@ def explanation_maps(model: torch.nn.Module, view: dict[str, Any], patch: int) -
     if view["dims"] == 2:
         # activate=False: MONAI's default softmax over a single score would make every map 1.0
         sens = OcclusionSensitivity(score, mask_size=max(4, patch // 8), n_batch=16, verbose=False,
-                                    overlap=0.5, activate=False)
+                                    overlap=0.25, activate=False)
         with warnings.catch_warnings():  # MONAI's own indexing deprecation notices
             warnings.simplefilter("ignore", UserWarning)
             maps["occlusion"] = (score(image)[0, 0] - sens(image)[0][0, 0]).detach().numpy()
