@@ -1,0 +1,172 @@
+"""fedseg against a plain MONAI loop doing the same training work, as a user comparing frameworks
+would time them: the whole command's wall clock and the peak PSS of its process tree.
+
+Usage: python -m benchmarks.side_by_side [--runs 3] [--rounds 5] [--local-epochs 120] [--cpus 2]
+fedseg: ``fedseg simulate`` on MoNuSeg's four sites, the 14 official test tiles held out, U-Net
+16..128 with one residual unit, 256 px crops, batch 8 (a site's batch is all of its training
+tiles when it has fewer), FedAvg, ``--local-layers none``, every round scored, report and
+gallery included. Plain loop: one process on the same cores, the same network, optimizer,
+batches and number of steps (each site in turn, weights averaged in memory), random NumPy crops
+of the decoded tiles in float32, the held-out tiles scored once at the end with MONAI's sliding
+window and Dice. Runs alternate (plain, fedseg, plain, ...); ratios are taken within each pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import SHARED_DATA, report
+from benchmarks.scale import _pss, _tree
+
+STUDY = SHARED_DATA / "monuseg"
+CHANNELS = (16, 32, 64, 128)
+PATCH, BATCH, LR = 256, 8, 0.05
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
+    """Run ``cmd``; its wall seconds, the peak summed PSS of its process tree (sampled twice a
+    second) and its standard output."""
+    started = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, env=env)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, sum(_pss(pid) for pid in _tree(proc.pid)))
+            time.sleep(0.5)
+        wall = time.perf_counter() - started
+        out.seek(0)
+        text = out.read()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{text[-2000:]}")
+    return wall, peak, text
+
+
+def fedseg_run(args: argparse.Namespace) -> dict[str, float]:
+    """The issue's fedseg command, timed as a whole."""
+    out = tempfile.mkdtemp(prefix="fedseg-side-")
+    cmd = [sys.executable, "-m", "fedseg.common.cli", "simulate", str(STUDY), "--channels", ",".join(map(str, CHANNELS)),
+           "--patch-size", str(PATCH), "--batch-size", str(BATCH), "--lr", str(LR), "--rounds", str(args.rounds),
+           "--local-epochs", str(args.local_epochs), "--local-layers", "none", "--heldout-sites", "heldout",
+           "--num-cpus", str(args.cpus), "--output-dir", out, "--run-name", "side"]
+    wall, peak, _ = timed(cmd)
+    summary = json.loads((Path(out) / "side" / "summary.json").read_text())
+    return {"wall s": wall, "peak PSS GiB": peak / 2**30, "held-out Dice": summary["heldout_summary"]["mean"]}
+
+
+def plain_run(args: argparse.Namespace) -> dict[str, float]:
+    """The plain loop in a process of its own."""
+    cmd = [sys.executable, "-m", "benchmarks.side_by_side", "--plain-loop", "--rounds", str(args.rounds),
+           "--local-epochs", str(args.local_epochs), "--cpus", str(args.cpus)]
+    wall, peak, text = timed(cmd, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    return {"wall s": wall, "peak PSS GiB": peak / 2**30, "held-out Dice": json.loads(text.splitlines()[-1])["dice"]}
+
+
+def plain_loop(rounds: int, local_epochs: int, cpus: int) -> float:
+    """FedAvg as one plain MONAI/PyTorch loop; the mean held-out Dice."""
+    import numpy as np
+    import torch
+    from monai.inferers import sliding_window_inference
+    from monai.losses import DiceCELoss
+    from monai.metrics import DiceMetric
+    from monai.networks.nets import UNet
+    from torch.nn.functional import one_hot
+
+    from fedseg.common.data import read_site, split_training, study_sites
+    from fedseg.common.transforms import eval_transforms, to_dicts
+
+    torch.set_num_threads(cpus)
+    rng = np.random.default_rng(0)
+    refs = {r.name: r for r in study_sites(STUDY)}
+    sites, heldout = [], read_site(refs.pop("heldout"))
+    for ref in refs.values():  # decoded and normalized once, as NumPy arrays
+        spec = read_site(ref)
+        train, _ = split_training(spec, 0.2, 0)
+        load = eval_transforms(spec)
+        cases = [load(d) for d in to_dicts(train)]
+        sites.append([(np.asarray(c["image"]), np.asarray(c["label"]).astype(np.int64)) for c in cases])
+
+    def net() -> torch.nn.Module:
+        return UNet(2, 3, 2, CHANNELS, (2, 2, 2), num_res_units=1, norm=("instance", {"affine": True}))
+
+    def crop(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        y, x = (int(rng.integers(0, s - PATCH + 1)) for s in image.shape[1:])
+        image, label = image[:, y:y + PATCH, x:x + PATCH], label[:, y:y + PATCH, x:x + PATCH]
+        for axis in (1, 2):
+            if rng.random() < 0.5:
+                image, label = np.flip(image, axis), np.flip(label, axis)
+        return image, label
+
+    torch.manual_seed(0)
+    global_model, loss_fn = net(), DiceCELoss(to_onehot_y=True, softmax=True)
+    for _ in range(rounds):
+        states, weights = [], []
+        for cases in sites:
+            model = net()
+            model.load_state_dict(global_model.state_dict())
+            model.train()
+            opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+            batch = min(BATCH, len(cases))
+            for _ in range(local_epochs * -(-len(cases) // batch)):
+                picked = [crop(*cases[i]) for i in rng.permutation(len(cases))[:batch]]
+                image = torch.from_numpy(np.stack([p[0] for p in picked]))
+                label = torch.from_numpy(np.stack([p[1] for p in picked]))
+                opt.zero_grad()
+                loss_fn(model(image), label).backward()
+                opt.step()
+            states.append(model.state_dict())
+            weights.append(len(cases))
+        global_model.load_state_dict({k: sum(s[k] * w for s, w in zip(states, weights)) / sum(weights)
+                                      for k in states[0]})
+    global_model.eval()
+    dice = DiceMetric(include_background=False)
+    load = eval_transforms(heldout)
+    with torch.no_grad():
+        for item in to_dicts(heldout.training + heldout.test):
+            case = load(item)
+            logits = sliding_window_inference(case["image"][None].as_tensor(), (PATCH, PATCH), 4, global_model, 0.25)
+            pred = one_hot(logits.argmax(1), 2).permute(0, 3, 1, 2)
+            dice(pred, one_hot(case["label"].as_tensor().long(), 2).permute(0, 3, 1, 2))  # label: (1, H, W)
+    return float(dice.aggregate().item())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--local-epochs", type=int, default=120)
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--plain-loop", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plain_loop:
+        print(json.dumps({"dice": plain_loop(args.rounds, args.local_epochs, args.cpus)}))
+        return
+    rows = []
+    for run in range(1, args.runs + 1):
+        for side, measure in (("plain MONAI loop", plain_run), ("fedseg", fedseg_run)):
+            rows.append({"run": run, "side": side, **measure(args)})
+            print(rows[-1], flush=True)
+    pairs = [(p, f) for p, f in zip(rows[::2], rows[1::2])]
+    ratios = [f["wall s"] / p["wall s"] for p, f in pairs]
+
+    def spread(values: list[float]) -> dict[str, float]:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    report("side_by_side", rows, {
+        "fedseg wall / plain wall": spread(ratios),
+        "fedseg peak PSS GiB": spread([f["peak PSS GiB"] for _, f in pairs]),
+        "plain peak PSS GiB": spread([p["peak PSS GiB"] for p, _ in pairs]),
+        "fedseg held-out Dice": spread([f["held-out Dice"] for _, f in pairs]),
+        "plain held-out Dice": spread([p["held-out Dice"] for p, _ in pairs]),
+        "settings": vars(args)})
+
+
+if __name__ == "__main__":
+    main()
