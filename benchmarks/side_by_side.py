@@ -2,6 +2,7 @@
 would time them: the whole command's wall clock and the peak PSS of its process tree.
 
 Usage: python -m benchmarks.side_by_side [--runs 3] [--rounds 5] [--local-epochs 120] [--cpus 2]
+       [--fedseg-args "--sites-at-once 1"] [--fedseg-only]
 fedseg: ``fedseg simulate`` on MoNuSeg's four sites, the 14 official test tiles held out, U-Net
 16..128 with one residual unit, 256 px crops, batch 8 (a site's batch is all of its training
 tiles when it has fewer), FedAvg, ``--local-layers none``, every round scored, report and
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -23,8 +25,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric
+from monai.networks.nets import UNet
+from torch.nn.functional import one_hot
+
 from benchmarks.common import SHARED_DATA, report
 from benchmarks.scale import _pss, _tree
+from fedseg.common.data import read_site, split_training, study_sites
+from fedseg.common.transforms import eval_transforms, to_dicts
 
 STUDY = SHARED_DATA / "monuseg"
 CHANNELS = (16, 32, 64, 128)
@@ -55,7 +67,7 @@ def fedseg_run(args: argparse.Namespace) -> dict[str, float]:
     cmd = [sys.executable, "-m", "fedseg.common.cli", "simulate", str(STUDY), "--channels", ",".join(map(str, CHANNELS)),
            "--patch-size", str(PATCH), "--batch-size", str(BATCH), "--lr", str(LR), "--rounds", str(args.rounds),
            "--local-epochs", str(args.local_epochs), "--local-layers", "none", "--heldout-sites", "heldout",
-           "--num-cpus", str(args.cpus), "--output-dir", out, "--run-name", "side"]
+           "--num-cpus", str(args.cpus), "--output-dir", out, "--run-name", "side", *shlex.split(args.fedseg_args)]
     wall, peak, _ = timed(cmd)
     summary = json.loads((Path(out) / "side" / "summary.json").read_text())
     return {"wall s": wall, "peak PSS GiB": peak / 2**30, "held-out Dice": summary["heldout_summary"]["mean"]}
@@ -69,19 +81,24 @@ def plain_run(args: argparse.Namespace) -> dict[str, float]:
     return {"wall s": wall, "peak PSS GiB": peak / 2**30, "held-out Dice": json.loads(text.splitlines()[-1])["dice"]}
 
 
+def plain_unet() -> torch.nn.Module:
+    """The side-by-side's network, built with MONAI alone."""
+    return UNet(2, 3, 2, CHANNELS, (2, 2, 2), num_res_units=1, norm=("instance", {"affine": True}))
+
+
+def random_crop(rng: np.random.Generator, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A random PATCH x PATCH crop of a (C, H, W) tile and its label, mirrored at random along
+    each axis: plain NumPy, no foreground balancing."""
+    y, x = (int(rng.integers(0, s - PATCH + 1)) for s in image.shape[1:])
+    image, label = image[:, y:y + PATCH, x:x + PATCH], label[:, y:y + PATCH, x:x + PATCH]
+    for axis in (1, 2):
+        if rng.random() < 0.5:
+            image, label = np.flip(image, axis), np.flip(label, axis)
+    return image, label
+
+
 def plain_loop(rounds: int, local_epochs: int, cpus: int) -> float:
     """FedAvg as one plain MONAI/PyTorch loop; the mean held-out Dice."""
-    import numpy as np
-    import torch
-    from monai.inferers import sliding_window_inference
-    from monai.losses import DiceCELoss
-    from monai.metrics import DiceMetric
-    from monai.networks.nets import UNet
-    from torch.nn.functional import one_hot
-
-    from fedseg.common.data import read_site, split_training, study_sites
-    from fedseg.common.transforms import eval_transforms, to_dicts
-
     torch.set_num_threads(cpus)
     rng = np.random.default_rng(0)
     refs = {r.name: r for r in study_sites(STUDY)}
@@ -93,29 +110,18 @@ def plain_loop(rounds: int, local_epochs: int, cpus: int) -> float:
         cases = [load(d) for d in to_dicts(train)]
         sites.append([(np.asarray(c["image"]), np.asarray(c["label"]).astype(np.int64)) for c in cases])
 
-    def net() -> torch.nn.Module:
-        return UNet(2, 3, 2, CHANNELS, (2, 2, 2), num_res_units=1, norm=("instance", {"affine": True}))
-
-    def crop(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        y, x = (int(rng.integers(0, s - PATCH + 1)) for s in image.shape[1:])
-        image, label = image[:, y:y + PATCH, x:x + PATCH], label[:, y:y + PATCH, x:x + PATCH]
-        for axis in (1, 2):
-            if rng.random() < 0.5:
-                image, label = np.flip(image, axis), np.flip(label, axis)
-        return image, label
-
     torch.manual_seed(0)
-    global_model, loss_fn = net(), DiceCELoss(to_onehot_y=True, softmax=True)
+    global_model, loss_fn = plain_unet(), DiceCELoss(to_onehot_y=True, softmax=True)
     for _ in range(rounds):
         states, weights = [], []
         for cases in sites:
-            model = net()
+            model = plain_unet()
             model.load_state_dict(global_model.state_dict())
             model.train()
             opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
             batch = min(BATCH, len(cases))
             for _ in range(local_epochs * -(-len(cases) // batch)):
-                picked = [crop(*cases[i]) for i in rng.permutation(len(cases))[:batch]]
+                picked = [random_crop(rng, *cases[i]) for i in rng.permutation(len(cases))[:batch]]
                 image = torch.from_numpy(np.stack([p[0] for p in picked]))
                 label = torch.from_numpy(np.stack([p[1] for p in picked]))
                 opt.zero_grad()
@@ -143,28 +149,33 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-epochs", type=int, default=120)
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--fedseg-args", default="", help="more flags for fedseg simulate")
+    parser.add_argument("--fedseg-only", action="store_true", help="time fedseg alone (no ratios)")
     parser.add_argument("--plain-loop", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain_loop:
         print(json.dumps({"dice": plain_loop(args.rounds, args.local_epochs, args.cpus)}))
         return
+    sides = (("fedseg", fedseg_run),) if args.fedseg_only else (
+        ("plain MONAI loop", plain_run), ("fedseg", fedseg_run))
     rows = []
     for run in range(1, args.runs + 1):
-        for side, measure in (("plain MONAI loop", plain_run), ("fedseg", fedseg_run)):
+        for side, measure in sides:
             rows.append({"run": run, "side": side, **measure(args)})
             print(rows[-1], flush=True)
-    pairs = [(p, f) for p, f in zip(rows[::2], rows[1::2])]
-    ratios = [f["wall s"] / p["wall s"] for p, f in pairs]
+    pairs = [(p, f) for p, f in zip(rows[::2], rows[1::2])] if not args.fedseg_only else [({}, f) for f in rows]
+    ratios = [f["wall s"] / p["wall s"] for p, f in pairs if p]
 
-    def spread(values: list[float]) -> dict[str, float]:
-        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    def spread(values: list[float]) -> dict[str, float] | None:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else None
 
-    report("side_by_side", rows, {
+    variant = "_".join(args.fedseg_args.replace("-", " ").split())
+    report("side_by_side" + (f"_{variant}" if variant else ""), rows, {
         "fedseg wall / plain wall": spread(ratios),
         "fedseg peak PSS GiB": spread([f["peak PSS GiB"] for _, f in pairs]),
-        "plain peak PSS GiB": spread([p["peak PSS GiB"] for p, _ in pairs]),
+        "plain peak PSS GiB": spread([p["peak PSS GiB"] for p, _ in pairs if p]),
         "fedseg held-out Dice": spread([f["held-out Dice"] for _, f in pairs]),
-        "plain held-out Dice": spread([p["held-out Dice"] for p, _ in pairs]),
+        "plain held-out Dice": spread([p["held-out Dice"] for p, _ in pairs if p]),
         "settings": vars(args)})
 
 
