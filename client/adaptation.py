@@ -27,6 +27,8 @@ def site_images(spec: SiteSpec, cases: list[Case]) -> Sequence[torch.Tensor]:
 
 
 class _SiteImages(Sequence):
+    """Images read from disk at each access."""
+
     def __init__(self, spec: SiteSpec, cases: list[Case]) -> None:
         self.transform, self.items = eval_transforms(spec), to_dicts(cases)
 

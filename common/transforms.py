@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 from monai.transforms import (
+    CastToTyped,
     Compose,
+    DeleteItemsd,
     EnsureChannelFirst,
     EnsureChannelFirstd,
     EnsureType,
-    CastToTyped,
-    DeleteItemsd,
     EnsureTyped,
     FgBgToIndicesd,
     LoadImage,
