@@ -35,9 +35,10 @@ from fedseg.simulations.synth import write_study
 
 
 class PeakMemory:
-    """Largest summed PSS of this process and all its descendants while running."""
+    """Largest summed PSS of a process (default: this one) and all its descendants while running."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: int | None = None) -> None:
+        self.root = root or os.getpid()
         self.peak, self._stop = 0, threading.Event()
         self.samples: list[tuple[float, int]] = []  # (time.monotonic(), summed PSS bytes)
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -52,7 +53,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.5):
-            pss = sum(_pss(pid) for pid in _tree(os.getpid()))
+            pss = sum(_pss(pid) for pid in _tree(self.root))
             self.samples.append((time.monotonic(), pss))
             self.peak = max(self.peak, pss)
 

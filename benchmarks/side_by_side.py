@@ -15,6 +15,7 @@ window and Dice. Runs alternate (plain, fedseg, plain, ...); ratios are taken wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -34,8 +35,9 @@ from monai.networks.nets import UNet
 from torch.nn.functional import one_hot
 
 from benchmarks.common import SHARED_DATA, report
-from benchmarks.scale import _pss, _tree
-from fedseg.common.data import read_site, split_training, study_sites
+from benchmarks.scale import PeakMemory
+from fedseg.common.data import Case, SiteSpec, read_site, split_training, study_sites
+from fedseg.common.precision import Precision
 from fedseg.common.transforms import eval_transforms, to_dicts
 
 STUDY = SHARED_DATA / "monuseg"
@@ -49,16 +51,14 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, env=env)
-        peak = 0
-        while proc.poll() is None:
-            peak = max(peak, sum(_pss(pid) for pid in _tree(proc.pid)))
-            time.sleep(0.5)
+        with PeakMemory(proc.pid) as memory:
+            proc.wait()
         wall = time.perf_counter() - started
         out.seek(0)
         text = out.read()
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{text[-2000:]}")
-    return wall, peak, text
+    return wall, memory.peak, text
 
 
 def fedseg_run(args: argparse.Namespace) -> dict[str, float]:
@@ -97,36 +97,47 @@ def random_crop(rng: np.random.Generator, image: np.ndarray, label: np.ndarray) 
     return image, label
 
 
+def decoded_tiles(spec: SiteSpec, cases: list[Case]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Cases decoded and normalized once, as NumPy (image, int64 label) arrays."""
+    load = eval_transforms(spec)
+    return [(np.asarray(c["image"]), np.asarray(c["label"]).astype(np.int64)) for c in map(load, to_dicts(cases))]
+
+
+def plain_steps(model: torch.nn.Module, tiles: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator,
+                steps: int, precision: Precision | None = None) -> None:
+    """``steps`` plain SGD steps on batches of random crops (at most BATCH tiles, each once)."""
+    loss_fn, batch = DiceCELoss(to_onehot_y=True, softmax=True), min(BATCH, len(tiles))
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    for _ in range(steps):
+        picked = [random_crop(rng, *tiles[i]) for i in rng.permutation(len(tiles))[:batch]]
+        image = torch.from_numpy(np.stack([p[0] for p in picked]))
+        label = torch.from_numpy(np.stack([p[1] for p in picked]))
+        opt.zero_grad()
+        with precision.autocast() if precision else contextlib.nullcontext():
+            loss = loss_fn(model(image), label)
+        loss.backward()
+        opt.step()
+
+
 def plain_loop(rounds: int, local_epochs: int, cpus: int) -> float:
     """FedAvg as one plain MONAI/PyTorch loop; the mean held-out Dice."""
     torch.set_num_threads(cpus)
     rng = np.random.default_rng(0)
     refs = {r.name: r for r in study_sites(STUDY)}
     sites, heldout = [], read_site(refs.pop("heldout"))
-    for ref in refs.values():  # decoded and normalized once, as NumPy arrays
+    for ref in refs.values():
         spec = read_site(ref)
-        train, _ = split_training(spec, 0.2, 0)
-        load = eval_transforms(spec)
-        cases = [load(d) for d in to_dicts(train)]
-        sites.append([(np.asarray(c["image"]), np.asarray(c["label"]).astype(np.int64)) for c in cases])
+        sites.append(decoded_tiles(spec, split_training(spec, 0.2, 0)[0]))
 
     torch.manual_seed(0)
-    global_model, loss_fn = plain_unet(), DiceCELoss(to_onehot_y=True, softmax=True)
+    global_model = plain_unet()
     for _ in range(rounds):
         states, weights = [], []
         for cases in sites:
             model = plain_unet()
             model.load_state_dict(global_model.state_dict())
             model.train()
-            opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-            batch = min(BATCH, len(cases))
-            for _ in range(local_epochs * -(-len(cases) // batch)):
-                picked = [random_crop(rng, *cases[i]) for i in rng.permutation(len(cases))[:batch]]
-                image = torch.from_numpy(np.stack([p[0] for p in picked]))
-                label = torch.from_numpy(np.stack([p[1] for p in picked]))
-                opt.zero_grad()
-                loss_fn(model(image), label).backward()
-                opt.step()
+            plain_steps(model, cases, rng, local_epochs * -(-len(cases) // min(BATCH, len(cases))))
             states.append(model.state_dict())
             weights.append(len(cases))
         global_model.load_state_dict({k: sum(s[k] * w for s, w in zip(states, weights)) / sum(weights)

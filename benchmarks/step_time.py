@@ -11,22 +11,19 @@ per step exclude the first pass's decoding; the ratio is taken within each pass.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
 
 from benchmarks.common import report
-from benchmarks.side_by_side import BATCH, CHANNELS, LR, PATCH, STUDY, plain_unet, random_crop
+from benchmarks.side_by_side import BATCH, CHANNELS, LR, PATCH, STUDY, decoded_tiles, plain_steps, plain_unet
 from fedseg.client.tasks import task_for
 from fedseg.client.trainer import train_local
 from fedseg.common.data import read_site, split_training, study_sites
 from fedseg.common.models import ModelSpec, build_model
 from fedseg.common.precision import Precision
-from fedseg.common.transforms import eval_transforms, to_dicts
 
 
 def main() -> None:
@@ -39,10 +36,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     site = read_site(next(r for r in study_sites(STUDY) if r.name.startswith("site1")))
     train, _ = split_training(site, 0.2, 0)
-    load = eval_transforms(site)
-    tiles = [(np.asarray(c["image"]), np.asarray(c["label"]).astype(np.int64)) for c in map(load, to_dicts(train))]
+    tiles = decoded_tiles(site, train)
     spec = ModelSpec(2, 3, 2, CHANNELS, "instance")
-    task, batch, rng = task_for(spec), min(BATCH, len(train)), np.random.default_rng(0)
+    task, rng = task_for(spec), np.random.default_rng(0)
     train_local(build_model(spec), task, site, train, epochs=1, batch_size=BATCH, lr=LR, patch_size=PATCH,
                 seed=0, cache_mb=1024)  # decodes and caches the tiles once
 
@@ -52,18 +48,9 @@ def main() -> None:
         return result.seconds / result.steps
 
     def plain_step(precision: Precision | None, seed: int) -> float:
-        model, loss_fn = plain_unet(), DiceCELoss(to_onehot_y=True, softmax=True)
-        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+        model = plain_unet()
         started = time.perf_counter()
-        for _ in range(args.steps):
-            picked = [random_crop(rng, *tiles[i]) for i in rng.permutation(len(tiles))[:batch]]
-            image = torch.from_numpy(np.stack([p[0] for p in picked]))
-            label = torch.from_numpy(np.stack([p[1] for p in picked]))
-            opt.zero_grad()
-            with precision.autocast() if precision else contextlib.nullcontext():
-                loss = loss_fn(model(image), label)
-            loss.backward()
-            opt.step()
+        plain_steps(model, tiles, rng, args.steps, precision)
         return (time.perf_counter() - started) / args.steps
 
     rows = []
@@ -77,7 +64,7 @@ def main() -> None:
         ratios = [r["ratio"] for r in rows if r["amp"] == amp]
         extra[f"{amp}: fedseg / plain step"] = {"median": statistics.median(ratios), "min": min(ratios),
                                                 "max": max(ratios)}
-    report("step_time", rows, {**extra, "settings": vars(args), "batch": batch})
+    report("step_time", rows, {**extra, "settings": vars(args), "batch": min(BATCH, len(train))})
 
 
 if __name__ == "__main__":
