@@ -229,17 +229,28 @@ def curve_points(rounds: list[dict[str, Any]], site: str, part: str, key: str,
 def _curves(rounds: list[dict[str, Any]], sites: list[str], part: str, key: str, title: str,
             start: dict[str, float] | None = None) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    drawn: set[int] = set()
     for site in sites:
         points = curve_points(rounds, site, part, key, start)
         if points:
             ax.plot(*zip(*points), marker="o", label=site)
-    ax.set_xlabel("round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            drawn |= {x for x, _ in points}
+    round_axis(ax, drawn)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7)
     return png(fig)
+
+
+def round_axis(ax: plt.Axes, rounds: set[int]) -> None:
+    """Whole-numbered round ticks; a curve of one or two rounds gets exactly those (matplotlib's
+    integer locator gives up on a one-point range and ticks 0.95, 1.00, 1.05)."""
+    ax.set_xlabel("round")
+    if len(rounds) <= 2:
+        ax.set_xticks(sorted(rounds))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _scored_every(cfg: dict[str, Any]) -> str:
