@@ -139,8 +139,8 @@ class SemanticTask(Task):
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
     def loss(self, model: nn.Module, items: list[dict[str, Any]], device: str) -> torch.Tensor:
-        image = torch.stack([i["image"] for i in items]).to(device)
-        label = torch.stack([i["label"] for i in items]).to(device)
+        image = torch.stack([_plain(i["image"]) for i in items]).to(device)
+        label = torch.stack([_plain(i["label"]) for i in items]).to(device)
         return self.loss_fn(model(image), label)
 
     def optimizer(self, model: nn.Module, lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
@@ -235,5 +235,6 @@ def _spacing(image: torch.Tensor, dims: int) -> tuple[float, ...]:
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
-    """A plain tensor: MONAI's MetaTensor would route every torchvision op through its hooks."""
+    """A plain tensor: MONAI's MetaTensor would route every network op through its hooks (and
+    keep ``torch.compile`` from tracing the network)."""
     return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)

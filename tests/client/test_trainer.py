@@ -175,3 +175,12 @@ def test_a_3d_unet_trains_channels_last_on_a_cpu_without_dp_and_is_saved_and_sen
     state = model.state_dict()
     assert all(v.is_contiguous() for v in state.values())
     assert any(not torch.equal(state[k], before[k]) for k in before)  # it did train
+
+
+def test_the_network_trains_on_plain_tensors(site):
+    # a MONAI MetaTensor batch would send every layer's op through MONAI's Python hooks
+    model, seen = build_model(SPEC), []
+    model.register_forward_pre_hook(lambda _, args: seen.append(type(args[0])))
+    train_local(model, task_for(SPEC), site, list(site.training), epochs=1, batch_size=2, lr=0.01,
+                patch_size=32, seed=0)
+    assert seen and set(seen) == {torch.Tensor}
