@@ -1,18 +1,24 @@
 """A fedseg site's training step against a plain MONAI loop's step, same network, batch, crop
 size, threads and precision, measured in one process in alternating passes.
 
-Usage: python -m benchmarks.step_time [--passes 3] [--steps 30] [--threads 2] [--amp off,bf16]
+Usage: python -m benchmarks.step_time [--passes 3] [--steps 30] [--threads 2] [--amp off,bf16] [--compile]
 MoNuSeg site 1 (6 training tiles of 1000x1000): fedseg's ``train_local`` (its cached cases,
 foreground-balanced crops, prefetching, step and optimizer) against the side-by-side's plain
 loop (random NumPy crops of the decoded tiles, the same U-Net 16..128, DiceCE and SGD). Seconds
-per step exclude the first pass's decoding; the ratio is taken within each pass.
+per step exclude the first pass's decoding; the ratio is taken within each pass. With
+``--compile``, each precision is also timed with both sides' forward through ``torch.compile``
+(fedseg's ``compile`` run-config), from an empty compile cache: the first compile's seconds are
+reported, and the compiled steps are also set against fedseg's eager steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -32,7 +38,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--amp", default="off,bf16")
+    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="step_time-inductor-")  # a cold first compile
     torch.set_num_threads(args.threads)
     site = read_site(next(r for r in study_sites(STUDY) if r.name.startswith("site1")))
     train, _ = split_training(site, 0.2, 0)
@@ -42,28 +50,43 @@ def main() -> None:
     train_local(build_model(spec), task, site, train, epochs=1, batch_size=BATCH, lr=LR, patch_size=PATCH,
                 seed=0, cache_mb=1024)  # decodes and caches the tiles once
 
-    def fedseg_step(precision: Precision | None, seed: int) -> float:
+    def fedseg_step(precision: Precision | None, seed: int, compiled: bool = False) -> float:
         result = train_local(build_model(spec), task, site, train, epochs=args.steps, batch_size=BATCH, lr=LR,
-                             patch_size=PATCH, seed=seed, cache_mb=1024, precision=precision)
+                             patch_size=PATCH, seed=seed, cache_mb=1024, precision=precision,
+                             compile_step=compiled)
         return result.seconds / result.steps
 
-    def plain_step(precision: Precision | None, seed: int) -> float:
-        model = plain_unet()
+    def plain_step(precision: Precision | None, seed: int, compiled: bool = False) -> float:
+        model = torch.compile(plain_unet()) if compiled else plain_unet()
         started = time.perf_counter()
         plain_steps(model, tiles, rng, args.steps, precision)
         return (time.perf_counter() - started) / args.steps
 
-    rows = []
-    for amp in args.amp.split(","):
+    def first_compile(side: Callable[..., float], precision: Precision | None) -> float:
+        started = time.perf_counter()
+        side(precision, 0, True)
+        return time.perf_counter() - started  # the compile and one pass of steps
+
+    rows, extra = [], {}
+    modes = [(amp, False) for amp in args.amp.split(",")] + [(amp, True) for amp in args.amp.split(",") if args.compile]
+    for amp, compiled in modes:
         precision = Precision("cpu", torch.bfloat16) if amp == "bf16" else None
+        mode = amp + (" compiled" if compiled else "")
+        if compiled:
+            extra[f"{mode}: first compile and pass, s"] = {"plain": first_compile(plain_step, precision),
+                                                           "fedseg": first_compile(fedseg_step, precision)}
         for n in range(args.passes):
-            plain, ours = plain_step(precision, n), fedseg_step(precision, n)
-            rows.append({"amp": amp, "pass": n + 1, "plain s/step": plain, "fedseg s/step": ours, "ratio": ours / plain})
-    extra = {}
-    for amp in args.amp.split(","):
-        ratios = [r["ratio"] for r in rows if r["amp"] == amp]
-        extra[f"{amp}: fedseg / plain step"] = {"median": statistics.median(ratios), "min": min(ratios),
-                                                "max": max(ratios)}
+            plain, ours = plain_step(precision, n, compiled), fedseg_step(precision, n, compiled)
+            row = {"mode": mode, "pass": n + 1, "plain s/step": plain, "fedseg s/step": ours, "ratio": ours / plain}
+            if compiled:
+                row["fedseg / fedseg eager"] = ours / fedseg_step(precision, n)
+            rows.append(row)
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        for column in ("ratio", "fedseg / fedseg eager"):
+            values = [r[column] for r in rows if r["mode"] == mode and column in r]
+            if values:
+                extra[f"{mode}: {column}"] = {"median": statistics.median(values), "min": min(values),
+                                              "max": max(values)}
     report("step_time", rows, {**extra, "settings": vars(args), "batch": min(BATCH, len(train))})
 
 

@@ -63,6 +63,7 @@ def train_local(
     cache_mb: int = 0,
     precision: Precision | None = None,
     flips: tuple[int, ...] | None = None,
+    compile_step: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place on ``cases``: one random patch per case per step it is in.
 
@@ -92,6 +93,8 @@ def train_local(
             float32). DP steps always compute in float32.
         flips: spatial axes patches are randomly mirrored along (None: the site's modality
             decides, ``data.flip_axes``).
+        compile_step: run the training forward through ``torch.compile`` (not with ``dp``); the
+            compiled graph is reused by later rounds' models of the same architecture.
 
     Returns:
         Mean training loss, number of cases (FedAvg's weight), optimizer steps, and the
@@ -103,7 +106,8 @@ def train_local(
     model.to(device).train()
     model.to(memory_format=training_layout(task.spec, device, private=dp is not None))
     if dp is None:
-        step: Step = PlainStep(task, model, device, proximal_anchors(model, proximal_mu, global_params, device),
+        forward = compiled(model) if compile_step else model
+        step: Step = PlainStep(task, forward, device, proximal_anchors(model, proximal_mu, global_params, device),
                                proximal_mu, precision)
         batches, patches_per_case = shuffled_batches(len(cases), batch_size, epochs, seed), 1
         optimizer = step.wrap(task.optimizer(model, lr))
@@ -152,6 +156,15 @@ def train_local(
     return TrainResult(loss=sum(losses) / max(len(losses), 1), num_examples=len(cases), steps=steps,
                        epsilon=epsilon, losses=tuple(losses), seconds=time.perf_counter() - started,
                        data_seconds=waited)
+
+
+def compiled(model: nn.Module) -> nn.Module:
+    """``model`` through ``torch.compile``, sharing its parameters. Inductor compiles in this
+    process: its default worker pool would start processes holding another copy of PyTorch."""
+    from torch._inductor import config  # imported only where a run compiles
+
+    config.compile_threads = 1
+    return torch.compile(model)
 
 
 def training_layout(spec: ModelSpec, device: str, private: bool = False) -> torch.memory_format:

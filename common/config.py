@@ -161,6 +161,11 @@ class RunConfig:
         False,
         "bit-exact repeatable CUDA kernels (cuDNN autotuning off); CPU runs are seeded and repeatable "
         "either way.")
+    compile: bool = key(
+        False,
+        "torch.compile the U-Net's training forward (not Mask R-CNN, not dp=sample): faster steps once "
+        "compiled, but a network's first compile on a machine costs each site process about half a "
+        "minute (cached on disk for later rounds and runs); pays off over long local training.")
     transfer_dtype: str = key(
         "float32",
         "precision of the shared weights on the wire, both ways: float32 or float16 (half the bytes; "
@@ -238,6 +243,10 @@ class RunConfig:
             ("device", DEVICE.fullmatch(self.device) is not None, "must be auto, cpu, cuda or cuda:N"),
             ("transfer-dtype", self.transfer_dtype in TRANSFER_DTYPES, f"must be one of {TRANSFER_DTYPES}"),
             ("amp", self.amp in AMP_MODES, f"must be one of {AMP_MODES}"),
+            ("compile", not (self.compile and self.dp == "sample"),
+             "dp=sample trains with per-case gradients, which torch.compile does not trace"),
+            ("compile", not (self.compile and kind is not None and not kind.dense),
+             f"model={self.model} is not compiled (only U-Net training is)"),
             ("dp-target-epsilon", self.dp_target_epsilon >= 0, "must be >= 0 (0: use dp-noise-multiplier)"),
             ("norm", not (self.dp == "sample" and self.norm == "batch"),
              "BatchNorm cannot train under DP-SGD (a case's output depends on its batch-mates); "
@@ -321,7 +330,7 @@ class RunConfig:
             proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
             min_group_cases=self.min_group_cases, heldout_sites=self.heldout_sites,
             evaluate_in_train=False, adapt_heldout=False,  # the server asks for them per message
-            device=self.device, amp=self.amp, deterministic=self.deterministic,
+            device=self.device, amp=self.amp, deterministic=self.deterministic, compile=self.compile,
             transfer_dtype=self.transfer_dtype, data=data or self.site_data(),
             dp=DPSettings(self.dp, self.dp_noise_multiplier, self.dp_max_grad_norm, self.dp_delta,
                           self.dp_target_epsilon, self.num_server_rounds, self.dp_batch_size,

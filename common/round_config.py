@@ -110,6 +110,7 @@ class SiteRoundConfig:
             server sets it in the rounds run-config ``heldout-adapt`` names.
         device: the server's device wish (a site's own node config ``device`` wins).
         amp, deterministic: mixed precision and cuDNN mode (``common/precision.py``).
+        compile: ``torch.compile`` the training forward (``client/trainer.py``).
         transfer_dtype: precision the site sends its shared weights in.
         data: the site's data and split.
         dp: differential privacy asked for.
@@ -135,6 +136,7 @@ class SiteRoundConfig:
     device: str
     amp: str
     deterministic: bool
+    compile: bool
     transfer_dtype: str
     data: SiteData
     dp: DPSettings

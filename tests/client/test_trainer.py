@@ -184,3 +184,17 @@ def test_the_network_trains_on_plain_tensors(site):
     train_local(model, task_for(SPEC), site, list(site.training), epochs=1, batch_size=2, lr=0.01,
                 patch_size=32, seed=0)
     assert seen and set(seen) == {torch.Tensor}
+
+
+def test_a_compiled_training_forward_trains_the_same_weights(site):
+    def trained(compile_step: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = build_model(SPEC)
+        result = train_local(model, task_for(SPEC), site, list(site.training), epochs=2, batch_size=2, lr=0.1,
+                             patch_size=32, seed=3, compile_step=compile_step)
+        return result.loss, model.state_dict()
+
+    (eager_loss, eager), (compiled_loss, compiled) = trained(False), trained(True)
+    assert list(compiled) == list(eager)  # saved and sent under the network's own names
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-3)
+    assert all(torch.allclose(compiled[k], eager[k], atol=1e-4) for k in eager)

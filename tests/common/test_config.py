@@ -41,6 +41,8 @@ def test_round_trip_through_kebab_dict():
     ({"model": "unet", "norm": "frozen"}, "norm"),
     ({"model": "maskrcnn", "backbone": "vgg"}, "backbone"),
     ({"model": "maskrcnn", "spatial-dims": 3}, "spatial-dims"),
+    ({"compile": True, "dp": "sample"}, "compile"),
+    ({"compile": True, "model": "maskrcnn", "norm": "frozen"}, "compile"),
 ])
 def test_bad_value_names_the_key(raw, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
