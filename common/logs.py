@@ -21,6 +21,8 @@ def setup_logging(quiet_flower: bool = True) -> None:
         root.addHandler(handler)
     root.setLevel(logging.INFO)
     root.propagate = False
+    # MONAI builds its DICOM reader with every image loader and logs that a GPU codec is missing
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     if quiet_flower:
         flwr_log = logging.getLogger("flwr")
         flwr_log.propagate = False

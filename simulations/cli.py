@@ -1,4 +1,4 @@
-"""Simulation commands: ``fedseg demo``, ``synth``, ``simulate``, ``study``."""
+"""Simulation commands: ``fedseg demo``, ``synth``, ``plan``, ``simulate``, ``study``."""
 
 from __future__ import annotations
 
@@ -35,6 +35,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--task", choices=("semantic", "instance"), default="semantic")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=_synth)
+
+    plan = sub.add_parser("plan", help="the U-Net nnU-Net would plan for the study's pooled training "
+                          "cases, made from each site's fingerprint: prints it and writes plan.json")
+    plan.add_argument("study_dir")
+    plan.add_argument("--split-site", type=int, default=0, metavar="K",
+                      help="split a study of one site into K virtual sites (default: one site per folder)")
+    plan.add_argument("--heldout-sites", default="", metavar="LIST",
+                      help="comma-separated sites that never train, left out of the plan")
+    plan.add_argument("--memory-gb", type=float, default=8.0,
+                      help="device memory the patch and batch are sized for (nnU-Net's default: 8)")
+    plan.add_argument("--output", default="plan.json", help="where to write the plan (default: ./plan.json)")
+    plan.set_defaults(func=_plan)
 
     simulate = sub.add_parser("simulate", help="run a federated study over a study folder")
     simulate.add_argument("study_dir", nargs="?", help="study folder (omit with --resume-run)")
@@ -143,6 +155,39 @@ def _synth(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     print(f"wrote {len(sites)} site(s) to {args.out}: {', '.join(s.name for s in sites)}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from fedseg.common.data import read_site, study_sites
+    from fedseg.common.errors import DataError
+    from fedseg.common.plan import describe, make_plan, merge, site_fingerprint, write_plan
+
+    if not Path(args.study_dir).is_dir():
+        raise ConfigError(f"{args.study_dir}: study folder not found")
+    if args.memory_gb <= 0:
+        raise ConfigError(f"--memory-gb {args.memory_gb:g}: must be > 0")
+    heldout = {s for s in args.heldout_sites.split(",") if s}
+    parts = []
+    for ref in study_sites(args.study_dir, args.split_site):
+        site = read_site(ref)
+        if site.name in heldout or not site.training:
+            print(f"{site.name}: no training cases in the plan" + (" (held out)" if site.name in heldout else ""))
+            continue
+        started = time.monotonic()
+        try:
+            parts.append(site_fingerprint(site))
+        except DataError as err:  # that site is left out; the others still plan
+            print(f"{site.name}: left out of the plan: {err}")
+            continue
+        print(f"{site.name}: fingerprint of {len(site.training)} training case(s) in {time.monotonic() - started:.1f}s")
+    if not parts:
+        raise DataError(f"{args.study_dir}: no site could give a fingerprint to plan from")
+    merged = merge(parts)
+    plans = make_plan(merged, args.memory_gb)
+    print()
+    print(describe(plans, merged))
+    print(f"\nwrote {write_plan(args.output, plans, merged)}")
     return 0
 
 
