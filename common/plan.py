@@ -477,3 +477,33 @@ def write_plan(path: str | Path, plans: dict[str, Plan], fp: Fingerprint) -> Pat
     path = Path(path)
     atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
     return path
+
+
+def outliers(parts: dict[str, Fingerprint]) -> list[str]:
+    """Warnings naming each site whose data sits far outside the federation's typical site (the
+    median over sites, so one odd site does not shift it): a median spacing over 2x off along some
+    axis, a CT among other modalities (or the reverse), foreground intensities (0.5 to 99.5
+    percentiles) that do not overlap the typical range at all (scanners' contrasts differ; this is
+    a site in other units or without its rescale)."""
+    if len(parts) < 2:
+        return []
+    spacing = {name: p.median_spacing() for name, p in parts.items()}
+    typical = tuple(float(np.median(axis)) for axis in zip(*spacing.values()))
+    ranges = {name: [(c["percentile_00_5"], c["percentile_99_5"]) for c in p.intensity_stats()]
+              for name, p in parts.items()}
+    usual = [(float(np.nanmedian([r[c][0] for r in ranges.values()])), float(np.nanmedian([r[c][1] for r in ranges.values()])))
+             for c in range(len(next(iter(ranges.values()))))]
+    ct = {name: bool(CT.search(p.modality)) for name, p in parts.items()}
+    notes = []
+    for name, part in parts.items():
+        if any(a / b > 2 or a / b < 0.5 for a, b in zip(spacing[name], typical)):
+            notes.append(f"site {name}: median spacing {_fmt(spacing[name])} {part.units} is far from the "
+                         f"federation's typical {_fmt(typical)} (planned for all the same)")
+        if ct[name] != (sum(ct.values()) > len(ct) / 2):
+            notes.append(f"site {name}: modality {part.modality!r} differs from most sites' in whether it is CT, "
+                         "whose intensities mean something else; check that it belongs in this federation")
+        for channel, ((low, high), (usual_low, usual_high)) in enumerate(zip(ranges[name], usual)):
+            if high < usual_low or low > usual_high:
+                notes.append(f"site {name}: channel {channel} foreground intensities {low:.4g} to {high:.4g} lie "
+                             f"outside the federation's typical {usual_low:.4g} to {usual_high:.4g}")
+    return notes

@@ -161,14 +161,14 @@ def _synth(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from fedseg.common.data import read_site, study_sites
     from fedseg.common.errors import DataError
-    from fedseg.common.plan import describe, make_plan, merge, site_fingerprint, write_plan
+    from fedseg.common.plan import describe, make_plan, merge, outliers, site_fingerprint, write_plan
 
     if not Path(args.study_dir).is_dir():
         raise ConfigError(f"{args.study_dir}: study folder not found")
     if args.memory_gb <= 0:
         raise ConfigError(f"--memory-gb {args.memory_gb:g}: must be > 0")
     heldout = {s for s in args.heldout_sites.split(",") if s}
-    parts = []
+    parts = {}
     for ref in study_sites(args.study_dir, args.split_site):
         site = read_site(ref)
         if site.name in heldout or not site.training:
@@ -176,14 +176,16 @@ def _plan(args: argparse.Namespace) -> int:
             continue
         started = time.monotonic()
         try:
-            parts.append(site_fingerprint(site))
+            parts[site.name] = site_fingerprint(site)
         except DataError as err:  # that site is left out; the others still plan
             print(f"{site.name}: left out of the plan: {err}")
             continue
         print(f"{site.name}: fingerprint of {len(site.training)} training case(s) in {time.monotonic() - started:.1f}s")
     if not parts:
         raise DataError(f"{args.study_dir}: no site could give a fingerprint to plan from")
-    merged = merge(parts)
+    for note in outliers(parts):
+        print(f"warning: {note}")
+    merged = merge(list(parts.values()))
     plans = make_plan(merged, args.memory_gb)
     print()
     print(describe(plans, merged))

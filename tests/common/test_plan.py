@@ -79,3 +79,21 @@ def test_fedseg_plan_prints_the_plan_writes_plan_json_and_leaves_out_a_site_it_c
     saved = json.loads((tmp_path / "plan.json").read_text())
     assert set(saved["configurations"]) == {"3d", "2d"} and saved["fingerprint"]["cases"] == 8
     assert "site-a" not in (tmp_path / "plan.json").read_text()  # no site or file names in the plan
+
+
+def test_a_site_far_outside_the_federation_is_named_and_the_plan_is_still_made(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    write_study(tmp_path / "study", sites=4, dims=3, cases=3, size=24, seed=4)
+    for path in sorted((tmp_path / "study" / "site-b").glob("*/*.nii.gz")):  # 5 mm slices among ~1 mm
+        img = nib.load(path)
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine @ np.diag([1.0, 1.0, 5.0, 1.0])), path)
+    for path in sorted((tmp_path / "study" / "site-c" / "images").glob("*.nii.gz")):  # stored x 1000
+        img = nib.load(path)
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj).astype(np.float32) * 1000 + 5000, img.affine), path)
+    assert main(["plan", str(tmp_path / "study"), "--output", str(tmp_path / "plan.json")]) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2, warnings
+    assert "site site-b: median spacing" in warnings[0] and "site site-c: channel 0" in warnings[1]
+    assert (tmp_path / "plan.json").is_file()
