@@ -29,6 +29,7 @@ from fedseg.common.data import Case, DataError, SiteSpec, case_seed, read_site, 
 from fedseg.common.logs import setup_logging
 from fedseg.common.models import ensemble_members, split_state, unseen_norm_set
 from fedseg.common.precision import site_precision
+from fedseg.common.plan import FINGERPRINT
 from fedseg.common.records import (ARRAYS, CONFIG, EVAL_PREFIX, METRICS, NUM_EXAMPLES, SITE_ERROR,
                                    PrivacyBoundaryError, received_state, scalar_metrics, shared_record)
 
@@ -74,7 +75,7 @@ def _guarded(msg: Message, context: Context,
 def _describe(msg: Message, node_config: dict) -> RecordDict:
     data = SiteData.from_record(msg.content[CONFIG])
     site = resolve_site(node_config, data)
-    info, problems = describe_site(site, data)
+    info, problems = describe_site(site, data, fingerprint=bool(msg.content[CONFIG].get(FINGERPRINT, False)))
     for problem in problems:  # full detail stays in the site's own log
         log.error("site %s: %s", site.ref.name, problem)
     return RecordDict({CONFIG: ConfigRecord(info)})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,10 @@ from fedseg.client.site_policy import POLICY_KEYS, SitePolicy
 from fedseg.common.round_config import SiteData
 from fedseg.common.devices import resolve_device
 from fedseg.common.data import NIFTI_SUFFIXES, DataError, SiteRef, SiteSpec, check_site, read_site, split_training, study_sites
+from fedseg.common.plan import FINGERPRINT, site_fingerprint
 from fedseg.common.transforms import image_channels
+
+log = logging.getLogger(__name__)
 
 SIM_POLICIES_FILE = "site_policies.json"
 # What a hospital may set in its SuperNode's node config (Flower adds the partition keys in simulation).
@@ -125,20 +129,37 @@ def site_device(site: SiteLocation, run_device: str) -> str:
         raise DataError(f"site {site.ref.name}: {err}") from None
 
 
-def describe_site(site: SiteLocation, data: SiteData) -> tuple[dict[str, Any], list[str]]:
+def describe_site(site: SiteLocation, data: SiteData, fingerprint: bool = False) -> tuple[dict[str, Any], list[str]]:
     """(what the server may know, the data-check problems that stay at the site): the data
-    contract status and dataset shape, metadata only, no file names. A simulated site is not
+    contract status and dataset shape, metadata only, no file names; with ``fingerprint``, also
+    the dataset fingerprint of its training cases (JSON, ``common/plan.py``) unless the site's
+    policy keeps it (``share-fingerprint``), or why there is none. A simulated site is not
     checked again: ``simulate`` checked every site folder on this machine before starting."""
     problems = [] if data.study_dir else check_site(site.ref.site_dir)
     if problems:
         return {"site": site.ref.name, "problems": len(problems)}, problems
     spec = read_site(site.ref, seed=data.seed)
     train, val = split_training(spec, data.val_fraction, data.seed)
-    return {"site": site.ref.name, "problems": 0, "spatial-dims": spec.spatial_dims,
+    info = {"site": site.ref.name, "problems": 0, "spatial-dims": spec.spatial_dims,
             "in-channels": image_channels(spec), "num-classes": spec.num_classes, "task": spec.task,
             "label-names": [spec.labels.get(i, str(i)) for i in range(spec.num_classes)],
             "distance-unit": distance_unit(spec), "modality": spec.modality,
-            "num-train": len(train) if spec.training else 0, "num-val": len(val)}, []
+            "num-train": len(train) if spec.training else 0, "num-val": len(val)}
+    if fingerprint and spec.training:
+        info |= _fingerprint(site, spec)
+    return info, []
+
+
+def _fingerprint(site: SiteLocation, spec: SiteSpec) -> dict[str, str]:
+    """``fingerprint`` (JSON) of the site's training cases, or ``no-fingerprint``: why not."""
+    if not site.policy.share_fingerprint:
+        log.info("site %s: its policy keeps its dataset fingerprint (share-fingerprint = false)", spec.name)
+        return {"no-fingerprint": "the site's policy keeps it"}
+    try:
+        return {FINGERPRINT: json.dumps(site_fingerprint(spec).to_json())}
+    except DataError as err:  # the detail, with the file, stays in the site's log
+        log.error("site %s: no dataset fingerprint: %s", spec.name, err)
+        return {"no-fingerprint": "a training case could not be read (the site's log names it)"}
 
 
 @functools.lru_cache(maxsize=8)

@@ -37,6 +37,8 @@ class SitePolicy:
         max_patch_size: the largest training/inference patch edge, in voxels or pixels.
         max_batch_size: the most cases per optimizer step.
         max_rounds_per_day: the most training rounds in any 24 hours, over every run.
+        share_fingerprint: send the server the site's dataset fingerprint at discovery (counts
+            and sums over its training cases, ``common/plan.py``); False keeps it at the site.
     """
 
     max_epsilon: float | None = None
@@ -49,6 +51,7 @@ class SitePolicy:
     max_patch_size: int | None = None
     max_batch_size: int | None = None
     max_rounds_per_day: int | None = None
+    share_fingerprint: bool = True
 
     def group_threshold(self, asked: int) -> int:
         """The k-threshold the site uses when the server asks for ``asked``: never below its own."""
@@ -69,6 +72,7 @@ class SitePolicy:
                 max_patch_size=_optional(raw.get("max-patch-size"), int),
                 max_batch_size=_optional(raw.get("max-batch-size"), int),
                 max_rounds_per_day=_optional(raw.get("max-rounds-per-day"), int),
+                share_fingerprint=str(raw.get("share-fingerprint", True)).lower() not in ("false", "0", "no"),
             )
         except (TypeError, ValueError) as err:
             raise ValueError(f"{source}: bad site policy ({err})") from None

@@ -36,6 +36,7 @@ import numpy as np
 
 from fedseg.common.data import NIFTI_SUFFIXES, Case, SiteSpec
 
+FINGERPRINT = "fingerprint"  # discovery: the question's flag, the answer's JSON
 SIZE_STEP = 0.01  # spacing and extent bins are 1% wide (log-spaced)
 INTENSITY_STEP = 0.005  # intensity bins: 0.5% wide on sign(v) * log(1 + |v|)
 SAMPLES_PER_CASE = 10_000  # foreground voxels per case and channel for intensity statistics (nnU-Net's)
@@ -429,6 +430,14 @@ def make_plan(fp: Fingerprint, memory_gb: float = REFERENCE_GB) -> dict[str, Pla
     else:
         plans["2d"] = plan_configuration(fp, spacing, shape, dataset_voxels, memory_gb)
     return plans
+
+
+def plan_federation(parts: dict[str, Fingerprint], memory_gb: float = REFERENCE_GB
+                    ) -> tuple[dict[str, Plan], Fingerprint, list[str]]:
+    """The plans of the sites' pooled cases (site name -> its fingerprint), the merged
+    fingerprint, and the warnings naming sites far from the others (``outliers``)."""
+    merged = merge(list(parts.values()))
+    return make_plan(merged, memory_gb), merged, outliers(parts)
 
 
 def _reordered(plan: Plan, axes: list[int]) -> Plan:

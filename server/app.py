@@ -18,12 +18,14 @@ from fedseg.common.transforms import flip_axes
 from fedseg.common.dp_recipe import ema_decay
 from fedseg.common.logs import setup_logging
 from fedseg.common.model_kinds import ModelSpec
+from fedseg.common.plan import FINGERPRINT
 from fedseg.common.models import UNSEEN_PREFIX, build_model, local_keys, split_state, unseen_norm_set
 from fedseg.common.records import received_state, shared_record
 from fedseg.common.round_config import SiteData
 from fedseg.common.weights import load_pretrained
 from fedseg.server.checkpoints import save_global_model
 from fedseg.server.discovery import LateSites, discover_sites, model_for_sites, site_names
+from fedseg.server.federation_plan import write_federation_plan
 from fedseg.server.dp_plan import dp_plans
 from fedseg.server.model_average import ModelAverage
 from fedseg.server.reply_checks import DeclaredSite, ReplyChecks
@@ -125,6 +127,8 @@ def initial_model(run: OpenRun, sites: dict[int, dict[str, Any]], data: SiteData
     """
     cfg = run.cfg
     site_of, heldout, training = site_names(sites, cfg, None if cohort is None else sorted(cohort))
+    if cohort is None:
+        write_federation_plan(sites, training, run.folder.dir)
     cohort = cohort if cohort is not None else {i["site"]: _public(i) for i in sites.values()}
     spec = model_for_sites(cfg, sites)
     torch.manual_seed(cfg.seed)
@@ -214,4 +218,4 @@ def finalize(run: OpenRun, fed: Federation, final: ArrayRecord) -> Path:
 
 
 def _public(info: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in info.items() if k not in ("site", "problems")}
+    return {k: v for k, v in info.items() if k not in ("site", "problems", FINGERPRINT, "no-fingerprint")}

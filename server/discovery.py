@@ -14,6 +14,7 @@ from fedseg.common.config import ConfigError, RunConfig
 from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.round_config import SiteData
 from fedseg.common.data import study_sites
+from fedseg.common.plan import FINGERPRINT
 from fedseg.common.records import CONFIG
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,8 @@ class SiteDiscoveryError(RuntimeError):
 
 def discover_sites(grid: Grid, cfg: RunConfig, data: SiteData,
                    cohort: dict[str, dict[str, Any]] | None = None) -> dict[int, dict[str, Any]]:
-    """Ask every connected site for its data shape and data-check status (metadata only).
+    """Ask every connected site for its data shape and data-check status (metadata only); a new
+    U-Net run also asks for each site's dataset fingerprint (``server/federation_plan.py``).
 
     Args:
         cohort: a resumed run's sites (run.json's ``sites``): one that is down or silent does not
@@ -47,7 +49,8 @@ def discover_sites(grid: Grid, cfg: RunConfig, data: SiteData,
         time.sleep(0.5)
     if len(nodes) < expected and cohort is None:
         raise SiteDiscoveryError(f"{len(nodes)} site(s) connected, {expected} expected")
-    sites, problems, silent = ask_sites(grid, nodes, data, cfg.round_timeout)
+    sites, problems, silent = ask_sites(grid, nodes, data, cfg.round_timeout,
+                                        fingerprint=cohort is None and cfg.model == "unet")
     if silent and cohort is None:
         problems.append(f"{len(silent)} site(s) did not answer within {cfg.round_timeout}s")
     elif silent:
@@ -70,15 +73,16 @@ def discover_sites(grid: Grid, cfg: RunConfig, data: SiteData,
     return sites
 
 
-def ask_sites(grid: Grid, nodes: list[int], data: SiteData, timeout: float
+def ask_sites(grid: Grid, nodes: list[int], data: SiteData, timeout: float, fingerprint: bool = False
               ) -> tuple[dict[int, dict[str, Any]], list[str], list[int]]:
-    """Send the discovery question to ``nodes``.
+    """Send the discovery question to ``nodes`` (with ``fingerprint``: asking for their dataset
+    fingerprints too).
 
     Returns:
         (node id -> what its site answered, the problems of those that answered with one, the
         nodes that did not answer within ``timeout`` seconds).
     """
-    content = RecordDict({CONFIG: ConfigRecord(data.to_record())})
+    content = RecordDict({CONFIG: ConfigRecord(data.to_record() | ({FINGERPRINT: True} if fingerprint else {}))})
     messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     sites: dict[int, dict[str, Any]] = {}

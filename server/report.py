@@ -119,6 +119,8 @@ def write_report(run_dir: str | Path) -> Path:
             para(f"strategy {cfg['strategy']}, local layers {cfg['local-layers']}, {mirrored}"
                   f"{summary.get('rounds', 0)} round(s){_scored_every(cfg)}, dp {cfg['dp']}, seed {cfg['seed']}; "
                   f"started {info.get('started')}, ended {info.get('ended')}")]
+    if (planned := _planned(folder.dir)):
+        body.append(para(planned))
     fed = summary.get("in_federation", {})
     body.append("<h2>Summary</h2>")
     body.append(table(["", "mean Dice", "worst site", "worst Dice", "max-min gap", "spread (std)"],
@@ -241,6 +243,24 @@ def _curves(rounds: list[dict[str, Any]], sites: list[str], part: str, key: str,
     if ax.lines:
         ax.legend(fontsize=7)
     return png(fig)
+
+
+def _planned(run_dir: Path) -> str:
+    """One sentence on plan.json: what nnU-Net's rules plan from the sites' fingerprints ("" if none)."""
+    path = run_dir / "plan.json"
+    if not path.is_file():
+        return ""
+    saved = json.loads(path.read_text())
+    plans, units = saved["configurations"], saved["fingerprint"].get("units", "mm")
+
+    def x(values: list[float], digits: int = 0) -> str:
+        return "x".join(f"{v:.{digits}f}" for v in values)
+
+    parts = [f"{name}: patches of {x(p['patch_size'])}" + (f" at {x(p['spacing'], 2)} mm" if units == "mm" else "")
+             + f", batch {p['batch_size']}, {len(p['features'])} stages of {p['features'][0]}-{p['features'][-1]} "
+             f"features, {', '.join(sorted(set(p['normalization'])))} normalization" for name, p in plans.items()]
+    return ("nnU-Net's rules on the training sites' merged dataset fingerprints (plan.json; this run trains "
+            "the configured network) plan " + "; ".join(parts) + ".")
 
 
 def round_axis(ax: plt.Axes, rounds: set[int]) -> None:

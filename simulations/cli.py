@@ -161,7 +161,7 @@ def _synth(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from fedseg.common.data import read_site, study_sites
     from fedseg.common.errors import DataError
-    from fedseg.common.plan import describe, make_plan, merge, outliers, site_fingerprint, write_plan
+    from fedseg.common.plan import describe, plan_federation, site_fingerprint, write_plan
 
     if not Path(args.study_dir).is_dir():
         raise ConfigError(f"{args.study_dir}: study folder not found")
@@ -183,10 +183,9 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"{site.name}: fingerprint of {len(site.training)} training case(s) in {time.monotonic() - started:.1f}s")
     if not parts:
         raise DataError(f"{args.study_dir}: no site could give a fingerprint to plan from")
-    for note in outliers(parts):
+    plans, merged, notes = plan_federation(parts, args.memory_gb)
+    for note in notes:
         print(f"warning: {note}")
-    merged = merge(list(parts.values()))
-    plans = make_plan(merged, args.memory_gb)
     print()
     print(describe(plans, merged))
     print(f"\nwrote {write_plan(args.output, plans, merged)}")

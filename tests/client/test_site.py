@@ -6,7 +6,7 @@ import pytest
 
 from fedseg.client.site import SIM_POLICIES_FILE, describe_site, resolve_site
 from fedseg.common.round_config import SiteData
-from fedseg.common.data import DataError
+from fedseg.common.data import DataError, read_site
 from fedseg.simulations.synth import write_study
 
 
@@ -46,6 +46,21 @@ def test_a_site_reports_hd95_in_mm_for_nifti_and_in_pixels_for_png(tmp_path):
         assert not problems
         units[name] = info["distance-unit"]
     assert units == {"s2": "px", "s3": "mm"}
+
+
+def test_a_site_sends_its_fingerprint_when_asked_unless_its_policy_keeps_it(tmp_path):
+    from fedseg.common.plan import FINGERPRINT, Fingerprint, site_fingerprint
+
+    write_study(tmp_path / "study", sites=2, dims=3, cases=3, size=16, seed=0)
+    (tmp_path / "study" / SIM_POLICIES_FILE).write_text(json.dumps({"site-b": {"share-fingerprint": False}}))
+    data = SiteData(0, 0.25, str(tmp_path / "study"), 0, str(tmp_path / "state"))
+    site_a, site_b = (resolve_site({"partition-id": k}, data) for k in (0, 1))
+    assert FINGERPRINT not in describe_site(site_a, data)[0]  # only when the server asks
+    sent = describe_site(site_a, data, fingerprint=True)[0]
+    assert Fingerprint.from_json(json.loads(sent[FINGERPRINT])) == site_fingerprint(read_site(site_a.ref))
+    assert "site-a" not in sent[FINGERPRINT] and ".nii" not in sent[FINGERPRINT]
+    kept = describe_site(site_b, data, fingerprint=True)[0]
+    assert FINGERPRINT not in kept and kept["no-fingerprint"] == "the site's policy keeps it"
 
 
 def test_a_late_round_under_the_cosine_schedule_takes_smaller_steps(tmp_path, server_identity):

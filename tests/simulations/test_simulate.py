@@ -11,9 +11,10 @@ import torch
 
 from fedseg.client.audit import OUTBOX_FILE
 from fedseg.common.config import ConfigError, RunConfig, keys
-from fedseg.common.data import DataError, read_site, split_training
+from fedseg.common.data import DataError, read_site, split_training, study_sites
 from fedseg.common.models import UNSEEN_PREFIX, ModelSpec, build_model, local_keys
 from fedseg.common.cli import main
+from fedseg.common.plan import Fingerprint, make_plan, merge, site_fingerprint
 from fedseg.simulations.simulate import simulate, site_cpus
 from fedseg.simulations.synth import write_study
 from tests.conftest import local_layers_file, read_rounds, tiny_config
@@ -152,6 +153,13 @@ def test_3d_nifti_study_with_fedprox(study_3d, tmp_path):
         assert 0.0 <= scores["dice"] <= 1.0 and scores["hd95"] >= 0.0, scores
     info = json.loads((run_dir / "run.json").read_text())
     assert info["model"]["spatial_dims"] == 3
+    # the sites' fingerprints came through discovery and plan what the sites' pooled cases plan
+    pooled = merge([site_fingerprint(read_site(ref)) for ref in study_sites(study_3d)])
+    saved = json.loads((run_dir / "plan.json").read_text())
+    assert Fingerprint.from_json(saved["fingerprint"]) == pooled
+    assert saved["configurations"] == {k: p.to_json() for k, p in make_plan(pooled).items()}
+    assert "nnU-Net's rules on the training sites' merged dataset fingerprints" in (run_dir / "report.html").read_text()
+    assert all("fingerprint" not in site for site in info["sites"].values())  # run.json keeps the shape only
 
 
 def test_fedadam_with_a_heldout_site(study_2d, tmp_path):

@@ -1,0 +1,49 @@
+"""The federation's dataset fingerprint and nnU-Net's plan from it, made at discovery from the
+training sites' own fingerprints (``common/plan.py``) and kept in the run folder as ``plan.json``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from fedseg.common.plan import FINGERPRINT, Fingerprint, describe, plan_federation, write_plan
+
+log = logging.getLogger(__name__)
+PLAN_FILE = "plan.json"
+
+
+def write_federation_plan(sites: dict[int, dict[str, Any]], training: list[str], run_dir: Path) -> Path | None:
+    """Merge the fingerprints the training sites sent, warn about a site far from the others,
+    log the plan and write it to ``run_dir/plan.json``.
+
+    Args:
+        sites: node id -> discovery answer.
+        training: the training sites' names (held-out sites never shape the plan).
+
+    Returns:
+        The plan file, or None where no training site sent a fingerprint.
+    """
+    parts, missing = {}, []
+    for info in sites.values():
+        if info["site"] not in training:
+            continue
+        if FINGERPRINT in info:
+            parts[info["site"]] = Fingerprint.from_json(json.loads(str(info[FINGERPRINT])))
+        else:
+            missing.append(f"{info['site']} ({info.get('no-fingerprint', 'none sent')})")
+    if missing:
+        log.info("no dataset fingerprint from %s: the plan describes the other sites' cases", ", ".join(missing))
+    if not parts:
+        return None
+    try:
+        plans, merged, notes = plan_federation(parts)
+    except ValueError as err:  # e.g. sites of different dimensionality: discovery refuses those anyway
+        log.warning("no plan for this federation: %s", err)
+        return None
+    for note in notes:
+        log.warning("%s", note)
+    log.info("what nnU-Net would plan for the training sites' pooled cases (%s):\n%s", PLAN_FILE,
+             describe(plans, merged))
+    return write_plan(run_dir / PLAN_FILE, plans, merged)
