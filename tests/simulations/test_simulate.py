@@ -158,7 +158,7 @@ def test_3d_nifti_study_with_fedprox(study_3d, tmp_path):
     saved = json.loads((run_dir / "plan.json").read_text())
     assert Fingerprint.from_json(saved["fingerprint"]) == pooled
     assert saved["configurations"] == {k: p.to_json() for k, p in make_plan(pooled).items()}
-    assert "nnU-Net's rules on the training sites' merged dataset fingerprints" in (run_dir / "report.html").read_text()
+    assert "merged dataset fingerprints (plan.json" in (run_dir / "report.html").read_text()
     assert all("fingerprint" not in site for site in info["sites"].values())  # run.json keeps the shape only
 
 
