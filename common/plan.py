@@ -452,9 +452,10 @@ def _reordered(plan: Plan, axes: list[int]) -> Plan:
 
 def describe(plans: dict[str, Plan], fp: Fingerprint) -> str:
     """The plan in plain words, one configuration per paragraph."""
+    cells = "voxels" if fp.spatial_dims == 3 else "pixels"
+    spacing = f"median spacing {_fmt(fp.median_spacing())} mm, " if fp.units == "mm" else ""
     lines = [f"{fp.cases} training case(s), {fp.spatial_dims}D, {fp.channels} channel(s), modality {fp.modality!r}; "
-             f"median spacing {_fmt(fp.median_spacing())} {fp.units}, median size after cropping "
-             f"{_fmt(fp.median_size(), 0)} voxels"]
+             f"{spacing}median size after cropping {_fmt(fp.median_size(), 0)} {cells}"]
 
     def where(plan: Plan) -> str:
         if fp.units == "px":
@@ -465,7 +466,7 @@ def describe(plans: dict[str, Plan], fp: Fingerprint) -> str:
         norm = ", ".join(sorted(set(plan.normalization)))
         lines += [
             "",
-            f"{name}: {where(plan)} (median image {_fmt(plan.median_shape, 0)} voxels), "
+            f"{name}: {where(plan)} (median image {_fmt(plan.median_shape, 0)} {cells}), "
             f"patches of {_fmt(plan.patch_size, 0)}, batch {plan.batch_size} (sized for {plan.memory_gb:g} GB)",
             f"  U-Net of {len(plan.features)} stages: features {', '.join(map(str, plan.features))}; strides "
             + " ".join(_fmt(s, 0) for s in plan.strides) + "; kernels " + " ".join(_fmt(k, 0) for k in plan.kernels),
