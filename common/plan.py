@@ -14,7 +14,7 @@ distinct value, as scanners' fixed spacings do; within 1% otherwise), intensitie
 ``make_plan`` applies nnU-Net's planning rules (Isensee et al., Nature Methods 2021; nnunetv2's
 ``ExperimentPlanner`` and ``get_pool_and_conv_props``): target spacing (the median, with the
 anisotropy rule), patch size and batch size for a memory budget, the stages, kernel sizes,
-strides and features of its U-Net (MONAI's ``DynUNet``), and per-channel normalization. They are
+strides and features of its U-Net (what MONAI's ``DynUNet`` takes), and per-channel normalization. They are
 written out here because nnunetv2's planner reads per-case lists from its own folders, which a
 federation never has.
 """
