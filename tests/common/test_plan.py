@@ -97,4 +97,3 @@ def test_a_site_far_outside_the_federation_is_named_and_the_plan_is_still_made(t
     assert len(warnings) == 2, warnings
     assert "site site-b: median spacing" in warnings[0] and "site site-c: channel 0" in warnings[1]
     assert (tmp_path / "plan.json").is_file()
-
