@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedseg.common.config import ConfigError, RunConfig
@@ -84,7 +85,10 @@ def ask_sites(grid: Grid, nodes: list[int], data: SiteData, timeout: float, fing
     """
     content = RecordDict({CONFIG: ConfigRecord(data.to_record() | ({FINGERPRINT: True} if fingerprint else {}))})
     messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    # a node the SuperLink already knows is down answers with Flower's "node unavailable" error:
+    # it is as silent as one that does not answer in time
+    replies = [r for r in grid.send_and_receive(messages, timeout=timeout)
+               if not (r.has_error() and r.error.code == ErrorCode.NODE_UNAVAILABLE)]
     sites: dict[int, dict[str, Any]] = {}
     problems = []
     for reply in replies:
