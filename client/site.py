@@ -12,7 +12,7 @@ from typing import Any
 from fedseg.client.site_policy import POLICY_KEYS, SitePolicy
 from fedseg.common.round_config import SiteData
 from fedseg.common.devices import resolve_device
-from fedseg.common.data import NIFTI_SUFFIXES, DataError, SiteRef, SiteSpec, check_site, read_site, split_training, study_sites
+from fedseg.common.data import DataError, SiteRef, SiteSpec, check_site, distance_unit, read_site, split_training, study_sites
 from fedseg.common.plan import FINGERPRINT, site_fingerprint
 from fedseg.common.transforms import image_channels
 
@@ -175,8 +175,3 @@ def _policy(raw: dict[str, Any], source: str) -> SitePolicy:
     except ValueError as err:
         raise DataError(str(err)) from None
 
-
-def distance_unit(spec: SiteSpec) -> str:
-    """The unit of the site's HD95: NIfTI voxel spacing is in mm, PNG/JPEG pixels have none."""
-    cases = spec.training or spec.test
-    return "mm" if cases and cases[0].image.name.lower().endswith(NIFTI_SUFFIXES) else "px"

@@ -145,6 +145,12 @@ def split_training(spec: SiteSpec, val_fraction: float, seed: int) -> tuple[list
     return train, val
 
 
+def distance_unit(spec: SiteSpec) -> str:
+    """The unit of the site's spacing (and HD95): NIfTI voxel spacing is in mm, PNG/JPEG pixels have none."""
+    cases = spec.training or spec.test
+    return "mm" if cases and cases[0].image.name.lower().endswith(NIFTI_SUFFIXES) else "px"
+
+
 def image_files(folder: str | Path) -> list[Path]:
     """The PNG/JPEG and NIfTI images of a folder (not its sub-folders), in name order; hidden files
     (a copier's ``._case.nii.gz``) are left out."""

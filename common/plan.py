@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from fedseg.common.data import NIFTI_SUFFIXES, Case, SiteSpec
+from fedseg.common.data import Case, SiteSpec, distance_unit
 
 FINGERPRINT = "fingerprint"  # discovery: the question's flag, the answer's JSON
 SIZE_STEP = 0.01  # spacing and extent bins are 1% wide (log-spaced)
@@ -175,7 +175,7 @@ def merge(parts: list[Fingerprint]) -> Fingerprint:
     for p in parts[1:]:
         merged = Fingerprint(
             merged.cases + p.cases, first.spatial_dims, first.channels,
-            merged.modality if merged.modality == p.modality else f"{merged.modality}; {p.modality}",
+            "; ".join(dict.fromkeys(merged.modality.split("; ") + [p.modality])),  # each modality once
             [_add_binned(a, b) for a, b in zip(merged.spacing, p.spacing)],
             [_add(a, b) for a, b in zip(merged.size, p.size)],
             [_add_binned(a, b) for a, b in zip(merged.extent, p.extent)], _add(merged.kept, p.kept),
@@ -183,18 +183,6 @@ def merge(parts: list[Fingerprint]) -> Fingerprint:
             [[x + y for x, y in zip(a, b)] for a, b in zip(merged.moments, p.moments)], _add(merged.labels, p.labels),
             merged.units if merged.units == p.units else "mm and px")
     return merged
-
-
-def _nonzero_box(image: np.ndarray) -> tuple[slice, ...]:
-    """The bounding box of voxels that are non-zero in any channel (the whole image if none is)."""
-    mask = np.any(image != 0, axis=0)
-    if not mask.any():
-        return tuple(slice(0, s) for s in mask.shape)
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
 
 
 def site_fingerprint(site: SiteSpec, cases: list[Case] | None = None, seed: int = 1234) -> Fingerprint:
@@ -206,6 +194,7 @@ def site_fingerprint(site: SiteSpec, cases: list[Case] | None = None, seed: int 
         DataError: a case cannot be read (the file and the reason).
     """
     from monai.transforms import EnsureChannelFirst, LoadImage
+    from monai.transforms.utils import generate_spatial_bounding_box
 
     from fedseg.common.data import image_reader
     from fedseg.common.errors import DataError
@@ -235,8 +224,10 @@ def site_fingerprint(site: SiteSpec, cases: list[Case] | None = None, seed: int 
             raise DataError(f"{case.label}: shape {seg.shape} does not match its image's {array.shape[1:]}")
         if site.task == "instance":  # instance ids train as one foreground class
             seg = (seg > 0).astype(np.int64)
-        box = _nonzero_box(array)
-        array, seg = array[(slice(None), *box)], seg[box]
+        start, end = generate_spatial_bounding_box(array, select_fn=lambda x: x != 0)  # non-zero in any channel
+        if any(e > s for s, e in zip(start, end)):  # an all-zero image keeps its whole extent
+            box = tuple(slice(int(s), int(e)) for s, e in zip(start, end))
+            array, seg = array[(slice(None), *box)], seg[box]
         for axis in range(dims):
             physical = array.shape[axis + 1] * pixdim[axis]
             spacing[axis] = _add_binned(spacing[axis], {_log_bin(pixdim[axis]): [1, pixdim[axis]]})
@@ -258,8 +249,7 @@ def site_fingerprint(site: SiteSpec, cases: list[Case] | None = None, seed: int 
                                     moments[channel][2] + float((sample ** 2).sum())]
     return Fingerprint(len(cases), dims, len(intensity or []), site.modality, spacing,
                        [dict(c) for c in size], extent, dict(kept),
-                       [dict(c) for c in intensity or []], moments, dict(labels),
-                       "mm" if cases and cases[0].image.name.lower().endswith(NIFTI_SUFFIXES) else "px")
+                       [dict(c) for c in intensity or []], moments, dict(labels), distance_unit(site))
 
 
 @dataclass(frozen=True)
