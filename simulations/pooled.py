@@ -43,7 +43,8 @@ def train_pooled(cfg: RunConfig, sites: list[SiteSpec], seed_site: str) -> tuple
     device = run_device(cfg)
     options = dict(batch_size=cfg.batch_size, patch_size=cfg.patch_size, device=device, augment=cfg.augment,
                    flips=flip_axes(cfg.flips, first.spatial_dims, [s.modality for s in sites]),
-                   precision=site_precision(cfg.amp, device, deterministic=cfg.deterministic))
+                   precision=site_precision(cfg.amp, device, deterministic=cfg.deterministic),
+                   compile_step=cfg.compile)
     if cfg.lr_schedule == "constant":
         train_local(model, task, first, cases, epochs=cfg.num_server_rounds * cfg.local_epochs, lr=cfg.lr,
                     seed=case_seed(cfg.seed, seed_site, 0), **options)
