@@ -59,7 +59,7 @@ def main() -> None:
         test_site = read_site(study / "heldout", seed=0)
         cases = split_training(test_site, cfg.val_fraction, 0)[1]
     started = time.perf_counter()
-    model, task = train_pooled(cfg, train_sites, seed_site="latency")
+    model, task, _ = train_pooled(cfg, train_sites, seed_site="latency")
     train_s = time.perf_counter() - started
     model = model.cpu().eval()
     meta = {"model": task.spec.to_dict(), "local_layers": "none", "local_keys": [],

@@ -12,7 +12,7 @@ from monai.transforms import RandSpatialCrop, SpatialPad
 from torch import nn
 
 from fedseg.common.data import Case, SiteSpec
-from fedseg.common.transforms import eval_transforms, to_dicts
+from fedseg.common.transforms import PatchSize, eval_transforms, roi_size, to_dicts
 from fedseg.common.models import NORM_TYPES
 
 TENT_STEPS = 10  # bounded: a few steps, so a site cannot drift far from the federated model
@@ -39,7 +39,7 @@ class _SiteImages(Sequence):
         return self.transform(self.items[index])["image"]
 
 
-def adapt_norm_statistics(model: nn.Module, images: Sequence[torch.Tensor], *, patch_size: int,
+def adapt_norm_statistics(model: nn.Module, images: Sequence[torch.Tensor], *, patch_size: PatchSize,
                           seed: int, patches_per_case: int = 4, device: str = "cpu") -> int:
     """Recompute BatchNorm running statistics on a site's own unlabeled images.
 
@@ -63,7 +63,7 @@ def adapt_norm_statistics(model: nn.Module, images: Sequence[torch.Tensor], *, p
     return len(bns)
 
 
-def adapt_norm_affines(model: nn.Module, images: Sequence[torch.Tensor], *, patch_size: int,
+def adapt_norm_affines(model: nn.Module, images: Sequence[torch.Tensor], *, patch_size: PatchSize,
                        seed: int, steps: int = TENT_STEPS, lr: float = TENT_LR,
                        device: str = "cpu") -> float:
     """TENT: a few Adam steps on the norm layers' affine parameters (every norm kind) that lower
@@ -100,7 +100,7 @@ def adapt_norm_affines(model: nn.Module, images: Sequence[torch.Tensor], *, patc
     return float(entropy.detach())
 
 
-def adapt_to_site(model: nn.Module, task: Any, images: Sequence[torch.Tensor], *, patch_size: int,
+def adapt_to_site(model: nn.Module, task: Any, images: Sequence[torch.Tensor], *, patch_size: PatchSize,
                   seed: int, device: str = "cpu") -> bool:
     """Both adaptations a model allows: BatchNorm statistics, then (per-pixel models; a detector
     has no per-pixel entropy) the norm affines.
@@ -114,15 +114,15 @@ def adapt_to_site(model: nn.Module, task: Any, images: Sequence[torch.Tensor], *
     return bool(statistics) or task.dense_logits
 
 
-def _patches(images: Sequence[torch.Tensor], patch_size: int, seed: int,
+def _patches(images: Sequence[torch.Tensor], patch_size: PatchSize, seed: int,
              patches_per_case: int) -> Iterator[torch.Tensor]:
     """Per image, a batch of random patches (padded where the image is smaller)."""
     if not images:
         return
     dims = images[0].ndim - 1
-    crop = RandSpatialCrop((patch_size,) * dims, random_size=False)
+    crop = RandSpatialCrop(roi_size(patch_size, dims), random_size=False)
     crop.set_random_state(seed=seed)
-    pad = SpatialPad((patch_size,) * dims)
+    pad = SpatialPad(roi_size(patch_size, dims))
     for image in images:
         padded = pad(image)
         yield torch.stack([torch.as_tensor(crop(padded)) for _ in range(patches_per_case)])

@@ -19,7 +19,7 @@ from fedseg.client.site_model import saved_model
 from fedseg.client.tasks import task_for
 from fedseg.common.atomic import atomic_torch_save, atomic_write_json
 from fedseg.common.data import DataError
-from fedseg.common.models import unet_arguments
+from fedseg.common.models import inference_network, network_definition
 
 SW_BATCH_SIZE, OVERLAP = 4, 0.25  # what fedseg predict's sliding windows use (client/tasks.py)
 RUN_NEEDS = "pip install 'fedseg[bundle]' (pytorch-ignite and fire, which MONAI's bundle runner needs)"
@@ -41,6 +41,7 @@ def export_bundle(model_path: str | Path, state_dir: str | Path | None, output: 
             match the model's classes.
     """
     model, spec, patch, _, local_source = saved_model(model_path, state_dir)
+    model, spec = inference_network(model, spec)
     if not task_for(spec).dense_logits:
         raise DataError(f"{model_path}: a MONAI Bundle export covers U-Net models; a {spec.model} model "
                         "(boxes and masks per instance) is not exported")
@@ -65,7 +66,7 @@ def export_bundle(model_path: str | Path, state_dir: str | Path | None, output: 
     return metadata
 
 
-def inference_config(spec: Any, patch: int) -> dict[str, Any]:
+def inference_config(spec: Any, patch: tuple[int, ...]) -> dict[str, Any]:
     """``configs/inference.json``: ``python -m monai.bundle run --config_file configs/inference.json
     --dataset_dir IMAGES --output_dir OUT`` writes ``OUT/<case>_seg.nii.gz`` for each image."""
     return {
@@ -75,7 +76,7 @@ def inference_config(spec: Any, patch: int) -> dict[str, Any]:
         "dataset_dir": "images",
         "datalist": "$[{'image': p} for p in sorted(glob.glob(os.path.join(@dataset_dir, '*.nii*')))]",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
-        "network_def": {"_target_": "UNet", **unet_arguments(spec)},
+        "network_def": network_definition(spec),
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "LoadImaged", "keys": "image", "reader": "NibabelReader", "image_only": True},
@@ -86,7 +87,7 @@ def inference_config(spec: Any, patch: int) -> dict[str, Any]:
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": 0},
-        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [patch] * spec.spatial_dims,
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": list(patch),
                     "sw_batch_size": SW_BATCH_SIZE, "overlap": OVERLAP},
         "postprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "Activationsd", "keys": "pred", "softmax": True},
@@ -104,7 +105,7 @@ def inference_config(spec: Any, patch: int) -> dict[str, Any]:
     }
 
 
-def _metadata(spec: Any, patch: int, names: list[str], local_source: str) -> dict[str, Any]:
+def _metadata(spec: Any, patch: tuple[int, ...], names: list[str], local_source: str) -> dict[str, Any]:
     dims = "3D" if spec.spatial_dims == 3 else "2D"
     return {
         "version": "0.1.0",
@@ -120,22 +121,22 @@ def _metadata(spec: Any, patch: int, names: list[str], local_source: str) -> dic
                         + {"site": "with this site's own local layers",
                            "unseen-site": "with the federation's unseen-site norm set",
                            "initial": "with initial local layers", "": ""}[local_source]
-                        + f". Whole images by sliding windows of {patch} voxels; images are z-scored per channel."),
+                        + f". Whole images by sliding windows of {'x'.join(map(str, patch))} voxels; images are z-scored per channel."),
         "authors": "fedseg",
         "copyright": "the site that exported it",
         "data_source": "the federation's sites (no image left them)",
         "data_type": "nibabel",
         "intended_use": "research; the hospital validates it before any clinical use",
         "references": [],
-        "fedseg": {"patch_size": patch, "local_layers": local_source, "python": platform.python_version()},
+        "fedseg": {"patch_size": list(patch), "local_layers": local_source, "python": platform.python_version()},
         "network_data_format": {
             "inputs": {"image": {
                 "type": "image", "format": "magnitude", "modality": "MR/CT", "num_channels": spec.in_channels,
-                "spatial_shape": [patch] * spec.spatial_dims, "dtype": "float32", "value_range": [],
+                "spatial_shape": list(patch), "dtype": "float32", "value_range": [],
                 "is_patch_data": True, "channel_def": {str(i): f"channel-{i}" for i in range(spec.in_channels)}}},
             "outputs": {"pred": {
                 "type": "image", "format": "segmentation", "num_channels": spec.out_channels,
-                "spatial_shape": [patch] * spec.spatial_dims, "dtype": "float32", "value_range": [0, 1],
+                "spatial_shape": list(patch), "dtype": "float32", "value_range": [0, 1],
                 "is_patch_data": True,
                 "channel_def": {"0": "background", **{str(i): n for i, n in enumerate(names, start=1)}}}},
         },

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from fedseg.client.quantize import calibration_patches, quantize_int8
-from fedseg.client.site_model import SavedModel, recorded_flip_axes, saved_model
+from fedseg.client.site_model import SavedModel, recorded_flip_axes, recorded_patch, saved_model
 from fedseg.client.tasks import task_for
 from fedseg.common.atomic import atomic_write_json
+from fedseg.common.models import inference_network
 from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.data import DataError
 
@@ -44,6 +45,7 @@ def export_onnx(model_path: str | Path, state_dir: str | Path | None, output: st
         RuntimeError: the exported graph disagrees with the PyTorch model (nothing written).
     """
     model, spec, patch, flips, local_source = saved_model(model_path, state_dir)
+    model, spec = inference_network(model, spec)
     if not task_for(spec).dense_logits:
         raise DataError(f"{model_path}: fedseg export covers U-Net models; a {spec.model} model "
                         "(boxes and masks per instance) is not exported")
@@ -52,7 +54,7 @@ def export_onnx(model_path: str | Path, state_dir: str | Path | None, output: st
     output.parent.mkdir(parents=True, exist_ok=True)
     staged = output.with_name(output.name + ".partial")
     generator = torch.Generator().manual_seed(0)
-    example = torch.randn(2, spec.in_channels, *(patch,) * spec.spatial_dims, generator=generator)
+    example = torch.randn(2, spec.in_channels, *patch, generator=generator)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every pass
             torch.onnx.export(model, (example,), staged, dynamo=True, external_data=False,  # one file
@@ -71,7 +73,7 @@ def export_onnx(model_path: str | Path, state_dir: str | Path | None, output: st
         staged.unlink()
         raise RuntimeError(f"{model_path}: the exported graph's logits differ from the PyTorch model's "
                            f"by up to {diff:.3g} (allowed {MAX_ABS_DIFF:g}); nothing written")
-    info = {"format": "onnx", "model": spec.to_dict(), "patch_size": patch,
+    info = {"format": "onnx", "model": spec.to_dict(), "patch_size": list(patch),
             "flip_axes": list(flips), "source": str(model_path),
             "local_layers": local_source, "check": {"max_abs_diff": diff, "label_agreement": agreement},
             "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__}}
@@ -116,8 +118,9 @@ def exported_model(path: str | Path) -> SavedModel:
     sidecar = Path(str(path) + SIDECAR)
     try:
         info = json.loads(sidecar.read_text())
-        spec, patch = ModelSpec.from_dict(info["model"]), int(info["patch_size"])
-    except (OSError, ValueError, KeyError) as err:
+        spec = ModelSpec.from_dict(info["model"])
+        patch = recorded_patch(info, spec)
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"{sidecar}: the exported model's description is missing or damaged ({err}); "
                         "export it again with `fedseg export`") from None
     return SavedModel(OnnxNetwork(path), spec, patch, recorded_flip_axes(info, spec))

@@ -135,7 +135,7 @@ def _load(path: str | Path, state_dir: str | Path | None) -> SavedModel:
     return saved_model(path, state_dir)
 
 
-def adapt_members(members: list[torch.nn.Module], task, images: list[Path], patch: int, device: str,
+def adapt_members(members: list[torch.nn.Module], task, images: list[Path], patch: tuple[int, ...], device: str,
                   model_path: str | Path) -> None:
     """Test-time adaptation of every model to (up to ``ADAPT_IMAGES`` of) the folder's images."""
     chosen = images[:: max(1, -(-len(images) // ADAPT_IMAGES))]

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 
 from fedseg.common.data import DataError, image_files
-from fedseg.common.transforms import image_transforms
+from fedseg.common.transforms import PatchSize, image_transforms, roi_size
 
 CALIBRATION_PATCHES = 32  # patches the activation ranges are calibrated on
 MIN_LABEL_AGREEMENT = 0.98  # of calibration voxels whose int8 label is the float model's
 
 
-def calibration_patches(images_dir: str | Path, in_channels: int, patch: int, spatial_dims: int,
+def calibration_patches(images_dir: str | Path, in_channels: int, patch: PatchSize, spatial_dims: int,
                         count: int = CALIBRATION_PATCHES, seed: int = 0) -> np.ndarray:
     """``count`` random patches (N, C, *patch) of the folder's images, loaded and z-scored as
     ``fedseg predict`` loads them (smaller images are zero-padded).
@@ -40,10 +40,11 @@ def calibration_patches(images_dir: str | Path, in_channels: int, patch: int, sp
         if image.ndim != spatial_dims + 1 or image.shape[0] != in_channels:
             raise DataError(f"{path}: shape {tuple(image.shape)}; the model takes {in_channels} channel(s) in "
                             f"{spatial_dims}D")
-        pad = [p for size in reversed(image.shape[1:]) for p in (0, max(0, patch - size))]
+        roi = roi_size(patch, spatial_dims)
+        pad = [p for size, edge in zip(reversed(image.shape[1:]), reversed(roi)) for p in (0, max(0, edge - size))]
         image = torch.nn.functional.pad(image, pad)
-        starts = [int(rng.integers(0, size - patch + 1)) for size in image.shape[1:]]
-        patches.append(image[(slice(None), *(slice(s, s + patch) for s in starts))].numpy())
+        starts = [int(rng.integers(0, size - edge + 1)) for size, edge in zip(image.shape[1:], roi)]
+        patches.append(image[(slice(None), *(slice(s, s + e) for s, e in zip(starts, roi)))].numpy())
     return np.stack(patches).astype(np.float32)
 
 

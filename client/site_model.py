@@ -17,6 +17,7 @@ from fedseg.common.round_config import SiteRoundConfig
 from fedseg.common.data import DataError
 from fedseg.common.models import UNSEEN_PREFIX, build_model, local_keys, model_signature, unseen_norms
 from fedseg.common.records import weights_problem
+from fedseg.common.transforms import roi_size
 from fedseg.common.weights import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -107,9 +108,16 @@ class SavedModel(NamedTuple):
 
     model: nn.Module
     spec: ModelSpec
-    patch_size: int
+    patch_size: tuple[int, ...]
     flip_axes: tuple[int, ...]
     local_source: str = ""
+
+
+def recorded_patch(meta: dict[str, Any], spec: ModelSpec) -> tuple[int, ...]:
+    """The patch a saved model's description records, one size per axis (an edge in files saved
+    before plans gave one per axis)."""
+    raw = meta["patch_size"]
+    return roi_size(int(raw) if isinstance(raw, (int, float)) else tuple(raw), spec.spatial_dims)
 
 
 def recorded_flip_axes(meta: dict[str, Any], spec: ModelSpec) -> tuple[int, ...]:
@@ -150,7 +158,7 @@ def saved_model(model_path: str | Path, state_dir: str | Path | None) -> SavedMo
     elif has_local:
         log.warning("no local layers of run %s %s: site-local layers keep their initial values",
                     run_name, f"in {state_dir}" if state_dir else "(no site state dir given)")
-    return SavedModel(model.eval(), spec, int(saved["patch_size"]), recorded_flip_axes(saved, spec), source)
+    return SavedModel(model.eval(), spec, recorded_patch(saved, spec), recorded_flip_axes(saved, spec), source)
 
 
 def _signature(model: nn.Module, spec: ModelSpec, local_layers: str, local: set[str]) -> str:

@@ -100,7 +100,7 @@ def admit_model(policy: SitePolicy, cfg: SiteRoundConfig, site: str) -> None:
     if policy.models is not None and cfg.model.model not in policy.models:
         raise PolicyRefusal(f"site {site} refuses: model {cfg.model.model!r} is not among its models "
                             f"{list(policy.models)}")
-    _within(site, "max-patch-size", cfg.patch_size, policy.max_patch_size)
+    _within(site, "max-patch-size", max(cfg.patch_size), policy.max_patch_size)
 
 
 def admit_workload(policy: SitePolicy, cfg: SiteRoundConfig, steps: int, rounds_today: int, site: str) -> None:

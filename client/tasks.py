@@ -17,15 +17,16 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
+from monai.losses import DeepSupervisionLoss, DiceCELoss
 from torch import nn
 
 from fedseg.client.prefetch import ahead_depth, prefetched
 from fedseg.client.steps import OpacusStep, PerCaseStep
 from fedseg.client.site_cache import cached_dataset
 from fedseg.common.model_kinds import ModelSpec
+from fedseg.common.models import deep_supervision_weights
 from fedseg.common.data import Case, SiteSpec
-from fedseg.common.transforms import eval_transforms, to_dicts, train_transforms
+from fedseg.common.transforms import PatchSize, eval_transforms, roi_size, to_dicts, train_transforms
 from fedseg.common.instance_metrics import InstanceScores
 from fedseg.common.instances import predict_instances, targets_from_instances
 from fedseg.common.maskrcnn import SCORE_THRESHOLD
@@ -69,7 +70,7 @@ class Task(ABC):
         entropy to adapt on (``ModelKind.dense``)."""
         return self.spec.kind.dense
 
-    def training_data(self, site: SiteSpec, cases: list[Case], patch_size: int, seed: int,
+    def training_data(self, site: SiteSpec, cases: list[Case], patch_size: PatchSize, seed: int,
                       augment: bool = False, cache_mb: int = 0,
                       flips: tuple[int, ...] | None = None) -> Sequence[Any]:
         """Cases decoded once (and, with ``cache_mb``, kept for later rounds in this process);
@@ -99,7 +100,7 @@ class Task(ABC):
         """The local optimizer."""
 
     @abstractmethod
-    def infer(self, model: nn.Module, image: torch.Tensor, patch_size: int, device: str) -> Prediction:
+    def infer(self, model: nn.Module, image: torch.Tensor, patch_size: PatchSize, device: str) -> Prediction:
         """Predict a whole (C, *spatial) image (the model is in eval mode)."""
 
     @abstractmethod
@@ -111,7 +112,7 @@ class Task(ABC):
         """Score one case (``data``: the eval transform's output) into ``scores``."""
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, site: SiteSpec, cases: list[Case], *, patch_size: int,
+    def evaluate(self, model: nn.Module, site: SiteSpec, cases: list[Case], *, patch_size: PatchSize,
                  device: str = "cpu", min_group_cases: int = 5,
                  ensemble: Sequence[nn.Module] = ()) -> dict[str, float]:
         """Score whole cases: Dice/HD95 per label (and PQ/AJI/AP for instances), groups with at
@@ -132,30 +133,35 @@ class Task(ABC):
 
 
 class SemanticTask(Task):
-    """MONAI U-Net: DiceCE on random patches, sliding-window inference, Dice/HD95 per label."""
+    """MONAI U-Net or DynUNet: DiceCE on random patches (on each deep-supervision output too,
+    weighted), sliding-window inference, Dice/HD95 per label."""
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True),
+                                           weights=deep_supervision_weights(spec))
 
     def loss(self, model: nn.Module, items: list[dict[str, Any]], device: str) -> torch.Tensor:
         image = torch.stack([_plain(i["image"]) for i in items]).to(device)
         label = torch.stack([_plain(i["label"]) for i in items]).to(device)
-        return self.loss_fn(model(image), label)
+        output = model(image)
+        if output.ndim == label.ndim + 1:  # DynUNet training: (batch, outputs, classes, *spatial), all full size
+            output = list(output.unbind(dim=1))
+        return self.loss_fn(output, label)
 
     def optimizer(self, model: nn.Module, lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
 
     @torch.no_grad()
-    def infer(self, model: nn.Module, image: torch.Tensor, patch_size: int, device: str) -> Prediction:
+    def infer(self, model: nn.Module, image: torch.Tensor, patch_size: PatchSize, device: str) -> Prediction:
         return Prediction(self.probabilities([model], image, patch_size, device).argmax(dim=0))
 
     @torch.no_grad()
-    def probabilities(self, models: list[nn.Module], image: torch.Tensor, patch_size: int, device: str,
+    def probabilities(self, models: list[nn.Module], image: torch.Tensor, patch_size: PatchSize, device: str,
                       flips: tuple[int, ...] = ()) -> torch.Tensor:
         """Class probabilities (C, *spatial) of a whole image by sliding windows, averaged over
         ``models`` (an ensemble) and over the image mirrored along each spatial axis in ``flips``."""
-        roi = (patch_size,) * (image.ndim - 1)
+        roi = roi_size(patch_size, image.ndim - 1)
         views = [()] + [(axis + 2,) for axis in flips]
         total = torch.zeros(())
         for model in models:
@@ -196,9 +202,10 @@ class InstanceTask(Task):
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=1e-4)
 
     @torch.no_grad()
-    def infer(self, model: nn.Module, image: torch.Tensor, patch_size: int, device: str) -> Prediction:
+    def infer(self, model: nn.Module, image: torch.Tensor, patch_size: PatchSize, device: str) -> Prediction:
+        tile = roi_size(patch_size, 2)[0]  # Mask R-CNN's tiles are square
         labels, scores = predict_instances(lambda t: model([t.to(device)])[0], _plain(image),
-                                           patch_size, patch_size // 4, SCORE_THRESHOLD)
+                                           tile, tile // 4, SCORE_THRESHOLD)
         return Prediction(labels, scores)
 
     def new_scores(self, site: SiteSpec, min_group_cases: int) -> InstanceScores:

@@ -21,6 +21,7 @@ from fedseg.client.tasks import Task
 from fedseg.common.data import Case, SiteSpec
 from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.precision import Precision
+from fedseg.common.transforms import PatchSize, roi_size
 
 log = logging.getLogger(__name__)
 PROGRESS_SECONDS = 30.0  # a progress line at most this often: short rounds stay quiet
@@ -53,7 +54,7 @@ def train_local(
     epochs: int,
     batch_size: int,
     lr: float,
-    patch_size: int,
+    patch_size: PatchSize,
     seed: int,
     proximal_mu: float = 0.0,
     global_params: dict[str, torch.Tensor] | None = None,
@@ -76,7 +77,7 @@ def train_local(
         batch_size: cases per optimizer step without DP; with DP (whose session sets the expected
             number of cases per step), cases per forward pass.
         lr: learning rate of the task's optimizer (with DP: the DP session's).
-        patch_size: patch edge in pixels/voxels.
+        patch_size: patch edge in pixels/voxels, or one size per axis.
         seed: seeds augmentation, cropping and (without DP) the order of cases.
         proximal_mu: FedProx weight; > 0 adds ``mu/2 * ||w - w_global||^2``.
         global_params: parameter name -> global value, needed when ``proximal_mu > 0``.
@@ -123,7 +124,7 @@ def train_local(
     first_step = last_line = time.monotonic()
     # the next batch's patches are cropped and augmented while this one trains, where a core is free
     ahead = prefetched(batches, lambda indices: [[data[i] for _ in range(patches_per_case)] for i in indices],
-                       depth=ahead_depth(device, patch_size ** site.spatial_dims * batch_size * patches_per_case))
+                       depth=ahead_depth(device, math.prod(roi_size(patch_size, site.spatial_dims)) * batch_size * patches_per_case))
     waited = time.perf_counter() - started  # opening the cases (decoding them unless cached) counts as data
     try:
         while True:

@@ -16,7 +16,7 @@ from typing import Any
 from fedseg.common.devices import DEVICE
 from fedseg.common.errors import ConfigError
 from fedseg.common.lr_schedule import LR_SCHEDULES
-from fedseg.common.model_kinds import BACKBONES, KINDS, MODELS, NORMS, ModelSpec
+from fedseg.common.model_kinds import AUTO_MODEL, BACKBONES, KINDS, MODELS, NORMS, PLANNED, ModelKind, ModelSpec
 from fedseg.common.round_config import AUTO, DPSettings, SiteData, SiteRoundConfig
 from fedseg.common.values import attr, coerce, kebab
 
@@ -60,7 +60,11 @@ class RunConfig:
         "towards 0 (the pooled and local baselines follow the same schedule round by round); under "
         "dp=sample it scales the DP learning rate (dp-lr or the recipe's) the same way.")
     seed: int = key(0, "seeds every RNG (split, init, sampling, augmentation).")
-    model: str = key("unet", "unet (semantic) or maskrcnn (instance sites, 2D).")
+    model: str = key(
+        "unet",
+        "auto: the U-Net nnU-Net's rules plan from the training sites' dataset fingerprints (MONAI's DynUNet "
+        "with deep supervision: its stages, kernels, strides, features and patch; 'channels' and 'patch-size' "
+        "are then not used); unet: MONAI's U-Net of 'channels' and 'patch-size'; maskrcnn: instance sites, 2D.")
     backbone: str = key(
         "slim",
         "Mask R-CNN backbone: slim (ResNet-18 body, 64-channel FPN and heads; trains on CPU) or resnet50 "
@@ -185,7 +189,7 @@ class RunConfig:
     resume: bool = key(False, "continue output_dir/run_name from its last checkpoint (server only).")
 
     def __post_init__(self) -> None:
-        kind = KINDS.get(self.model)
+        kind = self.model_kind
         checks: list[tuple[str, bool, str]] = [
             ("num-server-rounds", self.num_server_rounds >= 1, "must be >= 1"),
             ("local-epochs", self.local_epochs >= 1, "must be >= 1"),
@@ -265,7 +269,8 @@ class RunConfig:
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"run-config '{key}' = {getattr(self, attr(key))!r}: {why}")
-        if kind is not None and kind.downsamples and self.patch_size % 2 ** (len(self.channels) - 1):
+        if self.model != AUTO_MODEL and kind is not None and kind.downsamples and (
+                self.patch_size % 2 ** (len(self.channels) - 1)):
             raise ConfigError(
                 f"run-config 'patch-size' = {self.patch_size}: must be divisible by "
                 f"{2 ** (len(self.channels) - 1)} (2 ** number of U-Net downsamplings)"
@@ -294,6 +299,11 @@ class RunConfig:
         return {kebab(f.name): list(v) if isinstance(v := getattr(self, f.name), tuple) else v
                 for f in dataclasses.fields(self)}
 
+    @property
+    def model_kind(self) -> ModelKind | None:
+        """The registry's entry for the model this run builds (None for an unknown ``model``)."""
+        return KINDS.get(PLANNED if self.model == AUTO_MODEL else self.model)
+
     def trackers(self) -> tuple[str, ...]:
         """The trackers ``tracking`` names, in its order."""
         return tuple(t.strip() for t in self.tracking.split(",") if t.strip())
@@ -302,10 +312,28 @@ class RunConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    def model_spec(self, spatial_dims: int, in_channels: int, out_channels: int) -> ModelSpec:
-        """The run's model (its architecture keys) for data of this shape."""
-        return ModelSpec(spatial_dims, in_channels, out_channels, self.channels, self.norm, self.model,
-                         self.backbone, self.patch_size)
+    def network(self, spatial_dims: int, in_channels: int, out_channels: int,
+                plan: dict[str, Any] | None = None) -> tuple[ModelSpec, tuple[int, ...]]:
+        """The run's model and its patch (one size per axis) for data of this shape; ``model=auto``
+        takes both from ``plan`` (the configuration of plan.json for these dims).
+
+        Raises:
+            ConfigError: model=auto without a plan.
+        """
+        if self.model != AUTO_MODEL:
+            return (ModelSpec(spatial_dims, in_channels, out_channels, self.channels, self.norm, self.model,
+                              self.backbone, self.patch_size), (self.patch_size,) * spatial_dims)
+        if plan is None or int(plan["spatial_dims"]) != spatial_dims:
+            raise ConfigError(f"run-config 'model' = 'auto' needs a {spatial_dims}D plan made from the training "
+                              "sites' dataset fingerprints, and there is none (see the discovery log); set "
+                              "model=unet with 'channels' and 'patch-size' instead")
+        features = tuple(int(f) for f in plan["features"])
+        # nnU-Net weights its decoder's outputs 1, 1/2, 1/4, ... and gives the coarsest 0
+        spec = ModelSpec(spatial_dims, in_channels, out_channels, features, self.norm, PLANNED,
+                         kernels=tuple(tuple(int(k) for k in ks) for ks in plan["kernels"]),
+                         strides=tuple(tuple(int(s) for s in ss) for ss in plan["strides"]),
+                         deep_supervision=max(0, len(features) - 3))
+        return spec, tuple(int(p) for p in plan["patch_size"])
 
     def site_data(self, state_root: str = "", site_cache_mb: int = 0, split_site: int = 0) -> SiteData:
         """What every message tells a site about its data (simulation: where its folder is, how
@@ -316,17 +344,19 @@ class RunConfig:
         return SiteData(self.seed, self.val_fraction, self.study_dir, split_site, state_root, site_cache_mb)
 
     def site_round(self, model: ModelSpec, run_id: str, data: SiteData | None = None,
-                   start_dice: float = -1.0, flip_axes: tuple[int, ...] = ()) -> SiteRoundConfig:
+                   start_dice: float = -1.0, flip_axes: tuple[int, ...] = (),
+                   patch: tuple[int, ...] = ()) -> SiteRoundConfig:
         """The typed round config every site receives: only what a site needs, nothing the
         server keeps to itself (output folder, its weights path, resume flags, strategy knobs);
         ``data``: which data the sites read (``site_data``; default: no simulation);
         ``start_dice``: what the pretrained weights scored at the training sites (DP's warm rate);
-        ``flip_axes``: the run's ``flips`` resolved for the sites' data (``data.flip_axes``)."""
+        ``flip_axes``: the run's ``flips`` resolved for the sites' data (``data.flip_axes``);
+        ``patch``: one size per axis (default: ``patch-size`` along every axis)."""
         return SiteRoundConfig(
             run_name=self.run_name, run_id=run_id, model=model, local_layers=self.local_layers,
             local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
             lr_schedule=self.lr_schedule, num_rounds=self.num_server_rounds,
-            patch_size=self.patch_size, augment=self.augment, flip_axes=flip_axes,
+            patch_size=patch or (self.patch_size,) * model.spatial_dims, augment=self.augment, flip_axes=flip_axes,
             proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
             min_group_cases=self.min_group_cases, heldout_sites=self.heldout_sites,
             evaluate_in_train=False, adapt_heldout=False,  # the server asks for them per message

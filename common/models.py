@@ -1,8 +1,9 @@
-"""Model factory (MONAI U-Net 2D/3D, torchvision Mask R-CNN) and the one rule that splits shared
-from site-local tensors."""
+"""Model factory (MONAI U-Net and DynUNet 2D/3D, torchvision Mask R-CNN) and the one rule that
+splits shared from site-local tensors."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -10,19 +11,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from monai.networks.nets import UNet
+from monai.networks.nets import DynUNet, UNet
 from torch import nn
 
 from fedseg.common.maskrcnn import HEAD_PREFIXES, build_maskrcnn
 from fedseg.common.model_kinds import ModelSpec
 
-__all__ = ["ENSEMBLE_PREFIX", "ModelSpec", "UNSEEN_PREFIX", "build_model", "ensemble_members", "local_keys",
-           "model_signature", "split_state", "unseen_norm_set", "unseen_norms", "with_ensemble"]
+__all__ = ["ENSEMBLE_PREFIX", "ModelSpec", "UNSEEN_PREFIX", "build_model", "deep_supervision_weights",
+           "ensemble_members", "inference_network", "local_keys", "model_signature", "network_definition", "split_state",
+           "unseen_norm_set", "unseen_norms", "with_ensemble"]
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 # With local-layers=norm, a site also sends a copy of its norm tensors under this prefix; the
 # server averages them into the unseen-site norm set, which only sites that never trained receive.
 UNSEEN_PREFIX = "unseen-norm/"
+DEEP_SUPERVISION = "deep_supervision_heads."  # DynUNet's extra outputs: trained on, never used to predict
 ENSEMBLE_PREFIX = "ensemble-"  # ensemble-1/<key>: the previous round's model, ensemble-2/...: the one before
 
 
@@ -35,21 +38,65 @@ class Network:
     heads: Callable[[nn.Module], tuple[str, ...]]
 
 
-def unet_arguments(spec: ModelSpec) -> dict[str, Any]:
-    """The keyword arguments of MONAI's ``UNet`` for ``spec`` (JSON-friendly: a MONAI Bundle's
-    ``network_def`` takes them as they are)."""
+def network_definition(spec: ModelSpec) -> dict[str, Any]:
+    """MONAI's network class and keyword arguments for a U-Net ``spec`` (JSON-friendly: a MONAI
+    Bundle's ``network_def`` takes them as they are)."""
     norms: dict[str, Any] = {
         "instance": ["instance", {"affine": True}],
         "batch": "batch",
         "group": ["group", {"num_groups": _num_groups(spec)}],
     }
-    return {"spatial_dims": spec.spatial_dims, "in_channels": spec.in_channels, "out_channels": spec.out_channels,
-            "channels": list(spec.channels), "strides": [2] * (len(spec.channels) - 1), "num_res_units": 1,
-            "norm": norms[spec.norm]}
+    shape = {"spatial_dims": spec.spatial_dims, "in_channels": spec.in_channels, "out_channels": spec.out_channels}
+    if spec.model == "dynunet":
+        strides = [list(s) for s in spec.strides]
+        return {"_target_": "DynUNet", **shape, "kernel_size": [list(k) for k in spec.kernels], "strides": strides,
+                "upsample_kernel_size": strides[1:], "filters": list(spec.channels), "norm_name": norms[spec.norm],
+                "deep_supervision": spec.deep_supervision > 0, "deep_supr_num": max(1, spec.deep_supervision),
+                # not in place: Opacus' per-case gradient hooks (dp=sample) cannot see through it
+                "act_name": ["leakyrelu", {"inplace": False, "negative_slope": 0.01}]}
+    return {"_target_": "UNet", **shape, "channels": list(spec.channels), "strides": [2] * (len(spec.channels) - 1),
+            "num_res_units": 1, "norm": norms[spec.norm]}
+
+
+def deep_supervision_weights(spec: ModelSpec) -> list[float]:
+    """Loss weight of the network's output and of each deep-supervision output, coarser ones
+    halved, summing to 1 (nnU-Net's)."""
+    raw = [0.5 ** i for i in range(spec.deep_supervision + 1)]
+    return [w / sum(raw) for w in raw]
+
+
+class PlannedUNet(DynUNet):
+    """MONAI's DynUNet (nnU-Net's U-Net) whose state dict names each tensor once.
+
+    DynUNet also registers every block under ``skip_layers``, the recursion its forward runs, so
+    each tensor has a second name: it would cross the wire twice, and a site-local norm layer's
+    second name would escape the shared/local split. The recursion stays; its registration goes.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        object.__setattr__(self, "skip_layers", self._modules.pop("skip_layers"))
+
+
+def inference_network(model: nn.Module, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
+    """``model`` as MONAI's own class builds it for inference (a U-Net as it is; a DynUNet without
+    the deep-supervision heads only training uses, which TorchScript cannot compile), in eval mode,
+    and its spec: what a MONAI Bundle's ``network_def`` rebuilds and an exported graph runs."""
+    if spec.model != "dynunet":
+        return model.eval(), spec
+    spec = dataclasses.replace(spec, deep_supervision=0)
+    kwargs = network_definition(spec)
+    plain = DynUNet(**{k: v for k, v in kwargs.items() if k != "_target_"})
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(DEEP_SUPERVISION)}
+    plain.load_state_dict(state, strict=False)  # its skip_layers names are aliases of these tensors
+    if missing := set(PlannedUNet(**{k: v for k, v in kwargs.items() if k != "_target_"}).state_dict()) - set(state):
+        raise ValueError(f"the saved DynUNet lacks {sorted(missing)[:3]}")
+    return plain.eval(), spec
 
 
 def _build_unet(spec: ModelSpec) -> nn.Module:
-    return UNet(**unet_arguments(spec))
+    kwargs = network_definition(spec)
+    return {"UNet": UNet, "DynUNet": PlannedUNet}[kwargs.pop("_target_")](**kwargs)
 
 
 def _last_conv(model: nn.Module) -> tuple[str, ...]:
@@ -57,6 +104,8 @@ def _last_conv(model: nn.Module) -> tuple[str, ...]:
 
 
 UNET = Network(_build_unet, _last_conv)
+# the class-specific head of DynUNet: its output convolution and the deep-supervision outputs' ones
+DYNUNET = Network(_build_unet, lambda model: ("output_block.", DEEP_SUPERVISION))
 MASK_RCNN = Network(lambda spec: build_maskrcnn(spec.in_channels, spec.backbone, spec.norm, spec.image_size),
                     lambda model: HEAD_PREFIXES)
 

@@ -15,7 +15,7 @@ from typing import Any
 from fedseg.common.errors import ConfigError
 from fedseg.common.lr_schedule import round_lr
 from fedseg.common.model_kinds import ModelSpec
-from fedseg.common.values import coerce, kebab
+from fedseg.common.values import coerce, kebab, nested_text
 
 AUTO = -1  # a DP training setting left to fedseg's DP recipe (common/dp_recipe.py)
 SITE_CACHE_MB = 1024  # simulation: decoded training cases a virtual site keeps across rounds, by default
@@ -98,7 +98,8 @@ class SiteRoundConfig:
         run_id: unique id of the run, fixed at its start and kept across resumes.
         model: the network to build.
         local_layers: which layers stay at the site.
-        local_epochs, batch_size, lr, patch_size, augment: training schedule.
+        local_epochs, batch_size, lr, augment: training schedule.
+        patch_size: training patch / sliding-window ROI, one size per spatial axis.
         flip_axes: spatial axes training patches are randomly mirrored along.
         lr_schedule, num_rounds: how ``lr`` changes over the run's rounds (``round_lr``).
         proximal_mu: FedProx weight (0 unless the strategy is FedProx).
@@ -125,7 +126,7 @@ class SiteRoundConfig:
     lr: float
     lr_schedule: str
     num_rounds: int
-    patch_size: int
+    patch_size: tuple[int, ...]
     augment: bool
     flip_axes: tuple[int, ...]
     proximal_mu: float
@@ -175,7 +176,8 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
         if dataclasses.is_dataclass(value):
             out |= _flatten(value, prefix + _SECTIONS[f.name])
         else:
-            out[_key(prefix, f.name)] = list(value) if isinstance(value, tuple) else value
+            nested = isinstance(value, tuple) and value and isinstance(value[0], tuple)
+            out[_key(prefix, f.name)] = nested_text(value) if nested else list(value) if isinstance(value, tuple) else value
     return out
 
 

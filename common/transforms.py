@@ -5,7 +5,7 @@ policy (which axes a modality may be mirrored along)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +100,29 @@ def flip_axes(flips: str, spatial_dims: int, modalities: Iterable[str]) -> tuple
     return axes
 
 
-def train_transforms(spec: SiteSpec, patch_size: int, keep_instances: bool = False,
+PatchSize = int | tuple[int, ...]  # an edge along every axis, or one size per axis
+
+
+def roi_size(patch: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
+    """A training patch / sliding-window ROI as one size per spatial axis: an edge (the same along
+    every axis, as ``patch-size`` gives it) or the sizes a plan gives per axis.
+
+    Raises:
+        ValueError: per-axis sizes for another number of axes.
+    """
+    if isinstance(patch, int):
+        return (patch,) * spatial_dims
+    if len(patch) != spatial_dims:
+        raise ValueError(f"patch {list(patch)} has {len(patch)} axes; the images have {spatial_dims}")
+    return tuple(int(p) for p in patch)
+
+
+def train_transforms(spec: SiteSpec, patch_size: int | Sequence[int], keep_instances: bool = False,
                      augment: bool = False, flips: tuple[int, ...] | None = None) -> Compose:
     """Loading plus a foreground-balanced random patch per case, randomly mirrored along
     ``flips`` (None: ``flip_axes``' choice for the site's modality); with ``augment``, the
     appearance changes hospitals differ by (``appearance_transforms``)."""
-    roi = (patch_size,) * spec.spatial_dims
+    roi = roi_size(patch_size, spec.spatial_dims)
     if flips is None:
         flips = flip_axes("auto", spec.spatial_dims, [spec.modality])
     indices = ("label_fg_indices", "label_bg_indices")

@@ -18,8 +18,15 @@ def attr(key: str) -> str:
     return key.replace("-", "_")
 
 
+def nested_text(value: tuple[tuple[int, ...], ...]) -> str:
+    """Per-stage, per-axis sizes as one string (``1x1x1,2x2x2``): a Flower ConfigRecord holds
+    flat lists only."""
+    return ",".join("x".join(map(str, stage)) for stage in value)
+
+
 def coerce(key: str, kind: Any, value: Any) -> Any:
-    """``value`` as the type ``kind`` names (bool, int, float, str, tuple of int or str).
+    """``value`` as the type ``kind`` names (bool, int, float, str, tuple of int or str, tuple of
+    int tuples: per stage, sizes per axis, written ``1x1x1,2x2x2`` or as nested lists).
 
     Raises:
         ConfigError: the value is not of that type; the message names ``key``.
@@ -45,6 +52,9 @@ def coerce(key: str, kind: Any, value: Any) -> Any:
         if type_name == "tuple[int, ...]":
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(int(v) for v in items if str(v).strip())
+        if type_name == "tuple[tuple[int, ...], ...]":
+            stages = [s.split("x") for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+            return tuple(tuple(int(v) for v in stage) for stage in stages)
         if type_name == "tuple[str, ...]":
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(v).strip() for v in items if str(v).strip())

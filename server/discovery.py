@@ -51,7 +51,7 @@ def discover_sites(grid: Grid, cfg: RunConfig, data: SiteData,
     if len(nodes) < expected and cohort is None:
         raise SiteDiscoveryError(f"{len(nodes)} site(s) connected, {expected} expected")
     sites, problems, silent = ask_sites(grid, nodes, data, cfg.round_timeout,
-                                        fingerprint=cohort is None and cfg.model == "unet")
+                                        fingerprint=cohort is None and cfg.model != "maskrcnn")
     if silent and cohort is None:
         problems.append(f"{len(silent)} site(s) did not answer within {cfg.round_timeout}s")
     elif silent:
@@ -158,24 +158,27 @@ class LateSites:
         return admitted
 
 
-def model_for_sites(cfg: RunConfig, sites: dict[int, dict[str, Any]]) -> ModelSpec:
-    """The run's model for the data the sites reported.
+def model_for_sites(cfg: RunConfig, sites: dict[int, dict[str, Any]],
+                    plans: dict[str, Any] | None = None) -> tuple[ModelSpec, tuple[int, ...]]:
+    """The run's model and patch for the data the sites reported (``plans``: plan.json's
+    configurations, which ``model=auto`` builds from).
 
     Raises:
-        ConfigError: the sites' data does not fit the configured model kind.
+        ConfigError: the sites' data does not fit the configured model kind, or model=auto has no plan.
     """
     info = next(iter(sites.values()))
     dims = int(info["spatial-dims"])
     if cfg.spatial_dims and cfg.spatial_dims != dims:
         raise ConfigError(f"run-config 'spatial-dims' = {cfg.spatial_dims} but the sites hold {dims}D data")
-    spec = cfg.model_spec(dims, int(info["in-channels"]), int(info["num-classes"]))
+    spec, patch = cfg.network(dims, int(info["in-channels"]), int(info["num-classes"]),
+                              (plans or {}).get(f"{dims}d"))
     kind = spec.kind
     misfits = sorted(i["site"] for i in sites.values() if kind.site_task and i["task"] != kind.site_task)
     if misfits or dims not in kind.dims:
         raise ConfigError(f"run-config 'model' = '{cfg.model}' needs {'/'.join(map(str, kind.dims))}D "
                           f"sites{f' with task={kind.site_task}' if kind.site_task else ''}; "
                           + (f"site(s) of another task: {misfits}" if misfits else f"the sites hold {dims}D data"))
-    return spec
+    return spec, patch
 
 
 def site_names(sites: dict[int, dict[str, Any]], cfg: RunConfig, cohort: list[str] | None = None

@@ -14,7 +14,14 @@ log = logging.getLogger(__name__)
 PLAN_FILE = "plan.json"
 
 
-def write_federation_plan(sites: dict[int, dict[str, Any]], training: list[str], run_dir: Path) -> Path | None:
+def read_plan(run_dir: Path) -> dict[str, Any] | None:
+    """The configurations of the run's ``plan.json`` (None where the run has none)."""
+    path = run_dir / PLAN_FILE
+    return json.loads(path.read_text())["configurations"] if path.is_file() else None
+
+
+def write_federation_plan(sites: dict[int, dict[str, Any]], training: list[str],
+                          run_dir: Path) -> dict[str, Any] | None:
     """Merge the fingerprints the training sites sent, warn about a site far from the others,
     log the plan and write it to ``run_dir/plan.json``.
 
@@ -23,7 +30,7 @@ def write_federation_plan(sites: dict[int, dict[str, Any]], training: list[str],
         training: the training sites' names (held-out sites never shape the plan).
 
     Returns:
-        The plan file, or None where no training site sent a fingerprint.
+        The plan's configurations (``3d``, ``2d``), or None where no training site sent a fingerprint.
     """
     parts, missing = {}, []
     for info in sites.values():
@@ -46,4 +53,5 @@ def write_federation_plan(sites: dict[int, dict[str, Any]], training: list[str],
         log.warning("%s", note)
     log.info("what nnU-Net would plan for the training sites' pooled cases (%s):\n%s", PLAN_FILE,
              describe(plans, merged))
-    return write_plan(run_dir / PLAN_FILE, plans, merged)
+    write_plan(run_dir / PLAN_FILE, plans, merged)
+    return read_plan(run_dir)

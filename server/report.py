@@ -119,7 +119,7 @@ def write_report(run_dir: str | Path) -> Path:
             para(f"strategy {cfg['strategy']}, local layers {cfg['local-layers']}, {mirrored}"
                   f"{summary.get('rounds', 0)} round(s){_scored_every(cfg)}, dp {cfg['dp']}, seed {cfg['seed']}; "
                   f"started {info.get('started')}, ended {info.get('ended')}")]
-    if (planned := _planned(folder.dir)):
+    if (planned := _planned(folder.dir, info)):
         body.append(para(planned))
     fed = summary.get("in_federation", {})
     body.append("<h2>Summary</h2>")
@@ -245,8 +245,9 @@ def _curves(rounds: list[dict[str, Any]], sites: list[str], part: str, key: str,
     return png(fig)
 
 
-def _planned(run_dir: Path) -> str:
-    """One sentence on plan.json: what nnU-Net's rules plan from the sites' fingerprints ("" if none)."""
+def _planned(run_dir: Path, info: dict[str, Any]) -> str:
+    """One sentence on plan.json: what nnU-Net's rules plan from the sites' fingerprints, and
+    whether the run trains it (``info``: run.json; "" if there is no plan)."""
     path = run_dir / "plan.json"
     if not path.is_file():
         return ""
@@ -259,8 +260,10 @@ def _planned(run_dir: Path) -> str:
     parts = [f"{name}: patches of {x(p['patch_size'])}" + (f" at {x(p['spacing'], 2)} mm" if units == "mm" else "")
              + f", batch {p['batch_size']}, {len(p['features'])} stages of {p['features'][0]}-{p['features'][-1]} "
              f"features, {', '.join(sorted(set(p['normalization'])))} normalization" for name, p in plans.items()]
-    return ("nnU-Net's rules on the training sites' merged dataset fingerprints (plan.json; this run trains "
-            "the configured network) plan " + "; ".join(parts) + ".")
+    trains = (f"this run trains its {info['model']['spatial_dims']}d configuration" if info.get("config", {}).get(
+        "model") == "auto" else "this run trains the configured network")
+    return (f"nnU-Net's rules on the training sites' merged dataset fingerprints (plan.json; {trains}) plan "
+            + "; ".join(parts) + ".")
 
 
 def round_axis(ax: plt.Axes, rounds: set[int]) -> None:

@@ -27,7 +27,7 @@ from fedseg.client.site import sim_state_dir  # noqa: E402
 from fedseg.client.site_model import saved_model  # noqa: E402
 from fedseg.client.tasks import task_for  # noqa: E402
 from fedseg.common.data import read_site, split_training, study_sites  # noqa: E402
-from fedseg.common.transforms import to_dicts  # noqa: E402
+from fedseg.common.transforms import PatchSize, roi_size, to_dicts  # noqa: E402
 from fedseg.common.atomic import atomic_write_bytes  # noqa: E402
 from fedseg.common.models import ModelSpec  # noqa: E402
 from fedseg.server.report import GALLERY  # noqa: E402
@@ -93,7 +93,7 @@ def make_gallery(run_dir: str | Path, max_sites: int = 4) -> list[dict[str, Any]
     return items
 
 
-def case_view(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor, patch: int,
+def case_view(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor, patch: PatchSize,
               dims: int) -> dict[str, Any]:
     """One patch-sized crop of a case (batch-first tensors) around its centre and, for a volume,
     the slice along the last axis with the most ground-truth foreground: what the figure shows
@@ -104,15 +104,16 @@ def case_view(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor, patc
         area = (label[0, 0] > 0).flatten(0, 1).sum(0)
         if area.max() > 0:
             focus[-1] = int(area.argmax())
-    start = [min(max(0, f - patch // 2), max(0, s - patch)) for f, s in zip(focus, spatial)]
-    crop = (slice(None), slice(None), *(slice(b, b + min(s, patch)) for b, s in zip(start, spatial)))
+    roi = roi_size(patch, dims)
+    start = [min(max(0, f - p // 2), max(0, s - p)) for f, s, p in zip(focus, spatial, roi)]
+    crop = (slice(None), slice(None), *(slice(b, b + min(s, p)) for b, s, p in zip(start, spatial, roi)))
     image, label, pred = (t[crop] for t in (image, label, pred))
     return {"image": image.float(), "label": label, "pred": pred, "dims": dims,
             "slice": focus[-1] - start[-1] if dims == 3 else None,
-            "fits": all(s >= patch for s in image.shape[2:])}
+            "fits": all(s >= p for s, p in zip(image.shape[2:], roi))}
 
 
-def explanation_maps(model: torch.nn.Module, view: dict[str, Any], patch: int) -> dict[str, np.ndarray]:
+def explanation_maps(model: torch.nn.Module, view: dict[str, Any], patch: PatchSize) -> dict[str, np.ndarray]:
     """What drives the predicted foreground in the crop, each map 2D (a volume's shown slice):
     ``occlusion`` (2D only: how much hiding each region lowers the foreground score) and
     ``gradient`` (MONAI's SmoothGrad: the squared gradient of the foreground score per pixel,
@@ -123,7 +124,7 @@ def explanation_maps(model: torch.nn.Module, view: dict[str, Any], patch: int) -
     score, image, maps = _ForegroundScore(model).eval(), view["image"], {}
     if view["dims"] == 2:
         # activate=False: MONAI's default softmax over a single score would make every map 1.0
-        sens = OcclusionSensitivity(score, mask_size=max(4, patch // 8), n_batch=16, verbose=False,
+        sens = OcclusionSensitivity(score, mask_size=max(4, min(roi_size(patch, 2)) // 8), n_batch=16, verbose=False,
                                     overlap=0.25, activate=False)
         with warnings.catch_warnings():  # MONAI's own indexing deprecation notices
             warnings.simplefilter("ignore", UserWarning)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -17,31 +17,49 @@ from fedseg.common.lr_schedule import round_lr
 from fedseg.common.data import SiteRef, SiteSpec, case_seed, read_site, split_training, study_sites
 from fedseg.common.transforms import flip_axes, image_channels
 from fedseg.common.devices import resolve_device
-from fedseg.common.models import build_model
+from fedseg.common.models import ModelSpec, build_model
+from fedseg.common.plan import plan_federation, site_fingerprint
 from fedseg.common.precision import site_precision
 from fedseg.common.weights import load_pretrained
 
 log = logging.getLogger(__name__)
 
 
-def train_pooled(cfg: RunConfig, sites: list[SiteSpec], seed_site: str) -> tuple[torch.nn.Module, Task]:
+class Pooled(NamedTuple):
+    """A model trained in one process, its task and its patch (one size per axis)."""
+
+    model: torch.nn.Module
+    task: Task
+    patch: tuple[int, ...]
+
+
+def pooled_network(cfg: RunConfig, sites: list[SiteSpec]) -> tuple[ModelSpec, tuple[int, ...]]:
+    """The run's model and patch for ``sites``' data; with ``model=auto``, planned from their
+    fingerprints as a federation of them would plan it."""
+    first = sites[0]
+    plan = None
+    if cfg.model == "auto":
+        plans, _, _ = plan_federation({s.name: site_fingerprint(s) for s in sites if s.training})
+        plan = plans[f"{first.spatial_dims}d"].to_json() if f"{first.spatial_dims}d" in plans else None
+    return cfg.network(first.spatial_dims, image_channels(first), first.num_classes, plan)
+
+
+def train_pooled(cfg: RunConfig, sites: list[SiteSpec], seed_site: str,
+                 network: tuple[ModelSpec, tuple[int, ...]] | None = None) -> Pooled:
     """A model trained on the pooled training splits of ``sites`` with the step budget a
     federated run gives a site (rounds x local epochs passes), from ``cfg``'s pretrained
-    weights when it names a file.
-
-    Returns:
-        (model, its task).
-    """
+    weights when it names a file; ``network``: the model and patch (default: ``pooled_network``
+    of ``sites``; a study gives every baseline the federation's)."""
     cases = [c for s in sites for c in split_training(s, cfg.val_fraction, cfg.seed)[0]]
     first = sites[0]
-    spec = cfg.model_spec(first.spatial_dims, image_channels(first), first.num_classes)
+    spec, patch = network or pooled_network(cfg, sites)
     torch.manual_seed(cfg.seed)
     model = build_model(spec)
     if cfg.pretrained_weights:
         log.info("%s", load_pretrained(model, cfg.pretrained_weights).summary())
     task = task_for(spec)
     device = run_device(cfg)
-    options = dict(batch_size=cfg.batch_size, patch_size=cfg.patch_size, device=device, augment=cfg.augment,
+    options = dict(batch_size=cfg.batch_size, patch_size=patch, device=device, augment=cfg.augment,
                    flips=flip_axes(cfg.flips, first.spatial_dims, [s.modality for s in sites]),
                    precision=site_precision(cfg.amp, device, deterministic=cfg.deterministic),
                    compile_step=cfg.compile)
@@ -53,7 +71,7 @@ def train_pooled(cfg: RunConfig, sites: list[SiteSpec], seed_site: str) -> tuple
             train_local(model, task, first, cases, epochs=cfg.local_epochs,
                         lr=round_lr(cfg.lr, cfg.lr_schedule, rnd, cfg.num_server_rounds),
                         seed=case_seed(cfg.seed, seed_site, rnd), **options)
-    return model, task
+    return Pooled(model, task, patch)
 
 
 def run_device(cfg: RunConfig) -> str:
@@ -80,9 +98,9 @@ def pretrain(public_dir: str | Path, output: str | Path, cfg: RunConfig) -> dict
             else study_sites(public))
     sites = [read_site(ref, seed=cfg.seed) for ref in refs]
     log.info("pretraining on %d public site(s): %s", len(sites), ", ".join(s.name for s in sites))
-    model, task = train_pooled(cfg, sites, seed_site="public")
+    model, task, patch = train_pooled(cfg, sites, seed_site="public")
     atomic_torch_save(output, {k: v.detach().cpu() for k, v in model.state_dict().items()})
     val = {s.name: task.evaluate(model, s, split_training(s, cfg.val_fraction, cfg.seed)[1],
-                                 patch_size=cfg.patch_size, device=run_device(cfg))["dice"] for s in sites}
+                                 patch_size=patch, device=run_device(cfg))["dice"] for s in sites}
     return {"cases": sum(len(split_training(s, cfg.val_fraction, cfg.seed)[0]) for s in sites),
             "validation_dice": val}

@@ -24,7 +24,7 @@ def test_the_exported_model_predicts_the_same_masks_as_the_pytorch_model(tmp_pat
     assert "with this site's own local layers" in capsys.readouterr().out
     assert sorted(p.name for p in onnx.parent.iterdir()) == ["model.onnx", "model.onnx.json"]  # nothing else
     info = json.loads((tmp_path / "export" / "model.onnx.json").read_text())
-    assert info["patch_size"] == 16 and info["model"]["spatial_dims"] == dims and info["local_layers"] == "site"
+    assert info["patch_size"] == [16] * dims and info["model"]["spatial_dims"] == dims and info["local_layers"] == "site"
     # a state dir without local layers of that run: the export says what it holds instead
     assert main(["export", str(model), "--state-dir", str(tmp_path / "other"), "--output",
                  str(tmp_path / "other.onnx")]) == 0

@@ -68,3 +68,20 @@ def test_cosine_schedule_decays_the_learning_rate_over_the_rounds_a_site_is_told
     constant = RunConfig(lr=0.08, num_server_rounds=4).site_round(ModelSpec(2, 1, 2, (4, 8)),
                                                                   "0123456789abcdef")
     assert {constant.round_lr(r) for r in (1, 4)} == {0.08}
+
+
+def test_a_planned_network_and_its_patch_reach_the_site_through_a_flower_config_record():
+    from flwr.app import ConfigRecord
+
+    from fedseg.common.round_config import SiteRoundConfig
+
+    plan = {"spatial_dims": 3, "patch_size": [40, 56, 40], "features": [32, 64, 128, 256],
+            "kernels": [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
+            "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]}
+    cfg = RunConfig(model="auto")
+    spec, patch = cfg.network(3, 1, 3, plan)
+    site = SiteRoundConfig.from_record(ConfigRecord(cfg.site_round(spec, "0123456789abcdef", patch=patch).to_record()))
+    assert site.model == spec and site.patch_size == (40, 56, 40)
+    assert site.model.kernels[0] == (1, 3, 3) and site.model.strides[1] == (1, 2, 2)
+    # model=auto plans channels and patch itself: a patch-size that U-Net's rule refuses is not checked
+    assert RunConfig(model="auto", patch_size=30).model == "auto"

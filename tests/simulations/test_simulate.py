@@ -162,6 +162,40 @@ def test_3d_nifti_study_with_fedprox(study_3d, tmp_path):
     assert all("fingerprint" not in site for site in info["sites"].values())  # run.json keeps the shape only
 
 
+def test_model_auto_trains_predicts_and_exports_the_network_planned_from_the_sites_fingerprints(study_3d, tmp_path):
+    import nibabel as nib
+
+    from fedseg.client.site import sim_state_dir
+    from fedseg.client.site_model import saved_model
+    from fedseg.simulations.pooled import pooled_network
+
+    cfg = tiny_config(study_3d, tmp_path, model="auto", num_server_rounds=1, local_layers="norm+head")
+    run_dir = simulate(cfg, num_cpus=2)
+    (record,) = read_rounds(run_dir)
+    assert all(0.0 <= s["dice"] <= 1.0 for s in record["eval"].values())
+    assert "this run trains its 3d configuration" in (run_dir / "report.html").read_text()
+    planned = json.loads((run_dir / "plan.json").read_text())["configurations"]["3d"]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["model"]["model"] == "dynunet" and info["patch_size"] == planned["patch_size"]
+    assert (info["model"]["channels"], info["model"]["kernels"], info["model"]["strides"]) == (
+        planned["features"], planned["kernels"], planned["strides"])
+    # the saved model rebuilds the same network, with the site's own head and norms
+    model, spec, patch, *_ = saved_model(run_dir / "model" / "global.pt", sim_state_dir(run_dir / "site-state", "site-a"))
+    assert spec.to_dict() == info["model"] and list(patch) == planned["patch_size"]
+    # the pooled baseline plans the same network from the same cases
+    assert pooled_network(cfg, [read_site(ref) for ref in study_sites(study_3d)]) == (spec, patch)
+    site = study_3d / "site-a"
+    assert main(["predict", str(site / "images"), str(tmp_path / "out"), "--model", str(run_dir / "model" / "global.pt"),
+                 "--state-dir", str(sim_state_dir(run_dir / "site-state", "site-a"))]) == 0
+    image = nib.load(sorted((site / "images").iterdir())[0])
+    written = nib.load(tmp_path / "out" / sorted((site / "images").iterdir())[0].name)
+    assert written.shape == image.shape[:3] and (written.affine == image.affine).all()
+    assert main(["export", str(run_dir / "model" / "global.pt"), "--format", "monai-bundle",
+                 "--output", str(tmp_path / "bundle")]) == 0
+    bundle = json.loads((tmp_path / "bundle" / "configs" / "inference.json").read_text())
+    assert bundle["network_def"]["_target_"] == "DynUNet" and bundle["inferer"]["roi_size"] == planned["patch_size"]
+
+
 def test_fedadam_with_a_heldout_site(study_2d, tmp_path):
     cfg = tiny_config(study_2d, tmp_path, num_server_rounds=1, strategy="fedadam",
                       heldout_sites=("site-c",))
