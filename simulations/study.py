@@ -18,13 +18,13 @@ from typing import Any
 
 from fedseg.common.atomic import atomic_write_bytes, atomic_write_json
 from fedseg.common.config import RunConfig
-from fedseg.common.model_kinds import KINDS
 from fedseg.common.data import SiteSpec, read_site, split_training, study_sites
 from fedseg.common.metrics import finite_mean
+from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.precision import site_precision
 from fedseg.server.summary import INSTANCE_METRICS, site_spread
 from fedseg.simulations.study_report import write_study_report
-from fedseg.simulations.pooled import run_device, train_pooled
+from fedseg.simulations.pooled import pooled_network, run_device, train_pooled
 from fedseg.common.round_config import SITE_CACHE_MB
 from fedseg.simulations.simulate import simulate
 
@@ -57,6 +57,9 @@ def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None,
     name = cfg.run_name or f"{Path(cfg.study_dir).name}-study-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(cfg.output_dir) / name
     out.mkdir(parents=True, exist_ok=True)
+    # every in-process baseline trains the network the federation plans (model=auto): a local
+    # model is not planned from its own site alone
+    network = pooled_network(cfg, [specs[s] for s in training]) if set(baselines) - set(FEDERATED) else None
     scores: dict[str, dict[str, dict[str, float]]] = {}
     matrix: list[list[float | None]] = []
     rising: list[str] = []
@@ -66,7 +69,7 @@ def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None,
         eta = f", about {elapsed / index * (len(baselines) - index):.0f}s left" if index else ""
         log.info("study: baseline %d/%d %s%s", index + 1, len(baselines), baseline, eta)
         if baseline in FEDERATED:
-            ensemble = ENSEMBLE_ROUNDS if heldout and KINDS[cfg.model].dense else cfg.heldout_ensemble
+            ensemble = ENSEMBLE_ROUNDS if heldout and cfg.model_kind.dense else cfg.heldout_ensemble
             run = simulate(cfg.replace(output_dir=str(out / "runs"), run_name=baseline, resume=False,
                                        heldout_ensemble=ensemble, **FEDERATED[baseline]), num_cpus=num_cpus,
                            ray_address=ray_address, gpus_per_site=gpus_per_site, site_cache_mb=site_cache_mb,
@@ -78,9 +81,9 @@ def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None,
                 log.warning("study: %s's mean Dice was still rising in its last round; its budget "
                             "(rounds x local epochs) is too short to compare baselines fairly", baseline)
         elif baseline == "pooled":
-            scores[baseline] = _train_and_score(cfg, specs, training, seed_site="pooled")
+            scores[baseline] = _train_and_score(cfg, specs, training, "pooled", network)
         else:
-            local = {site: _train_and_score(cfg, specs, [site], seed_site=site) for site in training}
+            local = {site: _train_and_score(cfg, specs, [site], site, network) for site in training}
             matrix = [[local[t][s].get("dice") for s in specs] for t in training]
             scores[baseline] = {s: local[s][s] for s in training}
             scores[baseline] |= {s: {k: _mean([local[t][s].get(k) for t in training]) for k in local[training[0]][s]}
@@ -110,15 +113,15 @@ def still_rising(rounds: list[dict[str, Any]], sites: list[str], margin: float =
     return len(means) == 2 and None not in means and means[1] - means[0] > margin
 
 
-def _train_and_score(cfg: RunConfig, specs: dict[str, SiteSpec], train_at: list[str],
-                     seed_site: str) -> dict[str, dict[str, float]]:
-    """One model trained in-process on the training splits of ``train_at`` with the step budget a
-    federated run gives them (rounds x local epochs passes), scored at every site."""
-    model, task = train_pooled(cfg, [specs[s] for s in train_at], seed_site)
+def _train_and_score(cfg: RunConfig, specs: dict[str, SiteSpec], train_at: list[str], seed_site: str,
+                     network: tuple[ModelSpec, tuple[int, ...]] | None) -> dict[str, dict[str, float]]:
+    """One model (``network``) trained in-process on the training splits of ``train_at`` with the
+    step budget a federated run gives them (rounds x local epochs passes), scored at every site."""
+    model, task, patch = train_pooled(cfg, [specs[s] for s in train_at], seed_site, network)
     device = run_device(cfg)
     with site_precision(cfg.amp, device, deterministic=cfg.deterministic).autocast():
         return {site: task.evaluate(model, spec, split_training(spec, cfg.val_fraction, cfg.seed)[1],
-                                    patch_size=cfg.patch_size, device=device)
+                                    patch_size=patch, device=device)
                 for site, spec in specs.items()}
 
 
