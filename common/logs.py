@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 FORMAT = "%(asctime)s fedseg %(message)s"
 
@@ -21,8 +22,10 @@ def setup_logging(quiet_flower: bool = True) -> None:
         root.addHandler(handler)
     root.setLevel(logging.INFO)
     root.propagate = False
-    # MONAI builds its DICOM reader with every image loader and logs that a GPU codec is missing
+    # MONAI builds its DICOM reader with every image loader and says, in its log and as a warning,
+    # that a GPU codec is missing: nothing a user can act on, and pydicom decodes without it
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
     if quiet_flower:
         flwr_log = logging.getLogger("flwr")
         flwr_log.propagate = False

@@ -260,8 +260,9 @@ def _planned(run_dir: Path, info: dict[str, Any]) -> str:
     parts = [f"{name}: patches of {x(p['patch_size'])}" + (f" at {x(p['spacing'], 2)} mm" if units == "mm" else "")
              + f", batch {p['batch_size']}, {len(p['features'])} stages of {p['features'][0]}-{p['features'][-1]} "
              f"features, {', '.join(sorted(set(p['normalization'])))} normalization" for name, p in plans.items()]
-    trains = (f"this run trains its {info['model']['spatial_dims']}d configuration" if info.get("config", {}).get(
-        "model") == "auto" else "this run trains the configured network")
+    cfg = info.get("config", {})
+    trains = (f"this run trains its {info['model']['spatial_dims']}d configuration at the run's batch size, "
+              f"{cfg.get('batch-size')}" if cfg.get("model") == "auto" else "this run trains the configured network")
     return (f"nnU-Net's rules on the training sites' merged dataset fingerprints (plan.json; {trains}) plan "
             + "; ".join(parts) + ".")
 
