@@ -194,6 +194,11 @@ def test_model_auto_trains_predicts_and_exports_the_network_planned_from_the_sit
                  "--output", str(tmp_path / "bundle")]) == 0
     bundle = json.loads((tmp_path / "bundle" / "configs" / "inference.json").read_text())
     assert bundle["network_def"]["_target_"] == "DynUNet" and bundle["inferer"]["roi_size"] == planned["patch_size"]
+    # a resume trains the network its plan.json describes, as it was
+    assert main(["simulate", "--resume-run", str(run_dir), "--rounds", "2", "--num-cpus", "2"]) == 0
+    assert [r["round"] for r in read_rounds(run_dir)] == [1, 2]
+    resumed = torch.load(run_dir / "checkpoints" / "round-2.pt", weights_only=True)
+    assert resumed["model"] == info["model"] and list(resumed["patch_size"]) == planned["patch_size"]
 
 
 def test_fedadam_with_a_heldout_site(study_2d, tmp_path):
