@@ -189,6 +189,9 @@ def _plan(args: argparse.Namespace) -> int:
     print()
     print(describe(plans, merged))
     print(f"\nwrote {write_plan(args.output, plans, merged)}")
+    if f"{merged.spatial_dims}d" in plans:
+        print(f"a federation trains the {merged.spatial_dims}d configuration with --model auto (the plan's batch is "
+              f"for {args.memory_gb:g} GB of device memory; the run trains at its own --batch-size)")
     return 0
 
 
