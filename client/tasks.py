@@ -138,15 +138,15 @@ class SemanticTask(Task):
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
-        self.loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True),
-                                           weights=deep_supervision_weights(spec))
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.deep_loss_fn = DeepSupervisionLoss(self.loss_fn, weights=deep_supervision_weights(spec))
 
     def loss(self, model: nn.Module, items: list[dict[str, Any]], device: str) -> torch.Tensor:
         image = torch.stack([_plain(i["image"]) for i in items]).to(device)
         label = torch.stack([_plain(i["label"]) for i in items]).to(device)
         output = model(image)
         if output.ndim == label.ndim + 1:  # DynUNet training: (batch, outputs, classes, *spatial), all full size
-            output = list(output.unbind(dim=1))
+            return self.deep_loss_fn(list(output.unbind(dim=1)), label)
         return self.loss_fn(output, label)
 
     def optimizer(self, model: nn.Module, lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
