@@ -121,7 +121,8 @@ def _metadata(spec: Any, patch: tuple[int, ...], names: list[str], local_source:
                         + {"site": "with this site's own local layers",
                            "unseen-site": "with the federation's unseen-site norm set",
                            "initial": "with initial local layers", "": ""}[local_source]
-                        + f". Whole images by sliding windows of {'x'.join(map(str, patch))} voxels; images are z-scored per channel."),
+                        + f". Whole images by sliding windows of {'x'.join(map(str, patch))} voxels; images are "
+                        "z-scored per channel."),
         "authors": "fedseg",
         "copyright": "the site that exported it",
         "data_source": "the federation's sites (no image left them)",

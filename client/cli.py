@@ -247,7 +247,8 @@ def run_export(args: argparse.Namespace) -> int:
         return 2
     info = export_onnx(args.model, args.state_dir, args.output, args.calibration_images)
     check = info["check"]
-    print(f"wrote {args.output} (+ .json): {info['model']['spatial_dims']}D U-Net, patch {'x'.join(map(str, info['patch_size']))}, "
+    patch = "x".join(map(str, info["patch_size"]))
+    print(f"wrote {args.output} (+ .json): {info['model']['spatial_dims']}D U-Net, patch {patch}, "
           f"{layers.get(info['local_layers'], 'no site-local layers')}; "
           f"ONNX Runtime vs PyTorch: logits within {check['max_abs_diff']:.2g}, "
           f"{check['label_agreement']:.2%} of labels equal")

@@ -124,7 +124,8 @@ def train_local(
     first_step = last_line = time.monotonic()
     # the next batch's patches are cropped and augmented while this one trains, where a core is free
     ahead = prefetched(batches, lambda indices: [[data[i] for _ in range(patches_per_case)] for i in indices],
-                       depth=ahead_depth(device, math.prod(roi_size(patch_size, site.spatial_dims)) * batch_size * patches_per_case))
+                       depth=ahead_depth(device, math.prod(roi_size(patch_size, site.spatial_dims))
+                                         * batch_size * patches_per_case))
     waited = time.perf_counter() - started  # opening the cases (decoding them unless cached) counts as data
     try:
         while True:

@@ -17,9 +17,9 @@ from torch import nn
 from fedseg.common.maskrcnn import HEAD_PREFIXES, build_maskrcnn
 from fedseg.common.model_kinds import ModelSpec
 
-__all__ = ["ENSEMBLE_PREFIX", "ModelSpec", "UNSEEN_PREFIX", "build_model", "deep_supervision_weights",
-           "ensemble_members", "inference_network", "local_keys", "model_signature", "network_definition", "split_state",
-           "unseen_norm_set", "unseen_norms", "with_ensemble"]
+__all__ = ["ENSEMBLE_PREFIX", "ModelSpec", "PlannedUNet", "UNSEEN_PREFIX", "build_model", "deep_supervision_weights",
+           "ensemble_members", "inference_network", "local_keys", "model_signature", "network_definition",
+           "split_state", "unseen_norm_set", "unseen_norms", "with_ensemble"]
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 # With local-layers=norm, a site also sends a copy of its norm tensors under this prefix; the
@@ -88,9 +88,10 @@ def inference_network(model: nn.Module, spec: ModelSpec) -> tuple[nn.Module, Mod
     kwargs = network_definition(spec)
     plain = DynUNet(**{k: v for k, v in kwargs.items() if k != "_target_"})
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(DEEP_SUPERVISION)}
-    plain.load_state_dict(state, strict=False)  # its skip_layers names are aliases of these tensors
-    if missing := set(PlannedUNet(**{k: v for k, v in kwargs.items() if k != "_target_"}).state_dict()) - set(state):
-        raise ValueError(f"the saved DynUNet lacks {sorted(missing)[:3]}")
+    loaded = plain.load_state_dict(state, strict=False)
+    # MONAI's class also names each tensor under skip_layers: those are the same tensors, loaded
+    if [k for k in loaded.missing_keys if not k.startswith("skip_layers.")] or loaded.unexpected_keys:
+        raise ValueError(f"the DynUNet's weights do not fit its spec ({loaded})")
     return plain.eval(), spec
 
 

@@ -177,7 +177,8 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
             out |= _flatten(value, prefix + _SECTIONS[f.name])
         else:
             nested = isinstance(value, tuple) and value and isinstance(value[0], tuple)
-            out[_key(prefix, f.name)] = nested_text(value) if nested else list(value) if isinstance(value, tuple) else value
+            flat = list(value) if isinstance(value, tuple) else value
+            out[_key(prefix, f.name)] = nested_text(value) if nested else flat
     return out
 
 

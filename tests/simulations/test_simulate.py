@@ -180,13 +180,14 @@ def test_model_auto_trains_predicts_and_exports_the_network_planned_from_the_sit
     assert (info["model"]["channels"], info["model"]["kernels"], info["model"]["strides"]) == (
         planned["features"], planned["kernels"], planned["strides"])
     # the saved model rebuilds the same network, with the site's own head and norms
-    model, spec, patch, *_ = saved_model(run_dir / "model" / "global.pt", sim_state_dir(run_dir / "site-state", "site-a"))
+    state = sim_state_dir(run_dir / "site-state", "site-a")
+    model, spec, patch, *_ = saved_model(run_dir / "model" / "global.pt", state)
     assert spec.to_dict() == info["model"] and list(patch) == planned["patch_size"]
     # the pooled baseline plans the same network from the same cases
     assert pooled_network(cfg, [read_site(ref) for ref in study_sites(study_3d)]) == (spec, patch)
     site = study_3d / "site-a"
     assert main(["predict", str(site / "images"), str(tmp_path / "out"), "--model", str(run_dir / "model" / "global.pt"),
-                 "--state-dir", str(sim_state_dir(run_dir / "site-state", "site-a"))]) == 0
+                 "--state-dir", str(state)]) == 0
     image = nib.load(sorted((site / "images").iterdir())[0])
     written = nib.load(tmp_path / "out" / sorted((site / "images").iterdir())[0].name)
     assert written.shape == image.shape[:3] and (written.affine == image.affine).all()
