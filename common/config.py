@@ -313,9 +313,9 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     def network(self, spatial_dims: int, in_channels: int, out_channels: int,
-                plan: dict[str, Any] | None = None) -> tuple[ModelSpec, tuple[int, ...]]:
+                plans: dict[str, Any] | None = None) -> tuple[ModelSpec, tuple[int, ...]]:
         """The run's model and its patch (one size per axis) for data of this shape; ``model=auto``
-        takes both from ``plan`` (the configuration of plan.json for these dims).
+        takes both from ``plans`` (plan.json's configurations: the one for these dims).
 
         Raises:
             ConfigError: model=auto without a plan.
@@ -323,7 +323,8 @@ class RunConfig:
         if self.model != AUTO_MODEL:
             return (ModelSpec(spatial_dims, in_channels, out_channels, self.channels, self.norm, self.model,
                               self.backbone, self.patch_size), (self.patch_size,) * spatial_dims)
-        if plan is None or int(plan["spatial_dims"]) != spatial_dims:
+        plan = (plans or {}).get(f"{spatial_dims}d")
+        if plan is None:
             raise ConfigError(f"run-config 'model' = 'auto' needs a {spatial_dims}D plan made from the training "
                               "sites' dataset fingerprints, and there is none (see the discovery log); set "
                               "model=unet with 'channels' and 'patch-size' instead")

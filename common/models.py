@@ -15,7 +15,7 @@ from monai.networks.nets import DynUNet, UNet
 from torch import nn
 
 from fedseg.common.maskrcnn import HEAD_PREFIXES, build_maskrcnn
-from fedseg.common.model_kinds import ModelSpec
+from fedseg.common.model_kinds import PLANNED, ModelSpec
 
 __all__ = ["ENSEMBLE_PREFIX", "ModelSpec", "PlannedUNet", "UNSEEN_PREFIX", "build_model", "deep_supervision_weights",
            "ensemble_members", "inference_network", "local_keys", "model_signature", "network_definition",
@@ -47,7 +47,7 @@ def network_definition(spec: ModelSpec) -> dict[str, Any]:
         "group": ["group", {"num_groups": _num_groups(spec)}],
     }
     shape = {"spatial_dims": spec.spatial_dims, "in_channels": spec.in_channels, "out_channels": spec.out_channels}
-    if spec.model == "dynunet":
+    if spec.model == PLANNED:
         strides = [list(s) for s in spec.strides]
         return {"_target_": "DynUNet", **shape, "kernel_size": [list(k) for k in spec.kernels], "strides": strides,
                 "upsample_kernel_size": strides[1:], "filters": list(spec.channels), "norm_name": norms[spec.norm],
@@ -82,7 +82,7 @@ def inference_network(model: nn.Module, spec: ModelSpec) -> tuple[nn.Module, Mod
     """``model`` as MONAI's own class builds it for inference (a U-Net as it is; a DynUNet without
     the deep-supervision heads only training uses, which TorchScript cannot compile), in eval mode,
     and its spec: what a MONAI Bundle's ``network_def`` rebuilds and an exported graph runs."""
-    if spec.model != "dynunet":
+    if spec.model != PLANNED:
         return model.eval(), spec
     spec = dataclasses.replace(spec, deep_supervision=0)
     kwargs = network_definition(spec)

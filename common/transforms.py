@@ -117,7 +117,7 @@ def roi_size(patch: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
     return tuple(int(p) for p in patch)
 
 
-def train_transforms(spec: SiteSpec, patch_size: int | Sequence[int], keep_instances: bool = False,
+def train_transforms(spec: SiteSpec, patch_size: PatchSize, keep_instances: bool = False,
                      augment: bool = False, flips: tuple[int, ...] | None = None) -> Compose:
     """Loading plus a foreground-balanced random patch per case, randomly mirrored along
     ``flips`` (None: ``flip_axes``' choice for the site's modality); with ``augment``, the

@@ -51,7 +51,7 @@ def discover_sites(grid: Grid, cfg: RunConfig, data: SiteData,
     if len(nodes) < expected and cohort is None:
         raise SiteDiscoveryError(f"{len(nodes)} site(s) connected, {expected} expected")
     sites, problems, silent = ask_sites(grid, nodes, data, cfg.round_timeout,
-                                        fingerprint=cohort is None and cfg.model != "maskrcnn")
+                                        fingerprint=cohort is None and cfg.model_kind.dense)
     if silent and cohort is None:
         problems.append(f"{len(silent)} site(s) did not answer within {cfg.round_timeout}s")
     elif silent:
@@ -170,8 +170,7 @@ def model_for_sites(cfg: RunConfig, sites: dict[int, dict[str, Any]],
     dims = int(info["spatial-dims"])
     if cfg.spatial_dims and cfg.spatial_dims != dims:
         raise ConfigError(f"run-config 'spatial-dims' = {cfg.spatial_dims} but the sites hold {dims}D data")
-    spec, patch = cfg.network(dims, int(info["in-channels"]), int(info["num-classes"]),
-                              (plans or {}).get(f"{dims}d"))
+    spec, patch = cfg.network(dims, int(info["in-channels"]), int(info["num-classes"]), plans)
     kind = spec.kind
     misfits = sorted(i["site"] for i in sites.values() if kind.site_task and i["task"] != kind.site_task)
     if misfits or dims not in kind.dims:

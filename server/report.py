@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedseg.common.atomic import atomic_write_bytes  # noqa: E402
+from fedseg.common.model_kinds import AUTO_MODEL  # noqa: E402
 from fedseg.common.records import NUM_EXAMPLES  # noqa: E402
 from fedseg.server.html_page import fmt, img, para, png, page, table  # noqa: E402
 from fedseg.server.run_folder import RunFolder  # noqa: E402
@@ -262,7 +263,7 @@ def _planned(run_dir: Path, info: dict[str, Any]) -> str:
              f"features, {', '.join(sorted(set(p['normalization'])))} normalization" for name, p in plans.items()]
     cfg = info.get("config", {})
     trains = (f"this run trains its {info['model']['spatial_dims']}d configuration at the run's batch size, "
-              f"{cfg.get('batch-size')}" if cfg.get("model") == "auto" else "this run trains the configured network")
+              f"{cfg.get('batch-size')}" if cfg.get("model") == AUTO_MODEL else "this run trains the configured network")
     return (f"nnU-Net's rules on the training sites' merged dataset fingerprints (plan.json; {trains}) plan "
             + "; ".join(parts) + ".")
 

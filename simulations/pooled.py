@@ -17,6 +17,7 @@ from fedseg.common.lr_schedule import round_lr
 from fedseg.common.data import SiteRef, SiteSpec, case_seed, read_site, split_training, study_sites
 from fedseg.common.transforms import flip_axes, image_channels
 from fedseg.common.devices import resolve_device
+from fedseg.common.model_kinds import AUTO_MODEL
 from fedseg.common.models import ModelSpec, build_model
 from fedseg.common.plan import plan_federation, site_fingerprint
 from fedseg.common.precision import site_precision
@@ -37,11 +38,11 @@ def pooled_network(cfg: RunConfig, sites: list[SiteSpec]) -> tuple[ModelSpec, tu
     """The run's model and patch for ``sites``' data; with ``model=auto``, planned from their
     fingerprints as a federation of them would plan it."""
     first = sites[0]
-    plan = None
-    if cfg.model == "auto":
-        plans, _, _ = plan_federation({s.name: site_fingerprint(s) for s in sites if s.training})
-        plan = plans[f"{first.spatial_dims}d"].to_json() if f"{first.spatial_dims}d" in plans else None
-    return cfg.network(first.spatial_dims, image_channels(first), first.num_classes, plan)
+    plans = None
+    if cfg.model == AUTO_MODEL:
+        planned, _, _ = plan_federation({s.name: site_fingerprint(s) for s in sites if s.training})
+        plans = {name: plan.to_json() for name, plan in planned.items()}
+    return cfg.network(first.spatial_dims, image_channels(first), first.num_classes, plans)
 
 
 def train_pooled(cfg: RunConfig, sites: list[SiteSpec], seed_site: str,

@@ -79,7 +79,7 @@ def test_a_planned_network_and_its_patch_reach_the_site_through_a_flower_config_
             "kernels": [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
             "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]}
     cfg = RunConfig(model="auto")
-    spec, patch = cfg.network(3, 1, 3, plan)
+    spec, patch = cfg.network(3, 1, 3, {"3d": plan})
     site = SiteRoundConfig.from_record(ConfigRecord(cfg.site_round(spec, "0123456789abcdef", patch=patch).to_record()))
     assert site.model == spec and site.patch_size == (40, 56, 40)
     assert site.model.kernels[0] == (1, 3, 3) and site.model.strides[1] == (1, 2, 2)

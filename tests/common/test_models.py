@@ -60,7 +60,7 @@ HIPPOCAMPUS_PLAN = {"spatial_dims": 3, "patch_size": [40, 56, 40], "features": [
 
 
 def test_model_auto_builds_the_planned_dynunet_whose_state_names_each_tensor_once():
-    spec, patch = RunConfig(model="auto").network(3, 1, 3, HIPPOCAMPUS_PLAN)
+    spec, patch = RunConfig(model="auto").network(3, 1, 3, {"3d": HIPPOCAMPUS_PLAN})
     assert patch == (40, 56, 40) and spec.model == "dynunet" and spec.deep_supervision == 1
     model = build_model(spec)
     # every tensor has one name: no second copy crosses the wire, no norm escapes the split
@@ -76,7 +76,7 @@ def test_model_auto_builds_the_planned_dynunet_whose_state_names_each_tensor_onc
 
 
 def test_deep_supervision_trains_every_output_with_nnunets_weights_and_predicts_with_one():
-    spec, patch = RunConfig(model="auto").network(3, 1, 3, HIPPOCAMPUS_PLAN)
+    spec, patch = RunConfig(model="auto").network(3, 1, 3, {"3d": HIPPOCAMPUS_PLAN})
     torch.manual_seed(0)
     model = build_model(spec).train()
     image, label = torch.randn(1, *patch), torch.randint(0, 3, (1, *patch)).float()
@@ -92,7 +92,7 @@ def test_deep_supervision_trains_every_output_with_nnunets_weights_and_predicts_
 
 
 def test_the_exported_network_is_monais_own_dynunet_with_the_same_predictions():
-    spec, patch = RunConfig(model="auto").network(3, 1, 3, HIPPOCAMPUS_PLAN)
+    spec, patch = RunConfig(model="auto").network(3, 1, 3, {"3d": HIPPOCAMPUS_PLAN})
     model = build_model(spec).eval()
     plain, plain_spec = inference_network(model, spec)
     assert type(plain) is DynUNet and plain_spec.deep_supervision == 0
