@@ -15,6 +15,7 @@ from fedseg.client.adaptation import adapt_to_site, site_images
 from fedseg.client.audit import outbox_audit_mod
 from fedseg.client.client_level_dp import client_level_clipping_mod
 from fedseg.client.local_curves import write_local_curves
+from fedseg.client.memory import release_freed_memory
 from fedseg.client.packing import weight_packing_mod
 from fedseg.client.privacy import DPSession
 from fedseg.client.redaction import redaction_mod
@@ -70,6 +71,8 @@ def _guarded(msg: Message, context: Context,
         log.error("a file at this site could not be read or written: %s", err)
         return Message(Error(code=SITE_ERROR, reason=f"a file at the site could not be read or written ({err})"),
                        reply_to=msg)
+    finally:  # a simulated site's process answers many messages: what this one freed goes back
+        release_freed_memory()
 
 
 def _describe(msg: Message, node_config: dict) -> RecordDict:
