@@ -17,12 +17,13 @@ from fedseg.client.client_level_dp import client_level_clipping_mod
 from fedseg.client.local_curves import write_local_curves
 from fedseg.client.memory import release_freed_memory
 from fedseg.client.packing import weight_packing_mod
-from fedseg.client.privacy import DPSession
+from fedseg.client.privacy import DPSession, admit
 from fedseg.client.redaction import redaction_mod
 from fedseg.client.site import SiteLocation, describe_site, resolve_site, site_device
 from fedseg.client.site_model import round_model
 from fedseg.client.site_policy import admit_model, admit_workload
 from fedseg.client.state import SiteState, run_key
+from fedseg.client.step_timing import seconds_per_step
 from fedseg.client.tasks import task_for
 from fedseg.client.trainer import round_steps, train_local
 from fedseg.common.round_config import SiteData, SiteRoundConfig
@@ -31,8 +32,9 @@ from fedseg.common.logs import setup_logging
 from fedseg.common.models import ensemble_members, split_state, unseen_norm_set
 from fedseg.common.precision import site_precision
 from fedseg.common.plan import FINGERPRINT
-from fedseg.common.records import (ARRAYS, CONFIG, EVAL_PREFIX, METRICS, NUM_EXAMPLES, SITE_ERROR,
-                                   PrivacyBoundaryError, received_state, scalar_metrics, shared_record)
+from fedseg.common.records import (ARRAYS, CONFIG, EVAL_PREFIX, METRICS, NUM_EXAMPLES, SECONDS_PER_STEP, SITE_ERROR,
+                                   TIME_STEPS, PrivacyBoundaryError, received_state, scalar_metrics,
+                                   shared_record)
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,9 @@ app = ClientApp(mods=[weight_packing_mod, outbox_audit_mod, redaction_mod, clien
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Report the site's data-contract status and dataset shape (metadata only, no file names)."""
-    return _guarded(msg, context, _describe)
+    """Report the site's data-contract status and dataset shape (metadata only, no file names),
+    or, asked with ``time-steps``, the seconds a training step of the run's network takes here."""
+    return _guarded(msg, context, _time_steps if TIME_STEPS in msg.content[CONFIG] else _describe)
 
 
 @app.train()
@@ -82,6 +85,18 @@ def _describe(msg: Message, node_config: dict) -> RecordDict:
     for problem in problems:  # full detail stays in the site's own log
         log.error("site %s: %s", site.ref.name, problem)
     return RecordDict({CONFIG: ConfigRecord(info)})
+
+
+def _time_steps(msg: Message, node_config: dict) -> RecordDict:
+    cfg, site, _, device = _open_round(msg, node_config)
+    spec = read_site(site.ref, seed=cfg.data.seed)
+    cases, _ = split_training(spec, cfg.data.val_fraction, cfg.data.seed)
+    if not cases:
+        raise DataError(f"site {spec.name} has no training cases to time")
+    # a site times only what it would train: a round its policy refuses is not timed either
+    admit(site.policy, cfg.dp, None, None, spec.name)
+    admit_workload(site.policy, cfg, round_steps(len(cases), cfg.batch_size, cfg.local_epochs, None), 0, spec.name)
+    return RecordDict({CONFIG: ConfigRecord({SECONDS_PER_STEP: seconds_per_step(cfg, spec, cases, device)})})
 
 
 def _open_round(msg: Message, node_config: dict) -> tuple[SiteRoundConfig, SiteLocation, int, str]:

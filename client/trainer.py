@@ -21,6 +21,7 @@ from fedseg.client.tasks import Task
 from fedseg.common.data import Case, SiteSpec
 from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.precision import Precision
+from fedseg.common.round_config import epoch_steps
 from fedseg.common.transforms import PatchSize, roi_size
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class TrainResult:
 
 def round_steps(num_cases: int, batch_size: int, epochs: int, dp: DPSession | None) -> int:
     """Optimizer steps of a round: the DP plan's, else ``epochs`` passes of ``batch_size`` batches."""
-    return dp.plan.steps if dp is not None else epochs * -(-num_cases // batch_size)
+    return dp.plan.steps if dp is not None else epoch_steps(num_cases, batch_size, epochs)
 
 
 def train_local(

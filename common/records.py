@@ -17,6 +17,8 @@ NUM_EXAMPLES = "num-examples"
 EVAL_PREFIX = "eval/"  # a train reply's scores of the model it received, before training on it
 PACKED = "packed/"  # ``packed_record``: one flat array per dtype + a manifest of names and shapes
 MANIFEST = PACKED + "manifest"
+TIME_STEPS = "time-steps"  # a discovery question: time a few training steps of the round config's network
+SECONDS_PER_STEP = "seconds-per-step"  # its answer
 SITE_ERROR = 3100  # the Flower error code of a site that refuses a message with a clear reason
 
 

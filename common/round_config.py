@@ -21,6 +21,12 @@ AUTO = -1  # a DP training setting left to fedseg's DP recipe (common/dp_recipe.
 SITE_CACHE_MB = 1024  # simulation: decoded training cases a virtual site keeps across rounds, by default
 
 
+def epoch_steps(num_cases: int, batch_size: int, epochs: int) -> int:
+    """Optimizer steps of ``epochs`` passes over ``num_cases`` in batches of ``batch_size`` (the
+    last batch of a pass may be smaller): a round's steps without record-level DP."""
+    return epochs * -(-num_cases // batch_size)
+
+
 @dataclass(frozen=True)
 class SiteData:
     """Which data a site reads and how it splits it; sent with every message.

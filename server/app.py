@@ -32,6 +32,7 @@ from fedseg.server.reply_checks import DeclaredSite, ReplyChecks
 from fedseg.server.report import write_report
 from fedseg.server.run_folder import OpenRun, now, open_run, resume_config, resume_overrides, versions
 from fedseg.server.site_strategy import SiteStrategy
+from fedseg.server.step_timing import announce_expected_time
 from fedseg.server.strategies import build_strategy
 from fedseg.server.summary import below_pretrained, summarize
 from fedseg.server.tracking import RoundTracking, check_trackers
@@ -84,7 +85,8 @@ class Federation:
         return {i["site"]: DeclaredSite.from_discovery(i) for i in self.sites.values()}
 
 
-def run_federation(grid: Grid, cfg: RunConfig, site_cache_mb: int = 0, split_site: int = 0) -> Path:
+def run_federation(grid: Grid, cfg: RunConfig, site_cache_mb: int = 0, split_site: int = 0,
+                   sites_at_once: int = 0) -> Path:
     """Run (or resume) a whole federated study over the sites connected to ``grid``.
 
     Args:
@@ -92,6 +94,8 @@ def run_federation(grid: Grid, cfg: RunConfig, site_cache_mb: int = 0, split_sit
             across rounds.
         split_site: simulation only: > 1 splits the study's one site into this many virtual
             sites (a resume keeps the run's own split, stored in run.json).
+        sites_at_once: simulation only: training sites that share this machine's cores at a time
+            (the expected round time counts them in turns); 0: each site computes on its own.
 
     Returns:
         The run folder.
@@ -108,7 +112,7 @@ def run_federation(grid: Grid, cfg: RunConfig, site_cache_mb: int = 0, split_sit
     fed = initial_model(run, sites, data, cohort)
     tracking = RoundTracking(run.cfg, run.folder.dir, run.run_id, set(run.cfg.heldout_sites), run.done)
     try:
-        return finalize(run, fed, run_rounds(grid, run, fed, tracking))
+        return finalize(run, fed, run_rounds(grid, run, fed, tracking, sites_at_once))
     except OSError as err:  # a full or read-only disk: every file is written atomically, so stop and say how
         log.error("the run folder cannot be written (%s); the run stops here. Once it can, resume it (resume=true, "
                   "or `fedseg simulate --resume-run %s`) from its last checkpoint", err, run.folder.dir)
@@ -160,9 +164,12 @@ def initial_model(run: OpenRun, sites: dict[int, dict[str, Any]], data: SiteData
     return fed
 
 
-def run_rounds(grid: Grid, run: OpenRun, fed: Federation, tracking: RoundTracking | None = None) -> ArrayRecord:
-    """Score pretrained weights at the sites (a fresh warm run), plan DP, then the remaining rounds
-    in ``SiteStrategy`` (each round's line also goes to ``tracking``).
+def run_rounds(grid: Grid, run: OpenRun, fed: Federation, tracking: RoundTracking | None = None,
+               sites_at_once: int = 0) -> ArrayRecord:
+    """Score pretrained weights at the sites (a fresh warm run), plan DP (or, without record-level
+    DP, time the sites' steps for the expected time of a new run), then the remaining rounds in
+    ``SiteStrategy`` (each round's line also goes to ``tracking``; ``sites_at_once``: see
+    ``run_federation``).
 
     Returns:
         The final global shared weights.
@@ -180,6 +187,9 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation, tracking: RoundTrackin
     round_config = cfg.site_round(fed.spec, run.run_id, fed.data, start_dice, fed.flip_axes, fed.patch)
     if cfg.dp == "sample":  # planned once the sites have scored a warm run's weights
         run.folder.write_run_info({**info, "dp_plan": dp_plans(round_config, fed.train_cases())})
+    elif not run.done:
+        announce_expected_time(grid, run.folder, fed.site_of, fed.train_cases(), round_config,
+                               cfg.num_server_rounds, cfg.round_timeout, sites_at_once)
     average = ModelAverage(ema_decay(cfg, start_dice), run.start_average)
     strategy = SiteStrategy(
         build_strategy(cfg, len(fed.training_sites)), fed.site_of, reply_checks=checks, folder=run.folder,

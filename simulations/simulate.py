@@ -108,10 +108,11 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
 
     result: dict[str, Path] = {}
     server_app = ServerApp()
+    at_once = 0  # a Ray cluster's nodes: each site computes on its own
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        result["run_dir"] = run_federation(grid, cfg, site_cache_mb, split_site)
+        result["run_dir"] = run_federation(grid, cfg, site_cache_mb, split_site, at_once)
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # sites' lines look alike; Ray would fold them
@@ -125,8 +126,9 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
         cores = num_cpus or os.cpu_count() or 1
         ray_args |= {"address": "local", "num_cpus": cores}
         share = site_cpus(cores, sum(s.name not in cfg.heldout_sites for s in sites), sites_at_once)
+        at_once = int(cores / share)
         log.info("starting Flower's simulation engine (Ray, %d CPU(s): %d site(s) at a time, %d thread(s) "
-                 "each%s)...", cores, int(cores / share), max(1, int(share)),
+                 "each%s)...", cores, at_once, max(1, int(share)),
                  f", {gpus:g} GPU per site on {device}" if gpus else "")
         log.info("memory: each site process holds the libraries (%.1f GiB, as this process does now), its "
                  "training step and up to %d MiB of decoded cases (--site-cache-mb); --sites-at-once 1 "

@@ -34,7 +34,9 @@ def test_record_level_dp_with_fedbn_budget_refusal_and_resume(study, tmp_path):
         assert first["train"][site]["epsilon"] == pytest.approx(independent_epsilon(q, 1.0, steps, 1e-5))
     assert "site-a" not in second["train"] and "max-epsilon 6.000" in second["errors"]["site-a"]
     assert second["train"]["site-b"]["epsilon"] == pytest.approx(independent_epsilon(q, 1.0, 2 * steps, 1e-5))
-    plan = json.loads((run_dir / "run.json").read_text())["dp_plan"]  # the coordinator's record ...
+    info = json.loads((run_dir / "run.json").read_text())
+    assert "expected" not in info  # no site trained a step without DP to time it
+    plan = info["dp_plan"]  # the coordinator's record ...
     for site in ("site-a", "site-b"):  # ... is what each site trained with
         reported = first["train"][site]
         assert (plan[site]["noise_multiplier"], plan[site]["lr"]) == (reported["noise-multiplier"], reported["dp-lr"])

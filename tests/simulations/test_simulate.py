@@ -74,6 +74,8 @@ def test_fedbn_norm_layers_never_leave_a_site(fedbn_run):
         replies = _outbox(fedbn_run, site)
         trains = [r for r in replies if r["type"] == "train"]
         assert len(trains) == 2 and {r["type"] for r in replies} == {"query", "train", "evaluate"}
+        timed = [r for r in replies if "seconds-per-step" in r["records"].get("config", {}).get("items", {})]
+        assert len(timed) == 1 and list(timed[0]["records"]["config"]["items"]) == ["seconds-per-step"]
         for reply in replies:
             assert not any(k.startswith(UNSEEN_PREFIX) for k in reply["received"].get("arrays", []))
             for record in reply["records"].values():
@@ -217,6 +219,15 @@ def test_fedadam_with_a_heldout_site(study_2d, tmp_path):
                        for k in r["received"].get("arrays", []))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["heldout"]) == {"site-c"} and set(summary["sites"]) == {"site-a", "site-b"}
+    # before round 1 the training sites (not the held-out one) timed their steps: a round's
+    # training on 2 cores, the two sites side by side, is expected to take the slower site's time
+    expected = json.loads((run_dir / "run.json").read_text())["expected"]
+    assert sorted(expected["seconds_per_step"]) == ["site-a", "site-b"] and expected["sites_at_once"] == 2
+    for site, seconds in expected["seconds_per_step"].items():
+        assert 0 < seconds < 10
+        assert expected["site_round_seconds"][site] == pytest.approx(seconds * record["train"][site]["steps"])
+    assert expected["round_seconds"] == pytest.approx(max(expected["site_round_seconds"].values()))
+    assert expected["run_seconds"] == pytest.approx(expected["round_seconds"])  # 1 round
 
 
 def test_evaluate_every_k_rounds_and_heldout_adaptation_in_the_last_round(study_2d, tmp_path):
@@ -252,8 +263,12 @@ def test_fewer_training_sites_than_cores_share_the_cores_out_as_threads(study_2d
     (record,) = read_rounds(simulate(cfg, num_cpus=4))
     assert {site: m["threads"] for site, m in record["train"].items()} == {"site-a": 2, "site-b": 2}
     assert site_cpus(2, 2) == 1.0  # on 2 CPUs the same sites train side by side on one thread each...
-    (record,) = read_rounds(simulate(cfg.replace(run_name="one-at-a-time"), num_cpus=2, sites_at_once=1))
+    turns = simulate(cfg.replace(run_name="one-at-a-time"), num_cpus=2, sites_at_once=1)
+    (record,) = read_rounds(turns)
     assert {site: m["threads"] for site, m in record["train"].items()} == {"site-a": 2, "site-b": 2}  # ...or in turns
+    expected = json.loads((turns / "run.json").read_text())["expected"]  # a round expects the sites in turns
+    assert expected["sites_at_once"] == 1
+    assert expected["round_seconds"] == pytest.approx(sum(expected["site_round_seconds"].values()))
     at_once = {(cores, sites): int(cores / site_cpus(cores, sites)) for cores, sites in
                ((2, 3), (4, 6), (2, 4), (2, 5), (16, 3))}
     assert at_once == {(2, 3): 3, (4, 6): 6, (2, 4): 2, (2, 5): 2, (16, 3): 3}
