@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,8 @@ def write_report(run_dir: str | Path) -> Path:
                   f"started {info.get('started')}, ended {info.get('ended')}")]
     if (planned := _planned(folder.dir, info)):
         body.append(para(planned))
+    if (timing := _timing(info, rounds)):
+        body.append(para(timing))
     fed = summary.get("in_federation", {})
     body.append("<h2>Summary</h2>")
     body.append(table(["", "mean Dice", "worst site", "worst Dice", "max-min gap", "spread (std)"],
@@ -266,6 +269,19 @@ def _planned(run_dir: Path, info: dict[str, Any]) -> str:
               f"{cfg.get('batch-size')}" if cfg.get("model") == AUTO_MODEL else "this run trains the configured network")
     return (f"nnU-Net's rules on the training sites' merged dataset fingerprints (plan.json; {trains}) plan "
             + "; ".join(parts) + ".")
+
+
+def _timing(info: dict[str, Any], rounds: list[dict[str, Any]]) -> str:
+    """One sentence setting the training time expected before round 1 (run.json's ``expected``)
+    beside what the rounds took ("" for a run without an expectation)."""
+    expected = info.get("expected")
+    if not expected:
+        return ""
+    took = [r["seconds"] for r in rounds if isinstance(r.get("seconds"), (int, float))]
+    text = (f"Expected training time before round 1: {expected['round_seconds']:.0f} s per round, from "
+            f"{len(expected['seconds_per_step'])} site(s) timing their steps")
+    return text + (f"; the rounds took {statistics.median(took):.0f} s on median (training, scoring and "
+                   f"messages; {min(took):.0f}-{max(took):.0f} s)." if took else ".")
 
 
 def round_axis(ax: plt.Axes, rounds: set[int]) -> None:

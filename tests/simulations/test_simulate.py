@@ -228,6 +228,8 @@ def test_fedadam_with_a_heldout_site(study_2d, tmp_path):
         assert expected["site_round_seconds"][site] == pytest.approx(seconds * record["train"][site]["steps"])
     assert expected["round_seconds"] == pytest.approx(max(expected["site_round_seconds"].values()))
     assert expected["run_seconds"] == pytest.approx(expected["round_seconds"])  # 1 round
+    assert (f"Expected training time before round 1: {expected['round_seconds']:.0f} s per round, from 2 site(s)"
+            in (run_dir / "report.html").read_text())
 
 
 def test_evaluate_every_k_rounds_and_heldout_adaptation_in_the_last_round(study_2d, tmp_path):
