@@ -38,7 +38,7 @@ def time_sites(grid: Grid, site_of: dict[int, str], training_sites: list[str], c
         if reply.has_error():
             log.warning("site %s did not time its training steps: %s", site, reply.error.reason)
             continue
-        value = reply.content[CONFIG].get(SECONDS_PER_STEP)
+        value = reply.content[CONFIG].get(SECONDS_PER_STEP) if CONFIG in reply.content else None
         if isinstance(value, float) and math.isfinite(value) and value > 0:
             seconds[site] = value
         else:  # a broken or hostile reply

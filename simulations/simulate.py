@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
@@ -127,6 +128,8 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
         ray_args |= {"address": "local", "num_cpus": cores}
         share = site_cpus(cores, sum(s.name not in cfg.heldout_sites for s in sites), sites_at_once)
         at_once = int(cores / share)
+        if gpus:  # Ray also holds a site back until its GPU share is free
+            at_once = max(1, min(at_once, int(torch.cuda.device_count() / gpus)))
         log.info("starting Flower's simulation engine (Ray, %d CPU(s): %d site(s) at a time, %d thread(s) "
                  "each%s)...", cores, at_once, max(1, int(share)),
                  f", {gpus:g} GPU per site on {device}" if gpus else "")
