@@ -76,8 +76,10 @@ def quantize_int8(float_onnx: Path, output: Path, patches: np.ndarray) -> dict[s
         with tempfile.TemporaryDirectory(prefix="fedseg-int8-") as tmp:
             prepared = Path(tmp) / "prepared.onnx"
             quant_pre_process(str(float_onnx), str(prepared))  # shape inference and graph clean-up first
+            # 7-bit weights: ONNX Runtime's u8s8 kernels on CPUs without VNNI (AVX2, plain AVX-512) saturate
+            # with full-range per-channel weights, and an export runs on whatever CPU a hospital has
             quantize_static(str(prepared), str(staged), Patches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True)
     finally:
         logging.disable(logging.NOTSET)
     run = {name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -90,5 +92,5 @@ def quantize_int8(float_onnx: Path, output: Path, patches: np.ndarray) -> dict[s
                            f"voxels (at least {MIN_LABEL_AGREEMENT:.0%} needed); nothing written: use the float "
                            "export, or --amp bf16 with fedseg predict")
     staged.replace(output)
-    return {"format": "int8 (ONNX Runtime static quantization, QDQ, per-channel weights)",
+    return {"format": "int8 (ONNX Runtime static quantization, QDQ, per-channel 7-bit weights)",
             "calibration_patches": len(patches), "label_agreement": agreement}
