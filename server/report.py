@@ -20,6 +20,7 @@ from fedseg.common.model_kinds import AUTO_MODEL  # noqa: E402
 from fedseg.common.records import NUM_EXAMPLES  # noqa: E402
 from fedseg.server.html_page import fmt, img, para, png, page, table  # noqa: E402
 from fedseg.server.run_folder import RunFolder  # noqa: E402
+from fedseg.server.step_timing import duration_text  # noqa: E402
 from fedseg.server.summary import INSTANCE_METRICS  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -278,10 +279,10 @@ def _timing(info: dict[str, Any], rounds: list[dict[str, Any]]) -> str:
     if not expected:
         return ""
     took = [r["seconds"] for r in rounds if isinstance(r.get("seconds"), (int, float))]
-    text = (f"Expected training time before round 1: {expected['round_seconds']:.0f} s per round, from "
-            f"{len(expected['seconds_per_step'])} site(s) timing their steps")
-    return text + (f"; the rounds took {statistics.median(took):.0f} s on median (training, scoring and "
-                   f"messages; {min(took):.0f}-{max(took):.0f} s)." if took else ".")
+    text = (f"Expected training time before round 1: {duration_text(expected['round_seconds'])} per round, "
+            f"from {len(expected['seconds_per_step'])} site(s) timing their steps")
+    return text + (f"; the rounds took {duration_text(statistics.median(took))} on median (training, scoring "
+                   f"and messages; {duration_text(min(took))} to {duration_text(max(took))})." if took else ".")
 
 
 def round_axis(ax: plt.Axes, rounds: set[int]) -> None:

@@ -74,8 +74,8 @@ def describe_expected(expected: dict[str, Any], rounds: int, untimed: list[str])
     """The line a coordinator reads before round 1."""
     slowest = max(expected["site_round_seconds"], key=expected["site_round_seconds"].get)
     steps = round(expected["site_round_seconds"][slowest] / expected["seconds_per_step"][slowest])
-    text = (f"expected training time: {_duration(expected['round_seconds'])} per round, "
-            f"{_duration(expected['run_seconds'])} for {rounds} round(s), plus scoring and messages "
+    text = (f"expected training time: {duration_text(expected['round_seconds'])} per round, "
+            f"{duration_text(expected['run_seconds'])} for {rounds} round(s), plus scoring and messages "
             f"(slowest site {slowest}: {steps} steps x {expected['seconds_per_step'][slowest]:.2f} s, "
             f"timed on its own data")
     if expected["sites_at_once"]:
@@ -83,7 +83,10 @@ def describe_expected(expected: dict[str, Any], rounds: int, untimed: list[str])
     return text + (f"; not timed: {', '.join(untimed)})" if untimed else ")")
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+    """Seconds as a reader wants them: 0.4 s, 25 s, 2.1 min, 1.5 h."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fedseg.server.step_timing import describe_expected, expected_times, round_seconds
+from fedseg.server.step_timing import describe_expected, duration_text, expected_times, round_seconds
 
 
 def test_a_round_takes_the_slowest_site_or_the_sites_in_turns_on_the_shared_cores():
@@ -22,3 +22,7 @@ def test_the_expected_time_names_the_slowest_site_and_the_untimed_ones():
     assert text.startswith("expected training time: 60 s per round, 10.0 min for 10 round(s)")
     assert "slowest site a: 120 steps x 0.50 s" in text and "2 site(s) at a time" in text
     assert text.endswith("not timed: c)")
+
+
+def test_durations_read_as_a_person_reads_them():
+    assert [duration_text(s) for s in (0.42, 9.96, 25.4, 95, 5400)] == ["0.4 s", "10.0 s", "25 s", "1.6 min", "1.5 h"]

@@ -15,6 +15,7 @@ from fedseg.common.data import DataError, read_site, split_training, study_sites
 from fedseg.common.models import UNSEEN_PREFIX, ModelSpec, build_model, local_keys
 from fedseg.common.cli import main
 from fedseg.common.plan import Fingerprint, make_plan, merge, site_fingerprint
+from fedseg.server.step_timing import duration_text
 from fedseg.simulations.simulate import simulate, site_cpus
 from fedseg.simulations.synth import write_study
 from tests.conftest import local_layers_file, read_rounds, tiny_config
@@ -228,8 +229,8 @@ def test_fedadam_with_a_heldout_site(study_2d, tmp_path):
         assert expected["site_round_seconds"][site] == pytest.approx(seconds * record["train"][site]["steps"])
     assert expected["round_seconds"] == pytest.approx(max(expected["site_round_seconds"].values()))
     assert expected["run_seconds"] == pytest.approx(expected["round_seconds"])  # 1 round
-    assert (f"Expected training time before round 1: {expected['round_seconds']:.0f} s per round, from 2 site(s)"
-            in (run_dir / "report.html").read_text())
+    assert (f"Expected training time before round 1: {duration_text(expected['round_seconds'])} per round, "
+            "from 2 site(s)" in (run_dir / "report.html").read_text())
 
 
 def test_evaluate_every_k_rounds_and_heldout_adaptation_in_the_last_round(study_2d, tmp_path):
