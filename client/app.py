@@ -89,10 +89,7 @@ def _describe(msg: Message, node_config: dict) -> RecordDict:
 
 def _time_steps(msg: Message, node_config: dict) -> RecordDict:
     cfg, site, _, device = _open_round(msg, node_config)
-    spec = read_site(site.ref, seed=cfg.data.seed)
-    cases, _ = split_training(spec, cfg.data.val_fraction, cfg.data.seed)
-    if not cases:
-        raise DataError(f"site {spec.name} has no training cases to time")
+    spec, cases, _ = _training_split(cfg, site)
     # a site times only what it would train: a round its policy refuses is not timed either
     admit(site.policy, cfg.dp, None, None, spec.name)
     admit_workload(site.policy, cfg, round_steps(len(cases), cfg.batch_size, cfg.local_epochs, None), 0, spec.name)
@@ -105,13 +102,18 @@ def _open_round(msg: Message, node_config: dict) -> tuple[SiteRoundConfig, SiteL
     return cfg, site, int(msg.content[CONFIG]["server-round"]), site_device(site, cfg.device)
 
 
-def _train(msg: Message, node_config: dict) -> RecordDict:
-    opened = _open_round(msg, node_config)
-    cfg, site, server_round, _ = opened
+def _training_split(cfg: SiteRoundConfig, site: SiteLocation) -> tuple[SiteSpec, list[Case], list[Case]]:
     spec = read_site(site.ref, seed=cfg.data.seed)
     cases, val_cases = split_training(spec, cfg.data.val_fraction, cfg.data.seed)
     if not cases:
         raise DataError(f"site {spec.name} has no training cases (held-out sites only evaluate)")
+    return spec, cases, val_cases
+
+
+def _train(msg: Message, node_config: dict) -> RecordDict:
+    opened = _open_round(msg, node_config)
+    cfg, site, server_round, _ = opened
+    spec, cases, val_cases = _training_split(cfg, site)
     # the site's policy admits the round before anything runs (a DP round holds the site's ledger)
     dp = DPSession.open(cfg.dp, site.policy, site.state_dir, num_cases=len(cases),
                         batch_size=cfg.batch_size, epochs=cfg.local_epochs,
