@@ -62,21 +62,21 @@ def round_seconds(site_seconds: dict[str, float], at_once: int = 0) -> float:
 
 def expected_times(step_seconds: dict[str, float], round_steps: dict[str, int], rounds: int,
                    at_once: int = 0) -> dict[str, Any]:
-    """run.json's ``expected``: seconds per step and per round at each timed site, and the round's
-    and the run's training seconds (``round_seconds``)."""
-    per_site = {s: step_seconds[s] * round_steps[s] for s in step_seconds if s in round_steps}
+    """run.json's ``expected``: seconds per step, steps and seconds per round at each timed site,
+    and the round's and the run's training seconds (``round_seconds``)."""
+    steps = {s: round_steps[s] for s in step_seconds if s in round_steps}
+    per_site = {s: step_seconds[s] * n for s, n in steps.items()}
     per_round = round_seconds(per_site, at_once)
-    return {"seconds_per_step": step_seconds, "site_round_seconds": per_site, "sites_at_once": at_once,
-            "round_seconds": per_round, "run_seconds": per_round * rounds}
+    return {"seconds_per_step": step_seconds, "steps_per_round": steps, "site_round_seconds": per_site,
+            "sites_at_once": at_once, "round_seconds": per_round, "run_seconds": per_round * rounds}
 
 
 def describe_expected(expected: dict[str, Any], rounds: int, untimed: list[str]) -> str:
     """The line a coordinator reads before round 1."""
     slowest = max(expected["site_round_seconds"], key=expected["site_round_seconds"].get)
-    steps = round(expected["site_round_seconds"][slowest] / expected["seconds_per_step"][slowest])
     text = (f"expected training time: {duration_text(expected['round_seconds'])} per round, "
             f"{duration_text(expected['run_seconds'])} for {rounds} round(s), plus scoring and messages "
-            f"(slowest site {slowest}: {steps} steps x {expected['seconds_per_step'][slowest]:.2f} s, "
+            f"(slowest site {slowest}: {expected['steps_per_round'][slowest]} steps x {expected['seconds_per_step'][slowest]:.2f} s, "
             f"timed on its own data")
     if expected["sites_at_once"]:
         text += f"; {expected['sites_at_once']} site(s) at a time"

@@ -16,6 +16,7 @@ def test_a_round_takes_the_slowest_site_or_the_sites_in_turns_on_the_shared_core
 
 def test_the_expected_time_names_the_slowest_site_and_the_untimed_ones():
     expected = expected_times({"a": 0.5, "b": 0.2}, {"a": 120, "b": 240, "c": 60}, rounds=10, at_once=2)
+    assert expected["steps_per_round"] == {"a": 120, "b": 240}  # c was not timed
     assert expected["site_round_seconds"] == {"a": 60.0, "b": 48.0}
     assert expected["round_seconds"] == 60.0 and expected["run_seconds"] == pytest.approx(600.0)
     text = describe_expected(expected, 10, untimed=["c"])

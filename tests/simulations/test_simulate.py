@@ -226,6 +226,7 @@ def test_fedadam_with_a_heldout_site(study_2d, tmp_path):
     assert sorted(expected["seconds_per_step"]) == ["site-a", "site-b"] and expected["sites_at_once"] == 2
     for site, seconds in expected["seconds_per_step"].items():
         assert 0 < seconds < 10
+        assert expected["steps_per_round"][site] == record["train"][site]["steps"]
         assert expected["site_round_seconds"][site] == pytest.approx(seconds * record["train"][site]["steps"])
     assert expected["round_seconds"] == pytest.approx(max(expected["site_round_seconds"].values()))
     assert expected["run_seconds"] == pytest.approx(expected["round_seconds"])  # 1 round
