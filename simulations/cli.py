@@ -34,6 +34,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--shift", type=float, default=0.5, help="domain-shift strength in [0, 1]")
     synth.add_argument("--task", choices=("semantic", "instance"), default="semantic")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--spacings", default="",
+                       help="3D: each site's voxel size in mm, e.g. 0.6,1,1.5 (one per site); every case is then "
+                            "SIZE mm across, its objects of one physical size at every site")
     synth.set_defaults(func=_synth)
 
     plan = sub.add_parser("plan", help="the U-Net nnU-Net would plan for the study's pooled training "
@@ -151,7 +154,8 @@ def _synth(args: argparse.Namespace) -> int:
     try:
         sites = write_study(args.out, sites=args.sites, dims=args.dims, cases=args.cases,
                             test_cases=args.test_cases, size=args.size, num_labels=args.labels,
-                            shift=args.shift, task=args.task, seed=args.seed)
+                            shift=args.shift, task=args.task, seed=args.seed,
+                            spacings=tuple(float(v) for v in args.spacings.split(",") if v.strip()))
     except ValueError as err:
         raise ConfigError(str(err)) from None
     print(f"wrote {len(sites)} site(s) to {args.out}: {', '.join(s.name for s in sites)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,14 +47,17 @@ def site_shift(index: int, dims: int, strength: float, seed: int) -> SiteShift:
 
 
 def make_case(rng: np.random.RandomState, size: int, dims: int, num_labels: int, shift: SiteShift,
-              instance: bool) -> tuple[np.ndarray, np.ndarray]:
+              instance: bool, voxel_mm: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """One image (float32 in ~[0, 1]) and its label map (class ids, or instance ids if ``instance``).
 
     Structures are random ellipses/ellipsoids; class k has mean intensity rising with k, so every
-    label is learnable, and the site's shift is applied on top.
+    label is learnable, and the site's shift is applied on top. With ``voxel_mm``, the case is a
+    field of ``size`` mm along each axis sampled at that voxel size (objects of one physical size
+    at every site); otherwise ``size`` voxels.
     """
-    shape = (size,) * dims
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).astype(np.float32)
+    shape = (max(16, round(size / voxel_mm)) if voxel_mm else size,) * dims
+    step = voxel_mm or 1.0  # mm per voxel: centres and radii below are in mm
+    grid = np.stack(np.meshgrid(*[np.arange(n) * step for n in shape], indexing="ij"), axis=-1).astype(np.float32)
     label = np.zeros(shape, np.int32)
     image = np.full(shape, 0.2, np.float32)
     for obj in range(1, rng.randint(3, 7)):
@@ -67,7 +71,7 @@ def make_case(rng: np.random.RandomState, size: int, dims: int, num_labels: int,
     if shift.blur > 0:
         image = gaussian_filter(image, shift.blur)
     if shift.bias > 0:
-        field = gaussian_filter(rng.normal(0, 1, shape).astype(np.float32), size / 4)
+        field = gaussian_filter(rng.normal(0, 1, shape).astype(np.float32), shape[0] / 4)
         image *= 1 + shift.bias * field / (np.abs(field).max() + 1e-6)
     image = np.clip(image, 0, None) ** shift.gamma * shift.gain + shift.offset
     image += rng.normal(0, shift.noise, shape).astype(np.float32)
@@ -78,7 +82,7 @@ def make_case(rng: np.random.RandomState, size: int, dims: int, num_labels: int,
 
 def write_study(out: str | Path, *, sites: int = 3, dims: int = 2, cases: int = 12, test_cases: int = 0,
                 size: int = 64, num_labels: int = 2, shift: float = 0.5, task: str = "semantic",
-                seed: int = 0) -> list[Path]:
+                seed: int = 0, spacings: tuple[float, ...] = ()) -> list[Path]:
     """Write a study folder: ``site-<k>/{dataset.json, images/, labels/}`` per site.
 
     Args:
@@ -92,6 +96,8 @@ def write_study(out: str | Path, *, sites: int = 3, dims: int = 2, cases: int = 
         shift: domain-shift strength in [0, 1].
         task: ``semantic`` or ``instance``.
         seed: makes the study reproducible.
+        spacings: 3D only: site k's isotropic voxel size in mm (one per site); every case is
+            then ``size`` mm across, its objects of one physical size at every site.
 
     Returns:
         The site folders written.
@@ -99,7 +105,8 @@ def write_study(out: str | Path, *, sites: int = 3, dims: int = 2, cases: int = 
     for name, ok in (("sites", sites >= 1), ("dims", dims in (2, 3)), ("cases", cases >= 1),
                      ("test_cases", test_cases >= 0), ("size", size >= 16),
                      ("num_labels", 1 <= num_labels <= 20), ("shift", 0 <= shift <= 1),
-                     ("task", task in ("semantic", "instance"))):
+                     ("task", task in ("semantic", "instance")),
+                     ("spacings", not spacings or (dims == 3 and len(spacings) == sites and min(spacings) > 0))):
         if not ok:
             raise ValueError(f"synth: bad value for {name}")
     instance = task == "instance"
@@ -111,10 +118,13 @@ def write_study(out: str | Path, *, sites: int = 3, dims: int = 2, cases: int = 
         (site_dir / "images").mkdir(parents=True, exist_ok=True)
         (site_dir / "labels").mkdir(parents=True, exist_ok=True)
         shift_k = site_shift(index, dims, shift, seed)
+        if spacings:
+            shift_k = dataclasses.replace(shift_k, spacing=(float(spacings[index]),) * dims)
         rng = np.random.RandomState(seed * 104_729 + index)
         entries: dict[str, list[dict[str, str]]] = {"training": [], "test": []}
         for i in range(cases + test_cases):
-            image, label = make_case(rng, size, dims, 1 if instance else num_labels, shift_k, instance)
+            image, label = make_case(rng, size, dims, 1 if instance else num_labels, shift_k, instance,
+                                     float(spacings[index]) if spacings else 0.0)
             entry = _save_case(site_dir, f"case{i:03d}", image, label, dims, shift_k.spacing, index)
             entries["training" if i < cases else "test"].append(entry)
         meta = {"name": site_dir.name, "description": f"fedseg synthetic site {index}",

@@ -22,6 +22,18 @@ def test_3d_sites_have_non_identity_affines_and_their_own_spacing(tmp_path):
     assert len(set(spacings)) == 3
 
 
+def test_sites_at_given_spacings_image_objects_of_one_physical_size(tmp_path):
+    """``spacings``: one field of view in mm at every site, sampled at each site's voxel size."""
+    sites = write_study(tmp_path, sites=2, dims=3, cases=6, size=30, num_labels=1, spacings=(0.6, 1.5), seed=1)
+    volumes = []
+    for site, mm in zip(sites, (0.6, 1.5)):
+        labels = [nib.load(p) for p in sorted((site / "labels").glob("*.nii.gz"))]
+        assert labels[0].shape == (50,) * 3 if mm == 0.6 else labels[0].shape == (20,) * 3
+        assert np.allclose(labels[0].header.get_zooms(), mm)
+        volumes.append(np.mean([(np.asarray(lab.dataobj) > 0).sum() * mm**3 for lab in labels]))
+    assert 0.7 < volumes[0] / volumes[1] < 1.4  # the same physical sizes, within the cases' randomness
+
+
 def test_shift_changes_intensity_statistics_between_sites(tmp_path):
     def site_means(shift):
         sites = write_study(tmp_path / str(shift), sites=3, dims=2, cases=4, size=32, shift=shift, seed=0)
