@@ -103,7 +103,7 @@ def _open_round(msg: Message, node_config: dict) -> tuple[SiteRoundConfig, SiteL
 
 
 def _training_split(cfg: SiteRoundConfig, site: SiteLocation) -> tuple[SiteSpec, list[Case], list[Case]]:
-    spec = read_site(site.ref, seed=cfg.data.seed)
+    spec = read_site(site.ref, seed=cfg.data.seed, target_spacing=cfg.spacing)
     cases, val_cases = split_training(spec, cfg.data.val_fraction, cfg.data.seed)
     if not cases:
         raise DataError(f"site {spec.name} has no training cases (held-out sites only evaluate)")
@@ -175,7 +175,7 @@ def _train_admitted(msg: Message, opened: tuple[SiteRoundConfig, SiteLocation, i
 
 def _evaluate(msg: Message, node_config: dict) -> RecordDict:
     cfg, site, server_round, device = _open_round(msg, node_config)
-    spec = read_site(site.ref, seed=cfg.data.seed)
+    spec = read_site(site.ref, seed=cfg.data.seed, target_spacing=cfg.spacing)
     admit_model(site.policy, cfg, spec.name)
     _, cases = split_training(spec, cfg.data.val_fraction, cfg.data.seed)
     received, earlier = ensemble_members(received_state(msg.content[ARRAYS]))

@@ -40,7 +40,7 @@ def export_bundle(model_path: str | Path, state_dir: str | Path | None, output: 
         DataError: not a U-Net model, an existing non-bundle folder, or label names that do not
             match the model's classes.
     """
-    model, spec, patch, _, local_source = saved_model(model_path, state_dir)
+    model, spec, patch, _, local_source, spacing = saved_model(model_path, state_dir)
     model, spec = inference_network(model, spec)
     if not task_for(spec).dense_logits:
         raise DataError(f"{model_path}: a MONAI Bundle export covers U-Net models; a {spec.model} model "
@@ -52,7 +52,7 @@ def export_bundle(model_path: str | Path, state_dir: str | Path | None, output: 
     out = Path(output)
     if out.exists() and any(out.iterdir()) and not (out / "configs" / "metadata.json").is_file():
         raise DataError(f"{out}: exists and is not a bundle; give an empty or new folder")
-    metadata = _metadata(spec, patch, names, local_source)
+    metadata = _metadata(spec, patch, names, local_source, spacing)
     (out / "models").mkdir(parents=True, exist_ok=True)
     atomic_torch_save(out / "models" / "model.pt", model.state_dict())
     with warnings.catch_warnings():  # TorchScript is deprecated in PyTorch, and what MONAI Deploy loads
@@ -61,14 +61,18 @@ def export_bundle(model_path: str | Path, state_dir: str | Path | None, output: 
     staged = out / "models" / "model.ts.partial"
     torch.jit.save(scripted, str(staged))
     staged.replace(out / "models" / "model.ts")
-    atomic_write_json(out / "configs" / "inference.json", inference_config(spec, patch))
+    atomic_write_json(out / "configs" / "inference.json", inference_config(spec, patch, spacing))
     atomic_write_json(out / "configs" / "metadata.json", metadata)
     return metadata
 
 
-def inference_config(spec: Any, patch: tuple[int, ...]) -> dict[str, Any]:
+def inference_config(spec: Any, patch: tuple[int, ...], spacing: tuple[float, ...] = ()) -> dict[str, Any]:
     """``configs/inference.json``: ``python -m monai.bundle run --config_file configs/inference.json
-    --dataset_dir IMAGES --output_dir OUT`` writes ``OUT/<case>_seg.nii.gz`` for each image."""
+    --dataset_dir IMAGES --output_dir OUT`` writes ``OUT/<case>_seg.nii.gz`` for each image, in the
+    image's own geometry (where the run resampled to ``spacing``, the prediction is inverted back)."""
+    resample = [{"_target_": "Spacingd", "keys": "image", "pixdim": list(spacing), "mode": "bilinear"}] if spacing else []
+    invert = [{"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+               "nearest_interp": False, "to_tensor": True}] if spacing else []
     return {
         "imports": ["$import glob", "$import os"],
         "bundle_root": ".",
@@ -82,6 +86,7 @@ def inference_config(spec: Any, patch: tuple[int, ...]) -> dict[str, Any]:
             {"_target_": "LoadImaged", "keys": "image", "reader": "NibabelReader", "image_only": True},
             {"_target_": "EnsureChannelFirstd", "keys": "image"},
             {"_target_": "NormalizeIntensityd", "keys": "image", "channel_wise": True},
+            *resample,
             {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},
         ]},
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
@@ -91,6 +96,7 @@ def inference_config(spec: Any, patch: tuple[int, ...]) -> dict[str, Any]:
                     "sw_batch_size": SW_BATCH_SIZE, "overlap": OVERLAP},
         "postprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            *invert,
             {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
             {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
              "output_dtype": "$np.uint8", "resample": False, "separate_folder": False, "print_log": False},
@@ -105,7 +111,8 @@ def inference_config(spec: Any, patch: tuple[int, ...]) -> dict[str, Any]:
     }
 
 
-def _metadata(spec: Any, patch: tuple[int, ...], names: list[str], local_source: str) -> dict[str, Any]:
+def _metadata(spec: Any, patch: tuple[int, ...], names: list[str], local_source: str,
+              spacing: tuple[float, ...]) -> dict[str, Any]:
     dims = "3D" if spec.spatial_dims == 3 else "2D"
     return {
         "version": "0.1.0",
@@ -122,14 +129,17 @@ def _metadata(spec: Any, patch: tuple[int, ...], names: list[str], local_source:
                            "unseen-site": "with the federation's unseen-site norm set",
                            "initial": "with initial local layers", "": ""}[local_source]
                         + f". Whole images by sliding windows of {'x'.join(map(str, patch))} voxels; images are "
-                        "z-scored per channel."),
+                        "z-scored per channel"
+                        + (f", resampled to {' x '.join(f'{s:g}' for s in spacing)} mm and the segmentation back "
+                           "to each image's own grid." if spacing else ".")),
         "authors": "fedseg",
         "copyright": "the site that exported it",
         "data_source": "the federation's sites (no image left them)",
         "data_type": "nibabel",
         "intended_use": "research; the hospital validates it before any clinical use",
         "references": [],
-        "fedseg": {"patch_size": list(patch), "local_layers": local_source, "python": platform.python_version()},
+        "fedseg": {"patch_size": list(patch), "spacing": list(spacing), "local_layers": local_source,
+                   "python": platform.python_version()},
         "network_data_format": {
             "inputs": {"image": {
                 "type": "image", "format": "magnitude", "modality": "MR/CT", "num_channels": spec.in_channels,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fedseg.client.quantize import calibration_patches, quantize_int8
-from fedseg.client.site_model import SavedModel, recorded_flip_axes, recorded_patch, saved_model
+from fedseg.client.site_model import SavedModel, recorded_flip_axes, recorded_patch, recorded_spacing, saved_model
 from fedseg.client.tasks import task_for
 from fedseg.common.atomic import atomic_write_json
 from fedseg.common.models import inference_network
@@ -44,7 +44,7 @@ def export_onnx(model_path: str | Path, state_dir: str | Path | None, output: st
         DataError: not a U-Net model, or the export packages are not installed.
         RuntimeError: the exported graph disagrees with the PyTorch model (nothing written).
     """
-    model, spec, patch, flips, local_source = saved_model(model_path, state_dir)
+    model, spec, patch, flips, local_source, spacing = saved_model(model_path, state_dir)
     model, spec = inference_network(model, spec)
     if not task_for(spec).dense_logits:
         raise DataError(f"{model_path}: fedseg export covers U-Net models; a {spec.model} model "
@@ -74,12 +74,13 @@ def export_onnx(model_path: str | Path, state_dir: str | Path | None, output: st
         raise RuntimeError(f"{model_path}: the exported graph's logits differ from the PyTorch model's "
                            f"by up to {diff:.3g} (allowed {MAX_ABS_DIFF:g}); nothing written")
     info = {"format": "onnx", "model": spec.to_dict(), "patch_size": list(patch),
-            "flip_axes": list(flips), "source": str(model_path),
+            "flip_axes": list(flips), "spacing": list(spacing), "source": str(model_path),
             "local_layers": local_source, "check": {"max_abs_diff": diff, "label_agreement": agreement},
             "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__}}
     if calibration_images is not None:
         try:
-            patches = calibration_patches(calibration_images, spec.in_channels, patch, spec.spatial_dims)
+            patches = calibration_patches(calibration_images, spec.in_channels, patch, spec.spatial_dims,
+                                          spacing=spacing)
             info["int8"] = quantize_int8(staged, output, patches)
         finally:
             staged.unlink(missing_ok=True)
@@ -109,7 +110,7 @@ class OnnxNetwork(nn.Module):
 
 
 def exported_model(path: str | Path) -> SavedModel:
-    """An exported model (its network, spec, patch size and flip axes), from the file and its
+    """An exported model (its network, spec, patch size, flip axes and grid), from the file and its
     ``.json`` sidecar.
 
     Raises:
@@ -123,7 +124,7 @@ def exported_model(path: str | Path) -> SavedModel:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"{sidecar}: the exported model's description is missing or damaged ({err}); "
                         "export it again with `fedseg export`") from None
-    return SavedModel(OnnxNetwork(path), spec, patch, recorded_flip_axes(info, spec))
+    return SavedModel(OnnxNetwork(path), spec, patch, recorded_flip_axes(info, spec), spacing=recorded_spacing(info))
 
 
 def _onnxruntime() -> Any:

@@ -21,7 +21,7 @@ from fedseg.client.site_model import SavedModel, saved_model
 from fedseg.client.tasks import task_for
 from fedseg.common.atomic import atomic_write_json
 from fedseg.common.data import NIFTI_SUFFIXES, DataError, image_files
-from fedseg.common.transforms import image_transforms
+from fedseg.common.transforms import image_transforms, resampled
 from fedseg.common.precision import site_precision
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
     Returns:
         What was written for each case, in file order.
     """
-    model, spec, patch, trained_flips, _ = _load(model_path, state_dir)
+    model, spec, patch, trained_flips, _, spacing = _load(model_path, state_dir)
     members = [model] + [_load(path, state_dir).model for path in ensemble or []]
     task = task_for(spec)
     if adapt and any(isinstance(m, OnnxNetwork) for m in members):
@@ -85,7 +85,7 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
     if not images:
         raise DataError(f"{images_dir}: no .png/.jpg/.nii.gz images")
     if adapt:
-        adapt_members(members, task, images, patch, device, model_path)
+        adapt_members(members, task, images, patch, device, model_path, spacing)
     precision = site_precision(amp, device, predict=True)
     averaged = task.dense_logits and (len(members) > 1 or uncertainty or pre_annotate)
     test_flips = trained_flips if averaged and len(members) == 1 else ()
@@ -97,11 +97,13 @@ def predict_folder(model_path: str | Path, state_dir: str | Path | None, images_
         image = image_transforms(path)(str(path))
         if image.ndim != spec.spatial_dims + 1:
             raise DataError(f"{path}: has shape {tuple(image.shape)}, the model is {spec.spatial_dims}D")
+        # on the run's grid for the network; the prediction comes back onto the image's own
+        network_image, like = (resampled(image, spacing), image) if spacing else (image, None)
         with precision.autocast():
             if averaged:
-                probs = task.probabilities(members, image, patch, device, flips=test_flips).float()
+                probs = task.probabilities(members, network_image, patch, device, flips=test_flips, like=like).float()
             else:
-                labels = task.infer(model, image, patch, device).labels
+                labels = task.infer(model, network_image, patch, device, like=like).labels
         score = entropy = None
         if averaged:
             labels = probs.argmax(dim=0)
@@ -136,10 +138,11 @@ def _load(path: str | Path, state_dir: str | Path | None) -> SavedModel:
 
 
 def adapt_members(members: list[torch.nn.Module], task, images: list[Path], patch: tuple[int, ...], device: str,
-                  model_path: str | Path) -> None:
-    """Test-time adaptation of every model to (up to ``ADAPT_IMAGES`` of) the folder's images."""
+                  model_path: str | Path, spacing: tuple[float, ...] = ()) -> None:
+    """Test-time adaptation of every model to (up to ``ADAPT_IMAGES`` of) the folder's images, on
+    the run's grid (``spacing``)."""
     chosen = images[:: max(1, -(-len(images) // ADAPT_IMAGES))]
-    pixels = [image_transforms(path)(str(path)) for path in chosen]
+    pixels = [resampled(image_transforms(path)(str(path)), spacing) for path in chosen]
     for member in members:
         if not adapt_to_site(member, task, pixels, patch_size=patch, seed=0, device=device):
             raise DataError(f"{model_path}: --adapt does not apply to this model (no BatchNorm statistics "

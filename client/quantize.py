@@ -14,16 +14,18 @@ import numpy as np
 import torch
 
 from fedseg.common.data import DataError, image_files
-from fedseg.common.transforms import PatchSize, image_transforms, roi_size
+from fedseg.common.transforms import PatchSize, image_transforms, resampled, roi_size
 
 CALIBRATION_PATCHES = 32  # patches the activation ranges are calibrated on
 MIN_LABEL_AGREEMENT = 0.98  # of calibration voxels whose int8 label is the float model's
 
 
 def calibration_patches(images_dir: str | Path, in_channels: int, patch: PatchSize, spatial_dims: int,
-                        count: int = CALIBRATION_PATCHES, seed: int = 0) -> np.ndarray:
-    """``count`` random patches (N, C, *patch) of the folder's images, loaded and z-scored as
-    ``fedseg predict`` loads them (smaller images are zero-padded).
+                        count: int = CALIBRATION_PATCHES, seed: int = 0,
+                        spacing: tuple[float, ...] = ()) -> np.ndarray:
+    """``count`` random patches (N, C, *patch) of the folder's images, loaded, z-scored and
+    resampled to the run's ``spacing`` as ``fedseg predict`` loads them (smaller images are
+    zero-padded).
 
     Raises:
         DataError: no image in the folder, or images of another shape than the model takes.
@@ -36,7 +38,7 @@ def calibration_patches(images_dir: str | Path, in_channels: int, patch: PatchSi
     patches = []
     for i in range(count):
         path = paths[i % len(paths)]
-        image = image_transforms(path)(str(path)).as_subclass(torch.Tensor)
+        image = resampled(image_transforms(path)(str(path)), spacing).as_subclass(torch.Tensor)
         if image.ndim != spatial_dims + 1 or image.shape[0] != in_channels:
             raise DataError(f"{path}: shape {tuple(image.shape)}; the model takes {in_channels} channel(s) in "
                             f"{spatial_dims}D")

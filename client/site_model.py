@@ -102,15 +102,17 @@ def round_checkpoints(run_dir: str | Path) -> list[Path]:
 
 class SavedModel(NamedTuple):
     """A loaded model (eval mode), its spec, the run's patch size (sliding-window ROI / tile), the
-    axes its training mirrored patches along (``fedseg predict``'s test-time flips), and which
+    axes its training mirrored patches along (``fedseg predict``'s test-time flips), which
     site-local layers it holds: ``site`` (this site's own), ``unseen-site`` (the federation's
-    unseen-site norm set), ``initial`` (none found: initial values) or ``""`` (it has none)."""
+    unseen-site norm set), ``initial`` (none found: initial values) or ``""`` (it has none), and
+    the voxel spacing its images were resampled to (empty: their own grid)."""
 
     model: nn.Module
     spec: ModelSpec
     patch_size: tuple[int, ...]
     flip_axes: tuple[int, ...]
     local_source: str = ""
+    spacing: tuple[float, ...] = ()
 
 
 def recorded_patch(meta: dict[str, Any], spec: ModelSpec) -> tuple[int, ...]:
@@ -124,6 +126,11 @@ def recorded_flip_axes(meta: dict[str, Any], spec: ModelSpec) -> tuple[int, ...]
     """The flip axes a saved model's description records; every axis for one saved before runs
     recorded them (they were all mirrored then)."""
     return tuple(meta.get("flip_axes", range(spec.spatial_dims)))
+
+
+def recorded_spacing(meta: dict[str, Any]) -> tuple[float, ...]:
+    """The grid a saved model's run resampled images to (none in files saved before runs did)."""
+    return tuple(float(s) for s in meta.get("spacing", ()))
 
 
 def saved_model(model_path: str | Path, state_dir: str | Path | None) -> SavedModel:
@@ -158,7 +165,8 @@ def saved_model(model_path: str | Path, state_dir: str | Path | None) -> SavedMo
     elif has_local:
         log.warning("no local layers of run %s %s: site-local layers keep their initial values",
                     run_name, f"in {state_dir}" if state_dir else "(no site state dir given)")
-    return SavedModel(model.eval(), spec, recorded_patch(saved, spec), recorded_flip_axes(saved, spec), source)
+    return SavedModel(model.eval(), spec, recorded_patch(saved, spec), recorded_flip_axes(saved, spec), source,
+                      recorded_spacing(saved))
 
 
 def _signature(model: nn.Module, spec: ModelSpec, local_layers: str, local: set[str]) -> str:

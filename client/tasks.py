@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, MetaTensor
 from monai.inferers import sliding_window_inference
+from monai.transforms import ResampleToMatch
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 from torch import nn
 
@@ -77,13 +78,14 @@ class Task(ABC):
         indexing one draws a fresh random patch of it, mirrored at random along ``flips`` (None:
         the site's modality decides, ``data.flip_axes``; with ``augment``, also a random
         appearance), the random stream starting from ``seed`` either way."""
-        dataset = cached_dataset(site, cases, (patch_size, self.keep_instances, augment, flips), cache_mb,
-                                    # copy_cache=False: the random transforms crop, then compute new
-                                    # tensors, and never write to the cached case they crop from
-                                    lambda: CacheDataset(to_dicts(cases), cache_rate=1.0, num_workers=0,
-                                                         progress=False, copy_cache=False, transform=train_transforms(
-                                                             site, patch_size, keep_instances=self.keep_instances,
-                                                             augment=augment, flips=flips)))
+        settings = (patch_size, self.keep_instances, augment, flips, site.target_spacing)
+        dataset = cached_dataset(site, cases, settings, cache_mb,
+                                 # copy_cache=False: the random transforms crop, then compute new
+                                 # tensors, and never write to the cached case they crop from
+                                 lambda: CacheDataset(to_dicts(cases), cache_rate=1.0, num_workers=0,
+                                                      progress=False, copy_cache=False, transform=train_transforms(
+                                                          site, patch_size, keep_instances=self.keep_instances,
+                                                          augment=augment, flips=flips)))
         dataset.transform.set_random_state(seed=seed)
         return _FirstPatch(dataset)
 
@@ -100,8 +102,10 @@ class Task(ABC):
         """The local optimizer."""
 
     @abstractmethod
-    def infer(self, model: nn.Module, image: torch.Tensor, patch_size: PatchSize, device: str) -> Prediction:
-        """Predict a whole (C, *spatial) image (the model is in eval mode)."""
+    def infer(self, model: nn.Module, image: torch.Tensor, patch_size: PatchSize, device: str,
+              like: MetaTensor | None = None) -> Prediction:
+        """Predict a whole (C, *spatial) image (the model is in eval mode); with ``like``, on that
+        image's grid (``image`` was resampled from it onto the run's spacing)."""
 
     @abstractmethod
     def new_scores(self, site: SiteSpec, min_group_cases: int) -> Any:
@@ -124,10 +128,14 @@ class Task(ABC):
         scores = self.new_scores(site, min_group_cases)
         transform = self.eval_data(site)
         # the next case is read while this one is scored, where a core is free
+        # where the run resamples, the prediction is brought back onto the label's own grid
+        native = "label" if site.target_spacing else None
         with contextlib.closing(prefetched(to_dicts(cases), transform, depth=ahead_depth(device))) as ahead:
             for case, data in zip(cases, ahead):
-                prediction = (Prediction(self.probabilities(members, data["image"], patch_size, device).argmax(0))
-                              if ensemble else self.infer(model, data["image"], patch_size, device))
+                like = data[native] if native else None
+                prediction = (Prediction(self.probabilities(members, data["image"], patch_size, device,
+                                                            like=like).argmax(0))
+                              if ensemble else self.infer(model, data["image"], patch_size, device, like=like))
                 self.add_case(scores, prediction, data, case.group)
         return scores.result()
 
@@ -153,14 +161,16 @@ class SemanticTask(Task):
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
 
     @torch.no_grad()
-    def infer(self, model: nn.Module, image: torch.Tensor, patch_size: PatchSize, device: str) -> Prediction:
-        return Prediction(self.probabilities([model], image, patch_size, device).argmax(dim=0))
+    def infer(self, model: nn.Module, image: torch.Tensor, patch_size: PatchSize, device: str,
+              like: MetaTensor | None = None) -> Prediction:
+        return Prediction(self.probabilities([model], image, patch_size, device, like=like).argmax(dim=0))
 
     @torch.no_grad()
     def probabilities(self, models: list[nn.Module], image: torch.Tensor, patch_size: PatchSize, device: str,
-                      flips: tuple[int, ...] = ()) -> torch.Tensor:
+                      flips: tuple[int, ...] = (), like: MetaTensor | None = None) -> torch.Tensor:
         """Class probabilities (C, *spatial) of a whole image by sliding windows, averaged over
-        ``models`` (an ensemble) and over the image mirrored along each spatial axis in ``flips``."""
+        ``models`` (an ensemble) and over the image mirrored along each spatial axis in ``flips``;
+        with ``like``, resampled (linearly, as nnU-Net does) from ``image``'s grid onto ``like``'s."""
         roi = roi_size(patch_size, image.ndim - 1)
         views = [()] + [(axis + 2,) for axis in flips]
         total = torch.zeros(())
@@ -171,14 +181,17 @@ class SemanticTask(Task):
                                                   sw_batch_size=4, predictor=model, overlap=0.25)
                 probs = logits.softmax(dim=1)
                 total = total + (probs.flip(axes) if axes else probs).cpu()
-        return (total / (len(models) * len(views)))[0]
+        probs = (total / (len(models) * len(views)))[0]
+        if like is None:
+            return probs
+        return _plain(ResampleToMatch(mode="bilinear")(MetaTensor(_plain(probs), affine=image.affine), img_dst=like))
 
     def new_scores(self, site: SiteSpec, min_group_cases: int) -> SegmentationScores:
         return SegmentationScores(site.num_classes, min_group_cases)
 
     def add_case(self, scores: SegmentationScores, prediction: Prediction, data: dict[str, Any],
                  group: str) -> None:
-        spacing = _spacing(data["image"], prediction.labels.ndim)
+        spacing = _spacing(data["label"], prediction.labels.ndim)  # the label's own, where the image was resampled
         scores.add(prediction.labels[None, None], data["label"][None], spacing, group)
 
 
@@ -202,7 +215,10 @@ class InstanceTask(Task):
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=1e-4)
 
     @torch.no_grad()
-    def infer(self, model: nn.Module, image: torch.Tensor, patch_size: PatchSize, device: str) -> Prediction:
+    def infer(self, model: nn.Module, image: torch.Tensor, patch_size: PatchSize, device: str,
+              like: MetaTensor | None = None) -> Prediction:
+        if like is not None:  # runs plan a spacing for per-pixel networks only
+            raise ValueError("Mask R-CNN predicts on each image's own grid; this run resampled it")
         tile = roi_size(patch_size, 2)[0]  # Mask R-CNN's tiles are square
         labels, scores = predict_instances(lambda t: model([t.to(device)])[0], _plain(image),
                                            tile, tile // 4, SCORE_THRESHOLD)

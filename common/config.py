@@ -28,6 +28,7 @@ DP_MODES = ("off", "sample", "client")
 TRANSFER_DTYPES = ("float32", "float16")  # Flower carries NumPy arrays: no bfloat16
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 HELDOUT_ADAPT = ("final", "every")  # held-out sites score after test-time adaptation: last round, each round
+SPACINGS = ("auto", "native")
 FLIPS = re.compile(r"auto|all|none|[0-2](,[0-2])*")
 TRACKERS = ("tensorboard", "mlflow")
 CHOICES = {"strategy": STRATEGIES, "local_layers": LOCAL_LAYERS, "model": MODELS, "backbone": BACKBONES,
@@ -103,6 +104,11 @@ class RunConfig:
         "spatial axes training patches are randomly mirrored along: auto (none for scanner images and 3D "
         "volumes, which keep the patient's orientation; every axis for other 2D images: histology, "
         "photographs), all, none, or axes such as 0,2; fedseg predict's test-time flips follow the run's.")
+    spacing: str = key(
+        "auto",
+        "the voxel grid a U-Net trains and predicts on: auto (the plan's target spacing, where the sites' "
+        "files carry one in mm: every site resamples its images to it, labels nearest-neighbour, and "
+        "scores and predictions come back in each image's own geometry), native (each image's own grid).")
     dp: str = key(
         "off",
         "off; sample: record-level DP-SGD at every site (Opacus, one case = one unit); client: site-level "
@@ -219,6 +225,7 @@ class RunConfig:
             ("tracking", all(t in TRACKERS for t in self.trackers()),
              f"must be empty or a comma-separated list of {TRACKERS}"),
             ("val-fraction", 0 < self.val_fraction < 1, "must be in (0, 1)"),
+            ("spacing", self.spacing in SPACINGS, f"must be one of {', '.join(SPACINGS)}"),
             ("flips", FLIPS.fullmatch(self.flips) is not None,
              "must be auto, all, none or spatial axes such as 0,2"),
             ("dp", self.dp in DP_MODES, f"must be one of {DP_MODES}"),
@@ -346,18 +353,20 @@ class RunConfig:
 
     def site_round(self, model: ModelSpec, run_id: str, data: SiteData | None = None,
                    start_dice: float = -1.0, flip_axes: tuple[int, ...] = (),
-                   patch: tuple[int, ...] = ()) -> SiteRoundConfig:
+                   patch: tuple[int, ...] = (), spacing: tuple[float, ...] = ()) -> SiteRoundConfig:
         """The typed round config every site receives: only what a site needs, nothing the
         server keeps to itself (output folder, its weights path, resume flags, strategy knobs);
         ``data``: which data the sites read (``site_data``; default: no simulation);
         ``start_dice``: what the pretrained weights scored at the training sites (DP's warm rate);
         ``flip_axes``: the run's ``flips`` resolved for the sites' data (``data.flip_axes``);
-        ``patch``: one size per axis (default: ``patch-size`` along every axis)."""
+        ``patch``: one size per axis (default: ``patch-size`` along every axis);
+        ``spacing``: the grid the sites resample to (``run_spacing``; empty: their own)."""
         return SiteRoundConfig(
             run_name=self.run_name, run_id=run_id, model=model, local_layers=self.local_layers,
             local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
             lr_schedule=self.lr_schedule, num_rounds=self.num_server_rounds,
             patch_size=patch or (self.patch_size,) * model.spatial_dims, augment=self.augment, flip_axes=flip_axes,
+            spacing=spacing,
             proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
             min_group_cases=self.min_group_cases, heldout_sites=self.heldout_sites,
             evaluate_in_train=False, adapt_heldout=False,  # the server asks for them per message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ class SiteSpec:
         training: cases the site may train and validate on.
         test: cases never trained on.
         modality: free text from dataset.json.
+        target_spacing: the voxel spacing (mm per axis) a run resamples this site's images to
+            for its network (labels nearest-neighbour); empty: each image's own grid.
     """
 
     name: str
@@ -52,6 +55,7 @@ class SiteSpec:
     training: tuple[Case, ...]
     test: tuple[Case, ...]
     modality: str = ""
+    target_spacing: tuple[float, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -90,10 +94,11 @@ def study_sites(study_dir: str | Path, split_site: int = 0) -> list[SiteRef]:
     return [SiteRef(p.name, p) for p in folders]
 
 
-def read_site(ref: SiteRef | str | Path, seed: int = 0) -> SiteSpec:
+def read_site(ref: SiteRef | str | Path, seed: int = 0, target_spacing: tuple[float, ...] = ()) -> SiteSpec:
     """Parse a site's dataset.json (no image is opened; see ``check_site`` for that).
 
-    For a virtual site, its training cases are a seeded, disjoint share of the folder's.
+    For a virtual site, its training cases are a seeded, disjoint share of the folder's;
+    ``target_spacing``: the grid the run's network sees (``SiteSpec.target_spacing``).
 
     Raises:
         DataError: dataset.json missing, not JSON, or without the required keys.
@@ -108,7 +113,7 @@ def read_site(ref: SiteRef | str | Path, seed: int = 0) -> SiteSpec:
         share = tuple(spec.training[i] for i in sorted(order[ref.part :: ref.num_parts]))
         spec = SiteSpec(ref.name, spec.root, spec.spatial_dims, spec.task, spec.labels, share,
                         (), spec.modality)
-    return spec
+    return dataclasses.replace(spec, target_spacing=tuple(target_spacing)) if target_spacing else spec
 
 
 def check_site(site_dir: str | Path) -> list[str]:

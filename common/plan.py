@@ -38,6 +38,7 @@ from fedseg.common.data import Case, SiteSpec, distance_unit
 
 FINGERPRINT = "fingerprint"  # discovery: the question's flag, the answer's JSON
 SIZE_STEP = 0.01  # spacing and extent bins are 1% wide (log-spaced)
+SAME_GRID = 0.01  # a case within 1% of the target spacing along every axis needs no resampling
 INTENSITY_STEP = 0.005  # intensity bins: 0.5% wide on sign(v) * log(1 + |v|)
 SAMPLES_PER_CASE = 10_000  # foreground voxels per case and channel for intensity statistics (nnU-Net's)
 ANISOTROPY = 3.0  # nnU-Net's threshold for an anisotropic axis
@@ -467,6 +468,17 @@ def describe(plans: dict[str, Plan], fp: Fingerprint) -> str:
 
 def _fmt(values: tuple[float, ...], digits: int = 2) -> str:
     return "x".join(f"{v:.{digits}f}" if digits else str(int(v)) for v in values)
+
+
+def resampling_grid(plan: dict[str, Any] | None, fp: Fingerprint) -> tuple[float, ...]:
+    """The plan's target spacing (plan.json's form of a ``Plan``) where the fingerprint's files
+    carry one in mm and some case lies off that grid (beyond ``SAME_GRID`` along an axis); empty
+    where every image can stay on its own grid."""
+    if plan is None or fp.units != "mm" or len(plan["spacing"]) != fp.spatial_dims:
+        return ()
+    target = tuple(float(s) for s in plan["spacing"])
+    means = [[total / cases for cases, total in axis.values()] for axis in fp.spacing]
+    return target if any(abs(m / t - 1) > SAME_GRID for axis, t in zip(means, target) for m in axis) else ()
 
 
 def write_plan(path: str | Path, plans: dict[str, Plan], fp: Fingerprint) -> Path:

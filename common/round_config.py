@@ -107,6 +107,7 @@ class SiteRoundConfig:
         local_epochs, batch_size, lr, augment: training schedule.
         patch_size: training patch / sliding-window ROI, one size per spatial axis.
         flip_axes: spatial axes training patches are randomly mirrored along.
+        spacing: the voxel spacing (mm per axis) sites resample their images to; empty: none.
         lr_schedule, num_rounds: how ``lr`` changes over the run's rounds (``round_lr``).
         proximal_mu: FedProx weight (0 unless the strategy is FedProx).
         min_group_cases: k-case threshold for fairness groups.
@@ -135,6 +136,7 @@ class SiteRoundConfig:
     patch_size: tuple[int, ...]
     augment: bool
     flip_axes: tuple[int, ...]
+    spacing: tuple[float, ...]
     proximal_mu: float
     min_group_cases: int
     heldout_sites: tuple[str, ...]

@@ -31,6 +31,8 @@ from monai.transforms import (
     RandGaussianSmoothd,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    Spacing,
+    Spacingd,
     SpatialPadd,
     Transform,
 )
@@ -39,23 +41,35 @@ from fedseg.common.data import Case, SiteSpec, image_reader
 from fedseg.common.errors import ConfigError
 
 
-def base_transforms(spec: SiteSpec, keep_instances: bool = False) -> list[Any]:
+def base_transforms(spec: SiteSpec, keep_instances: bool = False, resample_label: bool = True) -> list[Any]:
     """Deterministic loading: channel-first image (z-scored per channel) and integer label
-    (instance ids kept as they are with ``keep_instances``, else foreground classes)."""
+    (instance ids kept as they are with ``keep_instances``, else foreground classes), both
+    resampled to the run's ``spec.target_spacing`` where it has one (the label only with
+    ``resample_label``: evaluation scores in the label's own geometry)."""
     reader = image_reader(spec.training[0].image if spec.training else spec.test[0].image)
+    keys = ("image", "label") if resample_label else ("image",)
+    resample = [Spacingd(keys=keys, pixdim=spec.target_spacing, mode=("bilinear", "nearest")[:len(keys)])
+                ] if spec.target_spacing else []
     return [
         LoadImaged(keys=("image", "label"), reader=reader, image_only=True),
         EnsureChannelFirstd(keys=("image", "label")),
-        NormalizeIntensityd(keys="image", channel_wise=True),
+        NormalizeIntensityd(keys="image", channel_wise=True),  # then resampled, as nnU-Net and inference do
+        *resample,
         _LabelToClasses(instance=spec.task == "instance" and not keep_instances, keep_instances=keep_instances),
         EnsureTyped(keys="image", dtype=torch.float32),
     ]
 
 
 def image_transforms(path: Path) -> Compose:
-    """Loading for inference on an unlabeled image, identical to training's image path."""
+    """Loading for inference on an unlabeled image in its own geometry, normalized as training's
+    image path does (``resampled`` brings it onto a run's grid)."""
     return Compose([LoadImage(reader=image_reader(path), image_only=True), EnsureChannelFirst(),
                     NormalizeIntensity(channel_wise=True), EnsureType(dtype=torch.float32)])
+
+
+def resampled(image: torch.Tensor, spacing: tuple[float, ...]) -> torch.Tensor:
+    """A loaded (channel-first) image on the grid of ``spacing`` (mm per axis; empty: as it is)."""
+    return Spacing(pixdim=spacing, mode="bilinear")(image) if spacing else image
 
 
 def image_channels(spec: SiteSpec) -> int:
@@ -156,8 +170,9 @@ def appearance_transforms(spec: SiteSpec) -> list[Any]:
 
 
 def eval_transforms(spec: SiteSpec, keep_instances: bool = False) -> Compose:
-    """Loading only: whole images, scored by sliding-window or tiled inference."""
-    return Compose(base_transforms(spec, keep_instances))
+    """Loading only: whole images, scored by sliding-window or tiled inference; where the run
+    resamples (``spec.target_spacing``), the image is on its grid and the label in its own."""
+    return Compose(base_transforms(spec, keep_instances, resample_label=False))
 
 
 def to_dicts(cases: list[Case]) -> list[dict[str, str]]:

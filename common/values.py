@@ -25,7 +25,7 @@ def nested_text(value: tuple[tuple[int, ...], ...]) -> str:
 
 
 def coerce(key: str, kind: Any, value: Any) -> Any:
-    """``value`` as the type ``kind`` names (bool, int, float, str, tuple of int or str, tuple of
+    """``value`` as the type ``kind`` names (bool, int, float, str, tuple of int, float or str, tuple of
     int tuples: per stage, sizes per axis, written ``1x1x1,2x2x2`` or as nested lists).
 
     Raises:
@@ -52,6 +52,9 @@ def coerce(key: str, kind: Any, value: Any) -> Any:
         if type_name == "tuple[int, ...]":
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(int(v) for v in items if str(v).strip())
+        if type_name == "tuple[float, ...]":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(float(v) for v in items if str(v).strip())
         if type_name == "tuple[tuple[int, ...], ...]":
             stages = [s.split("x") for s in value.split(",") if s.strip()] if isinstance(value, str) else value
             return tuple(tuple(int(v) for v in stage) for stage in stages)

@@ -25,7 +25,7 @@ from fedseg.common.round_config import SiteData
 from fedseg.common.weights import load_pretrained
 from fedseg.server.checkpoints import save_global_model
 from fedseg.server.discovery import LateSites, discover_sites, model_for_sites, site_names
-from fedseg.server.federation_plan import read_plan, write_federation_plan
+from fedseg.server.federation_plan import read_plan, run_spacing, write_federation_plan
 from fedseg.server.dp_plan import dp_plans
 from fedseg.server.model_average import ModelAverage
 from fedseg.server.reply_checks import DeclaredSite, ReplyChecks
@@ -69,12 +69,14 @@ class Federation:
     shared: dict[str, torch.Tensor]
     flip_axes: tuple[int, ...]
     data: SiteData
+    spacing: tuple[float, ...] = ()
 
     def checkpoint_meta(self, run: OpenRun) -> dict[str, Any]:
         """What every checkpoint carries beside the weights (see ``checkpoints.META_KEYS``)."""
         return {"model": self.spec.to_dict(), "local_layers": run.cfg.local_layers,
                 "local_keys": sorted(self.local), "patch_size": list(self.patch),
-                "flip_axes": list(self.flip_axes), "run_name": run.cfg.run_name, "run_id": run.run_id}
+                "flip_axes": list(self.flip_axes), "spacing": list(self.spacing), "run_name": run.cfg.run_name,
+                "run_id": run.run_id}
 
     def train_cases(self) -> dict[str, int]:
         """Training site -> its training cases, as discovery reported them."""
@@ -150,12 +152,13 @@ def initial_model(run: OpenRun, sites: dict[int, dict[str, Any]], data: SiteData
     flips = flip_axes(cfg.flips, spec.spatial_dims, [str(i.get("modality", "")) for i in sites.values()])
     log.info("training patches are mirrored %s (run-config flips=%s)",
              f"at random along axes {', '.join(map(str, flips))}" if flips else "along no axis", cfg.flips)
-    fed = Federation(sites, cohort, site_of, heldout, training, spec, patch, local, shared, flips, data)
+    fed = Federation(sites, cohort, site_of, heldout, training, spec, patch, local, shared, flips, data,
+                     run_spacing(cfg, spec, run.folder.dir))
     info: dict[str, Any] = {**run.folder.read_run_info(), "config": cfg.to_dict(), "resumed": now(),
                             "resumed_from_round": run.done} if run.done else {
         "config": cfg.to_dict(), "run_id": run.run_id, "model": spec.to_dict(), "patch_size": list(patch),
         "versions": versions(),
-        "sites": cohort, "flip_axes": list(flips),
+        "sites": cohort, "flip_axes": list(flips), "spacing": list(fed.spacing),
         "training_sites": training, "heldout_sites": sorted(cfg.heldout_sites), "seed": cfg.seed,
         "split_site": data.split_site,
         "started": now(), "ended": None, "pretrained": pretrained.to_dict() if pretrained else None,
@@ -178,13 +181,13 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation, tracking: RoundTrackin
     checks = ReplyChecks(received_state(initial), fed.declared())
     if run.cfg.pretrained_weights and not run.done:
         start_config = ConfigRecord(run.cfg.site_round(fed.spec, run.run_id, fed.data, flip_axes=fed.flip_axes,
-                                                       patch=fed.patch).to_record())
+                                                       patch=fed.patch, spacing=fed.spacing).to_record())
         score_pretrained(grid, run.folder, fed.site_of, fed.training_sites, sorted(run.cfg.heldout_sites),
                          initial, start_config, run.cfg, checks)
     info = run.folder.read_run_info()
     cfg = without_failed_warm_start(run.cfg, fed.spec, info)
     start_dice = pretrained_dice(cfg, info)
-    round_config = cfg.site_round(fed.spec, run.run_id, fed.data, start_dice, fed.flip_axes, fed.patch)
+    round_config = cfg.site_round(fed.spec, run.run_id, fed.data, start_dice, fed.flip_axes, fed.patch, fed.spacing)
     if cfg.dp == "sample":  # planned once the sites have scored a warm run's weights
         run.folder.write_run_info({**info, "dp_plan": dp_plans(round_config, fed.train_cases())})
     elif not run.done:

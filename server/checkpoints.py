@@ -1,7 +1,8 @@
 """Save and resume the global model: checkpoints/round-N.pt every round, model/global.pt at the end.
 
 Each file holds the shared weights and what rebuilds the model at a site: the model spec, the
-local-layer mode and keys, the patch size, and the run's name and id (a site finds its own local
+local-layer mode and keys, the patch size, the flip axes, the grid the network sees (``spacing``),
+and the run's name and id (a site finds its own local
 layers of that run by them).
 """
 
@@ -20,7 +21,7 @@ from fedseg.common.atomic import atomic_torch_save
 log = logging.getLogger(__name__)
 
 _ROUND_FILE = re.compile(r"round-(\d+)\.pt$")
-META_KEYS = ("model", "local_layers", "local_keys", "patch_size", "flip_axes", "run_name", "run_id")
+META_KEYS = ("model", "local_layers", "local_keys", "patch_size", "flip_axes", "spacing", "run_name", "run_id")
 
 
 def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, meta: dict[str, Any],

@@ -8,7 +8,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fedseg.common.plan import FINGERPRINT, Fingerprint, describe, plan_federation, write_plan
+from fedseg.common.config import RunConfig
+from fedseg.common.model_kinds import ModelSpec
+from fedseg.common.plan import FINGERPRINT, Fingerprint, describe, plan_federation, resampling_grid, write_plan
 
 log = logging.getLogger(__name__)
 PLAN_FILE = "plan.json"
@@ -55,3 +57,23 @@ def write_federation_plan(sites: dict[int, dict[str, Any]], training: list[str],
              describe(plans, merged))
     write_plan(run_dir / PLAN_FILE, plans, merged)
     return read_plan(run_dir)
+
+
+def run_spacing(cfg: RunConfig, spec: ModelSpec, run_dir: Path) -> tuple[float, ...]:
+    """The voxel spacing every site resamples its images to (run-config ``spacing``): the plan's
+    target spacing for a per-pixel network, where some training case lies off that grid
+    (``plan.resampling_grid``); empty (each image's own grid) otherwise."""
+    path = run_dir / PLAN_FILE
+    if not spec.kind.dense or not path.is_file():
+        return ()
+    if cfg.spacing == "native":
+        log.info("run-config spacing=native: the network sees each image on its own grid")
+        return ()
+    saved = json.loads(path.read_text())
+    target = resampling_grid(saved["configurations"].get(f"{spec.spatial_dims}d"),
+                             Fingerprint.from_json(saved["fingerprint"]))
+    if target:
+        log.info("every site resamples its images to the plan's %s mm grid for the network (run-config "
+                 "spacing=%s; labels nearest-neighbour); Dice, HD95 and predictions come back in each image's "
+                 "own geometry", " x ".join(f"{t:.3g}" for t in target), cfg.spacing)
+    return target

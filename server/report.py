@@ -268,8 +268,13 @@ def _planned(run_dir: Path, info: dict[str, Any]) -> str:
     cfg = info.get("config", {})
     trains = (f"this run trains its {info['model']['spatial_dims']}d configuration at the run's batch size, "
               f"{cfg.get('batch-size')}" if cfg.get("model") == AUTO_MODEL else "this run trains the configured network")
+    spacing = info.get("spacing") or []
+    grid = (f" Every site resamples its images to {x(spacing, 2)} mm for the network; scores and predictions are "
+            "in each image's own geometry." if spacing else
+            " The network sees each image on its own grid" + (" (run-config spacing=native)."
+                                                             if cfg.get("spacing") == "native" else "."))
     return (f"nnU-Net's rules on the training sites' merged dataset fingerprints (plan.json; {trains}) plan "
-            + "; ".join(parts) + ".")
+            + "; ".join(parts) + "." + grid)
 
 
 def _timing(info: dict[str, Any], rounds: list[dict[str, Any]]) -> str:

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from monai.transforms import Compose  # noqa: E402
 from monai.visualize import OcclusionSensitivity, SmoothGrad  # noqa: E402
 
 from fedseg.client.predict import PALETTE, overlay_image  # noqa: E402
@@ -27,7 +28,7 @@ from fedseg.client.site import sim_state_dir  # noqa: E402
 from fedseg.client.site_model import saved_model  # noqa: E402
 from fedseg.client.tasks import task_for  # noqa: E402
 from fedseg.common.data import read_site, split_training, study_sites  # noqa: E402
-from fedseg.common.transforms import PatchSize, roi_size, to_dicts  # noqa: E402
+from fedseg.common.transforms import PatchSize, base_transforms, roi_size, to_dicts  # noqa: E402
 from fedseg.common.atomic import atomic_write_bytes  # noqa: E402
 from fedseg.common.models import ModelSpec  # noqa: E402
 from fedseg.server.report import GALLERY  # noqa: E402
@@ -65,10 +66,11 @@ def make_gallery(run_dir: str | Path, max_sites: int = 4) -> list[dict[str, Any]
     for site in (info["training_sites"] + info["heldout_sites"])[:max_sites]:
         log.info("report gallery: %s", site)
         state = sim_state_dir(run_dir / "site-state", site)
-        model, _, patch, *_ = saved_model(run_dir / "model" / "global.pt", state if state.is_dir() else None)
-        spec = read_site(refs[site], seed=cfg["seed"])
+        model, _, patch, *_, spacing = saved_model(run_dir / "model" / "global.pt", state if state.is_dir() else None)
+        spec = read_site(refs[site], seed=cfg["seed"], target_spacing=spacing)
         _, val = split_training(spec, cfg["val-fraction"], cfg["seed"])
-        transform = task.eval_data(spec)
+        # image, label and prediction on the grid the network sees (the run's spacing, if any)
+        transform = Compose(base_transforms(spec, task.keep_instances))
         scored = []
         for item in to_dicts(val):
             data = transform(item)

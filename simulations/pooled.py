@@ -3,6 +3,7 @@ or DP: the study's pooled and local-only baselines, and pretraining on public da
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,7 +20,7 @@ from fedseg.common.transforms import flip_axes, image_channels
 from fedseg.common.devices import resolve_device
 from fedseg.common.model_kinds import AUTO_MODEL
 from fedseg.common.models import ModelSpec, build_model
-from fedseg.common.plan import plan_federation, site_fingerprint
+from fedseg.common.plan import plan_federation, resampling_grid, site_fingerprint
 from fedseg.common.precision import site_precision
 from fedseg.common.weights import load_pretrained
 
@@ -34,26 +35,43 @@ class Pooled(NamedTuple):
     patch: tuple[int, ...]
 
 
-def pooled_network(cfg: RunConfig, sites: list[SiteSpec]) -> tuple[ModelSpec, tuple[int, ...]]:
-    """The run's model and patch for ``sites``' data; with ``model=auto``, planned from their
-    fingerprints as a federation of them would plan it."""
+class PooledNetwork(NamedTuple):
+    """The model, its patch (one size per axis) and the grid its images are resampled to
+    (empty: their own)."""
+
+    spec: ModelSpec
+    patch: tuple[int, ...]
+    spacing: tuple[float, ...] = ()
+
+
+def pooled_network(cfg: RunConfig, sites: list[SiteSpec]) -> PooledNetwork:
+    """The run's model, patch and grid for ``sites``' data, as a federation of them would plan
+    them from their fingerprints: the network with ``model=auto``, the grid with ``spacing=auto``
+    (``federation_plan.run_spacing``)."""
     first = sites[0]
-    plans = None
-    if cfg.model == AUTO_MODEL:
-        planned, _, _ = plan_federation({s.name: site_fingerprint(s) for s in sites if s.training})
-        plans = {name: plan.to_json() for name, plan in planned.items()}
-    return cfg.network(first.spatial_dims, image_channels(first), first.num_classes, plans)
+    plans, merged = {}, None
+    if cfg.model == AUTO_MODEL or cfg.spacing == "auto":
+        try:
+            planned, merged, _ = plan_federation({s.name: site_fingerprint(s) for s in sites if s.training})
+            plans = {name: plan.to_json() for name, plan in planned.items()}
+        except ValueError as err:  # no plan (model=auto then says so)
+            log.warning("no plan for these sites: %s", err)
+    spec, patch = cfg.network(first.spatial_dims, image_channels(first), first.num_classes,
+                              plans if cfg.model == AUTO_MODEL else None)
+    auto = cfg.spacing == "auto" and spec.kind.dense and merged is not None
+    return PooledNetwork(spec, patch, resampling_grid(plans.get(f"{spec.spatial_dims}d"), merged) if auto else ())
 
 
 def train_pooled(cfg: RunConfig, sites: list[SiteSpec], seed_site: str,
-                 network: tuple[ModelSpec, tuple[int, ...]] | None = None) -> Pooled:
+                 network: PooledNetwork | None = None) -> Pooled:
     """A model trained on the pooled training splits of ``sites`` with the step budget a
     federated run gives a site (rounds x local epochs passes), from ``cfg``'s pretrained
-    weights when it names a file; ``network``: the model and patch (default: ``pooled_network``
-    of ``sites``; a study gives every baseline the federation's)."""
+    weights when it names a file; ``network``: the model, patch and grid (default:
+    ``pooled_network`` of ``sites``; a study gives every baseline the federation's)."""
+    spec, patch, spacing = network or pooled_network(cfg, sites)
+    sites = on_grid(sites, spacing)
     cases = [c for s in sites for c in split_training(s, cfg.val_fraction, cfg.seed)[0]]
     first = sites[0]
-    spec, patch = network or pooled_network(cfg, sites)
     torch.manual_seed(cfg.seed)
     model = build_model(spec)
     if cfg.pretrained_weights:
@@ -73,6 +91,11 @@ def train_pooled(cfg: RunConfig, sites: list[SiteSpec], seed_site: str,
                         lr=round_lr(cfg.lr, cfg.lr_schedule, rnd, cfg.num_server_rounds),
                         seed=case_seed(cfg.seed, seed_site, rnd), **options)
     return Pooled(model, task, patch)
+
+
+def on_grid(sites: list[SiteSpec], spacing: tuple[float, ...]) -> list[SiteSpec]:
+    """``sites`` as a run resampling their images to ``spacing`` reads them."""
+    return [dataclasses.replace(s, target_spacing=spacing) for s in sites]
 
 
 def run_device(cfg: RunConfig) -> str:
@@ -99,7 +122,9 @@ def pretrain(public_dir: str | Path, output: str | Path, cfg: RunConfig) -> dict
             else study_sites(public))
     sites = [read_site(ref, seed=cfg.seed) for ref in refs]
     log.info("pretraining on %d public site(s): %s", len(sites), ", ".join(s.name for s in sites))
-    model, task, patch = train_pooled(cfg, sites, seed_site="public")
+    network = pooled_network(cfg, sites)
+    sites = on_grid(sites, network.spacing)
+    model, task, patch = train_pooled(cfg, sites, seed_site="public", network=network)
     atomic_torch_save(output, {k: v.detach().cpu() for k, v in model.state_dict().items()})
     val = {s.name: task.evaluate(model, s, split_training(s, cfg.val_fraction, cfg.seed)[1],
                                  patch_size=patch, device=run_device(cfg))["dice"] for s in sites}

@@ -20,11 +20,10 @@ from fedseg.common.atomic import atomic_write_bytes, atomic_write_json
 from fedseg.common.config import RunConfig
 from fedseg.common.data import SiteSpec, read_site, split_training, study_sites
 from fedseg.common.metrics import finite_mean
-from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.precision import site_precision
 from fedseg.server.summary import INSTANCE_METRICS, site_spread
 from fedseg.simulations.study_report import write_study_report
-from fedseg.simulations.pooled import pooled_network, run_device, train_pooled
+from fedseg.simulations.pooled import PooledNetwork, on_grid, pooled_network, run_device, train_pooled
 from fedseg.common.round_config import SITE_CACHE_MB
 from fedseg.simulations.simulate import simulate
 
@@ -60,6 +59,8 @@ def run_study(cfg: RunConfig, baselines: list[str], num_cpus: int | None = None,
     # every in-process baseline trains the network the federation plans (model=auto): a local
     # model is not planned from its own site alone
     network = pooled_network(cfg, [specs[s] for s in training]) if set(baselines) - set(FEDERATED) else None
+    if network is not None:  # and on the grid it plans: every site is scored in its images' own geometry
+        specs = dict(zip(specs, on_grid(list(specs.values()), network.spacing)))
     scores: dict[str, dict[str, dict[str, float]]] = {}
     matrix: list[list[float | None]] = []
     rising: list[str] = []
@@ -114,7 +115,7 @@ def still_rising(rounds: list[dict[str, Any]], sites: list[str], margin: float =
 
 
 def _train_and_score(cfg: RunConfig, specs: dict[str, SiteSpec], train_at: list[str], seed_site: str,
-                     network: tuple[ModelSpec, tuple[int, ...]] | None) -> dict[str, dict[str, float]]:
+                     network: PooledNetwork | None) -> dict[str, dict[str, float]]:
     """One model (``network``) trained in-process on the training splits of ``train_at`` with the
     step budget a federated run gives them (rounds x local epochs passes), scored at every site."""
     model, task, patch = train_pooled(cfg, [specs[s] for s in train_at], seed_site, network)

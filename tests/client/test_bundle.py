@@ -19,9 +19,10 @@ from tests.client.test_predict import _run_dir
 pytest.importorskip("ignite", reason="the bundle extra (pip install 'fedseg[bundle]') is not installed")
 
 
-def test_monai_runs_the_bundle_with_fedseg_predicts_masks_and_its_names(tmp_path, capsys):
+@pytest.mark.parametrize("spacing", [(), (0.7, 0.8, 1.6)], ids=["own-grid", "resampled"])
+def test_monai_runs_the_bundle_with_fedseg_predicts_masks_and_its_names(tmp_path, capsys, spacing):
     (site,) = write_study(tmp_path / "study", sites=1, dims=3, cases=2, size=20, seed=0)
-    model = _run_dir(tmp_path, ModelSpec(3, 1, 3, (4, 8), "instance"))
+    model = _run_dir(tmp_path, ModelSpec(3, 1, 3, (4, 8), "instance"), spacing)
     bundle = tmp_path / "bundle"
     assert main(["export", str(model), "--state-dir", str(tmp_path / "state"), "--format", "monai-bundle",
                  "--output", str(bundle), "--label-names", "anterior,posterior"]) == 0
@@ -42,6 +43,7 @@ def test_monai_runs_the_bundle_with_fedseg_predicts_masks_and_its_names(tmp_path
         theirs = nib.load(tmp_path / "monai" / image.name.replace(".nii.gz", "_seg.nii.gz"))
         assert np.array_equal(np.asarray(theirs.dataobj), np.asarray(ours.dataobj)), image.name
         assert np.allclose(theirs.affine, ours.affine)
+        assert ours.shape == nib.load(image).shape and np.allclose(ours.affine, nib.load(image).affine)
     assert len(np.unique(np.asarray(ours.dataobj))) > 1  # not a blank mask: the comparison means something
     scripted, x = torch.jit.load(str(bundle / "models" / "model.ts")), torch.randn(1, 1, 16, 16, 16)
     from monai.networks.nets import UNet

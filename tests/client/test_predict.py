@@ -17,14 +17,15 @@ from fedseg.common.transforms import image_transforms
 from fedseg.simulations.synth import write_study
 
 
-def _run_dir(tmp_path, spec: ModelSpec):
-    """A run's global.pt and, in a site's state dir, that run's local layers."""
+def _run_dir(tmp_path, spec: ModelSpec, spacing: tuple[float, ...] = ()):
+    """A run's global.pt (of a run that resampled images to ``spacing``) and, in a site's state
+    dir, that run's local layers."""
     torch.manual_seed(0)
     model = build_model(spec)
     local = local_keys(model, spec, "norm")
     shared, kept = split_state(model, local)
     meta = {"model": spec.to_dict(), "local_layers": "norm", "local_keys": sorted(local),
-            "patch_size": 16, "flip_axes": [], "run_name": "study", "run_id": "feedface00000000"}
+            "patch_size": 16, "flip_axes": [], "spacing": list(spacing), "run_name": "study", "run_id": "feedface00000000"}
     save_global_model(tmp_path / "run", 1, ArrayRecord(shared), meta)
     signature = model_signature(spec, "norm", kept)
     kept = {k: (v + 0.5 if v.is_floating_point() else v) for k, v in kept.items()}  # the site's own
@@ -88,7 +89,7 @@ def test_a_new_site_predicts_with_the_unseen_site_norm_set(tmp_path):
     shared, kept = split_state(model, local)
     unseen = {k: v + 0.25 for k, v in unseen_norm_set(model.state_dict(), local).items()}
     meta = {"model": spec.to_dict(), "local_layers": "norm", "local_keys": sorted(local),
-            "patch_size": 16, "flip_axes": [], "run_name": "study", "run_id": "feedface00000000"}
+            "patch_size": 16, "flip_axes": [], "spacing": [], "run_name": "study", "run_id": "feedface00000000"}
     save_global_model(tmp_path / "run", 1, ArrayRecord({**shared, **unseen}), meta)
     new_site = saved_model(tmp_path / "run" / "model" / "global.pt", tmp_path / "never-trained").model
     for key, value in kept.items():

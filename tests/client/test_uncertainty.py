@@ -27,7 +27,7 @@ def test_uncertainty_ranks_the_cases_the_model_gets_wrong_first(tmp_path, capsys
     train_local(model, task_for(SPEC), read_site(home), list(read_site(home).training), epochs=12,
                 batch_size=4, lr=0.05, patch_size=32, seed=0)
     shared, _ = split_state(model, local_keys(model, SPEC, "none"))
-    meta = {"model": SPEC.to_dict(), "local_layers": "none", "local_keys": [], "patch_size": 32, "flip_axes": [],
+    meta = {"model": SPEC.to_dict(), "local_layers": "none", "local_keys": [], "patch_size": 32, "flip_axes": [], "spacing": [],
             "run_name": "study", "run_id": "0123456789abcdef"}
     for r in (1, 2):  # the run's last round checkpoints, for an ensemble
         save_checkpoint(tmp_path / "run", r, ArrayRecord(shared), meta)

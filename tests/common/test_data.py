@@ -8,10 +8,12 @@ import nibabel as nib
 import numpy as np
 import torch
 import pytest
+from monai.transforms import Compose
 from PIL import Image
 
 from fedseg.common.data import DataError, check_site, read_site, split_training, study_sites
-from fedseg.common.transforms import eval_transforms, flip_axes, image_channels, to_dicts, train_transforms
+from fedseg.common.transforms import (base_transforms, eval_transforms, flip_axes, image_channels, to_dicts,
+                                     train_transforms)
 from fedseg.common.cli import main
 from fedseg.common.config import ConfigError, RunConfig
 from fedseg.simulations.synth import write_study
@@ -277,3 +279,16 @@ def test_training_patches_are_mirrored_only_along_the_flip_axes(tmp_path):
             seen.setdefault(flips, set()).add(
                 "plain" if torch.equal(patch, whole) else "mirrored" if torch.equal(patch, whole.flip(2)) else "other")
     assert seen == {(): {"plain"}, (1,): {"plain", "mirrored"}}
+
+
+def test_a_run_grid_resamples_training_patches_and_keeps_evaluation_labels_in_their_own(tmp_path):
+    (site,) = write_study(tmp_path, sites=1, dims=3, cases=1, size=30, num_labels=2, spacings=(0.6,), seed=0)
+    spec = read_site(site, target_spacing=(1.2, 1.2, 1.2))
+    item = to_dicts([spec.training[0]])[0]
+    whole = Compose(base_transforms(spec))(item)  # what training crops from: both on the run's grid
+    half = tuple(whole["image"].shape[1:])  # 50 voxels of 0.6 mm: about 25 of 1.2 mm
+    assert half == tuple(whole["label"].shape[1:]) and all(abs(n - 25) <= 1 for n in half)
+    assert set(whole["label"].unique().tolist()) <= {0, 1, 2}  # nearest-neighbour: only declared labels
+    evaluated = eval_transforms(spec)(item)
+    assert tuple(evaluated["image"].shape[1:]) == half and evaluated["label"].shape[1:] == (50, 50, 50)
+    assert train_transforms(spec, 16)(item)[0]["label"].shape[1:] == (16, 16, 16)

@@ -12,7 +12,7 @@ from fedseg.server.checkpoints import latest_checkpoint, save_checkpoint, save_g
 from fedseg.server.run_folder import RunFolder, resume_config, resume_overrides
 
 META = {"model": {"spatial_dims": 2}, "local_layers": "norm", "local_keys": ["n.weight"],
-        "patch_size": 32, "flip_axes": [], "run_name": "study", "run_id": "0123456789abcdef"}
+        "patch_size": 32, "flip_axes": [], "spacing": [], "run_name": "study", "run_id": "0123456789abcdef"}
 
 
 def _arrays(value: float) -> ArrayRecord:

@@ -52,7 +52,7 @@ def test_recorder_keeps_scalars_bytes_errors_and_names_silent_sites():
 
 def test_round_log_checkpoints_and_appends_the_round(tmp_path):
     recorder, folder = RoundRecorder(), RunFolder(tmp_path)
-    meta = {"model": {}, "local_layers": "none", "local_keys": [], "patch_size": 16, "flip_axes": [],
+    meta = {"model": {}, "local_layers": "none", "local_keys": [], "patch_size": 16, "flip_axes": [], "spacing": [],
             "run_name": "r", "run_id": "x"}
     hook = RoundLog(folder, recorder, meta, total_rounds=2)
     for rnd in (1, 2):
@@ -77,7 +77,7 @@ def test_a_round_scored_next_round_is_checkpointed_first_and_a_resume_completes_
 
     recorder, folder = RoundRecorder(), RunFolder(tmp_path / "run")
     folder.write_run_info({"config": RunConfig(run_name="run").to_dict(), "run_id": "x"})
-    meta = {"model": {}, "local_layers": "none", "local_keys": [], "patch_size": 16, "flip_axes": [],
+    meta = {"model": {}, "local_layers": "none", "local_keys": [], "patch_size": 16, "flip_axes": [], "spacing": [],
             "run_name": "run", "run_id": "x"}
     hook = RoundLog(folder, recorder, meta, total_rounds=3)
     message = _sent(2)

@@ -24,7 +24,7 @@ from fedseg.server.strategies import build_strategy
 pytestmark = pytest.mark.usefixtures("server_identity")
 
 SITES = {11: "site-a", 22: "site-b", 33: "site-c"}
-META = {"model": {}, "local_layers": "none", "local_keys": [], "patch_size": 16, "flip_axes": [],
+META = {"model": {}, "local_layers": "none", "local_keys": [], "patch_size": 16, "flip_axes": [], "spacing": [],
         "run_name": "r", "run_id": "x"}
 
 

@@ -165,7 +165,8 @@ def test_3d_nifti_study_with_fedprox(study_3d, tmp_path):
     assert all("fingerprint" not in site for site in info["sites"].values())  # run.json keeps the shape only
 
 
-def test_model_auto_trains_predicts_and_exports_the_network_planned_from_the_sites_fingerprints(study_3d, tmp_path):
+def test_model_auto_trains_predicts_and_exports_the_network_and_grid_planned_from_the_sites_fingerprints(
+        study_3d, tmp_path):
     import nibabel as nib
 
     from fedseg.client.site import sim_state_dir
@@ -182,12 +183,18 @@ def test_model_auto_trains_predicts_and_exports_the_network_planned_from_the_sit
     assert info["model"]["model"] == "dynunet" and info["patch_size"] == planned["patch_size"]
     assert (info["model"]["channels"], info["model"]["kernels"], info["model"]["strides"]) == (
         planned["features"], planned["kernels"], planned["strides"])
+    # the two sites' voxels differ in size: both resample to the plan's spacing, and say so
+    assert info["spacing"] == planned["spacing"] and info["spacing"] != [1.0, 1.0, 1.0]
+    assert f"resamples its images to {'x'.join(f'{v:.2f}' for v in planned['spacing'])} mm" in (
+        run_dir / "report.html").read_text()
     # the saved model rebuilds the same network, with the site's own head and norms
     state = sim_state_dir(run_dir / "site-state", "site-a")
     model, spec, patch, *_ = saved_model(run_dir / "model" / "global.pt", state)
     assert spec.to_dict() == info["model"] and list(patch) == planned["patch_size"]
-    # the pooled baseline plans the same network from the same cases
-    assert pooled_network(cfg, [read_site(ref) for ref in study_sites(study_3d)]) == (spec, patch)
+    assert list(saved_model(run_dir / "model" / "global.pt", state).spacing) == planned["spacing"]
+    # the pooled baseline plans the same network and grid from the same cases
+    assert pooled_network(cfg, [read_site(ref) for ref in study_sites(study_3d)]) == (
+        spec, patch, tuple(planned["spacing"]))
     site = study_3d / "site-a"
     assert main(["predict", str(site / "images"), str(tmp_path / "out"), "--model", str(run_dir / "model" / "global.pt"),
                  "--state-dir", str(state)]) == 0
@@ -198,6 +205,8 @@ def test_model_auto_trains_predicts_and_exports_the_network_planned_from_the_sit
                  "--output", str(tmp_path / "bundle")]) == 0
     bundle = json.loads((tmp_path / "bundle" / "configs" / "inference.json").read_text())
     assert bundle["network_def"]["_target_"] == "DynUNet" and bundle["inferer"]["roi_size"] == planned["patch_size"]
+    steps = [t["_target_"] for part in ("preprocessing", "postprocessing") for t in bundle[part]["transforms"]]
+    assert "Spacingd" in steps and "Invertd" in steps  # on the run's grid, written back in the image's own
     # a resume trains the network its plan.json describes, as it was
     assert main(["simulate", "--resume-run", str(run_dir), "--rounds", "2", "--num-cpus", "2"]) == 0
     assert [r["round"] for r in read_rounds(run_dir)] == [1, 2]
