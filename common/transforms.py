@@ -146,9 +146,13 @@ def train_transforms(spec: SiteSpec, patch_size: PatchSize, keep_instances: bool
         # at every crop of a large tile); int32, half the size of the sampler's int64
         FgBgToIndicesd(keys="label"),
         CastToTyped(keys=indices, dtype=torch.int32),
+        # the normalized image is cached in half precision (z-scores to 3 significant digits, below
+        # the images' own noise: half the memory of float32) and each patch is float32 again
+        CastToTyped(keys="image", dtype=torch.float16),
         RandCropByPosNegLabeld(keys=("image", "label"), label_key="label", spatial_size=roi,
                                pos=1, neg=1, num_samples=1, fg_indices_key=indices[0], bg_indices_key=indices[1]),
         DeleteItemsd(keys=indices),
+        CastToTyped(keys="image", dtype=torch.float32),
     ] + [RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=a) for a in flips]
     return Compose(base_transforms(spec, keep_instances) + aug + (appearance_transforms(spec) if augment else []))
 

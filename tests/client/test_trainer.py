@@ -102,18 +102,18 @@ def test_compact_labels_train_exactly_as_int64_labels(tmp_path, monkeypatch):
 
 
 def test_a_case_is_decoded_once_into_a_compact_form_that_drawing_augmented_patches_leaves_unchanged(tmp_path):
-    """What a site keeps of a case across steps (and rounds) is the normalized image, a two-byte
-    label and where its foreground and background lie; each step only crops, mirrors and changes
-    the appearance of a patch, never the kept case."""
+    """What a site keeps of a case across steps (and rounds) is the normalized image in half
+    precision, a two-byte label and where its foreground and background lie; each step only crops,
+    mirrors and changes the appearance of a float32 patch, never the kept case."""
     site = read_site(write_study(tmp_path / "study", sites=1, dims=2, cases=4, size=64, seed=2)[0])
     data = task_for(SPEC).training_data(site, list(site.training), 32, seed=0, augment=True, flips=(0, 1))
     kept = data.dataset._cache
     assert {k: v.dtype for k, v in kept[0].items()} == {
-        "image": torch.float32, "label": torch.int16,
+        "image": torch.float16, "label": torch.int16,
         "label_fg_indices": torch.int32, "label_bg_indices": torch.int32}
     before = [{k: v.clone() for k, v in item.items()} for item in kept]
     patches = [data[i % len(data)] for i in range(40)]
-    assert {tuple(p["image"].shape) for p in patches} == {(1, 32, 32)}
+    assert {(tuple(p["image"].shape), p["image"].dtype) for p in patches} == {((1, 32, 32), torch.float32)}
     assert sum(bool(p["label"].any()) for p in patches) >= len(patches) // 3  # half are centred on foreground
     for item, copy in zip(kept, before):
         for k in copy:
