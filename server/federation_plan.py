@@ -70,10 +70,13 @@ def run_spacing(cfg: RunConfig, spec: ModelSpec, run_dir: Path) -> tuple[float, 
         log.info("run-config spacing=native: the network sees each image on its own grid")
         return ()
     saved = json.loads(path.read_text())
-    target = resampling_grid(saved["configurations"].get(f"{spec.spatial_dims}d"),
-                             Fingerprint.from_json(saved["fingerprint"]))
+    plan, fp = saved["configurations"].get(f"{spec.spatial_dims}d"), Fingerprint.from_json(saved["fingerprint"])
+    target = resampling_grid(plan, fp)
     if target:
         log.info("every site resamples its images to the plan's %s mm grid for the network (run-config "
                  "spacing=%s; labels nearest-neighbour); Dice, HD95 and predictions come back in each image's "
                  "own geometry", " x ".join(f"{t:.3g}" for t in target), cfg.spacing)
+    elif plan is not None and fp.units == "mm":
+        log.info("every training case already lies on the plan's %s mm grid: no site resamples",
+                 " x ".join(f"{t:.3g}" for t in plan["spacing"]))
     return target

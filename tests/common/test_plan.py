@@ -8,7 +8,8 @@ import pytest
 
 from fedseg.common.cli import main
 from fedseg.common.data import read_site, study_sites
-from fedseg.common.plan import Fingerprint, make_plan, merge, pool_and_conv, site_fingerprint, target_spacing
+from fedseg.common.plan import (Fingerprint, make_plan, merge, pool_and_conv, resampling_grid, site_fingerprint,
+                               target_spacing)
 from fedseg.simulations.synth import write_study
 from tests.conftest import SHARED_DATA
 
@@ -29,6 +30,19 @@ def test_hippocampus_split_in_three_sites_plans_what_nnunet_plans_for_the_pooled
     assert full.strides == ((1, 1, 1),) + ((2, 2, 2),) * 3 and all(k == (3, 3, 3) for k in full.kernels)
     assert full.normalization == ("zscore",)
     assert flat.patch_size[::-1] == (56, 40)
+    assert resampling_grid(full.to_json(), merge(parts)) == ()  # every case already at 1 mm: none resampled
+
+
+def test_a_run_resamples_only_where_some_case_lies_off_the_plans_grid(tmp_path):
+    apart = [site_fingerprint(read_site(s)) for s in write_study(
+        tmp_path / "apart", sites=3, dims=3, cases=2, size=20, spacings=(0.6, 0.9, 1.5), seed=0)]
+    plan = make_plan(merge(apart))["3d"]
+    assert resampling_grid(plan.to_json(), merge(apart)) == plan.spacing == pytest.approx((0.9,) * 3)  # the median
+    alike = [site_fingerprint(read_site(s)) for s in write_study(
+        tmp_path / "alike", sites=2, dims=3, cases=2, size=20, spacings=(0.9, 0.9), seed=0)]
+    assert resampling_grid(make_plan(merge(alike))["3d"].to_json(), merge(alike)) == ()
+    pngs = [site_fingerprint(read_site(s)) for s in write_study(tmp_path / "png", sites=2, dims=2, cases=2, seed=0)]
+    assert resampling_grid(make_plan(merge(pngs))["2d"].to_json(), merge(pngs)) == ()  # no spacing in PNGs
 
 
 def test_merged_site_fingerprints_are_the_pooled_cases_fingerprint(tmp_path):
