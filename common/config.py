@@ -33,7 +33,7 @@ FLIPS = re.compile(r"auto|all|none|[0-2](,[0-2])*")
 TRACKERS = ("tensorboard", "mlflow")
 CHOICES = {"strategy": STRATEGIES, "local_layers": LOCAL_LAYERS, "model": MODELS, "backbone": BACKBONES,
            "norm": NORMS, "dp": DP_MODES, "lr_schedule": LR_SCHEDULES, "amp": AMP_MODES,
-           "transfer_dtype": TRANSFER_DTYPES, "heldout_adapt": HELDOUT_ADAPT}
+           "transfer_dtype": TRANSFER_DTYPES, "heldout_adapt": HELDOUT_ADAPT, "spacing": SPACINGS}
 
 
 def key(default: Any, help: str, expert: bool = False) -> Any:  # noqa: A002 - argparse's word
@@ -225,7 +225,7 @@ class RunConfig:
             ("tracking", all(t in TRACKERS for t in self.trackers()),
              f"must be empty or a comma-separated list of {TRACKERS}"),
             ("val-fraction", 0 < self.val_fraction < 1, "must be in (0, 1)"),
-            ("spacing", self.spacing in SPACINGS, f"must be one of {', '.join(SPACINGS)}"),
+            ("spacing", self.spacing in SPACINGS, f"must be one of {SPACINGS}"),
             ("flips", FLIPS.fullmatch(self.flips) is not None,
              "must be auto, all, none or spatial axes such as 0,2"),
             ("dp", self.dp in DP_MODES, f"must be one of {DP_MODES}"),
