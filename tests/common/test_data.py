@@ -269,7 +269,8 @@ def test_training_patches_are_mirrored_only_along_the_flip_axes(tmp_path):
     (site,) = write_study(tmp_path, sites=1, dims=3, cases=1, size=24, seed=0)
     spec = read_site(site)
     item = to_dicts(list(spec.training))[0]
-    whole = eval_transforms(spec)(item)["image"]  # a 24-voxel patch of a 24^3 case is the whole case
+    # a 24-voxel patch of a 24^3 case is the whole case, as the site keeps it (float16)
+    whole = eval_transforms(spec)(item)["image"].half().float()
     seen: dict[tuple[int, ...], set[str]] = {}
     for flips in ((), (1,)):
         transform = train_transforms(spec, 24, flips=flips)
