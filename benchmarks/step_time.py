@@ -2,13 +2,16 @@
 size, threads and precision, measured in one process in alternating passes.
 
 Usage: python -m benchmarks.step_time [--passes 3] [--steps 30] [--threads 2] [--amp off,bf16] [--compile]
+       [--step-memory-mb MB]
 MoNuSeg site 1 (6 training tiles of 1000x1000): fedseg's ``train_local`` (its cached cases,
 foreground-balanced crops, prefetching, step and optimizer) against the side-by-side's plain
 loop (random NumPy crops of the decoded tiles, the same U-Net 16..128, DiceCE and SGD). Seconds
 per step exclude the first pass's decoding; the ratio is taken within each pass. With
 ``--compile``, each precision is also timed with both sides' forward through ``torch.compile``
 (fedseg's ``compile`` run-config), from an empty compile cache: the first compile's seconds are
-reported, and the compiled steps are also set against fedseg's eager steps.
+reported, and the compiled steps are also set against fedseg's eager steps. fedseg's step runs
+with the run-config's ``step-memory-mb`` (by default the run's default: its batch in parts where
+their activations exceed it); the plain loop always takes the whole batch at once.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from benchmarks.common import report
 from benchmarks.side_by_side import BATCH, CHANNELS, LR, PATCH, STUDY, decoded_tiles, plain_steps, plain_unet
 from fedseg.client.tasks import task_for
 from fedseg.client.trainer import train_local
+from fedseg.common.config import RunConfig
 from fedseg.common.data import read_site, split_training, study_sites
 from fedseg.common.models import ModelSpec, build_model
 from fedseg.common.precision import Precision
@@ -39,6 +43,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--amp", default="off,bf16")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--step-memory-mb", type=int, default=RunConfig().step_memory_mb)
     args = parser.parse_args()
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="step_time-inductor-")  # a cold first compile
     torch.set_num_threads(args.threads)
@@ -53,7 +58,7 @@ def main() -> None:
     def fedseg_step(precision: Precision | None, seed: int, compiled: bool = False) -> float:
         result = train_local(build_model(spec), task, site, train, epochs=args.steps, batch_size=BATCH, lr=LR,
                              patch_size=PATCH, seed=seed, cache_mb=1024, precision=precision,
-                             compile_step=compiled)
+                             compile_step=compiled, step_memory_mb=args.step_memory_mb)
         return result.seconds / result.steps
 
     def plain_step(precision: Precision | None, seed: int, compiled: bool = False) -> float:

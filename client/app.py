@@ -149,7 +149,7 @@ def _train_admitted(msg: Message, opened: tuple[SiteRoundConfig, SiteLocation, i
         seed=case_seed(cfg.data.seed, spec.name, server_round),
         proximal_mu=cfg.proximal_mu, global_params=mine.shared, device=device, dp=dp, augment=cfg.augment,
         cache_mb=cfg.data.site_cache_mb, flips=cfg.flip_axes, compile_step=cfg.compile,
-        precision=site_precision(cfg.amp, device, dp=dp is not None, deterministic=cfg.deterministic))
+        step_memory_mb=cfg.step_memory_mb, precision=site_precision(cfg.amp, device, dp=dp is not None, deterministic=cfg.deterministic))
     mine.save_local_layers(server_round)
     if counting:
         state.note_round_trained()

@@ -27,7 +27,7 @@ def seconds_per_step(cfg: SiteRoundConfig, site: SiteSpec, cases: list[Case], de
         result = train_local(build_model(cfg.model), task, site, batch, epochs=epochs, batch_size=cfg.batch_size,
                              lr=cfg.lr, patch_size=cfg.patch_size, seed=cfg.data.seed, device=device,
                              augment=cfg.augment, cache_mb=cfg.data.site_cache_mb, flips=cfg.flip_axes,
-                             precision=precision)
+                             precision=precision, step_memory_mb=cfg.step_memory_mb)
         return result.seconds - result.data_seconds, result.steps
 
     train(1)

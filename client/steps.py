@@ -15,6 +15,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from fedseg.client.step_memory import balanced_parts, patches_per_pass, per_patch_bytes
 from fedseg.common.dp_recipe import DPRound
 from fedseg.common.precision import Precision
 
@@ -23,6 +24,7 @@ class TaskLoss(Protocol):
     """What a step needs of a model kind's task (``tasks.Task``): its loss and non-DP clipping."""
 
     grad_clip: float | None
+    splits_batch: bool
 
     def loss(self, model: nn.Module, patches: list[Any], device: str) -> torch.Tensor:
         """The mean loss of ``model`` on ``patches``."""
@@ -44,14 +46,17 @@ class Step(Protocol):
 
 class PlainStep:
     """Non-private step: the task's loss (+ FedProx's term) under the site's mixed precision,
-    backward (loss-scaled in fp16), optional clipping."""
+    backward (loss-scaled in fp16), optional clipping. On a CPU, a batch whose activations exceed
+    ``memory_mb`` MiB goes through the network in parts whose gradients add up to the batch's
+    (``step_memory.py``), where the task's loss allows it."""
 
     def __init__(self, task: TaskLoss, model: nn.Module, device: str,
                  anchors: list[tuple[torch.Tensor, torch.Tensor]], proximal_mu: float,
-                 precision: Precision | None = None) -> None:
+                 precision: Precision | None = None, memory_mb: int = 0, site: str = "") -> None:
         self.task, self.model, self.device = task, model, device
         self.anchors, self.proximal_mu = anchors, proximal_mu
         self.precision = precision or Precision(device)
+        self.memory_mb, self.site = memory_mb, site
         self.scaler = self.precision.scaler()
         self.optimizer: torch.optim.Optimizer | None = None
 
@@ -60,18 +65,36 @@ class PlainStep:
         return optimizer if self.scaler is None else _ScaledOptimizer(optimizer, self.scaler)
 
     def __call__(self, cases: list[list[Any]]) -> float:
-        with self.precision.autocast():
-            loss = self.task.loss(self.model, [patch for case in cases for patch in case], self.device)
-        loss = loss.float()
-        if self.anchors:
-            loss = loss + self.proximal_mu / 2 * sum((p - a).pow(2).sum() for p, a in self.anchors)
-        if torch.isfinite(loss):
+        patches = [patch for case in cases for patch in case]
+        total = 0.0
+        for i, part in enumerate(self.parts(patches)):
+            with self.precision.autocast():
+                loss = self.task.loss(self.model, part, self.device)
+            loss = loss.float() * (len(part) / len(patches))  # the batch's mean loss, part by part
+            if self.anchors and i == 0:
+                loss = loss + self.proximal_mu / 2 * sum((p - a).pow(2).sum() for p, a in self.anchors)
+            if not torch.isfinite(loss):
+                return float(loss.detach())  # the training loop stops with a clear error
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            if self.task.grad_clip:
-                if self.scaler and self.optimizer is not None:
-                    self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.task.grad_clip)
-        return float(loss.detach())
+            total += float(loss.detach())
+        if self.task.grad_clip:
+            if self.scaler and self.optimizer is not None:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.task.grad_clip)
+        return total
+
+    def parts(self, patches: list[Any]) -> list[list[Any]]:
+        """The batch as the forward passes take it: whole, or in parts within ``memory_mb``."""
+        if self.memory_mb <= 0 or self.device != "cpu" or not self.task.splits_batch or len(patches) < 2:
+            return [patches]
+
+        def one_patch() -> torch.Tensor:  # measured eagerly: a compiled network would compile for it
+            with self.precision.autocast():
+                return self.task.loss(getattr(self.model, "_orig_mod", self.model), patches[:1], self.device)
+
+        key = (getattr(self.task, "spec", None), tuple(patches[0]["image"].shape), self.precision)
+        per_patch = per_patch_bytes(key, one_patch, self.site, len(patches), self.memory_mb)
+        return balanced_parts(patches, patches_per_pass(self.memory_mb, len(patches), per_patch))
 
     def close(self) -> None:
         return None

@@ -71,6 +71,12 @@ class Task(ABC):
         entropy to adapt on (``ModelKind.dense``)."""
         return self.spec.kind.dense
 
+    @property
+    def splits_batch(self) -> bool:
+        """A batch's loss is the mean of its patches' losses, each computed on its own (no norm layer
+        mixes patches): a step may run the batch in parts (``step_memory.py``)."""
+        return False
+
     def training_data(self, site: SiteSpec, cases: list[Case], patch_size: PatchSize, seed: int,
                       augment: bool = False, cache_mb: int = 0,
                       flips: tuple[int, ...] | None = None) -> Sequence[Any]:
@@ -148,6 +154,12 @@ class SemanticTask(Task):
         super().__init__(spec)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self.deep_loss_fn = DeepSupervisionLoss(self.loss_fn, weights=deep_supervision_weights(spec))
+
+    @property
+    def splits_batch(self) -> bool:
+        # Dice (per patch) + cross-entropy (per voxel, equal patches) are means over patches;
+        # BatchNorm's statistics are the batch's
+        return self.spec.norm != "batch"
 
     def loss(self, model: nn.Module, items: list[dict[str, Any]], device: str) -> torch.Tensor:
         image = torch.stack([_plain(i["image"]) for i in items]).to(device)

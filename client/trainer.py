@@ -66,6 +66,7 @@ def train_local(
     precision: Precision | None = None,
     flips: tuple[int, ...] | None = None,
     compile_step: bool = False,
+    step_memory_mb: int = 0,
 ) -> TrainResult:
     """Train ``model`` in place on ``cases``: one random patch per case per step it is in.
 
@@ -97,6 +98,9 @@ def train_local(
             decides, ``data.flip_axes``).
         compile_step: run the training forward through ``torch.compile`` (not with ``dp``); the
             compiled graph is reused by later rounds' models of the same architecture.
+        step_memory_mb: on a CPU without ``dp``, a batch whose activations exceed this many MiB
+            goes through the network in parts with the same summed gradient (0: whole batches;
+            ``client/step_memory.py``).
 
     Returns:
         Mean training loss, number of cases (FedAvg's weight), optimizer steps, and the
@@ -110,7 +114,7 @@ def train_local(
     if dp is None:
         forward = compiled(model) if compile_step else model
         step: Step = PlainStep(task, forward, device, proximal_anchors(model, proximal_mu, global_params, device),
-                               proximal_mu, precision)
+                               proximal_mu, precision, step_memory_mb, site.name)
         batches, patches_per_case = shuffled_batches(len(cases), batch_size, epochs, seed), 1
         optimizer = step.wrap(task.optimizer(model, lr))
     else:

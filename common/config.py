@@ -176,6 +176,11 @@ class RunConfig:
         "torch.compile the U-Net's training forward (not Mask R-CNN, not dp=sample): faster steps once "
         "compiled, but a network's first compile on a machine costs each site process about half a "
         "minute (cached on disk for later rounds and runs); pays off over long local training.")
+    step_memory_mb: int = key(
+        64,
+        "MiB of activations one forward pass of a CPU site's training step may keep for the backward "
+        "pass; a batch that would keep more trains in parts whose gradients add up to the whole batch's "
+        "(U-Net with instance or group norm; 0: whole batches). Bounds a site process's memory.")
     transfer_dtype: str = key(
         "float32",
         "precision of the shared weights on the wire, both ways: float32 or float16 (half the bytes; "
@@ -222,6 +227,7 @@ class RunConfig:
             ("fraction-train", 0 < self.fraction_train <= 1, "must be in (0, 1]"),
             ("min-train-sites", self.min_train_sites >= 1, "must be >= 1"),
             ("round-timeout", self.round_timeout > 0, "must be > 0"),
+            ("step-memory-mb", self.step_memory_mb >= 0, "must be >= 0 (0: whole batches)"),
             ("tracking", all(t in TRACKERS for t in self.trackers()),
              f"must be empty or a comma-separated list of {TRACKERS}"),
             ("val-fraction", 0 < self.val_fraction < 1, "must be in (0, 1)"),
@@ -371,6 +377,7 @@ class RunConfig:
             min_group_cases=self.min_group_cases, heldout_sites=self.heldout_sites,
             evaluate_in_train=False, adapt_heldout=False,  # the server asks for them per message
             device=self.device, amp=self.amp, deterministic=self.deterministic, compile=self.compile,
+            step_memory_mb=self.step_memory_mb,
             transfer_dtype=self.transfer_dtype, data=data or self.site_data(),
             dp=DPSettings(self.dp, self.dp_noise_multiplier, self.dp_max_grad_norm, self.dp_delta,
                           self.dp_target_epsilon, self.num_server_rounds, self.dp_batch_size,

@@ -119,6 +119,8 @@ class SiteRoundConfig:
         device: the server's device wish (a site's own node config ``device`` wins).
         amp, deterministic: mixed precision and cuDNN mode (``common/precision.py``).
         compile: ``torch.compile`` the training forward (``client/trainer.py``).
+        step_memory_mb: MiB of activations a CPU training step's forward pass may keep
+            (``client/step_memory.py``).
         transfer_dtype: precision the site sends its shared weights in.
         data: the site's data and split.
         dp: differential privacy asked for.
@@ -146,6 +148,7 @@ class SiteRoundConfig:
     amp: str
     deterministic: bool
     compile: bool
+    step_memory_mb: int
     transfer_dtype: str
     data: SiteData
     dp: DPSettings

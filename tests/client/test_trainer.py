@@ -1,9 +1,12 @@
 """Local training loop: FedProx's proximal term pulls toward the global weights; NaN stops clearly."""
 
+import math
+
 import pytest
 import torch
 
-from fedseg.client import site_cache
+from fedseg.client import site_cache, step_memory
+from fedseg.client.steps import PlainStep
 from fedseg.client.tasks import task_for
 from fedseg.client.trainer import train_local
 from fedseg.common import transforms
@@ -198,3 +201,36 @@ def test_a_compiled_training_forward_trains_the_same_weights(site):
     assert list(compiled) == list(eager)  # saved and sent under the network's own names
     assert compiled_loss == pytest.approx(eager_loss, rel=1e-3)
     assert all(torch.allclose(compiled[k], eager[k], atol=1e-4) for k in eager)
+
+
+def test_a_batch_over_the_step_memory_budget_trains_in_parts_to_the_same_weights(site):
+    def trained(memory_mb: int) -> tuple[float, dict[str, torch.Tensor], set[int]]:
+        torch.manual_seed(0)
+        model, batches = build_model(SPEC), set()
+        model.register_forward_pre_hook(lambda _, args: batches.add(args[0].shape[0]))
+        result = train_local(model, task_for(SPEC), site, list(site.training), epochs=2, batch_size=4, lr=0.1,
+                             patch_size=128, seed=3, step_memory_mb=memory_mb, proximal_mu=0.5,
+                             global_params={k: v.clone() for k, v in model.named_parameters()})
+        return result.loss, model.state_dict(), batches
+
+    whole_loss, whole, whole_batches = trained(0)
+    parted_loss, parted, parted_batches = trained(1)  # under one 128 px patch's activations: one per pass
+    assert whole_batches == {4, 2} and parted_batches == {1}  # 6 cases: a batch of 4, then of 2
+    assert parted_loss == pytest.approx(whole_loss, rel=1e-5)
+    assert all(torch.allclose(parted[k], whole[k], atol=1e-5) for k in whole)
+
+
+def test_each_forward_pass_keeps_no_more_activations_than_the_budget_allows(site):
+    task = task_for(SPEC)
+    data = task.training_data(site, list(site.training), 128, seed=0)
+    patches = [data[i] for i in range(len(data))]
+    model = build_model(SPEC).train()
+    one, all_six = (step_memory.saved_bytes(lambda n=n: task.loss(model, patches[:n], "cpu")) for n in (1, 6))
+    assert all_six == pytest.approx(6 * one, rel=0.05)  # activations grow with the patches in a pass
+    budget_mb = math.floor(2.5 * one / 2**20)  # room for two patches' activations, not three
+    step = PlainStep(task, model, "cpu", [], 0.0, memory_mb=budget_mb)
+    assert [len(p) for p in step.parts(patches)] == [2, 2, 2]
+    assert all(step_memory.saved_bytes(lambda p=p: task.loss(model, p, "cpu")) <= budget_mb * 2**20
+               for p in step.parts(patches))
+    batch_norm = task_for(ModelSpec(2, 1, 3, (8, 16), "batch"))  # statistics of the whole batch: never split
+    assert PlainStep(batch_norm, model, "cpu", [], 0.0, memory_mb=budget_mb).parts(patches) == [patches]
