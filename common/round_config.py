@@ -18,7 +18,10 @@ from fedseg.common.model_kinds import ModelSpec
 from fedseg.common.values import coerce, kebab, nested_text
 
 AUTO = -1  # a DP training setting left to fedseg's DP recipe (common/dp_recipe.py)
-SITE_CACHE_MB = 1024  # simulation: decoded training cases a virtual site keeps across rounds, by default
+# simulation: decoded training cases a site process keeps across rounds, by default: none (every
+# process would keep each site it served; reading a round's cases again cost MoNuSeg's sites about
+# 1% of their round)
+SITE_CACHE_MB = 0
 
 
 def epoch_steps(num_cases: int, batch_size: int, epochs: int) -> int:

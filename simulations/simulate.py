@@ -133,9 +133,12 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
         log.info("starting Flower's simulation engine (Ray, %d CPU(s): %d site(s) at a time, %d thread(s) "
                  "each%s)...", cores, at_once, max(1, int(share)),
                  f", {gpus:g} GPU per site on {device}" if gpus else "")
-        log.info("memory: each site process holds the libraries (%.1f GiB, as this process does now), its "
-                 "training step and up to %d MiB of decoded cases (--site-cache-mb); --sites-at-once 1 "
-                 "holds one such process", _resident_gib(), site_cache_mb)
+        log.info("memory: each site process holds the libraries (%.1f GiB, as this process does now), the "
+                 "round's decoded cases%s and its training step (forward passes keep at most %d MiB of "
+                 "activations, run-config step-memory-mb, and the backward pass about as much again); "
+                 "--sites-at-once 1 holds one such process", _resident_gib(),
+                 f" (and up to {site_cache_mb} MiB of earlier rounds', --site-cache-mb)" if site_cache_mb else "",
+                 cfg.step_memory_mb)
     with prompt_engine():  # Flower's own scans every inbox and waits 0.1 s per poll
         run_simulation(
             server_app=server_app, client_app=client_app, num_supernodes=len(sites),
