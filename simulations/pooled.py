@@ -81,7 +81,7 @@ def train_pooled(cfg: RunConfig, sites: list[SiteSpec], seed_site: str,
     options = dict(batch_size=cfg.batch_size, patch_size=patch, device=device, augment=cfg.augment,
                    flips=flip_axes(cfg.flips, first.spatial_dims, [s.modality for s in sites]),
                    precision=site_precision(cfg.amp, device, deterministic=cfg.deterministic),
-                   compile_step=cfg.compile)
+                   compile_step=cfg.compile, step_memory_mb=cfg.step_memory_mb)
     if cfg.lr_schedule == "constant":
         train_local(model, task, first, cases, epochs=cfg.num_server_rounds * cfg.local_epochs, lr=cfg.lr,
                     seed=case_seed(cfg.seed, seed_site, 0), **options)
