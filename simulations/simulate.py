@@ -135,7 +135,8 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
                  f", {gpus:g} GPU per site on {device}" if gpus else "")
         log.info("memory: each site process holds the libraries (%.1f GiB, as this process does now), the "
                  "round's decoded cases%s and its training step (forward passes keep at most %d MiB of "
-                 "activations, run-config step-memory-mb, and the backward pass about as much again); "
+                 "activations, run-config step-memory-mb, or one patch's where that is more, and the "
+                 "backward pass about as much again); "
                  "--sites-at-once 1 holds one such process", _resident_gib(),
                  f" (and up to {site_cache_mb} MiB of earlier rounds', --site-cache-mb)" if site_cache_mb else "",
                  cfg.step_memory_mb)
