@@ -17,9 +17,11 @@ wrap a strategy:
   float32 tensor by tensor whatever form they travelled in; too few sites stop the run clearly;
 - weights travel packed (one flat array per dtype) in ``transfer-dtype``;
 - training sites score round r's model inside round r + 1's train message (one message per site
-  and round) wherever every site trains the model it scores; the last round, held-out sites, a
-  run that samples sites and a run whose server keeps a moving average are scored by evaluation
-  messages;
+  and round) wherever every site trains the model it scores, and held-out sites score it in
+  evaluation messages sent beside those train messages, last, so they take the cores that
+  training sites of unequal size leave idle at the round's end; the last round, a run that
+  samples sites and a run whose server keeps a moving average are scored by evaluation messages
+  after training;
 - every round is checkpointed and written to rounds.jsonl (``rounds.RoundLog``) with what each
   site reported (``rounds.RoundRecorder``); a resumed run continues exactly, its round numbers
   counted on from the checkpoint.
@@ -145,7 +147,7 @@ class SiteStrategy(Strategy):
         if pending_record is not None:
             self.recorder.restore(done, pending_record)
             self._pending = done
-        self._recent: list[ArrayRecord] = []  # the models sites scored in the last rounds, newest last
+        self._recent: list[ArrayRecord] = []  # the last rounds' models (the one scored now last), newest last
         self._aggregate: ArrayRecord | None = None  # the round's aggregate (what training goes on from)
         self._wired: tuple[ArrayRecord, ArrayRecord] | None = None  # weights, their training-site form
         if server_state:
@@ -192,16 +194,23 @@ class SiteStrategy(Strategy):
         self._admit_late(grid)
         self._wait_for_sites(grid, view, rnd)
         config["evaluate-in-train"] = self._pending is not None  # score the model you receive first
+        scoring = self._heldout_messages(arrays, config, grid) if self._pending is not None else []
         sampled = self.inner.configure_train(rnd, arrays, config, view)
         messages = [self._to_training_site(m, keep_norms=self.pretrained_start and rnd == 1) for m in sampled]
         for m in messages:
             self.recorder.sent(rnd, self.site_of[m.metadata.dst_node_id], m.content)
-        return messages
+        return messages + scoring
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.done
-        replies, states = self._passing(rnd, self._ordered(replies), self.checks.train_reply)
+        replies = self._ordered(replies)
+        scoring = [m for m in replies if m.metadata.src_node_id in self.heldout_nodes]
+        if scoring:  # held-out sites' scores of the last round's model, sent beside this round's training
+            scoring, _ = self._passing(rnd - 1, scoring, self.checks.evaluate_reply, "/eval")
+            self.recorder.evaluated(rnd - 1, self._named(scoring))
+        training = [m for m in replies if m.metadata.src_node_id not in self.heldout_nodes]
+        replies, states = self._passing(rnd, training, self.checks.train_reply)
         for m in replies:
             if not m.has_error() and (scores := _take_scores(m)):  # last round's model, scored first
                 self.recorder.scored(rnd - 1, reply_site(self.site_of, m), scores)
@@ -231,22 +240,14 @@ class SiteStrategy(Strategy):
         rnd = server_round + self.done
         self._aggregate = arrays  # the previous one again when this round's aggregation gave none
         evaluated = self.average.model(arrays)
-        config["adapt-heldout"] = self.adapt_every_round or rnd == self.num_rounds
-        if not self._scored(rnd):
-            messages = []
-        elif self._scored_in_train(rnd):  # training sites score it next round; held-out sites now
-            config["server-round"] = rnd
-            messages = [evaluate_message(evaluated, config, node)
-                        for node in sorted(self.heldout_nodes & set(grid.get_node_ids()))]
-        else:
-            messages = list(self.inner.configure_evaluate(rnd, evaluated, config,
-                                                          _SiteView(grid, self.site_of, set())))
-        # only sites that never train get the unseen-site norm set (and earlier rounds' models)
-        messages = [self._on_wire(self._with_ensemble(m)) if m.metadata.dst_node_id in self.heldout_nodes
-                    else self._to_training_site(m) for m in messages]
         if self.ensemble_size:
-            self._recent = [*self._recent, evaluated][-(self.ensemble_size - 1):]
-        return messages
+            self._recent = [*self._recent, evaluated][-self.ensemble_size:]
+        if not self._scored(rnd) or self._scored_in_train(rnd):  # scored with the next round's messages
+            return []
+        config["adapt-heldout"] = self.adapt_every_round or rnd == self.num_rounds
+        messages = self.inner.configure_evaluate(rnd, evaluated, config, _SiteView(grid, self.site_of, set()))
+        return [self._to_heldout_site(m) if m.metadata.dst_node_id in self.heldout_nodes
+                else self._to_training_site(m) for m in messages]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rnd = server_round + self.done
@@ -297,6 +298,23 @@ class SiteStrategy(Strategy):
         self._recent = [ArrayRecord(m) for m in state.get("recent", [])]
         restore_strategy_state(self.inner, state)
 
+    def _heldout_messages(self, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
+        """Held-out sites' evaluation messages for the pending round's model ``arrays`` (no
+        moving average is kept where rounds are scored this way)."""
+        config = ConfigRecord({**dict(config), "server-round": self._pending,
+                               "adapt-heldout": self.adapt_every_round})
+        return [self._to_heldout_site(evaluate_message(arrays, config, node))
+                for node in sorted(self.heldout_nodes & set(grid.get_node_ids()))]
+
+    def _to_heldout_site(self, msg: Message) -> Message:
+        """A held-out site's evaluation message as it travels: with the unseen-site norm set and,
+        with ``heldout-ensemble`` K, the K - 1 earlier rounds' models, newest first."""
+        if self._recent[:-1]:
+            members = [m.to_torch_state_dict() for m in reversed(self._recent[:-1])]
+            own = msg.content[ARRAYS].to_torch_state_dict()
+            msg = _with_arrays(msg, ArrayRecord(with_ensemble(own, members)))
+        return self._on_wire(msg)
+
     def _on_wire(self, msg: Message) -> Message:
         """The message with its weights as they travel (``_wire``)."""
         arrays = msg.content.array_records.get(ARRAYS)
@@ -315,14 +333,6 @@ class SiteStrategy(Strategy):
 
     def _wire(self, arrays: ArrayRecord) -> ArrayRecord:
         return wire_form(arrays, self.transfer_dtype)
-
-    def _with_ensemble(self, msg: Message) -> Message:
-        """A held-out site's evaluation message plus the earlier rounds' models, newest first."""
-        if not self._recent:
-            return msg
-        members = [m.to_torch_state_dict() for m in reversed(self._recent)]
-        own = msg.content[ARRAYS].to_torch_state_dict()
-        return _with_arrays(msg, ArrayRecord(with_ensemble(own, members)))
 
     def _admit_late(self, grid: Grid) -> None:
         """Add the run's sites that connected since discovery and answered it now."""

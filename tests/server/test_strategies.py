@@ -128,6 +128,27 @@ def test_scores_inside_train_replies_complete_the_previous_round(tmp_path):
         "site-a": 0.0, "site-b": 0.25, "site-c": 0.5}
 
 
+def test_heldout_scores_sent_beside_the_next_rounds_training_complete_the_round_they_score(tmp_path):
+    """A resume after round 2 of 4 (its scores still to come): round 3's replies carry the training
+    sites' scores of round 2's model and the held-out site's evaluation reply, which counts for
+    round 2 and never for round 3's average; a held-out reply that fails its check is round 2's
+    failure of that site's evaluation."""
+    pending = {"train": {"site-a": {"train-loss": 1.0}}, "eval": {}, "errors": {}, "bytes-down": {}, "time": {}}
+    strategy = _site_strategy(tmp_path, heldout={33}, num_rounds=4, pending_record=pending)
+    arrays, metrics = strategy.aggregate_train(1, [
+        _train_reply(11, 1.0, 3, **{"eval/dice": 0.5, "eval/num-examples": 2}),
+        _train_reply(22, 3.0, 3, **{"eval/dice": 0.7, "eval/num-examples": 2}), _eval_reply(33, 0.25)])
+    assert torch.equal(arrays.to_torch_state_dict()["w"], torch.full((2,), 2.0))  # site-c not averaged
+    (line,) = RunFolder(tmp_path).read_rounds()
+    assert line["round"] == 2 and {s: e["dice"] for s, e in line["eval"].items()} == {
+        "site-a": 0.5, "site-b": 0.7, "site-c": 0.25}
+    assert "site-c" not in strategy.recorder.peek(3)["train"]
+    again = _site_strategy(tmp_path / "again", heldout={33}, num_rounds=4, pending_record=pending)
+    again.aggregate_train(1, [_train_reply(11, 1.0, 3), _train_reply(22, 3.0, 3), _eval_reply(33, 1.5)])
+    (line,) = RunFolder(tmp_path / "again").read_rounds()
+    assert "site-c" not in line["eval"] and "dice = 1.5 is outside [0, 1]" in line["errors"]["site-c/eval"]
+
+
 def test_sites_score_in_evaluation_messages_where_some_would_not_train_the_model(tmp_path):
     assert not _site_strategy(tmp_path, RunConfig(fraction_train=0.5)).evaluate_in_train
     averaged = _site_strategy(tmp_path, average=ModelAverage(0.7))
