@@ -147,7 +147,7 @@ class SiteStrategy(Strategy):
         if pending_record is not None:
             self.recorder.restore(done, pending_record)
             self._pending = done
-        self._recent: list[ArrayRecord] = []  # the last rounds' models (the one scored now last), newest last
+        self._recent: list[ArrayRecord] = []  # the last K rounds' models, the one being scored last
         self._aggregate: ArrayRecord | None = None  # the round's aggregate (what training goes on from)
         self._wired: tuple[ArrayRecord, ArrayRecord] | None = None  # weights, their training-site form
         if server_state:
