@@ -207,8 +207,7 @@ class SiteStrategy(Strategy):
         replies = self._ordered(replies)
         scoring = [m for m in replies if m.metadata.src_node_id in self.heldout_nodes]
         if scoring:  # held-out sites' scores of the last round's model, sent beside this round's training
-            scoring, _ = self._passing(rnd - 1, scoring, self.checks.evaluate_reply, "/eval")
-            self.recorder.evaluated(rnd - 1, self._named(scoring))
+            self._record_scores(rnd - 1, scoring)
         training = [m for m in replies if m.metadata.src_node_id not in self.heldout_nodes]
         replies, states = self._passing(rnd, training, self.checks.train_reply)
         for m in replies:
@@ -251,8 +250,7 @@ class SiteStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rnd = server_round + self.done
-        replies, _ = self._passing(rnd, self._ordered(replies), self.checks.evaluate_reply, "/eval")
-        self.recorder.evaluated(rnd, self._named(replies))
+        replies = self._record_scores(rnd, self._ordered(replies))
         training = [m for m in replies if m.metadata.src_node_id not in self.heldout_nodes]
         metrics = self.inner.aggregate_evaluate(rnd, training)
         if self._scored_in_train(rnd):
@@ -279,6 +277,13 @@ class SiteStrategy(Strategy):
                     continue
             kept.append(m)
         return kept, results
+
+    def _record_scores(self, rnd: int, replies: list[Message]) -> list[Message]:
+        """Record the evaluation replies that pass their check as round ``rnd``'s scores (a
+        refused one is that site's ``/eval`` failure); the replies recorded."""
+        replies, _ = self._passing(rnd, replies, self.checks.evaluate_reply, "/eval")
+        self.recorder.evaluated(rnd, self._named(replies))
+        return replies
 
     def _scored(self, rnd: int) -> bool:
         return rnd % self.evaluate_every == 0 or rnd >= self.num_rounds
