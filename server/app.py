@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ class Federation:
 
 
 def run_federation(grid: Grid, cfg: RunConfig, site_cache_mb: int = 0, split_site: int = 0,
-                   sites_at_once: int = 0) -> Path:
+                   sites_at_once: int = 0, on_final_model: Callable[[Path], None] | None = None) -> Path:
     """Run (or resume) a whole federated study over the sites connected to ``grid``.
 
     Args:
@@ -98,6 +99,8 @@ def run_federation(grid: Grid, cfg: RunConfig, site_cache_mb: int = 0, split_sit
             sites (a resume keeps the run's own split, stored in run.json).
         sites_at_once: simulation only: training sites that share this machine's cores at a time
             (the expected round time counts them in turns); 0: each site computes on its own.
+        on_final_model: called with ``model/global.pt`` as soon as the final model is saved,
+            while the sites score it (the simulation's report gallery starts there).
 
     Returns:
         The run folder.
@@ -114,7 +117,7 @@ def run_federation(grid: Grid, cfg: RunConfig, site_cache_mb: int = 0, split_sit
     fed = initial_model(run, sites, data, cohort)
     tracking = RoundTracking(run.cfg, run.folder.dir, run.run_id, set(run.cfg.heldout_sites), run.done)
     try:
-        return finalize(run, fed, run_rounds(grid, run, fed, tracking, sites_at_once))
+        return finalize(run, fed, run_rounds(grid, run, fed, tracking, sites_at_once, on_final_model))
     except OSError as err:  # a full or read-only disk: every file is written atomically, so stop and say how
         log.error("the run folder cannot be written (%s); the run stops here. Once it can, resume it (resume=true, "
                   "or `fedseg simulate --resume-run %s`) from its last checkpoint", err, run.folder.dir)
@@ -168,11 +171,11 @@ def initial_model(run: OpenRun, sites: dict[int, dict[str, Any]], data: SiteData
 
 
 def run_rounds(grid: Grid, run: OpenRun, fed: Federation, tracking: RoundTracking | None = None,
-               sites_at_once: int = 0) -> ArrayRecord:
+               sites_at_once: int = 0, on_final_model: Callable[[Path], None] | None = None) -> ArrayRecord:
     """Score pretrained weights at the sites (a fresh warm run), plan DP (or, without record-level
     DP, time the sites' steps for the expected time of a new run), then the remaining rounds in
-    ``SiteStrategy`` (each round's line also goes to ``tracking``; ``sites_at_once``: see
-    ``run_federation``).
+    ``SiteStrategy`` (each round's line also goes to ``tracking``; ``sites_at_once`` and
+    ``on_final_model``: see ``run_federation``).
 
     Returns:
         The final global shared weights.
@@ -194,6 +197,12 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation, tracking: RoundTrackin
         announce_expected_time(grid, run.folder, fed.site_of, fed.train_cases(), round_config,
                                cfg.num_server_rounds, cfg.round_timeout, sites_at_once)
     average = ModelAverage(ema_decay(cfg, start_dice), run.start_average)
+
+    def final_model(arrays: ArrayRecord) -> None:  # finalize writes the same file again
+        path = save_global_model(run.folder.dir, cfg.num_server_rounds, arrays, fed.checkpoint_meta(run))
+        if on_final_model is not None:
+            on_final_model(path)
+
     strategy = SiteStrategy(
         build_strategy(cfg, len(fed.training_sites)), fed.site_of, reply_checks=checks, folder=run.folder,
         checkpoint_meta=fed.checkpoint_meta(run), num_rounds=cfg.num_server_rounds,
@@ -202,7 +211,8 @@ def run_rounds(grid: Grid, run: OpenRun, fed: Federation, tracking: RoundTrackin
         pretrained_start=bool(cfg.pretrained_weights), done=run.done, server_state=run.server_state,
         pending_record=run.pending_record,
         late_sites=LateSites(fed.data, fed.cohort, set(cfg.heldout_sites), cfg.round_timeout), tracking=tracking,
-        evaluate_every=cfg.evaluate_every, adapt_every_round=cfg.heldout_adapt == "every")
+        evaluate_every=cfg.evaluate_every, adapt_every_round=cfg.heldout_adapt == "every",
+        on_final_model=final_model)
     log.info("federated %s over %d site(s) (%s), %d round(s)%s", cfg.strategy,
              len(fed.training_sites), ", ".join(fed.training_sites), cfg.num_server_rounds,
              f", resuming after round {run.done}" if run.done else "")

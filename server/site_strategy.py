@@ -99,6 +99,8 @@ class SiteStrategy(Strategy):
         evaluate_every: K >= 1: rounds K, 2K, ... and the last are scored.
         adapt_every_round: held-out sites adapt and score again in every scored round, not only
             the last.
+        on_final_model: called with the final model (what the last round scores) before the sites
+            are asked to score it (None: nothing is).
 
     Raises:
         ValueError: an argument out of range, naming it.
@@ -111,7 +113,8 @@ class SiteStrategy(Strategy):
                  done: int = 0, server_state: dict[str, Any] | None = None,
                  pending_record: dict[str, Any] | None = None, late_sites: LateSites | None = None,
                  tracking: RoundTracking | None = None, evaluate_every: int = 1,
-                 adapt_every_round: bool = False) -> None:
+                 adapt_every_round: bool = False,
+                 on_final_model: Callable[[ArrayRecord], None] | None = None) -> None:
         heldout = set(heldout_nodes or ())
         checks = [
             ("inner", isinstance(inner, Strategy), "must be a Flower Strategy"),
@@ -137,6 +140,7 @@ class SiteStrategy(Strategy):
         self.ensemble_size = ensemble_size if heldout or (late_sites and late_sites.heldout_sites) else 0
         self.transfer_dtype, self.pretrained_start = transfer_dtype, pretrained_start
         self.evaluate_every, self.adapt_every_round = evaluate_every, adapt_every_round
+        self.on_final_model = on_final_model
         # a moving average is not the model sites train on, and sites left out of a round would not
         # score the last one: both are scored in evaluation messages
         self.evaluate_in_train = self.average.decay == 0 and not samples_sites(inner)
@@ -241,6 +245,8 @@ class SiteStrategy(Strategy):
         evaluated = self.average.model(arrays)
         if self.ensemble_size:
             self._recent = [*self._recent, evaluated][-self.ensemble_size:]
+        if rnd == self.num_rounds and self.on_final_model is not None:
+            self.on_final_model(evaluated)
         if not self._scored(rnd) or self._scored_in_train(rnd):  # scored with the next round's messages
             return []
         config["adapt-heldout"] = self.adapt_every_round or rnd == self.num_rounds

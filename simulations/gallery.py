@@ -9,30 +9,29 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from monai.transforms import Compose
+from monai.visualize import OcclusionSensitivity, SmoothGrad
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from monai.transforms import Compose  # noqa: E402
-from monai.visualize import OcclusionSensitivity, SmoothGrad  # noqa: E402
-
-from fedseg.client.predict import PALETTE, overlay_image  # noqa: E402
-from fedseg.client.site import sim_state_dir  # noqa: E402
-from fedseg.client.site_model import saved_model  # noqa: E402
-from fedseg.client.tasks import task_for  # noqa: E402
-from fedseg.common.data import read_site, split_training, study_sites  # noqa: E402
-from fedseg.common.transforms import PatchSize, base_transforms, roi_size, to_dicts  # noqa: E402
-from fedseg.common.atomic import atomic_write_bytes  # noqa: E402
-from fedseg.common.models import ModelSpec  # noqa: E402
-from fedseg.server.report import GALLERY  # noqa: E402
-from fedseg.server.run_folder import RunFolder  # noqa: E402
+from fedseg.client.predict import PALETTE, overlay_image
+from fedseg.client.site import sim_state_dir
+from fedseg.client.site_model import saved_model
+from fedseg.client.tasks import task_for
+from fedseg.common.data import read_site, split_training, study_sites
+from fedseg.common.transforms import PatchSize, base_transforms, roi_size, to_dicts
+from fedseg.common.atomic import atomic_write_bytes
+from fedseg.common.models import ModelSpec
+from fedseg.server.report import GALLERY
+from fedseg.server.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +166,9 @@ def _figure(view: dict[str, Any], maps: dict[str, np.ndarray], names: dict[int, 
         peak = float(maps["gradient"].max()) or 1.0
         panels.append(("gradient saliency (SmoothGrad),\nrelative to its peak", maps["gradient"] / peak,
                        dict(cmap="magma", vmin=0, vmax=1)))
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.8 * len(panels), 3.3), dpi=90)
+    # a Figure of its own, not pyplot's shared state: the gallery may be drawn beside the report's plots
+    fig = Figure(figsize=(2.8 * len(panels), 3.3), dpi=90)
+    axes = fig.subplots(1, len(panels))
     for ax, (title, data, style) in zip(axes, panels):
         shown = ax.imshow(data, **(style or {}))
         ax.set_title(title, fontsize=8)
@@ -180,7 +181,6 @@ def _figure(view: dict[str, Any], maps: dict[str, np.ndarray], names: dict[int, 
     buffer = io.BytesIO()
     fig.tight_layout(rect=(0, 0.07 if not instances else 0, 1, 1))
     fig.savefig(buffer, format="png")
-    plt.close(fig)
     return buffer.getvalue()
 
 
@@ -199,3 +199,49 @@ def write_gallery(run_dir: str | Path, items: list[dict[str, Any]]) -> None:
         atomic_write_bytes(folder / name, item["png"])
         index.append({"title": item["title"], "caption": item["caption"], "file": name})
     atomic_write_bytes(folder / "gallery.json", json.dumps(index, indent=1).encode())
+
+
+class BackgroundGallery:
+    """Builds the gallery in a thread from the moment the final model is saved, so that it draws
+    while the sites score that model (a held-out site's adaptation leaves cores idle there).
+
+    ``start`` is ``run_federation``'s ``on_final_model``; ``items`` waits for the thread (or, where
+    the run never reached its final model in this process, builds the gallery then)."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._items: list[dict[str, Any]] = []
+        self._error: BaseException | None = None
+
+    def start(self, model_path: Path) -> None:
+        """Begin building the gallery of the run whose ``model/global.pt`` is ``model_path``."""
+        def build() -> None:
+            started = time.monotonic()
+            try:
+                self._items = make_gallery(model_path.parents[1])
+                log.info("report gallery built in %.0fs, beside the sites' scoring of the final model",
+                         time.monotonic() - started)
+            except BaseException as err:  # noqa: BLE001 - handed to the thread that asks for the items
+                self._error = err
+
+        log.info("building the report gallery (best/worst validation cases, explanation maps) while the "
+                 "sites score the final model...")
+        self._thread = threading.Thread(target=build, name="report-gallery", daemon=True)
+        self._thread.start()
+
+    def items(self, run_dir: str | Path) -> list[dict[str, Any]]:
+        """The gallery of ``run_dir``: the thread's, once it ends, else built now.
+
+        Raises:
+            whatever building the gallery raised.
+        """
+        if self._thread is None:
+            started = time.monotonic()
+            log.info("building the report gallery (best/worst validation cases, explanation maps)...")
+            items = make_gallery(run_dir)
+            log.info("report gallery built in %.0fs", time.monotonic() - started)
+            return items
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._items

@@ -7,7 +7,6 @@ import math
 import os
 import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from fedseg.server.report import write_report
 from fedseg.server.run_folder import RunFolder, resumable, resume_config
 from fedseg.server.tracking import check_trackers
 from fedseg.simulations.engine import prompt_engine
-from fedseg.simulations.gallery import make_gallery, write_gallery
+from fedseg.simulations.gallery import BackgroundGallery, write_gallery
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +109,11 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
     result: dict[str, Path] = {}
     server_app = ServerApp()
     at_once = 0  # a Ray cluster's nodes: each site computes on its own
+    gallery = BackgroundGallery()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        result["run_dir"] = run_federation(grid, cfg, site_cache_mb, split_site, at_once)
+        result["run_dir"] = run_federation(grid, cfg, site_cache_mb, split_site, at_once, gallery.start)
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # sites' lines look alike; Ray would fold them
@@ -148,11 +148,8 @@ def simulate(cfg: RunConfig, num_cpus: int | None = None, ray_address: str = "",
         )
     if "run_dir" not in result:
         raise RuntimeError("the simulation ended without finishing the run; see the log above")
-    started = time.monotonic()
-    log.info("building the report gallery (best/worst validation cases, explanation maps)...")
-    write_gallery(result["run_dir"], make_gallery(result["run_dir"]))
+    write_gallery(result["run_dir"], gallery.items(result["run_dir"]))
     write_report(result["run_dir"])
-    log.info("report gallery built in %.0fs", time.monotonic() - started)
     return result["run_dir"]
 
 

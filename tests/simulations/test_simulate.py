@@ -243,12 +243,23 @@ def test_fedadam_with_a_heldout_site(study_2d, tmp_path):
             "from 2 site(s)" in (run_dir / "report.html").read_text())
 
 
-def test_evaluate_every_k_rounds_and_heldout_adaptation_in_the_last_round(study_2d, tmp_path):
+def test_evaluate_every_k_rounds_and_heldout_adaptation_in_the_last_round(study_2d, tmp_path, caplog):
     """evaluate-every 2 over 3 rounds scores rounds 2 and 3 only (the last always); the held-out
     site adapts its norms and scores again in the last round only; every site's timings are kept
-    apart from its scores."""
+    apart from its scores; the report's gallery of the final model is drawn while the sites score
+    it, one best and one worst case per site."""
     cfg = tiny_config(study_2d, tmp_path, num_server_rounds=3, evaluate_every=2, heldout_sites=("site-c",))
-    run_dir = simulate(cfg, num_cpus=2)
+    logger = logging.getLogger("fedseg")
+    logger.addHandler(caplog.handler)  # the CLI's logging setup stops fedseg's records at its own handler
+    try:
+        with caplog.at_level(logging.INFO, logger="fedseg"):
+            run_dir = simulate(cfg, num_cpus=2)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert caplog.text.index("while the sites score the final model") < caplog.text.index("round 3/3 done")
+    gallery = json.loads((run_dir / "plots" / "gallery" / "gallery.json").read_text())
+    assert [g["title"].split(":")[0] for g in gallery] == ["site-a", "site-a", "site-b", "site-b", "site-c", "site-c"]
+    assert "Gallery" in (run_dir / "report.html").read_text()
     rounds = read_rounds(run_dir)
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[0]["eval"] == {}  # trained, checkpointed and logged, not scored
