@@ -1,10 +1,12 @@
-"""Helpers shared by the benchmark scripts: machine description, table printing, JSON output."""
+"""Helpers shared by the benchmark scripts: the side-by-side studies' settings, machine
+description, table printing, JSON output."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,28 @@ import torch
 
 OUT = Path(__file__).resolve().parent / "out"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One dataset's side-by-side study (side_by_side, round_profile, step_time): the study, its
+    split, the held-out site, the U-Net (one residual unit per level), patch, batch, SGD rate and
+    the side-by-side's local epochs."""
+
+    study: Path
+    split: int
+    heldout: str
+    channels: tuple[int, ...]
+    patch: int
+    local_epochs: int
+    batch: int = 8
+    lr: float = 0.05
+
+
+SETTINGS = {
+    "monuseg": Setting(SHARED_DATA / "monuseg", 0, "heldout", (16, 32, 64, 128), 256, 120),
+    "hippocampus": Setting(SHARED_DATA / "hippocampus", 4, "site-msd#3", (16, 32, 64), 32, 10),
+}
 
 
 def machine() -> str:

@@ -24,19 +24,14 @@ import math
 import tempfile
 import time
 
-from benchmarks.common import SHARED_DATA, report
+from benchmarks.common import SETTINGS, report
 from benchmarks.scale import PeakMemory
 from fedseg.common.config import RunConfig
 from fedseg.common.logs import setup_logging
 from fedseg.common.round_config import SITE_CACHE_MB
 from fedseg.simulations.simulate import simulate
 
-SETTINGS = {
-    "monuseg": dict(study=SHARED_DATA / "monuseg", split=0, heldout="heldout", channels=(16, 32, 64, 128),
-                    patch_size=256, batch_size=8, local_epochs=120),
-    "hippocampus": dict(study=SHARED_DATA / "hippocampus", split=4, heldout="site-msd#3", channels=(16, 32, 64),
-                        patch_size=32, batch_size=8, local_epochs=5),
-}
+PROFILE_EPOCHS = {"monuseg": 120, "hippocampus": 5}  # local epochs per round by default
 
 
 def main() -> None:
@@ -51,21 +46,20 @@ def main() -> None:
     parser.add_argument("--site-cache-mb", type=int, default=SITE_CACHE_MB)
     args = parser.parse_args()
     setup_logging()
-    s = SETTINGS[args.dataset]
+    s, epochs = SETTINGS[args.dataset], args.local_epochs or PROFILE_EPOCHS[args.dataset]
     rows, extra = [], {}
     for amp in args.amp.split(","):
-        cfg = RunConfig(study_dir=str(s["study"]), output_dir=tempfile.mkdtemp(prefix="fedseg-profile-"),
-                        run_name="profile", num_server_rounds=args.rounds,
-                        local_epochs=args.local_epochs or s["local_epochs"], batch_size=s["batch_size"], lr=0.05,
-                        channels=s["channels"], patch_size=s["patch_size"], local_layers="none",
-                        heldout_sites=(s["heldout"],), heldout_adapt=args.heldout_adapt,
+        cfg = RunConfig(study_dir=str(s.study), output_dir=tempfile.mkdtemp(prefix="fedseg-profile-"),
+                        run_name="profile", num_server_rounds=args.rounds, local_epochs=epochs,
+                        batch_size=s.batch, lr=s.lr, channels=s.channels, patch_size=s.patch, local_layers="none",
+                        heldout_sites=(s.heldout,), heldout_adapt=args.heldout_adapt,
                         evaluate_every=args.evaluate_every, amp=amp, seed=0)
         started = time.perf_counter()
         with PeakMemory() as memory, GalleryStart() as gallery:
-            run_dir = simulate(cfg, num_cpus=args.cpus, split_site=s["split"], site_cache_mb=args.site_cache_mb)
+            run_dir = simulate(cfg, num_cpus=args.cpus, split_site=s.split, site_cache_mb=args.site_cache_mb)
         wall = time.perf_counter() - started
         rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
-        parts, budget = profile(rounds, s["heldout"], args.cpus)
+        parts, budget = profile(rounds, s.heldout, args.cpus)
         summary = json.loads((run_dir / "summary.json").read_text())
         rows += [{"amp": amp, **part} for part in parts]
         extra[amp] = {
@@ -83,7 +77,7 @@ def main() -> None:
     report(f"round_profile_{args.dataset}", rows, {
         **extra, "rounds": args.rounds, "cpus": args.cpus, "site-cache-mb": args.site_cache_mb,
         "heldout-adapt": args.heldout_adapt,
-        "evaluate-every": args.evaluate_every, "local epochs": args.local_epochs or s["local_epochs"]})
+        "evaluate-every": args.evaluate_every, "local epochs": epochs})
 
 
 class GalleryStart(logging.Handler):

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,7 @@ from monai.metrics import DiceMetric
 from monai.networks.nets import UNet
 from torch.nn.functional import one_hot
 
-from benchmarks.common import SHARED_DATA, report
+from benchmarks.common import SETTINGS, Setting, report
 from benchmarks.scale import PeakMemory
 from fedseg.common.config import RunConfig
 from fedseg.common.data import Case, SiteSpec, read_site, split_training, study_sites
@@ -47,24 +46,6 @@ from fedseg.common.round_config import epoch_steps
 from fedseg.common.transforms import eval_transforms, to_dicts
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One dataset's side-by-side: the study, its split, the held-out site, the network and batches."""
-
-    study: Path
-    split: int
-    heldout: str
-    channels: tuple[int, ...]
-    patch: int
-    local_epochs: int
-    batch: int = 8
-    lr: float = 0.05
-
-
-SETTINGS = {
-    "monuseg": Setting(SHARED_DATA / "monuseg", 0, "heldout", (16, 32, 64, 128), 256, 120),
-    "hippocampus": Setting(SHARED_DATA / "hippocampus", 4, "site-msd#3", (16, 32, 64), 32, 10),
-}
 VAL_FRACTION, SEED = RunConfig().val_fraction, RunConfig().seed  # fedseg's defaults: the same split
 
 

@@ -26,8 +26,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from benchmarks.common import report
-from benchmarks.side_by_side import BATCH, CHANNELS, LR, PATCH, STUDY, decoded_tiles, plain_steps, plain_unet
+from benchmarks.common import SETTINGS, report
+from benchmarks.side_by_side import VAL_FRACTION, decoded_cases, plain_steps, plain_unet
 from fedseg.client.tasks import task_for
 from fedseg.client.trainer import train_local
 from fedseg.common.config import RunConfig
@@ -47,25 +47,27 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="step_time-inductor-")  # a cold first compile
     torch.set_num_threads(args.threads)
-    site = read_site(next(r for r in study_sites(STUDY) if r.name.startswith("site1")))
-    train, _ = split_training(site, 0.2, 0)
-    tiles = decoded_tiles(site, train)
-    spec = ModelSpec(2, 3, 2, CHANNELS, "instance")
+    setting = SETTINGS["monuseg"]
+    site = read_site(next(r for r in study_sites(setting.study) if r.name.startswith("site1")))
+    train, _ = split_training(site, VAL_FRACTION, 0)  # fewer tiles than the batch: one step per epoch
+    tiles = decoded_cases(site, train)
+    spec = ModelSpec(2, 3, 2, setting.channels, "instance")
     task, rng = task_for(spec), np.random.default_rng(0)
-    train_local(build_model(spec), task, site, train, epochs=1, batch_size=BATCH, lr=LR, patch_size=PATCH,
-                seed=0, cache_mb=1024)  # decodes and caches the tiles once
+    train_local(build_model(spec), task, site, train, epochs=1, batch_size=setting.batch, lr=setting.lr,
+                patch_size=setting.patch, seed=0, cache_mb=1024)  # decodes and caches the tiles once
 
     def fedseg_step(precision: Precision | None, seed: int, compiled: bool = False) -> float:
-        result = train_local(build_model(spec), task, site, train, epochs=args.steps, batch_size=BATCH, lr=LR,
-                             patch_size=PATCH, seed=seed, cache_mb=1024, precision=precision,
+        result = train_local(build_model(spec), task, site, train, epochs=args.steps, batch_size=setting.batch,
+                             lr=setting.lr, patch_size=setting.patch, seed=seed, cache_mb=1024, precision=precision,
                              compile_step=compiled, step_memory_mb=args.step_memory_mb)
         return result.seconds / result.steps
 
     def plain_step(precision: Precision | None, seed: int, compiled: bool = False) -> float:
-        model = torch.compile(plain_unet()) if compiled else plain_unet()
+        model = plain_unet(setting, 2, 3, 2)
+        model = torch.compile(model) if compiled else model
         started = time.perf_counter()
-        plain_steps(model, tiles, rng, args.steps, precision)
-        return (time.perf_counter() - started) / args.steps
+        steps = plain_steps(model, tiles, rng, args.steps, setting, precision)
+        return (time.perf_counter() - started) / steps
 
     def first_compile(side: Callable[..., float], precision: Precision | None) -> float:
         started = time.perf_counter()
@@ -92,7 +94,7 @@ def main() -> None:
             if values:
                 extra[f"{mode}: {column}"] = {"median": statistics.median(values), "min": min(values),
                                               "max": max(values)}
-    report("step_time", rows, {**extra, "settings": vars(args), "batch": min(BATCH, len(train))})
+    report("step_time", rows, {**extra, "settings": vars(args), "batch": min(setting.batch, len(train))})
 
 
 if __name__ == "__main__":
