@@ -251,6 +251,9 @@ class SiteStrategy(Strategy):
             return []
         config["adapt-heldout"] = self.adapt_every_round or rnd == self.num_rounds
         messages = self.inner.configure_evaluate(rnd, evaluated, config, _SiteView(grid, self.site_of, set()))
+        # held-out sites first: they score all their cases (and may adapt), training sites a quarter,
+        # and sites that share cores take their messages in this order
+        messages = sorted(messages, key=lambda m: m.metadata.dst_node_id not in self.heldout_nodes)
         return [self._to_heldout_site(m) if m.metadata.dst_node_id in self.heldout_nodes
                 else self._to_training_site(m) for m in messages]
 
