@@ -124,8 +124,9 @@ def explanation_maps(model: torch.nn.Module, view: dict[str, Any], patch: PatchS
         return {}
     score, image, maps = _ForegroundScore(model).eval(), view["image"], {}
     if view["dims"] == 2:
-        # activate=False: MONAI's default softmax over a single score would make every map 1.0
-        sens = OcclusionSensitivity(score, mask_size=max(4, min(roi_size(patch, 2)) // 8), n_batch=16, verbose=False,
+        # activate=False: MONAI's default softmax over a single score would make every map 1.0; 4 occluded
+        # copies per pass are as fast on a CPU as 16 and hold a quarter of the activations beside the sites
+        sens = OcclusionSensitivity(score, mask_size=max(4, min(roi_size(patch, 2)) // 8), n_batch=4, verbose=False,
                                     overlap=0.25, activate=False)
         with warnings.catch_warnings():  # MONAI's own indexing deprecation notices
             warnings.simplefilter("ignore", UserWarning)
