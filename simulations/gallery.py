@@ -217,16 +217,11 @@ class BackgroundGallery:
     def start(self, model_path: Path) -> None:
         """Begin building the gallery of the run whose ``model/global.pt`` is ``model_path``."""
         def build() -> None:
-            started = time.monotonic()
             try:
-                self._items = make_gallery(model_path.parents[1])
-                log.info("report gallery built in %.0fs, beside the sites' scoring of the final model",
-                         time.monotonic() - started)
+                self._items = _timed_gallery(model_path.parents[1], " while the sites score the final model")
             except BaseException as err:  # noqa: BLE001 - handed to the thread that asks for the items
                 self._error = err
 
-        log.info("building the report gallery (best/worst validation cases, explanation maps) while the "
-                 "sites score the final model...")
         self._thread = threading.Thread(target=build, name="report-gallery", daemon=True)
         self._thread.start()
 
@@ -237,12 +232,17 @@ class BackgroundGallery:
             whatever building the gallery raised.
         """
         if self._thread is None:
-            started = time.monotonic()
-            log.info("building the report gallery (best/worst validation cases, explanation maps)...")
-            items = make_gallery(run_dir)
-            log.info("report gallery built in %.0fs", time.monotonic() - started)
-            return items
+            return _timed_gallery(run_dir)
         self._thread.join()
         if self._error is not None:
             raise self._error
         return self._items
+
+
+def _timed_gallery(run_dir: str | Path, when: str = "") -> list[dict[str, Any]]:
+    """``make_gallery`` with a line before and after it in the run's log."""
+    started = time.monotonic()
+    log.info("building the report gallery (best/worst validation cases, explanation maps)%s...", when)
+    items = make_gallery(run_dir)
+    log.info("report gallery built in %.0fs", time.monotonic() - started)
+    return items
